@@ -1,0 +1,122 @@
+//! The config file exactly as written: serde structs that reject unknown keys. Nothing here
+//! is checked beyond its shape; `validate.rs` turns it into the runtime model.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+use super::values::{ByteSize, ConfigDuration};
+use crate::credentials;
+
+/// The top level of `routes.yaml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Address of the proxy listener.
+    pub listen: Option<String>,
+    /// Address of the admin listener (health, metrics); off when absent.
+    pub admin: Option<String>,
+    /// What to do with requests no route matches.
+    #[serde(default)]
+    pub unmatched: Unmatched,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    #[serde(default)]
+    pub retry: RawRetry,
+    #[serde(default)]
+    pub tokens: RawTokens,
+    #[serde(default)]
+    pub connect: RawConnect,
+    #[serde(default)]
+    pub tls: RawTls,
+    #[serde(default)]
+    pub credentials: BTreeMap<String, RawCredential>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+/// Policy for requests that match no route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmatched {
+    /// Forward without adding any credential.
+    #[default]
+    Pass,
+    /// Answer 403 with a JSON error.
+    Deny,
+}
+
+/// Per-route reaction to a 401/403 from upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnauthorized {
+    /// Refresh the credential once and replay the request.
+    #[default]
+    Retry,
+    /// Hand the 401/403 to the client as is.
+    Pass,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub connect: Option<ConfigDuration>,
+    pub upstream: Option<ConfigDuration>,
+    pub pool_idle: Option<ConfigDuration>,
+    pub client_idle: Option<ConfigDuration>,
+    pub drain: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub max_body_bytes: Option<ByteSize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokens {
+    pub refresh_before: Option<ConfigDuration>,
+    pub refresh_at_fraction: Option<f64>,
+    pub fetch_timeout: Option<ConfigDuration>,
+    pub backoff_initial: Option<ConfigDuration>,
+    pub backoff_max: Option<ConfigDuration>,
+    pub min_reject_age: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnect {
+    pub allowed_ports: Option<Vec<u16>>,
+    pub idle_timeout: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// Extra PEM roots trusted for upstream TLS, beside the webpki roots.
+    pub ca_file: Option<String>,
+}
+
+/// One credential; `type` selects the token source.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RawCredential {
+    Static(credentials::static_header::StaticSpec),
+}
+
+/// One route rule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub mount: Option<String>,
+    pub upstream: Option<String>,
+    pub credential: Option<String>,
+    #[serde(default)]
+    pub on_unauthorized: OnUnauthorized,
+    #[serde(default)]
+    pub intercept: bool,
+}

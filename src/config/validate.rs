@@ -1,0 +1,472 @@
+//! Turns the raw file into the runtime model, collecting every problem so that a user fixes
+//! the file in one pass. Nothing is checked later, under traffic.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+
+use super::raw::{RawConfig, RawCredential, RawRoute};
+use super::values::{interpolate, read_secret_file, Environment};
+use super::{
+    Config, ConnectSettings, CredentialConfig, RetrySettings, RouteConfig, Timeouts, TlsSettings,
+    TokenSettings,
+};
+use crate::routes::{HostPattern, UpstreamTarget};
+use crate::secret::Secret;
+
+/// Default proxy listener.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
+
+/// What a credential's validation needs: the environment for `${VAR}`, the config file's
+/// folder for relative `*_file` paths, and a list to record problems in.
+pub struct ValidateCtx<'a> {
+    env: &'a dyn Environment,
+    base_dir: PathBuf,
+    problems: Vec<String>,
+    scope: String,
+}
+
+impl<'a> ValidateCtx<'a> {
+    /// A context that resolves variables from `env` and files relative to `base_dir`.
+    pub fn new(env: &'a dyn Environment, base_dir: PathBuf) -> Self {
+        Self {
+            env,
+            base_dir,
+            problems: Vec::new(),
+            scope: String::new(),
+        }
+    }
+
+    /// Sets the prefix (`credentials.NAME`, `routes[3] (NAME)`) that problems are reported under.
+    pub fn scope(&mut self, scope: impl Into<String>) {
+        self.scope = scope.into();
+    }
+
+    /// Records a problem with `field` of the current scope.
+    pub fn problem(&mut self, field: &str, message: impl std::fmt::Display) {
+        let where_ = match (self.scope.is_empty(), field.is_empty()) {
+            (true, _) => field.to_string(),
+            (false, true) => self.scope.clone(),
+            (false, false) => format!("{}.{field}", self.scope),
+        };
+        self.problems.push(format!("{where_}: {message}"));
+    }
+
+    /// The problems found so far.
+    pub fn into_problems(self) -> Vec<String> {
+        self.problems
+    }
+
+    /// Resolves `${VAR}` in a plain (non-secret) value.
+    pub fn text(&mut self, field: &str, raw: &str) -> Option<String> {
+        match interpolate(raw, self.env) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.problem(field, e);
+                None
+            }
+        }
+    }
+
+    /// Resolves a required plain value.
+    pub fn required_text(&mut self, field: &str, raw: Option<&str>) -> Option<String> {
+        match raw {
+            Some(r) => self.text(field, r),
+            None => {
+                self.problem(field, "is required");
+                None
+            }
+        }
+    }
+
+    /// Resolves a secret given either inline (`field`, with `${VAR}`) or as a file
+    /// (`field_file`). Exactly one may be set; `None` with no problem when neither is.
+    pub fn optional_secret(
+        &mut self,
+        field: &str,
+        inline: Option<&str>,
+        file: Option<&str>,
+    ) -> Option<Secret> {
+        match (inline, file) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    field,
+                    format!("set either `{field}` or `{field}_file`, not both"),
+                );
+                None
+            }
+            (Some(raw), None) => self.text(field, raw).map(Secret::new),
+            (None, Some(path)) => {
+                let path = self.text(&format!("{field}_file"), path)?;
+                match read_secret_file(&self.base_dir, &path) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        self.problem(&format!("{field}_file"), e);
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        }
+    }
+
+    /// Like [`Self::optional_secret`] but one of the two forms must be present.
+    pub fn required_secret(
+        &mut self,
+        field: &str,
+        inline: Option<&str>,
+        file: Option<&str>,
+    ) -> Option<Secret> {
+        if inline.is_none() && file.is_none() {
+            self.problem(
+                field,
+                format!("is required (inline with ${{VAR}} or as `{field}_file`)"),
+            );
+            return None;
+        }
+        self.optional_secret(field, inline, file)
+    }
+
+    /// An absolute http(s) URL.
+    pub fn url(&mut self, field: &str, raw: &str) -> Option<reqwest::Url> {
+        let text = self.text(field, raw)?;
+        match reqwest::Url::parse(&text) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
+            Ok(_) => {
+                self.problem(
+                    field,
+                    format!("`{text}` must be an http:// or https:// URL"),
+                );
+                None
+            }
+            Err(e) => {
+                self.problem(field, format!("`{text}` is not a valid URL: {e}"));
+                None
+            }
+        }
+    }
+
+    /// A header name (default `Authorization`).
+    pub fn header_name(&mut self, field: &str, raw: Option<&str>) -> Option<HeaderName> {
+        let raw = raw.unwrap_or("Authorization");
+        match HeaderName::from_bytes(raw.as_bytes()) {
+            Ok(h) if is_hop_by_hop_name(&h) => {
+                self.problem(
+                    field,
+                    format!("`{raw}` is a hop-by-hop header and cannot carry a credential"),
+                );
+                None
+            }
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.problem(field, format!("`{raw}` is not a valid header name"));
+                None
+            }
+        }
+    }
+
+    /// A path to a file that must exist, relative to the config file's folder.
+    pub fn existing_file(&mut self, field: &str, raw: &str) -> Option<PathBuf> {
+        let text = self.text(field, raw)?;
+        let path = self.base_dir.join(text);
+        if path.is_file() {
+            Some(path)
+        } else {
+            self.problem(field, format!("file {} does not exist", path.display()));
+            None
+        }
+    }
+
+    /// The config file's folder.
+    pub fn base_dir(&self) -> &Path {
+        &self.base_dir
+    }
+}
+
+fn is_hop_by_hop_name(h: &HeaderName) -> bool {
+    crate::proxy::headers::is_hop_by_hop(h)
+}
+
+fn validate_credential(
+    name: &str,
+    raw: RawCredential,
+    ctx: &mut ValidateCtx<'_>,
+) -> Option<CredentialConfig> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    {
+        ctx.problem(
+            "",
+            "credential names may use letters, digits, `_`, `-` and `.` only",
+        );
+    }
+    let v = match raw {
+        RawCredential::Static(spec) => spec.validate(ctx),
+    }?;
+    Some(CredentialConfig {
+        name: name.to_string(),
+        header: v.header,
+        prefetch: v.prefetch,
+        kind: v.kind,
+    })
+}
+
+fn validate_route(
+    raw: RawRoute,
+    declared_credentials: &BTreeSet<String>,
+    ctx: &mut ValidateCtx<'_>,
+) -> Option<RouteConfig> {
+    let mut ok = true;
+    let host = match raw.host.as_deref() {
+        Some(h) => match HostPattern::parse(h) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                ctx.problem("host", e);
+                ok = false;
+                None
+            }
+        },
+        None => None,
+    };
+    let path_prefix = match raw.path_prefix {
+        Some(p) if !p.starts_with('/') => {
+            ctx.problem("path_prefix", format!("`{p}` must start with `/`"));
+            ok = false;
+            None
+        }
+        other => other,
+    };
+    let methods = match raw.methods {
+        Some(list) if list.is_empty() => {
+            ctx.problem(
+                "methods",
+                "must not be empty (leave it out to allow every method)",
+            );
+            ok = false;
+            None
+        }
+        Some(list) => {
+            let mut parsed = Vec::new();
+            for m in list {
+                match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                    Ok(method) => parsed.push(method),
+                    Err(_) => {
+                        ctx.problem("methods", format!("`{m}` is not an HTTP method"));
+                        ok = false;
+                    }
+                }
+            }
+            Some(parsed)
+        }
+        None => None,
+    };
+    let mount = match raw.mount {
+        Some(m) if !m.starts_with('/') || m.len() < 2 => {
+            ctx.problem(
+                "mount",
+                format!("`{m}` must start with `/` and name a path, like `/outseta`"),
+            );
+            ok = false;
+            None
+        }
+        Some(m) => Some(m.trim_end_matches('/').to_string()),
+        None => None,
+    };
+    let upstream = match raw.upstream.as_deref() {
+        Some(u) => match ctx.text("upstream", u).map(|t| UpstreamTarget::parse(&t)) {
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                ctx.problem("upstream", e);
+                ok = false;
+                None
+            }
+            None => {
+                ok = false;
+                None
+            }
+        },
+        None => None,
+    };
+    if host.is_none() && mount.is_none() && ok {
+        ctx.problem(
+            "",
+            "a route needs `host` (forward proxy) or `mount` (reverse proxy), or both",
+        );
+        ok = false;
+    }
+    if mount.is_some() && upstream.is_none() {
+        match &host {
+            Some(h) if h.is_exact() => {}
+            _ => {
+                ctx.problem(
+                    "upstream",
+                    "a `mount` route needs `upstream` (or an exact `host`, reached over https)",
+                );
+                ok = false;
+            }
+        }
+    }
+    if raw.intercept && host.is_none() {
+        ctx.problem(
+            "intercept",
+            "needs `host`: interception applies to CONNECT requests for that host",
+        );
+        ok = false;
+    }
+    if let Some(c) = &raw.credential {
+        if !declared_credentials.contains(c) {
+            let known: Vec<&str> = declared_credentials.iter().map(String::as_str).collect();
+            ctx.problem(
+                "credential",
+                format!(
+                    "`{c}` is not defined under `credentials` (defined: {})",
+                    known.join(", ")
+                ),
+            );
+            ok = false;
+        }
+    }
+    ok.then(|| RouteConfig {
+        name: raw.name,
+        host,
+        path_prefix,
+        methods,
+        mount,
+        upstream,
+        credential: raw.credential,
+        on_unauthorized: raw.on_unauthorized,
+        intercept: raw.intercept,
+    })
+}
+
+fn socket_addr(ctx: &mut ValidateCtx<'_>, field: &str, raw: &str) -> Option<SocketAddr> {
+    let text = ctx.text(field, raw)?;
+    match text.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            ctx.problem(
+                field,
+                format!("`{text}` is not an address like 127.0.0.1:3128"),
+            );
+            None
+        }
+    }
+}
+
+fn dur(v: Option<super::values::ConfigDuration>, default: Duration) -> Duration {
+    v.map(|d| d.0).unwrap_or(default)
+}
+
+/// Validates a parsed file; `Err` lists every problem found.
+pub fn validate(
+    raw: RawConfig,
+    base_dir: PathBuf,
+    env: &dyn Environment,
+) -> Result<Config, Vec<String>> {
+    let mut ctx = ValidateCtx::new(env, base_dir);
+    let listen = socket_addr(
+        &mut ctx,
+        "listen",
+        raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
+    );
+    let admin = match raw.admin.as_deref() {
+        Some(a) => {
+            let addr = socket_addr(&mut ctx, "admin", a);
+            if addr.is_none() {
+                return Err(ctx.into_problems());
+            }
+            addr
+        }
+        None => None,
+    };
+
+    let timeouts = Timeouts {
+        connect: dur(raw.timeouts.connect, Duration::from_secs(5)),
+        upstream: dur(raw.timeouts.upstream, Duration::from_secs(60)),
+        pool_idle: dur(raw.timeouts.pool_idle, Duration::from_secs(90)),
+        client_idle: dur(raw.timeouts.client_idle, Duration::from_secs(120)),
+        drain: dur(raw.timeouts.drain, Duration::from_secs(30)),
+    };
+    let retry = RetrySettings {
+        max_body_bytes: raw.retry.max_body_bytes.map(|b| b.0).unwrap_or(1 << 20),
+    };
+    let tokens = TokenSettings {
+        refresh_before: dur(raw.tokens.refresh_before, Duration::from_secs(60)),
+        refresh_at_fraction: raw.tokens.refresh_at_fraction.unwrap_or(0.8),
+        fetch_timeout: dur(raw.tokens.fetch_timeout, Duration::from_secs(15)),
+        backoff_initial: dur(raw.tokens.backoff_initial, Duration::from_millis(250)),
+        backoff_max: dur(raw.tokens.backoff_max, Duration::from_secs(60)),
+        min_reject_age: dur(raw.tokens.min_reject_age, Duration::from_secs(1)),
+    };
+    if !(0.1..=1.0).contains(&tokens.refresh_at_fraction) {
+        ctx.problem("tokens.refresh_at_fraction", "must be between 0.1 and 1.0");
+    }
+    if tokens.backoff_initial.is_zero() || tokens.backoff_max < tokens.backoff_initial {
+        ctx.problem(
+            "tokens.backoff_max",
+            "backoff_initial must be > 0 and ≤ backoff_max",
+        );
+    }
+    let connect = ConnectSettings {
+        allowed_ports: raw.connect.allowed_ports.unwrap_or_else(|| vec![443]),
+        idle_timeout: dur(raw.connect.idle_timeout, Duration::from_secs(300)),
+    };
+    let tls = TlsSettings {
+        ca_file: raw
+            .tls
+            .ca_file
+            .as_deref()
+            .and_then(|f| ctx.existing_file("tls.ca_file", f)),
+    };
+
+    let declared: BTreeSet<String> = raw.credentials.keys().cloned().collect();
+    let mut credentials = BTreeMap::new();
+    for (name, spec) in raw.credentials {
+        ctx.scope(format!("credentials.{name}"));
+        if let Some(c) = validate_credential(&name, spec, &mut ctx) {
+            credentials.insert(name, c);
+        }
+    }
+    let mut routes = Vec::new();
+    let mut names = HashSet::new();
+    let mut mounts = HashSet::new();
+    for (i, r) in raw.routes.into_iter().enumerate() {
+        ctx.scope(format!("routes[{i}] ({})", r.name));
+        if !names.insert(r.name.clone()) {
+            ctx.problem(
+                "name",
+                "is used by an earlier route; route names must be unique",
+            );
+        }
+        if let Some(m) = &r.mount {
+            if !mounts.insert(m.trim_end_matches('/').to_string()) {
+                ctx.problem("mount", format!("`{m}` is used by an earlier route"));
+            }
+        }
+        if let Some(route) = validate_route(r, &declared, &mut ctx) {
+            routes.push(route);
+        }
+    }
+    ctx.scope("");
+    let problems = ctx.into_problems();
+    match (listen, problems.is_empty()) {
+        (Some(listen), true) => Ok(Config {
+            listen,
+            admin,
+            unmatched: raw.unmatched,
+            timeouts,
+            retry,
+            tokens,
+            connect,
+            tls,
+            credentials,
+            routes,
+        }),
+        _ => Err(problems),
+    }
+}

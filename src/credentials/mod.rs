@@ -1,0 +1,170 @@
+//! Credentials: where the value of an injected header comes from. One file per token source;
+//! each turns its config section into settings (`validate`) and its settings into a
+//! [`TokenSource`]. Timing, caching, single flight and backoff are not here: they are shared
+//! by every source in `token_store.rs`.
+
+pub mod exchange;
+pub mod static_header;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::HeaderName;
+
+use crate::config::ValidateCtx;
+use crate::secret::Secret;
+
+/// A freshly obtained credential.
+#[derive(Debug, Clone)]
+pub struct Token {
+    /// The complete header value, scheme included (`Bearer eyJ…`, `Outseta key:secret`).
+    pub value: Secret,
+    /// When the token stops being accepted; `None` for values that never expire.
+    pub expires_at: Option<SystemTime>,
+    /// A grant that can get the next token without the primary secret (refresh tokens).
+    pub refresh: Option<RefreshGrant>,
+}
+
+/// A refresh token and its own expiry.
+#[derive(Debug, Clone)]
+pub struct RefreshGrant {
+    pub token: Secret,
+    pub expires_at: Option<SystemTime>,
+}
+
+impl RefreshGrant {
+    /// Whether the grant can still be used at `now`.
+    pub fn usable_at(&self, now: SystemTime) -> bool {
+        self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
+/// Why a token could not be obtained. Messages never contain a secret: transport errors are
+/// stripped of their URL (a query could carry a client secret) and only vendor message fields
+/// of error bodies are kept.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CredentialError {
+    /// The token endpoint could not be reached or did not answer in time.
+    #[error("token endpoint unreachable: {0}")]
+    Unreachable(String),
+    /// The token endpoint answered with an error status.
+    #[error("token endpoint answered {status}{}", detail_suffix(detail))]
+    Rejected { status: u16, detail: String },
+    /// The answer was not the document the vendor documents.
+    #[error("token endpoint answer not understood: {0}")]
+    BadResponse(String),
+    /// Anything else (an unreadable key, an account that does not exist, …).
+    #[error("{0}")]
+    Other(String),
+}
+
+fn detail_suffix(detail: &str) -> String {
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {detail}")
+    }
+}
+
+/// A boxed future returned by [`TokenSource::fetch`] (trait objects cannot use `async fn`).
+pub type FetchFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Token, CredentialError>> + Send + 'a>>;
+
+/// Something that can obtain a token. Implementations hold their settings and an HTTP client;
+/// they never cache — the token store decides when to call them.
+pub trait TokenSource: Send + Sync + 'static {
+    /// Obtains a new token. `previous` is the last token this source issued, so that a
+    /// source with refresh tokens can use its grant (and fall back to a full login when the
+    /// grant is refused or expired).
+    fn fetch<'a>(&'a self, previous: Option<&'a Token>) -> FetchFuture<'a>;
+
+    /// Whether fetching again can cure a 401/403 (false for values fixed in the config).
+    fn refreshable(&self) -> bool {
+        true
+    }
+}
+
+/// The settings of one credential, by type. Compared on reload: a credential whose settings
+/// are unchanged keeps its cached token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CredentialKind {
+    Static(static_header::StaticSettings),
+}
+
+impl CredentialKind {
+    /// The type name as written in the config, for logs and the admin endpoint.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            CredentialKind::Static(_) => "static",
+        }
+    }
+}
+
+/// What every source's `validate` returns.
+pub struct ValidatedCredential {
+    pub header: HeaderName,
+    pub prefetch: bool,
+    pub kind: CredentialKind,
+}
+
+/// Shared things a source needs at run time.
+#[derive(Clone)]
+pub struct SourceDeps {
+    /// The client for token endpoints (rustls, same trust roots as upstream requests).
+    pub http: reqwest::Client,
+}
+
+/// Builds the runtime source for validated settings.
+pub fn build_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSource> {
+    let _ = deps;
+    match kind {
+        CredentialKind::Static(s) => Arc::new(static_header::StaticSource::new(s.clone())),
+    }
+}
+
+/// How a raw token becomes a header value: `scheme` then a space then the token, or the
+/// bare token when the scheme is empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenFormat {
+    scheme: String,
+}
+
+impl TokenFormat {
+    /// `scheme` from the config, or `default_scheme` when absent.
+    pub fn new(scheme: Option<&str>, default_scheme: &str) -> Self {
+        Self {
+            scheme: scheme.unwrap_or(default_scheme).to_string(),
+        }
+    }
+
+    /// The header value for `token`.
+    pub fn header_value(&self, token: &str) -> Secret {
+        if self.scheme.is_empty() {
+            Secret::new(token)
+        } else {
+            Secret::new(format!("{} {token}", self.scheme))
+        }
+    }
+}
+
+/// Validates the fields every credential type shares: `header`, `scheme`, `prefetch`.
+pub fn common_fields(
+    ctx: &mut ValidateCtx<'_>,
+    header: Option<&str>,
+    scheme: Option<&str>,
+    default_scheme: &str,
+) -> Option<(HeaderName, TokenFormat)> {
+    let header = ctx.header_name("header", header)?;
+    if let Some(s) = scheme {
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            ctx.problem(
+                "scheme",
+                format!("`{s}` must be a single word like `Bearer`"),
+            );
+            return None;
+        }
+    }
+    Some((header, TokenFormat::new(scheme, default_scheme)))
+}

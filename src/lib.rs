@@ -1,0 +1,108 @@
+//! authrelay: an outbound authenticating proxy. Legacy applications send their API calls
+//! through it (as `HTTP_PROXY` or by base URL); it matches each request against the routes
+//! in `routes.yaml` and adds the credential the vendor expects, obtaining and refreshing
+//! tokens itself.
+//!
+//! The modules follow a request's path: `config` → `routes` → `credentials` →
+//! `token_store` → `proxy` → `upstream`, plus `state` (the swapped snapshot), `reload`,
+//! `metrics` and `telemetry`.
+
+pub mod config;
+pub mod credentials;
+pub mod metrics;
+pub mod proxy;
+pub mod reload;
+pub mod routes;
+pub mod secret;
+pub mod state;
+pub mod telemetry;
+pub mod token_store;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use config::{Config, ConfigError, Environment, ProcessEnv};
+pub use state::{StartError, State};
+
+/// How to start the proxy.
+pub struct StartOptions {
+    /// The config file, watched for reloads; `None` for an in-memory config (no reloads).
+    pub config_path: Option<PathBuf>,
+    /// Where `${VAR}` references are resolved on reload.
+    pub env: Arc<dyn Environment>,
+    /// Watch the file and listen for SIGHUP.
+    pub watch: bool,
+}
+
+/// A running proxy.
+pub struct Running {
+    /// The proxy listener's address (useful when the config says port 0).
+    pub proxy_addr: SocketAddr,
+    /// The shared state (snapshot, metrics).
+    pub state: Arc<State>,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    _reload: reload::ReloadHandle,
+}
+
+impl Running {
+    /// Stops accepting, drains requests in flight (up to `timeouts.drain`) and returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+    }
+
+    /// A receiver that turns true when shutdown starts (for companion tasks).
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+}
+
+/// Binds the listener and starts serving `config`.
+pub async fn start(config: Config, options: StartOptions) -> Result<Running, StartError> {
+    let listen = config.listen;
+    let drain = config.timeouts.drain;
+    let state = State::new(config, options.config_path, options.env)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let proxy_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: listen,
+        source,
+    })?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let reload = if options.watch {
+        reload::spawn(Arc::clone(&state), shutdown_rx.clone())
+    } else {
+        reload::ReloadHandle::none()
+    };
+    let server = tokio::spawn(proxy::serve(
+        listener,
+        Arc::clone(&state),
+        shutdown_rx,
+        drain,
+    ));
+    tracing::info!(addr = %proxy_addr, "authrelay listening");
+    Ok(Running {
+        proxy_addr,
+        state,
+        shutdown,
+        server,
+        _reload: reload,
+    })
+}
+
+/// Resolves once `signal` turns true (or its sender is gone). Used by every task that must
+/// stop on shutdown.
+pub async fn shutdown_requested(signal: &mut watch::Receiver<bool>) {
+    let _ = signal.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,249 @@
+//! Prometheus metrics. Per-route handles are resolved once when a route table is built, so
+//! counting a request is a few atomic additions: no label hashing or allocation per request.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CredentialLabels {
+    credential: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    route: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    upstream_latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    token_fetches: Family<CredentialLabels, Counter>,
+    token_fetch_latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    retries: Family<RetryLabels, Counter>,
+    reloads: Family<OutcomeLabels, Counter>,
+    /// Client connections currently open.
+    pub client_connections: Gauge,
+    /// CONNECT tunnels currently open.
+    pub tunnels: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Status classes counted per route; index 0 is for requests answered by the proxy itself
+/// without any upstream status (never happens for counted classes; kept for clarity).
+const CLASSES: [&str; 6] = ["other", "1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl Metrics {
+    /// Creates and registers every metric family.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("authrelay");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route and status class",
+            requests.clone(),
+        );
+        let upstream_latency =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "upstream_latency_seconds",
+            "Time from sending a request upstream to its response head, by route",
+            upstream_latency.clone(),
+        );
+        let token_fetches = Family::<CredentialLabels, Counter>::default();
+        registry.register(
+            "token_fetches",
+            "Token endpoint calls, by credential and outcome",
+            token_fetches.clone(),
+        );
+        let token_fetch_latency =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "token_fetch_latency_seconds",
+            "Duration of token endpoint calls, by credential (label `route` holds the credential name)",
+            token_fetch_latency.clone(),
+        );
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "unauthorized_retries",
+            "Replays after a 401/403, by route and outcome",
+            retries.clone(),
+        );
+        let reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads, by outcome",
+            reloads.clone(),
+        );
+        let client_connections = Gauge::default();
+        registry.register(
+            "client_connections",
+            "Client connections open",
+            client_connections.clone(),
+        );
+        let tunnels = Gauge::default();
+        registry.register("tunnels", "CONNECT tunnels open", tunnels.clone());
+        Self {
+            registry,
+            requests,
+            upstream_latency,
+            token_fetches,
+            token_fetch_latency,
+            retries,
+            reloads,
+            client_connections,
+            tunnels,
+        }
+    }
+
+    /// Handles for one route (or `unmatched`), resolved once per route table.
+    pub fn for_route(&self, route: &str) -> RouteMetrics {
+        let requests = CLASSES.map(|class| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    route: route.to_string(),
+                    class,
+                })
+                .clone()
+        });
+        let latency = self
+            .upstream_latency
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .clone();
+        let retry = ["success", "failed", "unavailable"].map(|outcome| {
+            self.retries
+                .get_or_create(&RetryLabels {
+                    route: route.to_string(),
+                    outcome,
+                })
+                .clone()
+        });
+        RouteMetrics {
+            requests,
+            latency,
+            retry,
+        }
+    }
+
+    /// Counts a token endpoint call (rare: labels are built here).
+    pub fn token_fetch(&self, credential: &str, ok: bool, took: Duration) {
+        let outcome = if ok { "success" } else { "failure" };
+        self.token_fetches
+            .get_or_create(&CredentialLabels {
+                credential: credential.to_string(),
+                outcome,
+            })
+            .inc();
+        self.token_fetch_latency
+            .get_or_create(&RouteLabels {
+                route: credential.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a config reload.
+    pub fn reload(&self, ok: bool) {
+        let outcome = if ok { "success" } else { "failure" };
+        self.reloads.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Pre-resolved metric handles of one route.
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    requests: [Counter; 6],
+    latency: Histogram,
+    retry: [Counter; 3],
+}
+
+/// How a replay after 401/403 ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// The replay got a non-401/403 answer.
+    Success,
+    /// The replay was refused again.
+    Failed,
+    /// No new token could be obtained.
+    Unavailable,
+}
+
+impl RouteMetrics {
+    /// Counts an answer by status class.
+    pub fn answered(&self, status: u16) {
+        let idx = match status {
+            100..=599 => (status / 100) as usize,
+            _ => 0,
+        };
+        self.requests[idx].inc();
+    }
+
+    /// Records the time to an upstream's response head.
+    pub fn upstream_latency(&self, took: Duration) {
+        self.latency.observe(took.as_secs_f64());
+    }
+
+    /// Counts a replay after 401/403.
+    pub fn retried(&self, outcome: RetryOutcome) {
+        let idx = match outcome {
+            RetryOutcome::Success => 0,
+            RetryOutcome::Failed => 1,
+            RetryOutcome::Unavailable => 2,
+        };
+        self.retry[idx].inc();
+    }
+}

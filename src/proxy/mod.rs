@@ -1,0 +1,203 @@
+//! The proxy listener: accepts HTTP/1.1 connections, routes each request (forward or mount
+//! form, CONNECT), forwards it with its credential, and logs one line per request.
+
+pub mod connect;
+pub mod forward;
+pub mod headers;
+pub mod replay;
+pub mod respond;
+pub mod target;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tracing::Instrument;
+
+use self::respond::ProxyError;
+use self::target::Target;
+use crate::state::State;
+use crate::upstream::ProxyBody;
+
+/// Answers one request received on the proxy listener.
+pub async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<ProxyBody> {
+    if request.method() == Method::CONNECT {
+        return connect::handle(state, request).await;
+    }
+    let snapshot = state.snapshot();
+    let target = target::resolve(&snapshot, request.method(), request.uri());
+    dispatch(&state, &snapshot, target, request).await
+}
+
+/// Forwards a routed request (or answers its routing error), with a span and an access-log
+/// line naming route, credential, method, host, status, latency and whether it was replayed.
+pub async fn dispatch(
+    state: &State,
+    snapshot: &crate::state::Snapshot,
+    target: Result<Target, ProxyError>,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let target = match target {
+        Ok(t) => t,
+        Err(e) => {
+            let response = e.into_response(None);
+            snapshot
+                .unmatched_metrics
+                .answered(response.status().as_u16());
+            tracing::info!(%method, status = response.status().as_u16(), "request refused by the proxy");
+            return response;
+        }
+    };
+    let route = target.route.clone();
+    let route_name = route.as_ref().map_or("-", |r| &*r.name);
+    let credential = route
+        .as_ref()
+        .and_then(|r| r.credential.as_ref())
+        .map_or("-", |c| &**c.name());
+    let host = target.uri.host().unwrap_or("-").to_string();
+    let span =
+        tracing::info_span!("request", route = route_name, credential, %method, host = %host);
+    async {
+        let (response, retried) =
+            match forward::forward(&state.upstream, &snapshot.config, target, request).await {
+                Ok(f) => (f.response, f.retried),
+                Err(e) => {
+                    if matches!(
+                        e,
+                        ProxyError::Credential(_)
+                            | ProxyError::Upstream(_)
+                            | ProxyError::UpstreamTimeout(_)
+                    ) {
+                        tracing::warn!(error = %e, "request failed");
+                    }
+                    (e.into_response(route.as_ref().map(|r| &*r.name)), false)
+                }
+            };
+        let status = response.status().as_u16();
+        match &route {
+            Some(r) => r.metrics.answered(status),
+            None => snapshot.unmatched_metrics.answered(status),
+        }
+        tracing::info!(
+            status,
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            retried,
+            "request"
+        );
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+/// Counts open connections so that shutdown can wait for them.
+#[derive(Default)]
+pub struct ConnectionTracker {
+    open: AtomicUsize,
+    idle: Notify,
+}
+
+/// Held by a connection task; its drop marks the connection closed.
+pub struct ConnectionGuard(Arc<ConnectionTracker>);
+
+impl ConnectionTracker {
+    /// Registers a new connection.
+    pub fn track(self: &Arc<Self>) -> ConnectionGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        ConnectionGuard(Arc::clone(self))
+    }
+
+    /// Waits until no connection is open.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Accepts connections until `shutdown` turns true, then stops accepting, lets requests in
+/// flight finish for at most `drain`, and returns.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let tracker = Arc::new(ConnectionTracker::default());
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::shutdown_requested(&mut shutdown) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let guard = tracker.track();
+        let state = Arc::clone(&state);
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let gauge = state.metrics.client_connections.clone();
+            gauge.inc();
+            let client_idle = state.snapshot().config.timeouts.client_idle;
+            let service_state = Arc::clone(&state);
+            let service = service_fn(move |req| {
+                let state = Arc::clone(&service_state);
+                async move { Ok::<_, Infallible>(handle(state, req).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(client_idle)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "client connection ended with an error");
+                    }
+                }
+                _ = crate::shutdown_requested(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            gauge.dec();
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, tracker.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(drain = ?drain, "requests still in flight after the drain timeout; closing");
+    }
+}

@@ -1,0 +1,116 @@
+//! Every way the proxy itself can answer a request, and the one place where each becomes an
+//! HTTP response: a status and a short JSON body naming the route or credential, never a
+//! secret.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+
+use crate::token_store::Unavailable;
+use crate::upstream::{ProxyBody, UpstreamError};
+
+/// Why the proxy answered instead of the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request is malformed or unsafe to forward (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// An origin-form request that no mount route serves (404).
+    #[error("no route is mounted at `{0}`")]
+    NoMount(String),
+    /// No route matches and `unmatched: deny` is set (403).
+    #[error("no route matches host `{0}` and unmatched traffic is denied")]
+    Denied(String),
+    /// A CONNECT to a port outside `connect.allowed_ports` (403).
+    #[error("CONNECT to port {0} is not allowed")]
+    PortNotAllowed(u16),
+    /// The route's credential could not supply a token (502).
+    #[error(transparent)]
+    Credential(#[from] Unavailable),
+    /// The upstream could not be reached or broke the exchange (502).
+    #[error("upstream unreachable: {0}")]
+    Upstream(String),
+    /// The upstream did not answer in time (504).
+    #[error("upstream did not answer within {0}")]
+    UpstreamTimeout(String),
+}
+
+impl From<UpstreamError> for ProxyError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Timeout(d) => {
+                ProxyError::UpstreamTimeout(humantime::format_duration(d).to_string())
+            }
+            UpstreamError::Failed(detail) => ProxyError::Upstream(detail),
+        }
+    }
+}
+
+impl ProxyError {
+    /// The status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoMount(_) => StatusCode::NOT_FOUND,
+            ProxyError::Denied(_) | ProxyError::PortNotAllowed(_) => StatusCode::FORBIDDEN,
+            ProxyError::Credential(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The machine-readable `error` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::NoMount(_) => "no_route",
+            ProxyError::Denied(_) => "unmatched_denied",
+            ProxyError::PortNotAllowed(_) => "connect_port_denied",
+            ProxyError::Credential(_) => "credential_unavailable",
+            ProxyError::Upstream(_) => "upstream_unreachable",
+            ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+        }
+    }
+
+    /// The answer sent to the client. `route` is named in the body when known.
+    pub fn into_response(self, route: Option<&str>) -> Response<ProxyBody> {
+        let status = self.status();
+        let mut body = json!({ "error": self.code() });
+        if let Some(r) = route {
+            body["route"] = json!(r);
+        }
+        let mut retry_after = None;
+        match &self {
+            ProxyError::Credential(u) => {
+                body["credential"] = json!(&*u.credential);
+                body["detail"] = json!(u.source.to_string());
+                retry_after = u.retry_in.map(|d| d.as_secs().max(1));
+            }
+            other => body["detail"] = json!(other.to_string()),
+        }
+        let mut response = json_response(status, &body);
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+/// A JSON response with the given status.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+    let mut text = body.to_string();
+    text.push('\n');
+    let mut response = Response::new(
+        Full::new(Bytes::from(text))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}

@@ -1,0 +1,476 @@
+//! The immutable route table: which rule (and so which credential) applies to a request.
+//!
+//! Lookup is indexed by host, so its cost grows with the number of DNS labels in the request's
+//! host, not with the number of routes. Among the routes that match, the one written first in
+//! the file wins.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::uri::{Authority, Scheme};
+use http::Method;
+
+use crate::config::{OnUnauthorized, RouteConfig};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::token_store::CredentialSlot;
+
+/// The host part of a route rule: exact (`api.example.com`) or a wildcard (`*.example.com`,
+/// one or more labels), with an optional port (`127.0.0.1:9000`). Matching is on the host of
+/// the request's authority, case-insensitive, never a substring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    host: String,
+    wildcard: bool,
+    port: Option<u16>,
+}
+
+impl HostPattern {
+    /// Parses `host`, `*.suffix`, optionally followed by `:port`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let lower = text.trim().to_ascii_lowercase();
+        let (host_part, port) =
+            split_port(&lower).ok_or_else(|| format!("`{text}`: invalid port"))?;
+        let host_part = host_part.trim_end_matches('.');
+        let (wildcard, host) = match host_part.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, host_part),
+        };
+        let valid = !host.is_empty()
+            && if host.starts_with('[') {
+                host.ends_with(']')
+                    && host[1..host.len() - 1]
+                        .parse::<std::net::Ipv6Addr>()
+                        .is_ok()
+            } else {
+                host.split('.').all(|label| {
+                    !label.is_empty()
+                        && label
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                })
+            };
+        if !valid {
+            return Err(format!(
+                "`{text}` is not a host name; write `api.example.com`, `*.example.com` or `127.0.0.1:9000`"
+            ));
+        }
+        Ok(Self {
+            host: host.to_string(),
+            wildcard,
+            port,
+        })
+    }
+
+    /// True for a pattern naming exactly one host (no `*.`).
+    pub fn is_exact(&self) -> bool {
+        !self.wildcard
+    }
+
+    /// The host (for a wildcard, the suffix after `*.`).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port the pattern is restricted to, if any.
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+
+    /// Whether `host` (already lower-case, no trailing dot) and `port` match.
+    pub fn matches(&self, host: &str, port: u16) -> bool {
+        if self.port.is_some_and(|p| p != port) {
+            return false;
+        }
+        if self.wildcard {
+            host.len() > self.host.len() + 1
+                && host.ends_with(self.host.as_str())
+                && host.as_bytes()[host.len() - self.host.len() - 1] == b'.'
+        } else {
+            host == self.host
+        }
+    }
+}
+
+/// Splits `host:port`, keeping IPv6 brackets; `None` when the port is not a number.
+fn split_port(text: &str) -> Option<(&str, Option<u16>)> {
+    let colon = if text.starts_with('[') {
+        text.find(']')
+            .and_then(|end| text[end..].find(':').map(|c| c + end))
+    } else {
+        text.rfind(':')
+    };
+    match colon {
+        Some(c) => text[c + 1..].parse().ok().map(|p| (&text[..c], Some(p))),
+        None => Some((text, None)),
+    }
+}
+
+/// Where a route sends its requests instead of the request's own origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTarget {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// Host and port.
+    pub authority: Authority,
+    /// A path prepended to the request's path; empty or starting with `/`, no trailing `/`.
+    pub base_path: String,
+}
+
+impl UpstreamTarget {
+    /// Parses `http(s)://host[:port][/base]`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let uri: http::Uri = text
+            .parse()
+            .map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::HTTP,
+            Some("https") => Scheme::HTTPS,
+            _ => return Err(format!("`{text}` must start with http:// or https://")),
+        };
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("`{text}` has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!(
+                "`{text}`: user info in an upstream URL is not allowed"
+            ));
+        }
+        if uri.query().is_some() {
+            return Err(format!("`{text}`: an upstream URL cannot have a query"));
+        }
+        let base_path = uri.path().trim_end_matches('/').to_string();
+        Ok(Self {
+            scheme,
+            authority,
+            base_path,
+        })
+    }
+
+    /// The implied upstream of a mount route with an exact host and no `upstream`.
+    pub fn https_for(host: &HostPattern) -> Option<Self> {
+        let authority = match host.port() {
+            Some(p) => format!("{}:{p}", host.host()),
+            None => host.host().to_string(),
+        };
+        Some(Self {
+            scheme: Scheme::HTTPS,
+            authority: authority.parse().ok()?,
+            base_path: String::new(),
+        })
+    }
+}
+
+/// A route ready for traffic: the rule plus a handle on its credential's token slot.
+#[derive(Debug)]
+pub struct Route {
+    /// The route's name, for logs and metrics.
+    pub name: Arc<str>,
+    pub host: Option<HostPattern>,
+    path_prefix: Option<String>,
+    methods: Option<Vec<Method>>,
+    /// Reverse-proxy entry prefix, without trailing `/`.
+    pub mount: Option<String>,
+    /// Where to send matched requests; `None` means the request's own origin.
+    pub upstream: Option<UpstreamTarget>,
+    /// The credential injected on matched requests.
+    pub credential: Option<Arc<CredentialSlot>>,
+    /// Whether a 401/403 triggers refresh and replay.
+    pub on_unauthorized: OnUnauthorized,
+    /// Whether CONNECT tunnels to this host are decrypted so that credentials can be injected.
+    pub intercept: bool,
+    /// This route's metric handles.
+    pub metrics: RouteMetrics,
+}
+
+impl Route {
+    fn matches_request(&self, path: &str, method: &Method) -> bool {
+        self.methods.as_ref().is_none_or(|m| m.contains(method))
+            && self
+                .path_prefix
+                .as_deref()
+                .is_none_or(|prefix| path_has_prefix(path, prefix))
+    }
+
+    /// Whether a 401/403 on this route is worth a refresh and a replay.
+    pub fn refreshes_on_unauthorized(&self) -> bool {
+        self.on_unauthorized == OnUnauthorized::Retry
+            && self.credential.as_ref().is_some_and(|c| c.refreshable())
+    }
+}
+
+/// Segment-aware prefix test: `/api/v1` and `/api/v1/` both match `/api/v1` and `/api/v1/x`,
+/// never `/api/v1x`.
+pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// All routes, indexed for lookup.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+    exact: HashMap<String, Vec<usize>>,
+    wildcard: HashMap<String, Vec<usize>>,
+    mounts: Vec<usize>,
+}
+
+impl RouteTable {
+    /// Builds the table; `slots` must hold every credential the routes name (validation
+    /// guarantees it; a missing one leaves the route without credential).
+    pub fn build(
+        configs: &[RouteConfig],
+        slots: &HashMap<String, Arc<CredentialSlot>>,
+        metrics: &Metrics,
+    ) -> Self {
+        let mut table = RouteTable::default();
+        for (i, c) in configs.iter().enumerate() {
+            let upstream = c.upstream.clone().or_else(|| {
+                c.mount
+                    .as_ref()
+                    .and(c.host.as_ref())
+                    .and_then(UpstreamTarget::https_for)
+            });
+            let route = Route {
+                name: Arc::from(c.name.as_str()),
+                host: c.host.clone(),
+                path_prefix: c.path_prefix.clone(),
+                methods: c.methods.clone(),
+                mount: c.mount.clone(),
+                upstream,
+                credential: c.credential.as_ref().and_then(|n| slots.get(n).cloned()),
+                on_unauthorized: c.on_unauthorized,
+                intercept: c.intercept,
+                metrics: metrics.for_route(&c.name),
+            };
+            if let Some(h) = &c.host {
+                let index = if h.is_exact() {
+                    &mut table.exact
+                } else {
+                    &mut table.wildcard
+                };
+                index.entry(h.host().to_string()).or_default().push(i);
+            }
+            if c.mount.is_some() {
+                table.mounts.push(i);
+            }
+            table.routes.push(Arc::new(route));
+        }
+        table
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// True when there are no routes.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// The first route (in file order) whose host, port, path and method match a
+    /// forward-proxy request. `host` may be in any case and carry a trailing dot.
+    pub fn find(&self, host: &str, port: u16, path: &str, method: &Method) -> Option<&Arc<Route>> {
+        let host = normalize_host(host);
+        let host = host.as_ref();
+        let mut best: Option<usize> = None;
+        let mut consider = |candidates: Option<&Vec<usize>>| {
+            for &i in candidates.into_iter().flatten() {
+                if best.is_some_and(|b| b < i) {
+                    break;
+                }
+                let r = &self.routes[i];
+                if r.host.as_ref().is_some_and(|h| h.matches(host, port))
+                    && r.matches_request(path, method)
+                {
+                    best = Some(i);
+                    break;
+                }
+            }
+        };
+        consider(self.exact.get(host));
+        for (dot, _) in host.match_indices('.') {
+            consider(self.wildcard.get(&host[dot + 1..]));
+        }
+        best.map(|i| &self.routes[i])
+    }
+
+    /// Whether any route names `host:port` for interception of CONNECT tunnels.
+    pub fn intercepts(&self, host: &str, port: u16) -> Option<&Arc<Route>> {
+        let host = normalize_host(host);
+        self.routes.iter().find(|r| {
+            r.intercept
+                && r.host
+                    .as_ref()
+                    .is_some_and(|h| h.matches(host.as_ref(), port))
+        })
+    }
+
+    /// Whether any route names `host:port` at all (for CONNECT policy with `unmatched: deny`).
+    pub fn names_host(&self, host: &str, port: u16) -> bool {
+        let host = normalize_host(host);
+        self.routes.iter().any(|r| {
+            r.host
+                .as_ref()
+                .is_some_and(|h| h.matches(host.as_ref(), port))
+        })
+    }
+
+    /// The first mount route whose prefix, path and method match an origin-form request,
+    /// with the path that remains after the mount prefix (always starting with `/`).
+    pub fn find_mount<'p>(&self, path: &'p str, method: &Method) -> Option<(&Arc<Route>, &'p str)> {
+        self.mounts.iter().find_map(|&i| {
+            let r = &self.routes[i];
+            let mount = r.mount.as_deref()?;
+            let rest = path.strip_prefix(mount)?;
+            if !(rest.is_empty() || rest.starts_with('/')) {
+                return None;
+            }
+            let rest = if rest.is_empty() { "/" } else { rest };
+            r.matches_request(rest, method).then_some((r, rest))
+        })
+    }
+
+    /// Every route, in file order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.iter()
+    }
+}
+
+/// Lower-cases and strips one trailing dot, borrowing when nothing changes.
+fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
+    let trimmed = host.strip_suffix('.').unwrap_or(host);
+    if trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(trimmed.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(trimmed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(
+        name: &str,
+        host: &str,
+        prefix: Option<&str>,
+        methods: Option<Vec<Method>>,
+    ) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            host: Some(HostPattern::parse(host).unwrap()),
+            path_prefix: prefix.map(String::from),
+            methods,
+            mount: None,
+            upstream: None,
+            credential: None,
+            on_unauthorized: OnUnauthorized::Retry,
+            intercept: false,
+        }
+    }
+
+    fn table(routes: Vec<RouteConfig>) -> RouteTable {
+        RouteTable::build(&routes, &HashMap::new(), &Metrics::new())
+    }
+
+    fn found(t: &RouteTable, host: &str, path: &str) -> Option<String> {
+        t.find(host, 443, path, &Method::GET)
+            .map(|r| r.name.to_string())
+    }
+
+    #[test]
+    fn exact_host_is_case_insensitive_and_never_a_substring() {
+        let t = table(vec![route("a", "acme.outseta.com", None, None)]);
+        assert_eq!(found(&t, "ACME.Outseta.com", "/"), Some("a".into()));
+        assert_eq!(found(&t, "acme.outseta.com.", "/"), Some("a".into()));
+        assert_eq!(found(&t, "acme.outseta.com.evil.test", "/"), None);
+        assert_eq!(found(&t, "xacme.outseta.com", "/"), None);
+        assert_eq!(found(&t, "evil.test", "/?acme.outseta.com"), None);
+    }
+
+    #[test]
+    fn wildcard_matches_one_or_more_labels_only() {
+        let t = table(vec![route("w", "*.outseta.com", None, None)]);
+        assert_eq!(found(&t, "acme.outseta.com", "/"), Some("w".into()));
+        assert_eq!(found(&t, "a.b.outseta.com", "/"), Some("w".into()));
+        assert_eq!(found(&t, "outseta.com", "/"), None);
+        assert_eq!(found(&t, "eviloutseta.com", "/"), None);
+        assert_eq!(found(&t, "outseta.com.evil.test", "/"), None);
+    }
+
+    #[test]
+    fn first_route_in_file_order_wins_across_exact_and_wildcard() {
+        let t = table(vec![
+            route("wild", "*.example.com", Some("/admin"), None),
+            route("exact", "api.example.com", None, None),
+            route("wild-all", "*.example.com", None, None),
+        ]);
+        assert_eq!(
+            found(&t, "api.example.com", "/admin/x"),
+            Some("wild".into())
+        );
+        assert_eq!(found(&t, "api.example.com", "/other"), Some("exact".into()));
+        assert_eq!(
+            found(&t, "www.example.com", "/other"),
+            Some("wild-all".into())
+        );
+    }
+
+    #[test]
+    fn path_prefix_is_segment_aware() {
+        assert!(path_has_prefix("/api/v1", "/api/v1/"));
+        assert!(path_has_prefix("/api/v1/x", "/api/v1"));
+        assert!(!path_has_prefix("/api/v1x", "/api/v1"));
+        assert!(path_has_prefix("/anything", "/"));
+    }
+
+    #[test]
+    fn methods_and_ports_restrict() {
+        let t = table(vec![
+            route("get", "h.test:8080", None, Some(vec![Method::GET])),
+            route("any", "h.test", None, None),
+        ]);
+        assert_eq!(
+            t.find("h.test", 8080, "/", &Method::GET).map(|r| &*r.name),
+            Some("get")
+        );
+        assert_eq!(
+            t.find("h.test", 8080, "/", &Method::POST).map(|r| &*r.name),
+            Some("any")
+        );
+        assert_eq!(
+            t.find("h.test", 80, "/", &Method::GET).map(|r| &*r.name),
+            Some("any")
+        );
+    }
+
+    #[test]
+    fn mounts_strip_their_prefix() {
+        let mut r = route("m", "acme.outseta.com", Some("/api"), None);
+        r.mount = Some("/outseta".into());
+        let t = table(vec![r]);
+        let (m, rest) = t
+            .find_mount("/outseta/api/v1/profile", &Method::GET)
+            .unwrap();
+        assert_eq!((&*m.name, rest), ("m", "/api/v1/profile"));
+        assert!(t.find_mount("/outsetax/api", &Method::GET).is_none());
+        assert!(t.find_mount("/outseta/other", &Method::GET).is_none());
+        assert_eq!(m.upstream.as_ref().unwrap().scheme, Scheme::HTTPS);
+    }
+
+    #[test]
+    fn host_patterns_reject_garbage() {
+        for bad in ["", "*.", "a..b", "exa mple.com", "h:xx", "*"] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad}");
+        }
+        assert!(HostPattern::parse("[::1]:9000").is_ok());
+    }
+}

@@ -1,0 +1,179 @@
+//! The proxy's hot state: one immutable snapshot (config, routes, credential slots) behind a
+//! single `ArcSwap`, so a request sees one consistent version from start to end and never
+//! takes a lock. A reload builds a whole new snapshot and swaps it in one step.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{Config, ConfigError, Environment};
+use crate::credentials::{build_source, SourceDeps};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::routes::RouteTable;
+use crate::token_store::CredentialSlot;
+use crate::upstream::{tls_config, UpstreamClient};
+
+/// One consistent version of everything a request needs.
+pub struct Snapshot {
+    /// The validated config this snapshot was built from.
+    pub config: Arc<Config>,
+    /// The route table.
+    pub routes: RouteTable,
+    /// Credential slots by name.
+    pub slots: HashMap<String, Arc<CredentialSlot>>,
+    /// Metric handles for traffic no route matches.
+    pub unmatched_metrics: RouteMetrics,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config file was refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// TLS trust roots could not be loaded.
+    #[error("{0}")]
+    Tls(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// State shared by the proxy, the admin endpoint and the reloader.
+pub struct State {
+    snapshot: ArcSwap<Snapshot>,
+    /// The pooled upstream client.
+    pub upstream: UpstreamClient,
+    /// Metrics registry and handles.
+    pub metrics: Arc<Metrics>,
+    deps: SourceDeps,
+    /// The config file, for reloads (`None` when started from an in-memory config).
+    pub config_path: Option<PathBuf>,
+    env: Arc<dyn Environment>,
+    reload_lock: std::sync::Mutex<()>,
+}
+
+impl State {
+    /// Builds the state for `config`. Must run inside a tokio runtime (prefetching
+    /// credentials spawns tasks).
+    pub fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+        env: Arc<dyn Environment>,
+    ) -> Result<Arc<Self>, StartError> {
+        let tls = tls_config(&config.tls).map_err(StartError::Tls)?;
+        let upstream = UpstreamClient::new(Arc::clone(&tls), &config.timeouts);
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls((*tls).clone())
+            .connect_timeout(config.timeouts.connect)
+            .timeout(config.tokens.fetch_timeout)
+            .no_proxy()
+            .build()
+            .map_err(|e| StartError::Tls(format!("cannot build the token endpoint client: {e}")))?;
+        let metrics = Arc::new(Metrics::new());
+        let deps = SourceDeps { http };
+        let snapshot = build_snapshot(config, None, &deps, &metrics);
+        Ok(Arc::new(Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            upstream,
+            metrics,
+            deps,
+            config_path,
+            env,
+            reload_lock: std::sync::Mutex::new(()),
+        }))
+    }
+
+    /// The current snapshot. Hold the `Arc` for the whole request.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The source dependencies (token endpoint client), for commands that fetch tokens.
+    pub fn source_deps(&self) -> &SourceDeps {
+        &self.deps
+    }
+
+    /// Replaces the running config. Credentials whose definition did not change keep their
+    /// slot and so their cached token.
+    pub fn install(&self, config: Config) {
+        let _serialized = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = self.snapshot.load_full();
+        warn_about_restart_only_changes(&previous.config, &config);
+        let next = build_snapshot(config, Some(&previous), &self.deps, &self.metrics);
+        self.snapshot.store(Arc::new(next));
+    }
+
+    /// Re-reads the config file and installs it; on error the running config stays.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let Some(path) = &self.config_path else {
+            return Ok(());
+        };
+        match Config::load(path, self.env.as_ref()) {
+            Ok(config) => {
+                let routes = config.routes.len();
+                let credentials = config.credentials.len();
+                self.install(config);
+                self.metrics.reload(true);
+                tracing::info!(path = %path.display(), routes, credentials, "config reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.reload(false);
+                tracing::error!(error = %e, "config reload refused; the running config stays in force");
+                Err(e)
+            }
+        }
+    }
+}
+
+fn warn_about_restart_only_changes(old: &Config, new: &Config) {
+    if old.listen != new.listen || old.admin != new.admin {
+        tracing::warn!("`listen` and `admin` changes take effect at the next restart");
+    }
+    if old.tls != new.tls
+        || old.timeouts.connect != new.timeouts.connect
+        || old.timeouts.pool_idle != new.timeouts.pool_idle
+    {
+        tracing::warn!("`tls`, `timeouts.connect` and `timeouts.pool_idle` changes take effect at the next restart");
+    }
+}
+
+fn build_snapshot(
+    config: Config,
+    previous: Option<&Snapshot>,
+    deps: &SourceDeps,
+    metrics: &Arc<Metrics>,
+) -> Snapshot {
+    let mut slots = HashMap::new();
+    for (name, cred) in &config.credentials {
+        let kept = previous
+            .and_then(|p| p.slots.get(name))
+            .filter(|s| s.same_definition(cred, &config.tokens))
+            .cloned();
+        let slot = kept.unwrap_or_else(|| {
+            CredentialSlot::new(
+                cred.clone(),
+                config.tokens.clone(),
+                build_source(&cred.kind, deps),
+                Arc::clone(metrics),
+            )
+        });
+        if cred.prefetch {
+            slot.start_keeper();
+        }
+        slots.insert(name.clone(), slot);
+    }
+    let routes = RouteTable::build(&config.routes, &slots, metrics);
+    Snapshot {
+        config: Arc::new(config),
+        routes,
+        slots,
+        unmatched_metrics: metrics.for_route("unmatched"),
+    }
+}

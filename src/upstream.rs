@@ -1,0 +1,136 @@
+//! The one pooled HTTP client used for every proxied request: keep-alive per origin, TLS by
+//! rustls with webpki roots plus an optional private CA, HTTP/2 when the upstream offers it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{Timeouts, TlsSettings};
+
+/// Errors boxed for bodies that mix sources.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every request sent upstream and every response sent to a client.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No response head within the configured time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Connect, TLS or protocol failure; the text is safe to show (no URL query).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Builds the rustls client config shared by upstream requests and token endpoints (ALPN is
+/// left to each client: hyper-rustls offers h2 and http/1.1).
+pub fn tls_config(settings: &TlsSettings) -> Result<Arc<rustls::ClientConfig>, String> {
+    install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &settings.ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read tls.ca_file {}: {e}", path.display()))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| format!("tls.ca_file {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("tls.ca_file {}: {e}", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!(
+                "tls.ca_file {} holds no PEM certificate",
+                path.display()
+            ));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Makes ring the process-wide rustls provider (once; later calls do nothing), so that any
+/// rustls user in the process, such as a reqwest client, finds one.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The pooled upstream client. Cheap to clone.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+}
+
+impl UpstreamClient {
+    /// A client using `tls` for https upstreams.
+    pub fn new(tls: Arc<rustls::ClientConfig>, timeouts: &Timeouts) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeouts.connect));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(timeouts.pool_idle)
+            .pool_max_idle_per_host(1024)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(https);
+        Self { client }
+    }
+
+    /// Sends `request` (absolute URI) and waits for the response head at most `timeout`.
+    pub async fn send(
+        &self,
+        request: Request<ProxyBody>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Err(_) => Err(UpstreamError::Timeout(timeout)),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(UpstreamError::Failed(describe(&e))),
+        }
+    }
+}
+
+/// The error and its causes on one line; certificate problems read as such.
+fn describe(e: &hyper_util::client::legacy::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.contains(&text) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    if parts.is_empty() {
+        parts.push(if e.is_connect() {
+            "connection failed".into()
+        } else {
+            e.to_string()
+        });
+    }
+    parts.join(": ")
+}

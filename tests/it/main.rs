@@ -1,0 +1,6 @@
+//! The integration test binary: one binary keeps link time down on a small machine. Each
+//! module tests one capability end to end over real TCP on 127.0.0.1.
+
+mod support;
+
+mod proxy_basics;

@@ -1,0 +1,119 @@
+//! Test support shared by every integration test: in-process HTTP servers on 127.0.0.1 (origins
+//! and vendor token endpoints), and a harness that starts authrelay from YAML.
+
+#![allow(dead_code)]
+
+pub mod server;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use authrelay::{Config, Running, StartOptions};
+
+pub use server::{serve, serve_streaming, Origin, Seen};
+
+/// A running proxy started from a YAML file in a temporary folder.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub running: Option<Running>,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl Proxy {
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The running proxy's state (snapshot, metrics, reload).
+    pub fn state(&self) -> &Arc<authrelay::State> {
+        &self.running.as_ref().expect("running").state
+    }
+
+    /// A client that sends every request through this proxy (absolute-form, as with
+    /// `HTTP_PROXY`).
+    pub fn client(&self) -> reqwest::Client {
+        authrelay::upstream::install_crypto_provider();
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::all(self.url()).expect("proxy url"))
+            .build()
+            .expect("client")
+    }
+
+    /// Overwrites the config file (the watcher or an explicit reload picks it up).
+    pub fn write_config(&self, yaml: &str) {
+        std::fs::write(&self.config_path, yaml).expect("write config");
+    }
+
+    /// Stops the proxy and waits for it to drain.
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+/// A plain client (no proxy), for reverse-proxy (mount) requests and direct calls.
+pub fn direct_client() -> reqwest::Client {
+    authrelay::upstream::install_crypto_provider();
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
+/// Starts authrelay on `127.0.0.1:0` with `yaml` (its `listen` is overridden) and the given
+/// variables for `${VAR}`. The file is not watched; call `state().reload()` to reload.
+pub async fn proxy_with_env(yaml: &str, env: &[(&str, &str)]) -> Proxy {
+    start(yaml, env, false).await
+}
+
+/// Like [`proxy_with_env`] with no variables.
+pub async fn proxy(yaml: &str) -> Proxy {
+    start(yaml, &[], false).await
+}
+
+/// Like [`proxy`] but watching the file for changes, as the binary does.
+pub async fn watched_proxy(yaml: &str) -> Proxy {
+    start(yaml, &[], true).await
+}
+
+async fn start(yaml: &str, env: &[(&str, &str)], watch: bool) -> Proxy {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = dir.path().join("routes.yaml");
+    let yaml = with_test_listen(yaml);
+    std::fs::write(&config_path, &yaml).expect("write config");
+    let env: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let config = Config::load(&config_path, &env).unwrap_or_else(|e| panic!("config refused: {e}"));
+    let running = authrelay::start(
+        config,
+        StartOptions {
+            config_path: Some(config_path.clone()),
+            env: Arc::new(env),
+            watch,
+        },
+    )
+    .await
+    .expect("proxy starts");
+    Proxy {
+        addr: running.proxy_addr,
+        running: Some(running),
+        dir,
+        config_path,
+    }
+}
+
+/// Puts `listen: 127.0.0.1:0` first unless the YAML sets `listen` itself.
+pub fn with_test_listen(yaml: &str) -> String {
+    if yaml.lines().any(|l| l.starts_with("listen:")) {
+        yaml.to_string()
+    } else {
+        format!("listen: 127.0.0.1:0\n{yaml}")
+    }
+}
