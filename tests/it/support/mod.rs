@@ -12,8 +12,6 @@ use std::sync::Arc;
 
 use authrelay::{Config, Running, StartOptions};
 
-pub use server::{serve, serve_streaming, Origin, Seen};
-
 /// A running proxy started from a YAML file in a temporary folder.
 pub struct Proxy {
     pub addr: SocketAddr,
@@ -117,3 +115,5 @@ pub fn with_test_listen(yaml: &str) -> String {
         format!("listen: 127.0.0.1:0\n{yaml}")
     }
 }
+pub mod lifecycle;
+pub mod vendor;
