@@ -4,3 +4,4 @@
 mod support;
 
 mod proxy_basics;
+mod raw;
