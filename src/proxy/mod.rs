@@ -64,9 +64,13 @@ pub async fn dispatch(
         .as_ref()
         .and_then(|r| r.credential.as_ref())
         .map_or("-", |c| &**c.name());
-    let host = target.uri.host().unwrap_or("-").to_string();
-    let span =
-        tracing::info_span!("request", route = route_name, credential, %method, host = %host);
+    let span = tracing::info_span!(
+        "request",
+        route = route_name,
+        credential,
+        %method,
+        host = target.uri.host().unwrap_or("-")
+    );
     async {
         let (response, retried) =
             match forward::forward(&state.upstream, &snapshot.config, target, request).await {
