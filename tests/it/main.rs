@@ -1,6 +1,10 @@
 //! The integration test binary: one binary keeps link time down on a small machine. Each
 //! module tests one capability end to end over real TCP on 127.0.0.1.
 
+// unwrap/expect are the point of test code (BRIEF: allowed under tests/).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
+mod https;
 mod proxy_basics;
