@@ -326,3 +326,41 @@ fn ca_init_writes_a_private_key_and_refuses_to_overwrite() {
     assert!(run(true).status.success());
     assert_ne!(std::fs::read_to_string(out.join("ca.pem")).unwrap(), cert);
 }
+
+/// The issue's own acceptance check, with the real curl when it is installed.
+#[tokio::test]
+async fn curl_through_the_proxy_with_the_authrelay_ca_gets_the_credential() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("curl not installed; skipping");
+        return;
+    }
+    let upstream_ca = TestCa::new();
+    let origin = https_origin(&upstream_ca, &["127.0.0.1"], H2_AND_H1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (yaml, authrelay_ca) = intercepting_config(dir.path(), &upstream_ca, &origin.url());
+    let ca_path = dir.path().join("authrelay-ca.pem");
+    std::fs::write(&ca_path, authrelay_ca).unwrap();
+    let proxy = start(&yaml).await;
+    let out = tokio::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--noproxy", "", "--proxy"])
+        .arg(proxy.url())
+        .arg("--cacert")
+        .arg(&ca_path)
+        .arg("https://api.test/v1/curl")
+        .env_remove("https_proxy")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("CURL_CA_BUNDLE")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "secure ok");
+    let seen = origin.last();
+    assert_eq!(seen.target, "/v1/curl");
+    assert_eq!(seen.headers["authorization"], "Bearer s3cret-token");
+    proxy.stop().await;
+}
