@@ -364,3 +364,24 @@ async fn curl_through_the_proxy_with_the_authrelay_ca_gets_the_credential() {
     assert_eq!(seen.headers["authorization"], "Bearer s3cret-token");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn connect_to_a_named_host_without_intercept_is_not_decrypted() {
+    let (echo, received) = tcp_echo().await;
+    let top = format!(
+        "unmatched: deny\nconnect:\n  allowed_ports: [{}]",
+        echo.port()
+    );
+    let yaml =
+        routes(&top, "https://127.0.0.1:9", false).replace("host: api.test", "host: 127.0.0.1");
+    let proxy = start(&yaml).await;
+    let (mut s, head) = connect(&proxy, &echo.to_string()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let hello = b"\x16\x03\x01\x00\x05hello";
+    s.write_all(hello).await.unwrap();
+    let mut back = [0u8; 10];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, hello);
+    assert_eq!(received.lock().unwrap().as_slice(), hello);
+    proxy.stop().await;
+}
