@@ -53,7 +53,9 @@ fn interception(
         return Ok(None);
     }
     let ca = state.intercept_ca().ok_or_else(|| {
-        ProxyError::Interception("no intercept_ca is loaded; restart with one configured".into())
+        ProxyError::Interception(
+            "no intercept_ca is loaded (see the error logged when it was read)".into(),
+        )
     })?;
     ca.server_config(authority.host())
         .map(Some)
