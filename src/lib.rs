@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod credentials;
+pub mod intercept;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

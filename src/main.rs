@@ -43,6 +43,43 @@ enum Command {
     Run,
     /// Validate the config file and exit (non-zero with the error when it is refused).
     Check,
+    /// Manage the local CA used for `intercept: true` routes.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a CA: DIR/ca.pem (give it to clients) and DIR/ca-key.pem (mode 0600).
+    Init {
+        /// The folder to write to (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Exit code for a failed `ca` command.
+const EXIT_CA_FAILED: u8 = 73;
+
+fn ca(command: CaCommand) -> ExitCode {
+    let CaCommand::Init { out, force } = command;
+    match authrelay::intercept::init_ca(&out, force) {
+        Ok(files) => {
+            println!(
+                "wrote {} (certificate: trust it in clients) and {} (private key)",
+                files.cert.display(),
+                files.key.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("authrelay: {e}");
+            ExitCode::from(EXIT_CA_FAILED)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -61,7 +98,10 @@ fn main() -> ExitCode {
     runtime.block_on(async_main(cli))
 }
 
-async fn async_main(cli: Cli) -> ExitCode {
+async fn async_main(mut cli: Cli) -> ExitCode {
+    if let Some(Command::Ca(command)) = cli.command.take() {
+        return ca(command);
+    }
     let config = match Config::load(&cli.config, &ProcessEnv) {
         Ok(c) => c,
         Err(e) => {
@@ -80,6 +120,7 @@ async fn async_main(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(cli.config, config).await,
+        Command::Ca(command) => ca(command),
     }
 }
 

@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::config::{Config, ConfigError, Environment};
 use crate::credentials::{build_source, SourceDeps};
+use crate::intercept::CertAuthority;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routes::RouteTable;
 use crate::token_store::CredentialSlot;
@@ -51,6 +52,8 @@ pub struct State {
     pub upstream: UpstreamClient,
     /// Metrics registry and handles.
     pub metrics: Arc<Metrics>,
+    /// The CA that signs leaf certificates for intercepted tunnels (`intercept_ca`).
+    intercept_ca: ArcSwapOption<CertAuthority>,
     deps: SourceDeps,
     /// The config file, for reloads (`None` when started from an in-memory config).
     pub config_path: Option<PathBuf>,
@@ -75,6 +78,12 @@ impl State {
             .no_proxy()
             .build()
             .map_err(|e| StartError::Tls(format!("cannot build the token endpoint client: {e}")))?;
+        let intercept_ca = match &config.intercept_ca {
+            Some(settings) => Some(Arc::new(
+                CertAuthority::load(settings).map_err(|e| StartError::Tls(e.to_string()))?,
+            )),
+            None => None,
+        };
         let metrics = Arc::new(Metrics::new());
         let deps = SourceDeps { http };
         let snapshot = build_snapshot(config, None, &deps, &metrics);
@@ -82,6 +91,7 @@ impl State {
             snapshot: ArcSwap::from_pointee(snapshot),
             upstream,
             metrics,
+            intercept_ca: ArcSwapOption::new(intercept_ca),
             deps,
             config_path,
             env,
@@ -92,6 +102,11 @@ impl State {
     /// The current snapshot. Hold the `Arc` for the whole request.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    /// The interception CA, if one is configured.
+    pub fn intercept_ca(&self) -> Option<Arc<CertAuthority>> {
+        self.intercept_ca.load_full()
     }
 
     /// The source dependencies (token endpoint client), for commands that fetch tokens.
@@ -105,6 +120,9 @@ impl State {
         let _serialized = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
         let previous = self.snapshot.load_full();
         warn_about_restart_only_changes(&previous.config, &config);
+        if previous.config.intercept_ca != config.intercept_ca {
+            self.reload_intercept_ca(&config);
+        }
         let next = build_snapshot(config, Some(&previous), &self.deps, &self.metrics);
         self.snapshot.store(Arc::new(next));
     }
@@ -128,6 +146,21 @@ impl State {
                 tracing::error!(error = %e, "config reload refused; the running config stays in force");
                 Err(e)
             }
+        }
+    }
+}
+
+impl State {
+    /// Loads a changed `intercept_ca`; a CA that cannot be loaded leaves the old one in use.
+    fn reload_intercept_ca(&self, config: &Config) {
+        match &config.intercept_ca {
+            None => self.intercept_ca.store(None),
+            Some(settings) => match CertAuthority::load(settings) {
+                Ok(ca) => self.intercept_ca.store(Some(Arc::new(ca))),
+                Err(e) => {
+                    tracing::error!(error = %e, "intercept_ca not reloaded; the previous CA stays in use")
+                }
+            },
         }
     }
 }

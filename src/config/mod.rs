@@ -54,6 +54,8 @@ pub struct Config {
     pub tokens: TokenSettings,
     pub connect: ConnectSettings,
     pub tls: TlsSettings,
+    /// The CA for intercepted CONNECT tunnels; required when a route has `intercept: true`.
+    pub intercept_ca: Option<InterceptCaSettings>,
     /// Credentials by name.
     pub credentials: BTreeMap<String, CredentialConfig>,
     /// Routes in the order they are tried.
@@ -114,6 +116,15 @@ pub struct ConnectSettings {
 pub struct TlsSettings {
     /// Extra PEM roots trusted beside the webpki roots.
     pub ca_file: Option<PathBuf>,
+}
+
+/// Where the interception CA's certificate and key are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InterceptCaSettings {
+    /// The CA certificate (PEM).
+    pub cert_file: PathBuf,
+    /// The CA private key (PEM, PKCS#8).
+    pub key_file: PathBuf,
 }
 
 /// One validated credential.

@@ -28,6 +28,8 @@ pub struct RawConfig {
     pub connect: RawConnect,
     #[serde(default)]
     pub tls: RawTls,
+    /// The local CA that signs certificates for intercepted hosts.
+    pub intercept_ca: Option<RawInterceptCa>,
     #[serde(default)]
     pub credentials: BTreeMap<String, RawCredential>,
     #[serde(default)]
@@ -95,6 +97,14 @@ pub struct RawConnect {
 pub struct RawTls {
     /// Extra PEM roots trusted for upstream TLS, beside the webpki roots.
     pub ca_file: Option<String>,
+}
+
+/// The interception CA's files (PEM), as written by `authrelay ca init`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInterceptCa {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 /// One credential; `type` selects the token source.

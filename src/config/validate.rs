@@ -11,8 +11,8 @@ use http::{HeaderName, Method};
 use super::raw::{RawConfig, RawCredential, RawRoute};
 use super::values::{interpolate, read_secret_file, Environment};
 use super::{
-    Config, ConnectSettings, CredentialConfig, RetrySettings, RouteConfig, Timeouts, TlsSettings,
-    TokenSettings,
+    Config, ConnectSettings, CredentialConfig, InterceptCaSettings, RetrySettings, RouteConfig,
+    Timeouts, TlsSettings, TokenSettings,
 };
 use crate::routes::{HostPattern, UpstreamTarget};
 use crate::secret::Secret;
@@ -423,6 +423,22 @@ pub fn validate(
             .as_deref()
             .and_then(|f| ctx.existing_file("tls.ca_file", f)),
     };
+    let intercept_ca = raw.intercept_ca.as_ref().and_then(|ca| {
+        let cert = ctx.required_text("intercept_ca.cert_file", ca.cert_file.as_deref());
+        let key = ctx.required_text("intercept_ca.key_file", ca.key_file.as_deref());
+        let cert_file = ctx.existing_file("intercept_ca.cert_file", &cert?);
+        let key_file = ctx.existing_file("intercept_ca.key_file", &key?);
+        Some(InterceptCaSettings {
+            cert_file: cert_file?,
+            key_file: key_file?,
+        })
+    });
+    if raw.intercept_ca.is_none() && raw.routes.iter().any(|r| r.intercept) {
+        ctx.problem(
+            "intercept_ca",
+            "is required when a route has `intercept: true` (create one with `authrelay ca init --out DIR`)",
+        );
+    }
 
     let declared: BTreeSet<String> = raw.credentials.keys().cloned().collect();
     let mut credentials = BTreeMap::new();
@@ -464,6 +480,7 @@ pub fn validate(
             tokens,
             connect,
             tls,
+            intercept_ca,
             credentials,
             routes,
         }),

@@ -1,61 +1,109 @@
-//! `CONNECT host:port`: a byte tunnel to hosts no route intercepts, limited to the allowed
-//! ports, closed after an idle period.
+//! `CONNECT host:port`: a byte tunnel to hosts no route intercepts (closed after an idle
+//! period), a decrypted tunnel (`intercepted.rs`) to hosts one does; only to allowed ports.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::uri::Authority;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use super::intercepted;
 use super::replay;
 use super::respond::ProxyError;
 use crate::config::Unmatched;
 use crate::state::State;
 use crate::upstream::ProxyBody;
 
-/// Answers a CONNECT request: 200 and a tunnel, or an error.
+/// Answers a CONNECT request: 200 and a tunnel (decrypted when a route intercepts the host),
+/// or an error.
 pub async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<ProxyBody> {
-    match open(&state, &request) {
-        Ok(authority) => {
-            let idle = state.snapshot().config.connect.idle_timeout;
-            let tunnels = state.metrics.tunnels.clone();
-            tokio::spawn(async move {
-                let upgraded = match hyper::upgrade::on(request).await {
-                    Ok(u) => u,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "CONNECT upgrade failed");
-                        return;
-                    }
-                };
-                tunnels.inc();
-                match TcpStream::connect(authority.as_str()).await {
-                    Ok(upstream) => {
-                        let _ = upstream.set_nodelay(true);
-                        if let Err(e) = splice(TokioIo::new(upgraded), upstream, idle).await {
-                            tracing::debug!(error = %e, host = %authority.host(), "tunnel closed");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, host = %authority.host(), "tunnel upstream unreachable")
-                    }
-                }
-                tunnels.dec();
-            });
-            let mut response = Response::new(replay::empty());
-            *response.status_mut() = StatusCode::OK;
-            response
-        }
+    let opened = open(&state, &request).and_then(|authority| {
+        let tls = interception(&state, &authority)?;
+        Ok((authority, tls))
+    });
+    let (authority, tls) = match opened {
+        Ok(o) => o,
         Err(e) => {
             tracing::info!(error = %e, "CONNECT refused");
-            e.into_response(None)
+            return e.into_response(None);
         }
+    };
+    tokio::spawn(tunnel(state, request, authority, tls));
+    let mut response = Response::new(replay::empty());
+    *response.status_mut() = StatusCode::OK;
+    response
+}
+
+/// The TLS server config to decrypt the tunnel with, when a route intercepts its host.
+fn interception(
+    state: &State,
+    authority: &Authority,
+) -> Result<Option<Arc<rustls::ServerConfig>>, ProxyError> {
+    let port = authority.port_u16().unwrap_or(443);
+    if state
+        .snapshot()
+        .routes
+        .intercepts(authority.host(), port)
+        .is_none()
+    {
+        return Ok(None);
+    }
+    let ca = state.intercept_ca().ok_or_else(|| {
+        ProxyError::Interception(
+            "no intercept_ca is loaded (see the error logged when it was read)".into(),
+        )
+    })?;
+    ca.server_config(authority.host())
+        .map(Some)
+        .map_err(|e| ProxyError::Interception(e.to_string()))
+}
+
+/// Runs one tunnel after the 200: decrypted and proxied request by request, or spliced.
+async fn tunnel(
+    state: Arc<State>,
+    request: Request<Incoming>,
+    authority: Authority,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    let upgraded = match hyper::upgrade::on(request).await {
+        Ok(u) => TokioIo::new(u),
+        Err(e) => {
+            tracing::debug!(error = %e, "CONNECT upgrade failed");
+            return;
+        }
+    };
+    let tunnels = state.metrics.tunnels.clone();
+    tunnels.inc();
+    match tls {
+        Some(tls) => intercepted::serve(state, upgraded, authority, tls).await,
+        None => {
+            let idle = state.snapshot().config.connect.idle_timeout;
+            plain(upgraded, &authority, idle).await;
+        }
+    }
+    tunnels.dec();
+}
+
+/// A byte tunnel to `authority`: nothing is read or changed.
+async fn plain(client: TokioIo<hyper::upgrade::Upgraded>, authority: &Authority, idle: Duration) {
+    let upstream = match TcpStream::connect(authority.as_str()).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(error = %e, host = %authority.host(), "tunnel upstream unreachable");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    if let Err(e) = splice(client, upstream, idle).await {
+        tracing::debug!(error = %e, host = %authority.host(), "tunnel closed");
     }
 }
 
-fn open(state: &State, request: &Request<Incoming>) -> Result<http::uri::Authority, ProxyError> {
+fn open(state: &State, request: &Request<Incoming>) -> Result<Authority, ProxyError> {
     let authority = request
         .uri()
         .authority()

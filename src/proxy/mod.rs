@@ -4,6 +4,7 @@
 pub mod connect;
 pub mod forward;
 pub mod headers;
+pub mod intercepted;
 pub mod replay;
 pub mod respond;
 pub mod target;

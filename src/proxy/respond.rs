@@ -25,6 +25,9 @@ pub enum ProxyError {
     /// A CONNECT to a port outside `connect.allowed_ports` (403).
     #[error("CONNECT to port {0} is not allowed")]
     PortNotAllowed(u16),
+    /// A tunnel that a route intercepts could not be decrypted (502).
+    #[error("cannot intercept the tunnel: {0}")]
+    Interception(String),
     /// The route's credential could not supply a token (502).
     #[error(transparent)]
     Credential(#[from] Unavailable),
@@ -54,7 +57,9 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoMount(_) => StatusCode::NOT_FOUND,
             ProxyError::Denied(_) | ProxyError::PortNotAllowed(_) => StatusCode::FORBIDDEN,
-            ProxyError::Credential(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Credential(_) | ProxyError::Upstream(_) | ProxyError::Interception(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -66,6 +71,7 @@ impl ProxyError {
             ProxyError::NoMount(_) => "no_route",
             ProxyError::Denied(_) => "unmatched_denied",
             ProxyError::PortNotAllowed(_) => "connect_port_denied",
+            ProxyError::Interception(_) => "interception_unavailable",
             ProxyError::Credential(_) => "credential_unavailable",
             ProxyError::Upstream(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",

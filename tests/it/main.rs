@@ -5,6 +5,7 @@
 
 mod support;
 
+mod https;
 mod proxy_basics;
 mod raw;
 mod reload;

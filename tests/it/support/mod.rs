@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod server;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
