@@ -20,7 +20,7 @@ use crate::config::values::ConfigDuration;
 use crate::config::ValidateCtx;
 
 /// Claims authrelay sets itself; `claims:` may not override them.
-const RESERVED_CLAIMS: [&str; 3] = ["iat", "exp", "iss"];
+const RESERVED_CLAIMS: [&str; 4] = ["iat", "exp", "iss", "jti"];
 
 /// The default app token lifetime (Outreach documents `exp: iat + 3600`).
 pub const DEFAULT_APP_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
@@ -235,7 +235,14 @@ impl JwtSource {
 impl TokenSource for JwtSource {
     fn fetch<'a>(&'a self, _previous: Option<&'a Token>) -> FetchFuture<'a> {
         let s = &self.settings;
-        let token = sign_app_token(&s.key, &s.issuer, s.lifetime, Some(&s.claims)).map(|t| Token {
+        // A random `jti` makes every token distinct: two signed within the same second would
+        // otherwise be identical, and a token the API just refused would be sent again.
+        let mut claims = s.claims.clone();
+        claims.insert(
+            "jti".into(),
+            format!("{:032x}", rand::random::<u128>()).into(),
+        );
+        let token = sign_app_token(&s.key, &s.issuer, s.lifetime, Some(&claims)).map(|t| Token {
             value: s.format.header_value(&t.token),
             expires_at: Some(t.expires_at),
             refresh: None,

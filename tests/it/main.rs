@@ -3,4 +3,6 @@
 
 mod support;
 
+mod credentials_oauth2;
+mod credentials_outreach;
 mod proxy_basics;
