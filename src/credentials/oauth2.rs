@@ -132,13 +132,11 @@ impl OAuth2Spec {
             self.client_secret.as_deref(),
             self.client_secret_file.as_deref(),
         );
-        let scope = match self.scope.as_deref() {
-            Some(raw) => Some(ctx.text("scope", raw)?),
-            None => None,
-        };
+        // Outer `None`: a problem was recorded; keep going to collect the others.
+        let scope = optional_text(ctx, "scope", self.scope.as_deref());
         let jwt_exchange = match self.jwt_exchange {
-            Some(x) => Some(x.validate(ctx)?),
-            None => None,
+            Some(x) => x.validate(ctx).map(Some),
+            None => Some(None),
         };
         let (header, format) = common?;
         Some(ValidatedCredential {
@@ -148,9 +146,9 @@ impl OAuth2Spec {
                 token_url: token_url?,
                 client_id: client_id?,
                 client_secret: client_secret?,
-                scope,
+                scope: scope?,
                 auth: self.auth,
-                jwt_exchange,
+                jwt_exchange: jwt_exchange?,
                 format,
             }),
         })
@@ -166,14 +164,8 @@ impl JwtExchangeSpec {
                 None
             }
         };
-        let scope = match self.scope.as_deref() {
-            Some(raw) => Some(ctx.text("jwt_exchange.scope", raw)?),
-            None => None,
-        };
-        let aud = match self.aud.as_deref() {
-            Some(raw) => Some(ctx.text("jwt_exchange.aud", raw)?),
-            None => None,
-        };
+        let scope = optional_text(ctx, "jwt_exchange.scope", self.scope.as_deref());
+        let aud = optional_text(ctx, "jwt_exchange.aud", self.aud.as_deref());
         let validity = self.validity.map(|v| v.0);
         if validity.is_some_and(|v| v < Duration::from_secs(1)) {
             ctx.problem("jwt_exchange.validity", "must be at least 1s");
@@ -181,10 +173,23 @@ impl JwtExchangeSpec {
         }
         Some(JwtExchange {
             url: url?,
-            scope,
-            aud,
+            scope: scope?,
+            aud: aud?,
             validity,
         })
+    }
+}
+
+/// An optional plain value with `${VAR}` resolved: `Some(None)` when absent, `None` when a
+/// problem was recorded.
+fn optional_text(
+    ctx: &mut ValidateCtx<'_>,
+    field: &str,
+    raw: Option<&str>,
+) -> Option<Option<String>> {
+    match raw {
+        Some(r) => ctx.text(field, r).map(Some),
+        None => Some(None),
     }
 }
 
