@@ -233,29 +233,26 @@ async fn jwt_exchange_sends_token_scheme_and_injects_lowercase_bearer_jwt() {
     assert_eq!(res.status(), 200);
     let calls = v.token_server.requests();
     assert_eq!(calls.len(), 2);
-    let access: serde_json::Value = {
-        // The access token the vendor issued is what the JWT call presents.
-        let seen = &calls[1];
-        assert_eq!(seen.method, "GET");
-        let (path, query) = seen.target.split_once('?').expect("query");
-        assert_eq!(path, "/v1/oauth/jwt");
-        let mut q: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap();
-        q.sort();
-        assert_eq!(
-            q,
-            [
-                ("aud".to_string(), "api-1".to_string()),
-                ("scope".into(), "user:memberof:org1,offline_access".into()),
-                ("validity".into(), "2".into()),
-            ]
-        );
-        let presented = seen.header("authorization");
-        let token = presented
-            .strip_prefix("token ")
-            .expect("`token <access token>`");
-        serde_json::json!(token)
-    };
-    assert!(access.as_str().unwrap().starts_with("itsyou-access-"));
+    // The JWT call presents the access token from the first call with the `token` scheme.
+    let jwt_call = &calls[1];
+    assert_eq!(jwt_call.method, "GET");
+    let (path, query) = jwt_call.target.split_once('?').expect("query");
+    assert_eq!(path, "/v1/oauth/jwt");
+    let mut params: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap();
+    params.sort();
+    assert_eq!(
+        params,
+        [
+            ("aud".to_string(), "api-1".to_string()),
+            ("scope".into(), "user:memberof:org1,offline_access".into()),
+            ("validity".into(), "2".into()),
+        ]
+    );
+    let presented = jwt_call.header("authorization");
+    let access_token = presented
+        .strip_prefix("token ")
+        .expect("`token <access token>`");
+    assert!(access_token.starts_with("itsyou-access-"), "{presented}");
     let presented = v.setup.api.last().header("authorization");
     let jwt = presented
         .strip_prefix("bearer ")
