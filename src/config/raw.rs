@@ -112,6 +112,11 @@ pub struct RawInterceptCa {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RawCredential {
     Static(credentials::static_header::StaticSpec),
+    #[serde(rename = "oauth2_client_credentials")]
+    OAuth2(credentials::oauth2::OAuth2Spec),
+    #[serde(rename = "outreach_s2s")]
+    OutreachS2s(credentials::outreach::OutreachSpec),
+    Jwt(credentials::jwt::JwtSpec),
 }
 
 /// One route rule.

@@ -207,6 +207,9 @@ fn validate_credential(
     }
     let v = match raw {
         RawCredential::Static(spec) => spec.validate(ctx),
+        RawCredential::OAuth2(spec) => spec.validate(ctx),
+        RawCredential::OutreachS2s(spec) => spec.validate(ctx),
+        RawCredential::Jwt(spec) => spec.validate(ctx),
     }?;
     Some(CredentialConfig {
         name: name.to_string(),

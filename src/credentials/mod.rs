@@ -4,6 +4,9 @@
 //! by every source in `token_store.rs`.
 
 pub mod exchange;
+pub mod jwt;
+pub mod oauth2;
+pub mod outreach;
 pub mod static_header;
 
 use std::future::Future;
@@ -91,6 +94,9 @@ pub trait TokenSource: Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq)]
 pub enum CredentialKind {
     Static(static_header::StaticSettings),
+    OAuth2(oauth2::OAuth2Settings),
+    OutreachS2s(outreach::OutreachSettings),
+    Jwt(jwt::JwtSettings),
 }
 
 impl CredentialKind {
@@ -98,6 +104,9 @@ impl CredentialKind {
     pub fn type_name(&self) -> &'static str {
         match self {
             CredentialKind::Static(_) => "static",
+            CredentialKind::OAuth2(_) => "oauth2_client_credentials",
+            CredentialKind::OutreachS2s(_) => "outreach_s2s",
+            CredentialKind::Jwt(_) => "jwt",
         }
     }
 }
@@ -118,9 +127,15 @@ pub struct SourceDeps {
 
 /// Builds the runtime source for validated settings.
 pub fn build_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSource> {
-    let _ = deps;
     match kind {
         CredentialKind::Static(s) => Arc::new(static_header::StaticSource::new(s.clone())),
+        CredentialKind::OAuth2(s) => {
+            Arc::new(oauth2::OAuth2Source::new(s.clone(), deps.http.clone()))
+        }
+        CredentialKind::OutreachS2s(s) => {
+            Arc::new(outreach::OutreachSource::new(s.clone(), deps.http.clone()))
+        }
+        CredentialKind::Jwt(s) => Arc::new(jwt::JwtSource::new(s.clone())),
     }
 }
 

@@ -5,6 +5,8 @@
 
 mod support;
 
+mod credentials_oauth2;
+mod credentials_outreach;
 mod https;
 mod proxy_basics;
 mod raw;

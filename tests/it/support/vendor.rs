@@ -105,7 +105,8 @@ impl TokenBook {
         (s.api_calls, s.api_rejections)
     }
 
-    fn api_call(&self, accepted: bool) {
+    /// Records an API call and whether it was accepted (for APIs that check tokens themselves).
+    pub fn api_call(&self, accepted: bool) {
         let mut s = self.inner.lock().unwrap();
         s.api_calls += 1;
         if !accepted {

@@ -1,0 +1,394 @@
+//! `type: oauth2_client_credentials` — RFC 6749 §4.4: the client authenticates with its id
+//! and secret (in the form body, or HTTP Basic per §2.3.1) and gets an access token. With
+//! `jwt_exchange:` (ItsYou.online) the access token is then exchanged for a JWT, which is
+//! what gets injected.
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use serde::Deserialize;
+
+use super::exchange::{self, EndpointAnswer};
+use super::{
+    common_fields, CredentialError, CredentialKind, FetchFuture, Token, TokenFormat, TokenSource,
+    ValidatedCredential,
+};
+use crate::config::values::ConfigDuration;
+use crate::config::ValidateCtx;
+use crate::secret::Secret;
+
+/// The lifetime assumed when a token endpoint sends neither `expires_in` nor a JWT with
+/// `exp` (RFC 6749 makes `expires_in` optional). An hour keeps a token that really lives
+/// longer from being fetched too often, and a 401 before then is cured by refresh-and-retry.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// How the client authenticates at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` in the form body (`client_secret_post`).
+    #[default]
+    Post,
+    /// HTTP Basic with the form-urlencoded id and secret (`client_secret_basic`).
+    Basic,
+}
+
+/// The config section as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Spec {
+    /// Header to set (default `Authorization`).
+    pub header: Option<String>,
+    /// Scheme before the token (default `Bearer`; `bearer` with `jwt_exchange`).
+    pub scheme: Option<String>,
+    /// Fetch a token at start instead of on first use.
+    #[serde(default)]
+    pub prefetch: bool,
+    /// The token endpoint.
+    pub token_url: Option<String>,
+    /// The client id.
+    pub client_id: Option<String>,
+    /// The client secret, inline with `${VAR}`.
+    pub client_secret: Option<String>,
+    /// The client secret read from a file instead.
+    pub client_secret_file: Option<String>,
+    /// Space-separated scopes to ask for.
+    pub scope: Option<String>,
+    /// `post` (default) or `basic`.
+    #[serde(default)]
+    pub auth: ClientAuth,
+    /// Exchange the access token for a JWT (ItsYou.online).
+    pub jwt_exchange: Option<JwtExchangeSpec>,
+}
+
+/// The `jwt_exchange:` block as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtExchangeSpec {
+    /// The JWT endpoint (`https://itsyou.online/v1/oauth/jwt`).
+    pub url: Option<String>,
+    /// Comma-separated scopes for the JWT.
+    pub scope: Option<String>,
+    /// Comma-separated audiences for the JWT.
+    pub aud: Option<String>,
+    /// Requested JWT lifetime, sent as `validity` in seconds.
+    pub validity: Option<ConfigDuration>,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OAuth2Settings {
+    token_url: reqwest::Url,
+    client_id: String,
+    client_secret: Secret,
+    scope: Option<String>,
+    auth: ClientAuth,
+    jwt_exchange: Option<JwtExchange>,
+    format: TokenFormat,
+}
+
+/// Validated `jwt_exchange:` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwtExchange {
+    url: reqwest::Url,
+    scope: Option<String>,
+    aud: Option<String>,
+    validity: Option<Duration>,
+}
+
+impl OAuth2Spec {
+    /// Checks the section; problems go to `ctx`.
+    pub fn validate(self, ctx: &mut ValidateCtx<'_>) -> Option<ValidatedCredential> {
+        // ItsYou.online documents API calls with a lower-case `bearer`.
+        let default_scheme = if self.jwt_exchange.is_some() {
+            "bearer"
+        } else {
+            "Bearer"
+        };
+        let common = common_fields(
+            ctx,
+            self.header.as_deref(),
+            self.scheme.as_deref(),
+            default_scheme,
+        );
+        let token_url = match self.token_url.as_deref() {
+            Some(raw) => ctx.url("token_url", raw),
+            None => {
+                ctx.problem("token_url", "is required");
+                None
+            }
+        };
+        let client_id = ctx
+            .required_text("client_id", self.client_id.as_deref())
+            .filter(|id| {
+                let ok = !id.is_empty();
+                if !ok {
+                    ctx.problem("client_id", "is empty");
+                }
+                ok
+            });
+        let client_secret = ctx.required_secret(
+            "client_secret",
+            self.client_secret.as_deref(),
+            self.client_secret_file.as_deref(),
+        );
+        // Outer `None`: a problem was recorded; keep going to collect the others.
+        let scope = optional_text(ctx, "scope", self.scope.as_deref());
+        let jwt_exchange = match self.jwt_exchange {
+            Some(x) => x.validate(ctx).map(Some),
+            None => Some(None),
+        };
+        let (header, format) = common?;
+        Some(ValidatedCredential {
+            header,
+            prefetch: self.prefetch,
+            kind: CredentialKind::OAuth2(OAuth2Settings {
+                token_url: token_url?,
+                client_id: client_id?,
+                client_secret: client_secret?,
+                scope: scope?,
+                auth: self.auth,
+                jwt_exchange: jwt_exchange?,
+                format,
+            }),
+        })
+    }
+}
+
+impl JwtExchangeSpec {
+    fn validate(self, ctx: &mut ValidateCtx<'_>) -> Option<JwtExchange> {
+        let url = match self.url.as_deref() {
+            Some(raw) => ctx.url("jwt_exchange.url", raw),
+            None => {
+                ctx.problem("jwt_exchange.url", "is required");
+                None
+            }
+        };
+        let scope = optional_text(ctx, "jwt_exchange.scope", self.scope.as_deref());
+        let aud = optional_text(ctx, "jwt_exchange.aud", self.aud.as_deref());
+        let validity = self.validity.map(|v| v.0);
+        if validity.is_some_and(|v| v < Duration::from_secs(1)) {
+            ctx.problem("jwt_exchange.validity", "must be at least 1s");
+            return None;
+        }
+        Some(JwtExchange {
+            url: url?,
+            scope: scope?,
+            aud: aud?,
+            validity,
+        })
+    }
+}
+
+/// An optional plain value with `${VAR}` resolved: `Some(None)` when absent, `None` when a
+/// problem was recorded.
+fn optional_text(
+    ctx: &mut ValidateCtx<'_>,
+    field: &str,
+    raw: Option<&str>,
+) -> Option<Option<String>> {
+    match raw {
+        Some(r) => ctx.text(field, r).map(Some),
+        None => Some(None),
+    }
+}
+
+/// The runtime source.
+pub struct OAuth2Source {
+    settings: OAuth2Settings,
+    http: reqwest::Client,
+}
+
+impl OAuth2Source {
+    /// Wraps validated settings and the token endpoint client.
+    pub fn new(settings: OAuth2Settings, http: reqwest::Client) -> Self {
+        Self { settings, http }
+    }
+
+    /// RFC 6749 §4.4: the access token and its expiry.
+    async fn client_credentials(&self) -> Result<(String, SystemTime), CredentialError> {
+        let s = &self.settings;
+        let mut form = vec![("grant_type", "client_credentials")];
+        if let Some(scope) = &s.scope {
+            form.push(("scope", scope));
+        }
+        let mut request = self
+            .http
+            .post(s.token_url.clone())
+            .header(http::header::ACCEPT, "application/json");
+        match s.auth {
+            ClientAuth::Post => {
+                form.push(("client_id", &s.client_id));
+                form.push(("client_secret", s.client_secret.expose()));
+            }
+            ClientAuth::Basic => {
+                request = request.header(
+                    http::header::AUTHORIZATION,
+                    basic_credentials(&s.client_id, &s.client_secret).expose(),
+                );
+            }
+        }
+        let answer = exchange::send(request.form(&form)).await?;
+        let doc = answer.json()?;
+        let access_token = exchange::string_at(&doc, "/access_token").map_err(|e| {
+            // Some servers answer 200 with an OAuth error document.
+            match exchange::vendor_message(&answer.body) {
+                m if m.is_empty() => e,
+                m => CredentialError::BadResponse(format!("no access_token: {m}")),
+            }
+        })?;
+        let expires_in = exchange::seconds_at(&doc, "/expires_in");
+        let expires_at = exchange::token_expiry(access_token, expires_in)
+            .unwrap_or_else(|| SystemTime::now() + DEFAULT_TOKEN_LIFETIME);
+        Ok((access_token.to_string(), expires_at))
+    }
+
+    /// ItsYou.online: trades the access token for a JWT.
+    async fn exchange_for_jwt(
+        &self,
+        x: &JwtExchange,
+        access_token: &str,
+    ) -> Result<String, CredentialError> {
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if let Some(scope) = &x.scope {
+            query.push(("scope", scope.clone()));
+        }
+        if let Some(aud) = &x.aud {
+            query.push(("aud", aud.clone()));
+        }
+        if let Some(validity) = x.validity {
+            query.push(("validity", validity.as_secs().to_string()));
+        }
+        let request = self
+            .http
+            .get(x.url.clone())
+            .query(&query)
+            .header(http::header::ACCEPT, "application/jwt")
+            .header(http::header::AUTHORIZATION, format!("token {access_token}"));
+        let answer = exchange::send(request).await?;
+        jwt_from_answer(&answer)
+    }
+
+    async fn fetch_token(&self) -> Result<Token, CredentialError> {
+        let s = &self.settings;
+        let (access_token, expires_at) = self.client_credentials().await?;
+        let (token, expires_at) = match &s.jwt_exchange {
+            None => (access_token, expires_at),
+            Some(x) => {
+                let jwt = self.exchange_for_jwt(x, &access_token).await?;
+                let expires_at = exchange::jwt_expiry(&jwt)
+                    .or_else(|| x.validity.map(|v| SystemTime::now() + v))
+                    .unwrap_or(expires_at);
+                (jwt, expires_at)
+            }
+        };
+        Ok(Token {
+            value: s.format.header_value(&token),
+            expires_at: Some(expires_at),
+            refresh: None,
+        })
+    }
+}
+
+impl TokenSource for OAuth2Source {
+    fn fetch<'a>(&'a self, _previous: Option<&'a Token>) -> FetchFuture<'a> {
+        Box::pin(self.fetch_token())
+    }
+}
+
+/// The JWT from a JWT endpoint's answer: the raw token (`application/jwt`), tolerating a
+/// JSON string or a JSON object with a `jwt`/`token`/`access_token` field.
+fn jwt_from_answer(answer: &EndpointAnswer) -> Result<String, CredentialError> {
+    let text = answer.text()?;
+    let token = if text.starts_with(['"', '{']) {
+        let doc = answer.json()?;
+        doc.as_str()
+            .or_else(|| {
+                ["/jwt", "/token", "/access_token"]
+                    .iter()
+                    .find_map(|p| exchange::string_at(&doc, p).ok())
+            })
+            .map(str::to_string)
+            .ok_or_else(|| CredentialError::BadResponse("no JWT in the answer".into()))?
+    } else {
+        text
+    };
+    if token.split('.').count() != 3 || token.contains(char::is_whitespace) {
+        return Err(CredentialError::BadResponse(
+            "the JWT endpoint did not answer a JWT".into(),
+        ));
+    }
+    Ok(token)
+}
+
+/// `Basic base64(urlencode(id):urlencode(secret))` as RFC 6749 §2.3.1 requires.
+fn basic_credentials(client_id: &str, client_secret: &Secret) -> Secret {
+    let pair = format!(
+        "{}:{}",
+        form_urlencode(client_id),
+        form_urlencode(client_secret.expose())
+    );
+    Secret::new(format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(pair)
+    ))
+}
+
+/// `application/x-www-form-urlencoded` encoding of one value.
+fn form_urlencode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
+                out.push(char::from(b));
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_are_form_encoded_first() {
+        let value = basic_credentials("my client:1", &Secret::new("s3cr%t+/"));
+        let encoded = value.expose().strip_prefix("Basic ").unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(decoded).unwrap(),
+            "my+client%3A1:s3cr%25t%2B%2F"
+        );
+    }
+
+    fn answer(content_type: &str, body: &str) -> EndpointAnswer {
+        EndpointAnswer {
+            status: 200,
+            content_type: content_type.into(),
+            body: bytes::Bytes::from(body.to_string()),
+        }
+    }
+
+    #[test]
+    fn jwt_answers_are_read_raw_or_wrapped() {
+        assert_eq!(
+            jwt_from_answer(&answer("application/jwt", "a.b.c\n")).unwrap(),
+            "a.b.c"
+        );
+        assert_eq!(
+            jwt_from_answer(&answer("application/json", r#""a.b.c""#)).unwrap(),
+            "a.b.c"
+        );
+        assert_eq!(
+            jwt_from_answer(&answer("application/json", r#"{"jwt":"a.b.c"}"#)).unwrap(),
+            "a.b.c"
+        );
+        assert!(jwt_from_answer(&answer("text/html", "<html>")).is_err());
+        assert!(jwt_from_answer(&answer("text/plain", "")).is_err());
+    }
+}

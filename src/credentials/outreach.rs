@@ -1,0 +1,214 @@
+//! `type: outreach_s2s` — Outreach server-to-server: sign an RS256 app token with the app's
+//! private key, trade it at `POST /api/app/installs/{install_id}/actions/accessToken` for an
+//! access token (a JSON:API document, token at `data.meta.accessToken`), inject that.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::exchange;
+use super::jwt::{sign_app_token, RsaSigningKey, DEFAULT_APP_TOKEN_LIFETIME};
+use super::{
+    common_fields, CredentialError, CredentialKind, FetchFuture, Token, TokenFormat, TokenSource,
+    ValidatedCredential,
+};
+use crate::config::ValidateCtx;
+
+/// The vendor's API.
+pub const DEFAULT_BASE_URL: &str = "https://api.outreach.io";
+
+/// Outreach documents S2S access tokens as valid one hour; used when the answer says nothing
+/// about expiry.
+pub const DEFAULT_ACCESS_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// The config section as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutreachSpec {
+    /// Header to set (default `Authorization`).
+    pub header: Option<String>,
+    /// Scheme before the token (default `Bearer`).
+    pub scheme: Option<String>,
+    /// Fetch a token at start instead of on first use.
+    #[serde(default)]
+    pub prefetch: bool,
+    /// The app's S2S GUID (the app token's `iss`).
+    pub s2s_guid: Option<String>,
+    /// The app's PEM RSA private key.
+    pub private_key_file: Option<String>,
+    /// The installation to get a token for.
+    pub install_id: Option<String>,
+    /// The API base (default `https://api.outreach.io`).
+    pub base_url: Option<String>,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutreachSettings {
+    s2s_guid: String,
+    key: RsaSigningKey,
+    access_token_url: reqwest::Url,
+    format: TokenFormat,
+}
+
+impl OutreachSpec {
+    /// Checks the section; problems go to `ctx`.
+    pub fn validate(self, ctx: &mut ValidateCtx<'_>) -> Option<ValidatedCredential> {
+        let common = common_fields(
+            ctx,
+            self.header.as_deref(),
+            self.scheme.as_deref(),
+            "Bearer",
+        );
+        let s2s_guid = ctx.required_text("s2s_guid", self.s2s_guid.as_deref());
+        let key = match self.private_key_file.as_deref() {
+            Some(raw) => RsaSigningKey::load(ctx, "private_key_file", raw),
+            None => {
+                ctx.problem("private_key_file", "is required");
+                None
+            }
+        };
+        let install_id = ctx
+            .required_text("install_id", self.install_id.as_deref())
+            .filter(|id| {
+                let ok = !id.is_empty() && !id.contains(['/', '?', '#']);
+                if !ok {
+                    ctx.problem("install_id", "must be a non-empty id without `/`, `?`, `#`");
+                }
+                ok
+            });
+        let base_url = ctx.url(
+            "base_url",
+            self.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL),
+        );
+        let access_token_url = match (base_url, install_id) {
+            (Some(base), Some(id)) => access_token_url(ctx, base, &id),
+            _ => None,
+        };
+        let (header, format) = common?;
+        Some(ValidatedCredential {
+            header,
+            prefetch: self.prefetch,
+            kind: CredentialKind::OutreachS2s(OutreachSettings {
+                s2s_guid: s2s_guid?,
+                key: key?,
+                access_token_url: access_token_url?,
+                format,
+            }),
+        })
+    }
+}
+
+/// `{base_url}/api/app/installs/{install_id}/actions/accessToken`, the id percent-encoded.
+fn access_token_url(
+    ctx: &mut ValidateCtx<'_>,
+    mut base: reqwest::Url,
+    install_id: &str,
+) -> Option<reqwest::Url> {
+    base.set_query(None);
+    base.set_fragment(None);
+    match base.path_segments_mut() {
+        Ok(mut segments) => {
+            segments.pop_if_empty().extend([
+                "api",
+                "app",
+                "installs",
+                install_id,
+                "actions",
+                "accessToken",
+            ]);
+        }
+        Err(()) => {
+            ctx.problem("base_url", "cannot hold a path");
+            return None;
+        }
+    }
+    Some(base)
+}
+
+/// The runtime source.
+pub struct OutreachSource {
+    settings: OutreachSettings,
+    http: reqwest::Client,
+}
+
+impl OutreachSource {
+    /// Wraps validated settings and the token endpoint client.
+    pub fn new(settings: OutreachSettings, http: reqwest::Client) -> Self {
+        Self { settings, http }
+    }
+
+    async fn fetch_token(&self) -> Result<Token, CredentialError> {
+        let s = &self.settings;
+        let app_token = sign_app_token(&s.key, &s.s2s_guid, DEFAULT_APP_TOKEN_LIFETIME, None)?;
+        let request = self
+            .http
+            .post(s.access_token_url.clone())
+            .header(http::header::ACCEPT, "application/vnd.api+json")
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", app_token.token),
+            );
+        // Non-2xx JSON:API `errors[]` become `Rejected` with the first error's detail/title.
+        let answer = exchange::send(request).await?;
+        let doc = answer.json()?;
+        let access_token = exchange::string_at(&doc, "/data/meta/accessToken")?;
+        Ok(Token {
+            value: s.format.header_value(access_token),
+            expires_at: Some(access_token_expiry(&doc, access_token)),
+            refresh: None,
+        })
+    }
+}
+
+/// The access token's expiry: its JWT `exp`, else `data.meta.expiresAt` (ISO 8601), else
+/// `data.meta.expiresIn` (seconds), else the documented hour.
+fn access_token_expiry(doc: &Value, access_token: &str) -> SystemTime {
+    exchange::jwt_expiry(access_token)
+        .or_else(|| {
+            doc.pointer("/data/meta/expiresAt")
+                .and_then(Value::as_str)
+                .and_then(exchange::parse_timestamp)
+        })
+        .or_else(|| {
+            exchange::seconds_at(doc, "/data/meta/expiresIn").map(|d| SystemTime::now() + d)
+        })
+        .unwrap_or_else(|| SystemTime::now() + DEFAULT_ACCESS_TOKEN_LIFETIME)
+}
+
+impl TokenSource for OutreachSource {
+    fn fetch<'a>(&'a self, _previous: Option<&'a Token>) -> FetchFuture<'a> {
+        Box::pin(self.fetch_token())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn expiry_prefers_jwt_then_expires_at_then_expires_in() {
+        use base64::Engine;
+        let payload =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"exp":2000000000}"#);
+        let jwt = format!("eyJhbGciOiJSUzI1NiJ9.{payload}.sig");
+        let doc = serde_json::json!({"data":{"meta":{
+            "accessToken": jwt, "expiresAt": "2030-01-01T00:00:00Z", "expiresIn": 5}}});
+        assert_eq!(
+            access_token_expiry(&doc, &jwt),
+            UNIX_EPOCH + Duration::from_secs(2_000_000_000)
+        );
+        assert_eq!(
+            access_token_expiry(&doc, "opaque"),
+            UNIX_EPOCH + Duration::from_secs(1_893_456_000)
+        );
+        let doc = serde_json::json!({"data":{"meta":{"expiresIn": "5"}}});
+        let exp = access_token_expiry(&doc, "opaque");
+        assert!(exp <= SystemTime::now() + Duration::from_secs(5));
+        let doc = serde_json::json!({"data":{"meta":{}}});
+        let exp = access_token_expiry(&doc, "opaque");
+        assert!(exp > SystemTime::now() + Duration::from_secs(3500));
+    }
+}
