@@ -102,6 +102,8 @@ pub struct RawTls {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RawCredential {
     Static(credentials::static_header::StaticSpec),
+    Outseta(credentials::outseta::OutsetaSpec),
+    Login(credentials::login::LoginSpec),
 }
 
 /// One route rule.

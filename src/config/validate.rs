@@ -207,6 +207,8 @@ fn validate_credential(
     }
     let v = match raw {
         RawCredential::Static(spec) => spec.validate(ctx),
+        RawCredential::Outseta(spec) => spec.validate(ctx),
+        RawCredential::Login(spec) => spec.validate(ctx),
     }?;
     Some(CredentialConfig {
         name: name.to_string(),

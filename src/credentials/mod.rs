@@ -4,6 +4,8 @@
 //! by every source in `token_store.rs`.
 
 pub mod exchange;
+pub mod login;
+pub mod outseta;
 pub mod static_header;
 
 use std::future::Future;
@@ -91,6 +93,8 @@ pub trait TokenSource: Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq)]
 pub enum CredentialKind {
     Static(static_header::StaticSettings),
+    Outseta(Box<outseta::OutsetaSettings>),
+    Login(Box<login::LoginSettings>),
 }
 
 impl CredentialKind {
@@ -98,6 +102,8 @@ impl CredentialKind {
     pub fn type_name(&self) -> &'static str {
         match self {
             CredentialKind::Static(_) => "static",
+            CredentialKind::Outseta(_) => "outseta",
+            CredentialKind::Login(_) => "login",
         }
     }
 }
@@ -118,9 +124,15 @@ pub struct SourceDeps {
 
 /// Builds the runtime source for validated settings.
 pub fn build_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSource> {
-    let _ = deps;
     match kind {
         CredentialKind::Static(s) => Arc::new(static_header::StaticSource::new(s.clone())),
+        CredentialKind::Outseta(s) => Arc::new(outseta::OutsetaSource::new(
+            (**s).clone(),
+            deps.http.clone(),
+        )),
+        CredentialKind::Login(s) => {
+            Arc::new(login::LoginSource::new((**s).clone(), deps.http.clone()))
+        }
     }
 }
 
