@@ -6,4 +6,6 @@
 
 mod support;
 
+mod credentials_login;
+mod credentials_outseta;
 mod proxy_basics;

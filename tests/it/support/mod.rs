@@ -117,3 +117,4 @@ pub fn with_test_listen(yaml: &str) -> String {
 }
 pub mod lifecycle;
 pub mod vendor;
+pub mod vendors;
