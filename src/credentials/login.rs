@@ -27,8 +27,11 @@ use crate::secret::Secret;
 pub struct LoginSpec {
     /// Where to log in (`https://api.teletracker.net/auth/login`).
     pub login_url: Option<String>,
+    /// The login name.
     pub username: Option<String>,
+    /// The password (usually `${VAR}`).
     pub password: Option<String>,
+    /// The password read from this file instead.
     pub password_file: Option<String>,
     /// Which account to log in to, for users with several (sent as an integer).
     pub account_id: Option<i64>,
@@ -81,8 +84,10 @@ pub enum BodyEncoding {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FieldsSpec {
+    /// Keys of the login and refresh request bodies.
     #[serde(default)]
     pub request: RequestFieldsSpec,
+    /// Where the answer's values are.
     #[serde(default)]
     pub response: ResponseFieldsSpec,
 }
@@ -91,9 +96,13 @@ pub struct FieldsSpec {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequestFieldsSpec {
+    /// Default `username`.
     pub username: Option<String>,
+    /// Default `password`.
     pub password: Option<String>,
+    /// Default `account_id`.
     pub account_id: Option<String>,
+    /// Key of the refresh token in the refresh request; default `refresh_token`.
     pub refresh_token: Option<String>,
 }
 
@@ -102,11 +111,17 @@ pub struct RequestFieldsSpec {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResponseFieldsSpec {
+    /// A boolean that is `false` on refusal; default `success`.
     pub success: Option<String>,
+    /// The token; default `token`.
     pub token: Option<String>,
+    /// ISO 8601 expiry of the token; default `tokenExpiration`.
     pub token_expiration: Option<String>,
+    /// Lifetime of the token in seconds; default `tokenLifetime`.
     pub token_lifetime: Option<String>,
+    /// The next refresh token; default `refreshToken`.
     pub refresh_token: Option<String>,
+    /// ISO 8601 expiry of the refresh token; default `refreshTokenExpiration`.
     pub refresh_token_expiration: Option<String>,
 }
 

@@ -37,12 +37,15 @@ pub struct OutsetaSpec {
     pub username: Option<String>,
     /// The person's password (person login).
     pub password: Option<String>,
+    /// `password` read from this file instead.
     pub password_file: Option<String>,
     /// The API key (server-side form).
     pub api_key: Option<String>,
+    /// `api_key` read from this file instead.
     pub api_key_file: Option<String>,
     /// The API secret (server-side form).
     pub api_secret: Option<String>,
+    /// `api_secret` read from this file instead.
     pub api_secret_file: Option<String>,
     /// Ask directly for the token of this subscription.
     pub subscription_uid: Option<String>,
