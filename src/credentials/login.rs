@@ -298,22 +298,37 @@ fn as_pointer(name: &str) -> String {
 pub struct LoginSource {
     settings: LoginSettings,
     http: reqwest::Client,
+    /// The last refresh token the vendor refused. The store keeps handing back the previous
+    /// token until a fetch succeeds; remembering the refusal keeps a failing login from
+    /// sending the dead refresh token again on every retry.
+    refused: std::sync::Mutex<Option<Secret>>,
 }
 
 impl LoginSource {
     /// Wraps validated settings and the token-endpoint client.
     pub fn new(settings: LoginSettings, http: reqwest::Client) -> Self {
-        Self { settings, http }
+        Self {
+            settings,
+            http,
+            refused: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn was_refused(&self, grant: &RefreshGrant) -> bool {
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused.as_ref() == Some(&grant.token)
     }
 
     async fn obtain(&self, previous: Option<&Token>) -> Result<Token, CredentialError> {
         let grant = previous
             .and_then(|t| t.refresh.as_ref())
-            .filter(|g| g.usable_at(SystemTime::now()));
+            .filter(|g| g.usable_at(SystemTime::now()) && !self.was_refused(g));
         if let (Some(url), Some(grant)) = (&self.settings.refresh_url, grant) {
             match self.refresh(url, grant).await {
                 Ok(token) => return Ok(token),
                 Err(e) if is_refusal(&e) => {
+                    *self.refused.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(grant.token.clone());
                     tracing::info!(error = %e, "refresh token refused; logging in again");
                 }
                 Err(e) => return Err(e),

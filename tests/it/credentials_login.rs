@@ -261,3 +261,36 @@ async fn wrong_password_and_config_debug_leak_no_secret() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_refused_refresh_token_is_not_sent_again_while_login_fails() {
+    let (s, vendor) = default_setup().await;
+    let client = s.proxy.client();
+    assert_eq!(client.get(&s.url).send().await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    vendor.refresh_book.revoke_all();
+    vendor.book.revoke_all();
+    vendor
+        .counts
+        .failing_logins
+        .store(2, std::sync::atomic::Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut failures = 0;
+    loop {
+        assert!(std::time::Instant::now() < deadline, "did not recover");
+        match client.get(&s.url).send().await.unwrap().status().as_u16() {
+            200 => break,
+            502 | 401 => failures += 1,
+            other => panic!("unexpected status {other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failures >= 1);
+    assert_eq!(
+        vendor.refused_refreshes(),
+        1,
+        "the dead refresh token was sent once"
+    );
+    assert_eq!(vendor.logins(), 2);
+    s.proxy.stop().await;
+}

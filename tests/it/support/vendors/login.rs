@@ -87,6 +87,8 @@ pub struct Counts {
     pub refreshes: AtomicUsize,
     pub refused_refreshes: AtomicUsize,
     pub refused_logins: AtomicUsize,
+    /// Logins still to be answered with 503 (an outage of the login endpoint only).
+    pub failing_logins: AtomicUsize,
 }
 
 /// A running login API.
@@ -164,6 +166,14 @@ pub async fn start(options: LoginOptions) -> LoginServer {
                 let n = &options.names;
                 match seen.target.as_str() {
                     "/auth/login" => {
+                        let failing = counts.failing_logins.load(Ordering::SeqCst);
+                        if failing > 0 {
+                            counts.failing_logins.store(failing - 1, Ordering::SeqCst);
+                            return server::json(
+                                503,
+                                json!({"success": false, "message": "maintenance"}),
+                            );
+                        }
                         let id = body.get(n.account_id).cloned();
                         account_ids
                             .lock()
