@@ -117,6 +117,8 @@ pub enum RawCredential {
     #[serde(rename = "outreach_s2s")]
     OutreachS2s(credentials::outreach::OutreachSpec),
     Jwt(credentials::jwt::JwtSpec),
+    Outseta(credentials::outseta::OutsetaSpec),
+    Login(credentials::login::LoginSpec),
 }
 
 /// One route rule.

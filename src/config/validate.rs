@@ -210,6 +210,8 @@ fn validate_credential(
         RawCredential::OAuth2(spec) => spec.validate(ctx),
         RawCredential::OutreachS2s(spec) => spec.validate(ctx),
         RawCredential::Jwt(spec) => spec.validate(ctx),
+        RawCredential::Outseta(spec) => spec.validate(ctx),
+        RawCredential::Login(spec) => spec.validate(ctx),
     }?;
     Some(CredentialConfig {
         name: name.to_string(),

@@ -5,8 +5,10 @@
 
 pub mod exchange;
 pub mod jwt;
+pub mod login;
 pub mod oauth2;
 pub mod outreach;
+pub mod outseta;
 pub mod static_header;
 
 use std::future::Future;
@@ -97,6 +99,8 @@ pub enum CredentialKind {
     OAuth2(oauth2::OAuth2Settings),
     OutreachS2s(outreach::OutreachSettings),
     Jwt(jwt::JwtSettings),
+    Outseta(Box<outseta::OutsetaSettings>),
+    Login(Box<login::LoginSettings>),
 }
 
 impl CredentialKind {
@@ -107,6 +111,8 @@ impl CredentialKind {
             CredentialKind::OAuth2(_) => "oauth2_client_credentials",
             CredentialKind::OutreachS2s(_) => "outreach_s2s",
             CredentialKind::Jwt(_) => "jwt",
+            CredentialKind::Outseta(_) => "outseta",
+            CredentialKind::Login(_) => "login",
         }
     }
 }
@@ -136,6 +142,13 @@ pub fn build_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSo
             Arc::new(outreach::OutreachSource::new(s.clone(), deps.http.clone()))
         }
         CredentialKind::Jwt(s) => Arc::new(jwt::JwtSource::new(s.clone())),
+        CredentialKind::Outseta(s) => Arc::new(outseta::OutsetaSource::new(
+            (**s).clone(),
+            deps.http.clone(),
+        )),
+        CredentialKind::Login(s) => {
+            Arc::new(login::LoginSource::new((**s).clone(), deps.http.clone()))
+        }
     }
 }
 

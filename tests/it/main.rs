@@ -5,8 +5,10 @@
 
 mod support;
 
+mod credentials_login;
 mod credentials_oauth2;
 mod credentials_outreach;
+mod credentials_outseta;
 mod https;
 mod proxy_basics;
 mod raw;

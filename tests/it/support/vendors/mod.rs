@@ -1,7 +1,9 @@
 //! In-process servers that behave like each vendor's token endpoints and APIs.
 
+pub mod login;
 pub mod oauth2;
 pub mod outreach;
+pub mod outseta;
 
 /// A test fixture file's absolute path (keys under `tests/it/fixtures`).
 pub fn fixture(name: &str) -> std::path::PathBuf {
