@@ -385,3 +385,55 @@ async fn connect_to_a_named_host_without_intercept_is_not_decrypted() {
     assert_eq!(received.lock().unwrap().as_slice(), hello);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn intercepted_requests_are_refreshed_and_replayed_after_a_401() {
+    use crate::support::lifecycle::TEST_TOKENS_YAML;
+    use crate::support::vendor::{protected_api, TokenBook};
+    use crate::support::vendors::oauth2::{self, OAuth2Vendor};
+
+    let book = TokenBook::new();
+    let mut vendor = OAuth2Vendor::new("cid", "csecret");
+    vendor.access_lifetime = std::time::Duration::from_secs(30);
+    let token_endpoint = oauth2::start(Arc::clone(&book), vendor).await;
+    let api = protected_api(Arc::clone(&book), "authorization", "Bearer", 401).await;
+    let dir = tempfile::tempdir().unwrap();
+    let files = authrelay::intercept::init_ca(&dir.path().join("ca"), false).unwrap();
+    let yaml = format!(
+        "{TEST_TOKENS_YAML}intercept_ca:\n  cert_file: {}\n  key_file: {}\n\
+         credentials:\n  oa:\n    type: oauth2_client_credentials\n    token_url: {}/v1/oauth/access_token\n\
+         \x20   client_id: cid\n    client_secret: csecret\n\
+         routes:\n  - name: api\n    host: api.test\n    upstream: {}\n    credential: oa\n    intercept: true\n",
+        files.cert.display(),
+        files.key.display(),
+        token_endpoint.url(),
+        api.url()
+    );
+    let proxy = support::proxy(&yaml).await;
+    let client = https_client(
+        &proxy,
+        &std::fs::read_to_string(&files.cert).unwrap(),
+        false,
+    );
+    let res = client.get("https://api.test/v1/me").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    book.revoke_all();
+    let before = book.token_calls();
+    let res = client
+        .post("https://api.test/v1/items")
+        .body("replay me inside the tunnel")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "the client never sees the 401");
+    let echoed: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(echoed["body"], "replay me inside the tunnel");
+    assert_eq!(book.token_calls() - before, 1, "one refresh");
+    assert_eq!(
+        book.api_stats().1,
+        1,
+        "exactly one request was refused upstream"
+    );
+    proxy.stop().await;
+}
