@@ -440,22 +440,11 @@ impl TokenSource for LoginSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::values::Environment;
-    use std::collections::HashMap;
 
     fn validate(yaml: &str, env: &[(&str, &str)]) -> Result<LoginSettings, Vec<String>> {
-        let spec: LoginSpec = serde_yaml::from_str(yaml).unwrap();
-        let env: HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let env: &dyn Environment = &env;
-        let mut ctx = ValidateCtx::new(env, std::env::temp_dir());
-        let v = spec.validate(&mut ctx);
-        let problems = ctx.into_problems();
-        match v.map(|v| v.kind) {
-            Some(CredentialKind::Login(s)) if problems.is_empty() => Ok(*s),
-            _ => Err(problems),
+        match crate::credentials::validate_for_test(yaml, env, LoginSpec::validate)? {
+            CredentialKind::Login(s) => Ok(*s),
+            other => Err(vec![format!("unexpected kind {}", other.type_name())]),
         }
     }
 

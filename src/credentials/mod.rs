@@ -196,3 +196,25 @@ pub fn common_fields(
     }
     Some((header, TokenFormat::new(scheme, default_scheme)))
 }
+
+/// Unit-test helper shared by the credential files: validates one YAML section with the
+/// given variables and returns the settings or every problem found.
+#[cfg(test)]
+pub(crate) fn validate_for_test<S: serde::de::DeserializeOwned>(
+    yaml: &str,
+    env: &[(&str, &str)],
+    validate: impl FnOnce(S, &mut ValidateCtx<'_>) -> Option<ValidatedCredential>,
+) -> Result<CredentialKind, Vec<String>> {
+    let spec: S = serde_yaml::from_str(yaml).map_err(|e| vec![e.to_string()])?;
+    let env: std::collections::HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut ctx = ValidateCtx::new(&env, std::env::temp_dir());
+    let validated = validate(spec, &mut ctx);
+    let problems = ctx.into_problems();
+    match validated {
+        Some(v) if problems.is_empty() => Ok(v.kind),
+        _ => Err(problems),
+    }
+}

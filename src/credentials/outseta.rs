@@ -395,22 +395,11 @@ impl TokenSource for OutsetaSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::values::Environment;
-    use std::collections::HashMap;
 
     fn validate(yaml: &str, env: &[(&str, &str)]) -> Result<OutsetaSettings, Vec<String>> {
-        let spec: OutsetaSpec = serde_yaml::from_str(yaml).unwrap();
-        let env: HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let env: &dyn Environment = &env;
-        let mut ctx = ValidateCtx::new(env, std::env::temp_dir());
-        let v = spec.validate(&mut ctx);
-        let problems = ctx.into_problems();
-        match v.map(|v| v.kind) {
-            Some(CredentialKind::Outseta(s)) if problems.is_empty() => Ok(*s),
-            _ => Err(problems),
+        match crate::credentials::validate_for_test(yaml, env, OutsetaSpec::validate)? {
+            CredentialKind::Outseta(s) => Ok(*s),
+            other => Err(vec![format!("unexpected kind {}", other.type_name())]),
         }
     }
 
