@@ -7,8 +7,11 @@
 //! `token_store` → `proxy` → `upstream`, plus `state` (the swapped snapshot), `reload`,
 //! `metrics` and `telemetry`.
 
+pub mod admin;
+pub mod commands;
 pub mod config;
 pub mod credentials;
+pub mod demo;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
@@ -44,10 +47,13 @@ pub struct StartOptions {
 pub struct Running {
     /// The proxy listener's address (useful when the config says port 0).
     pub proxy_addr: SocketAddr,
+    /// The admin listener's address, when `admin` is configured.
+    pub admin_addr: Option<SocketAddr>,
     /// The shared state (snapshot, metrics).
     pub state: Arc<State>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<()>,
+    admin: Option<JoinHandle<()>>,
     _reload: reload::ReloadHandle,
 }
 
@@ -56,6 +62,9 @@ impl Running {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
+        if let Some(admin) = self.admin {
+            let _ = admin.await;
+        }
     }
 
     /// A receiver that turns true when shutdown starts (for companion tasks).
@@ -67,19 +76,25 @@ impl Running {
 /// Binds the listener and starts serving `config`.
 pub async fn start(config: Config, options: StartOptions) -> Result<Running, StartError> {
     let listen = config.listen;
+    let admin_listen = config.admin;
     let drain = config.timeouts.drain;
     let state = State::new(config, options.config_path, options.env)?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: listen,
-            source,
-        })?;
-    let proxy_addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: listen,
-        source,
-    })?;
+    let (listener, proxy_addr) = bind(listen).await?;
+    let admin_listener = match admin_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut admin_addr = None;
+    let admin = admin_listener.map(|(listener, addr)| {
+        admin_addr = Some(addr);
+        tracing::info!(addr = %addr, "admin endpoint listening");
+        tokio::spawn(admin::serve(
+            listener,
+            Arc::clone(&state),
+            shutdown_rx.clone(),
+        ))
+    });
     let reload = if options.watch {
         reload::spawn(Arc::clone(&state), shutdown_rx.clone())
     } else {
@@ -94,11 +109,20 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     tracing::info!(addr = %proxy_addr, "authrelay listening");
     Ok(Running {
         proxy_addr,
+        admin_addr,
         state,
         shutdown,
         server,
+        admin,
         _reload: reload,
     })
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind_error = |source| StartError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
 }
 
 /// Resolves once `signal` turns true (or its sender is gone). Used by every task that must
