@@ -1,6 +1,9 @@
 //! The integration test binary: one binary keeps link time down on a small machine. Each
 //! module tests one capability end to end over real TCP on 127.0.0.1.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
+mod admin;
 mod proxy_basics;
