@@ -56,12 +56,7 @@ pub struct Demo {
 /// Starts the mock vendor and the proxy in front of it.
 pub async fn start(options: DemoOptions) -> Result<Demo, StartError> {
     let client_secret = format!("demo-secret-{:016x}", rand::random::<u64>());
-    let vendor = Vendor::start(
-        client_secret.clone(),
-        options.token_lifetime,
-        options.listen.ip(),
-    )
-    .await?;
+    let vendor = Vendor::start(client_secret.clone(), options.token_lifetime).await?;
     let vendor_url = format!("http://{}", vendor.addr);
     let yaml = demo_yaml(&options, &vendor_url);
     let env: HashMap<String, String> =
@@ -108,10 +103,8 @@ fn demo_yaml(options: &DemoOptions, vendor_url: &str) -> String {
         // Stand-in until the oauth2 type is merged: the source is swapped in by `start`.
         "    type: static\n    value: \"Bearer not-fetched-yet\"\n".to_string()
     };
-    let vendor_host = vendor_url.trim_start_matches("http://");
-    let vendor_host = vendor_host.split(':').next().unwrap_or("127.0.0.1");
     format!(
-        "listen: {listen}\nadmin: {admin}\nunmatched: deny\ntokens:\n  min_reject_age: 200ms\ncredentials:\n  demo_api:\n{credential}routes:\n  - name: demo-forward\n    host: \"{vendor_host}\"\n    path_prefix: /v1/\n    credential: demo_api\n  - name: demo-mount\n    mount: /demo-api\n    upstream: {vendor_url}\n    credential: demo_api\n",
+        "listen: {listen}\nadmin: {admin}\nunmatched: deny\ntokens:\n  min_reject_age: 200ms\ncredentials:\n  demo_api:\n{credential}routes:\n  - name: demo-forward\n    host: \"127.0.0.1\"\n    path_prefix: /v1/\n    credential: demo_api\n  - name: demo-mount\n    mount: /demo-api\n    upstream: {vendor_url}\n    credential: demo_api\n",
         listen = options.listen,
         admin = options.admin,
     )
@@ -216,12 +209,9 @@ struct VendorState {
 }
 
 impl Vendor {
-    async fn start(
-        client_secret: String,
-        lifetime: Duration,
-        ip: std::net::IpAddr,
-    ) -> Result<Self, StartError> {
-        let bind_at = SocketAddr::new(ip, 0);
+    /// Always on loopback, whatever the proxy listens on: only the proxy needs to reach it.
+    async fn start(client_secret: String, lifetime: Duration) -> Result<Self, StartError> {
+        let bind_at = SocketAddr::from(([127, 0, 0, 1], 0));
         let bind_error = |source| StartError::Bind {
             addr: bind_at,
             source,
