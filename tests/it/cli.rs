@@ -318,7 +318,7 @@ async fn demo_injects_refreshes_after_revocation_and_stops_on_ctrl_c() {
             "--token-lifetime",
             "30s",
         ],
-        &[],
+        &[("RUST_LOG", "debug")],
     );
     let line = p.wait_for("proxy listening on").await;
     let mut addrs = line.split("http://").skip(1).map(addr_in);
@@ -396,6 +396,29 @@ async fn demo_injects_refreshes_after_revocation_and_stops_on_ctrl_c() {
 
     p.signal("INT");
     assert_eq!(p.exit_code().await, 0, "{}", p.output());
+    // Neither the client secret nor any issued token (`demo<N>-<32 hex>`) was printed.
+    let output = p.output();
+    assert!(contains_demo_token(&format!(
+        "x demo12-{:032x} y",
+        u128::MAX
+    )));
+    assert!(!output.contains("demo-secret-"), "{output}");
+    assert!(!contains_demo_token(&output), "{output}");
+}
+
+fn contains_demo_token(text: &str) -> bool {
+    text.match_indices("demo").any(|(i, _)| {
+        let rest = &text[i + 4..];
+        let digits = rest.chars().take_while(char::is_ascii_digit).count();
+        digits > 0
+            && rest[digits..].starts_with('-')
+            && rest[digits + 1..]
+                .chars()
+                .take(32)
+                .filter(char::is_ascii_hexdigit)
+                .count()
+                == 32
+    })
 }
 
 #[test]
