@@ -89,6 +89,9 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     let admin = admin_listener.map(|(listener, addr)| {
         admin_addr = Some(addr);
         tracing::info!(addr = %addr, "admin endpoint listening");
+        if !addr.ip().is_loopback() {
+            tracing::warn!(addr = %addr, "the admin endpoint listens beyond loopback: it shows credential names, states and expiry (never secrets); expose it only to trusted networks");
+        }
         tokio::spawn(admin::serve(
             listener,
             Arc::clone(&state),
