@@ -5,7 +5,8 @@
 //!
 //! The modules follow a request's path: `config` → `routes` → `credentials` →
 //! `token_store` → `proxy` → `upstream`, plus `state` (the swapped snapshot), `reload`,
-//! `metrics` and `telemetry`.
+//! `metrics` and `telemetry`; `admin` serves health, metrics and credential status, and
+//! `commands` and `demo` hold what the CLI's `check --fetch`, `token`, `health` and `demo` do.
 
 pub mod admin;
 pub mod commands;
