@@ -182,13 +182,20 @@ async fn readiness_credentials_and_retry_metrics_track_a_refreshing_credential()
 
     // The first fetches fail: not ready, and the credential says why.
     let deadline = Instant::now() + Duration::from_secs(5);
-    let (status, _, body) = loop {
+    let (failing, (status, _, body)) = loop {
         let answer = get(format!("{admin}/credentials")).await;
         if answer.2.contains("\"failing\"") || Instant::now() > deadline {
-            break get(format!("{admin}/readyz")).await;
+            break (answer.2, get(format!("{admin}/readyz")).await);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    let list: serde_json::Value = serde_json::from_str(&failing).unwrap();
+    assert_eq!(list[0]["state"], "failing", "{failing}");
+    assert_eq!(
+        list[0]["last_error"],
+        "token endpoint answered 401: invalid_client"
+    );
+    assert!(list[0]["consecutive_failures"].as_u64().unwrap() >= 1);
     assert_eq!(status, 503, "{body}");
     let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(ready["ready"], false);
