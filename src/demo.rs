@@ -61,13 +61,7 @@ pub async fn start(options: DemoOptions) -> Result<Demo, StartError> {
     let yaml = demo_yaml(&options, &vendor_url);
     let env: HashMap<String, String> =
         HashMap::from([("DEMO_CLIENT_SECRET".to_string(), client_secret.clone())]);
-    let mut config = Config::from_yaml(&yaml, Path::new("<demo config>"), &env)?;
-    if !OAUTH2_TYPE_AVAILABLE {
-        // The static stand-in cannot say `prefetch: true`; the demo source is prefetched.
-        if let Some(c) = config.credentials.get_mut("demo_api") {
-            c.prefetch = true;
-        }
-    }
+    let config = Config::from_yaml(&yaml, Path::new("<demo config>"), &env)?;
     let running = crate::start(
         config,
         StartOptions {
@@ -85,6 +79,10 @@ pub async fn start(options: DemoOptions) -> Result<Demo, StartError> {
             client_secret: Secret::new(client_secret),
         };
         running.state.use_source("demo_api", Arc::new(source));
+        // What `prefetch: true` will do once the real type is in place.
+        if let Some(slot) = running.state.snapshot().slots.get("demo_api") {
+            slot.start_keeper();
+        }
     }
     Ok(Demo {
         running,
