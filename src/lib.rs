@@ -5,10 +5,14 @@
 //!
 //! The modules follow a request's path: `config` → `routes` → `credentials` →
 //! `token_store` → `proxy` → `upstream`, plus `state` (the swapped snapshot), `reload`,
-//! `metrics` and `telemetry`.
+//! `metrics` and `telemetry`; `admin` serves health, metrics and credential status, and
+//! `commands` and `demo` hold what the CLI's `check --fetch`, `token`, `health` and `demo` do.
 
+pub mod admin;
+pub mod commands;
 pub mod config;
 pub mod credentials;
+pub mod demo;
 pub mod intercept;
 pub mod metrics;
 pub mod proxy;
@@ -45,10 +49,13 @@ pub struct StartOptions {
 pub struct Running {
     /// The proxy listener's address (useful when the config says port 0).
     pub proxy_addr: SocketAddr,
+    /// The admin listener's address, when `admin` is configured.
+    pub admin_addr: Option<SocketAddr>,
     /// The shared state (snapshot, metrics).
     pub state: Arc<State>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<()>,
+    admin: Option<JoinHandle<()>>,
     _reload: reload::ReloadHandle,
 }
 
@@ -57,6 +64,9 @@ impl Running {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
+        if let Some(admin) = self.admin {
+            let _ = admin.await;
+        }
     }
 
     /// A receiver that turns true when shutdown starts (for companion tasks).
@@ -68,19 +78,28 @@ impl Running {
 /// Binds the listener and starts serving `config`.
 pub async fn start(config: Config, options: StartOptions) -> Result<Running, StartError> {
     let listen = config.listen;
+    let admin_listen = config.admin;
     let drain = config.timeouts.drain;
     let state = State::new(config, options.config_path, options.env)?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: listen,
-            source,
-        })?;
-    let proxy_addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: listen,
-        source,
-    })?;
+    let (listener, proxy_addr) = bind(listen).await?;
+    let admin_listener = match admin_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut admin_addr = None;
+    let admin = admin_listener.map(|(listener, addr)| {
+        admin_addr = Some(addr);
+        tracing::info!(addr = %addr, "admin endpoint listening");
+        if !addr.ip().is_loopback() {
+            tracing::warn!(addr = %addr, "the admin endpoint listens beyond loopback: it shows credential names, states and expiry (never secrets); expose it only to trusted networks");
+        }
+        tokio::spawn(admin::serve(
+            listener,
+            Arc::clone(&state),
+            shutdown_rx.clone(),
+        ))
+    });
     let reload = if options.watch {
         reload::spawn(Arc::clone(&state), shutdown_rx.clone())
     } else {
@@ -95,11 +114,20 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     tracing::info!(addr = %proxy_addr, "authrelay listening");
     Ok(Running {
         proxy_addr,
+        admin_addr,
         state,
         shutdown,
         server,
+        admin,
         _reload: reload,
     })
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind_error = |source| StartError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
 }
 
 /// Resolves once `signal` turns true (or its sender is gone). Used by every task that must

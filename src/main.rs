@@ -1,18 +1,22 @@
 //! The `authrelay` command: parses the command line and calls the library.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use authrelay::commands;
 use authrelay::telemetry::{self, LogFormat};
-use authrelay::{Config, ProcessEnv, StartOptions};
+use authrelay::{Config, ProcessEnv, StartOptions, State};
 
 /// Exit code for a config file that was refused.
 const EXIT_BAD_CONFIG: u8 = 64;
 /// Exit code for other start-up failures (listener, TLS roots).
 const EXIT_START_FAILED: u8 = 69;
+/// Exit code when a token could not be obtained or a health check failed.
+const EXIT_FAILED: u8 = 1;
 
 #[derive(Parser)]
 #[command(
@@ -42,7 +46,38 @@ enum Command {
     /// Run the proxy (the default).
     Run,
     /// Validate the config file and exit (non-zero with the error when it is refused).
-    Check,
+    Check {
+        /// Also obtain every credential's token once and report each result.
+        #[arg(long)]
+        fetch: bool,
+    },
+    /// Obtain one credential's token and print its header (masked unless --reveal).
+    Token {
+        /// The credential's name in the config.
+        name: String,
+        /// Print the full header value (it is a live secret: mind your terminal history).
+        #[arg(long)]
+        reveal: bool,
+    },
+    /// Start the proxy in front of a built-in mock API and print commands to try (offline).
+    Demo {
+        /// The proxy listener.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// The admin listener.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+        /// How long the mock API's tokens live.
+        #[arg(long, default_value = "20s")]
+        token_lifetime: humantime::Duration,
+    },
+    /// Ask a running proxy's admin endpoint for /healthz; exit 0 when healthy (for
+    /// container health checks without curl).
+    Health {
+        /// The admin listener's address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
     /// Manage the local CA used for `intercept: true` routes.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -98,9 +133,25 @@ fn main() -> ExitCode {
     runtime.block_on(async_main(cli))
 }
 
-async fn async_main(mut cli: Cli) -> ExitCode {
-    if let Some(Command::Ca(command)) = cli.command.take() {
-        return ca(command);
+async fn async_main(cli: Cli) -> ExitCode {
+    let command = cli.command.unwrap_or(Command::Run);
+    match command {
+        Command::Demo {
+            listen,
+            admin,
+            token_lifetime,
+        } => return demo(listen, admin, token_lifetime.into()).await,
+        Command::Health { admin } => {
+            return match commands::health(admin).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("authrelay: unhealthy: {e}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+        }
+        Command::Ca(command) => return ca(command),
+        _ => {}
     }
     let config = match Config::load(&cli.config, &ProcessEnv) {
         Ok(c) => c,
@@ -109,19 +160,92 @@ async fn async_main(mut cli: Cli) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Check => {
+    match command {
+        Command::Check { fetch } => {
             println!(
                 "{}: ok ({} routes, {} credentials)",
                 cli.config.display(),
                 config.routes.len(),
                 config.credentials.len()
             );
-            ExitCode::SUCCESS
+            if !fetch {
+                return ExitCode::SUCCESS;
+            }
+            let Some(state) = offline_state(config) else {
+                return ExitCode::from(EXIT_START_FAILED);
+            };
+            let reports = commands::fetch_all(&state).await;
+            for report in &reports {
+                println!("{report}");
+            }
+            if reports.iter().all(|r| r.outcome.is_ok()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            }
         }
-        Command::Run => run(cli.config, config).await,
-        Command::Ca(command) => ca(command),
+        Command::Token { name, reveal } => {
+            let Some(state) = offline_state(config) else {
+                return ExitCode::from(EXIT_START_FAILED);
+            };
+            match commands::fetch_header(&state, &name).await {
+                Ok((header, value)) => {
+                    let shown = if reveal {
+                        value.expose().to_string()
+                    } else {
+                        commands::mask(value.expose())
+                    };
+                    println!("{header}: {shown}");
+                    ExitCode::SUCCESS
+                }
+                Err(e @ commands::TokenCommandError::Unknown(..)) => {
+                    eprintln!("authrelay: {e}");
+                    ExitCode::from(EXIT_BAD_CONFIG)
+                }
+                Err(e) => {
+                    eprintln!("authrelay: {e}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+        }
+        _ => run(cli.config, config).await,
     }
+}
+
+/// The proxy's state without its listeners, for commands that only fetch tokens.
+fn offline_state(config: Config) -> Option<Arc<State>> {
+    match State::new(config, None, Arc::new(ProcessEnv)) {
+        Ok(state) => Some(state),
+        Err(e) => {
+            eprintln!("authrelay: {e}");
+            None
+        }
+    }
+}
+
+async fn demo(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    token_lifetime: std::time::Duration,
+) -> ExitCode {
+    let options = authrelay::demo::DemoOptions {
+        listen,
+        admin,
+        token_lifetime,
+    };
+    let demo = match authrelay::demo::start(options).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("authrelay: cannot start the demo: {e}");
+            eprintln!("(another program may use the port; try --listen 127.0.0.1:18080 --admin 127.0.0.1:19901)");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    println!("{}", demo.instructions());
+    wait_for_signal().await;
+    println!("stopping the demo");
+    demo.running.shutdown().await;
+    ExitCode::SUCCESS
 }
 
 async fn run(path: PathBuf, config: Config) -> ExitCode {

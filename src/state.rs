@@ -127,6 +127,37 @@ impl State {
         self.snapshot.store(Arc::new(next));
     }
 
+    /// Replaces the token source of credential `name` with `source` (fresh slot, no cached
+    /// token) and re-points the routes at it. For embedders whose token source is not a
+    /// config type (the built-in demo, tests); a reload that changes the credential's
+    /// definition builds a regular slot again. Returns false when there is no such credential.
+    pub fn use_source(&self, name: &str, source: Arc<dyn crate::credentials::TokenSource>) -> bool {
+        let _serialized = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.snapshot.load_full();
+        let Some(cred) = current.config.credentials.get(name) else {
+            return false;
+        };
+        let slot = CredentialSlot::new(
+            cred.clone(),
+            current.config.tokens.clone(),
+            source,
+            Arc::clone(&self.metrics),
+        );
+        if cred.prefetch {
+            slot.start_keeper();
+        }
+        let mut slots = current.slots.clone();
+        slots.insert(name.to_string(), slot);
+        let routes = RouteTable::build(&current.config.routes, &slots, &self.metrics);
+        self.snapshot.store(Arc::new(Snapshot {
+            config: Arc::clone(&current.config),
+            routes,
+            slots,
+            unmatched_metrics: current.unmatched_metrics.clone(),
+        }));
+        true
+    }
+
     /// Re-reads the config file and installs it; on error the running config stays.
     pub fn reload(&self) -> Result<(), ConfigError> {
         let Some(path) = &self.config_path else {

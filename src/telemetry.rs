@@ -1,5 +1,7 @@
 //! Logging setup: `tracing` with `RUST_LOG` filtering, as text or JSON lines.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Log line format.
@@ -12,12 +14,14 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber, writing to stderr. `RUST_LOG` overrides the default
+/// Installs the global subscriber, writing to stderr (colours only on a terminal, so that
+/// files and journald get plain text). `RUST_LOG` overrides the default
 /// level (`info`).
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

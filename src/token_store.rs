@@ -381,7 +381,11 @@ impl CredentialSlot {
                 status.failures = 0;
                 self.metrics
                     .token_fetch(&self.name, true, started.elapsed());
-                tracing::info!(credential = %self.name, expires_at = ?token.expires_at_wall.map(humantime::format_rfc3339_seconds), "token obtained");
+                let expires_at = token
+                    .expires_at_wall
+                    .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                    .unwrap_or_else(|| "never".into());
+                tracing::info!(credential = %self.name, %expires_at, "token obtained");
                 Ok(token)
             }
             Err(e) => {

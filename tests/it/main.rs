@@ -5,6 +5,8 @@
 
 mod support;
 
+mod admin;
+mod cli;
 mod credentials_login;
 mod credentials_oauth2;
 mod credentials_outreach;
