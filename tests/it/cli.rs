@@ -431,3 +431,31 @@ fn health_fails_when_nothing_listens() {
     assert_eq!(code, 1);
     assert!(err.contains("unhealthy"), "{err}");
 }
+
+#[test]
+fn check_fetch_reports_a_failing_credential_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = unique("client-secret");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = write(
+        dir.path(),
+        &format!(
+            "credentials:\n  good:\n    type: static\n    value: \"Bearer fixed\"\n  broken:\n    type: oauth2_client_credentials\n    token_url: http://{closed}/oauth/token\n    client_id: app\n    client_secret: \"${{SECRET}}\"\nroutes: []\n"
+        ),
+    );
+    let (code, out, err) = run(
+        &["--config", &config, "check", "--fetch"],
+        &[("SECRET", secret.as_str())],
+    );
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(out.contains("good: ok"), "{out}");
+    let broken = out
+        .lines()
+        .find(|l| l.starts_with("broken:"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(broken.contains("unreachable"), "{broken}");
+    assert!(!out.contains(&secret) && !err.contains(&secret));
+}

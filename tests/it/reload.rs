@@ -149,3 +149,53 @@ async fn unchanged_credentials_keep_their_slot_across_reloads() {
     assert!(!Arc::ptr_eq(&before, &proxy.state().snapshot().slots["c"]));
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_keeps_cached_tokens_of_unchanged_credentials_only() {
+    use crate::support::vendor::{protected_api, TokenBook};
+    use crate::support::vendors::oauth2::{self, OAuth2Vendor};
+
+    let book = TokenBook::new();
+    let mut vendor = OAuth2Vendor::new("cid", "csecret");
+    vendor.access_lifetime = Duration::from_secs(60);
+    let token_endpoint = oauth2::start(Arc::clone(&book), vendor).await;
+    let api = protected_api(Arc::clone(&book), "authorization", "Bearer", 401).await;
+    let yaml = |scope: &str, extra_route: bool| {
+        let mut y = support::with_test_listen(&format!(
+            "credentials:\n  oa:\n    type: oauth2_client_credentials\n    token_url: {}/v1/oauth/access_token\n    client_id: cid\n    client_secret: csecret\n    scope: {scope}\nroutes:\n  - name: api\n    mount: /api\n    upstream: {}\n    credential: oa\n",
+            token_endpoint.url(),
+            api.url()
+        ));
+        if extra_route {
+            y.push_str("  - name: extra\n    host: extra.test\n    credential: oa\n");
+        }
+        y
+    };
+    let proxy = support::proxy(&yaml("read", false)).await;
+    let url = format!("{}/api/v1/x", proxy.url());
+    let get = || async {
+        support::direct_client()
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(get().await, 200);
+    assert_eq!(book.token_calls(), 1);
+
+    proxy.write_config(&yaml("read", true));
+    proxy.state().reload().unwrap();
+    assert_eq!(get().await, 200);
+    assert_eq!(
+        book.token_calls(),
+        1,
+        "unchanged credential: cached token kept"
+    );
+
+    proxy.write_config(&yaml("write", true));
+    proxy.state().reload().unwrap();
+    assert_eq!(get().await, 200);
+    assert_eq!(book.token_calls(), 2, "changed credential: new token");
+    proxy.stop().await;
+}
