@@ -15,7 +15,7 @@
 #   5. measures authrelay's (and nginx's) RSS idle and with IDLE_CONNS idle keep-alive clients.
 #
 # Pinning: the proxy under test (authrelay or nginx) runs alone on PROXY_CORE; wrk and the
-# upstream share LOAD_CORE. The direct run uses LOAD_CORE only. Numbers from a shared machine
+# upstream share LOAD_CORE. The direct run (wrk sends the header itself) uses LOAD_CORE only. Numbers from a shared machine
 # are noisy: read the ratios, not the absolute values.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -154,7 +154,7 @@ check() { # name curl-args...
     code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@")
     [ "$code" = 200 ] || { log "$name answered $code, expected 200"; exit 1; }
 }
-check direct "http://127.0.0.1:$UP_PORT$PATH_QS"
+check direct -H "Authorization: $TOKEN" "http://127.0.0.1:$UP_PORT$PATH_QS"
 check authrelay -x "http://127.0.0.1:$AR_PORT" "http://127.0.0.1:$UP_PORT$PATH_QS"
 check authrelay-mount "http://127.0.0.1:$AR_PORT/m$PATH_QS"
 check nginx -x "http://127.0.0.1:$NGX_PORT" "http://127.0.0.1:$UP_PORT$PATH_QS"
@@ -181,13 +181,13 @@ to_ms() { # wrk latency such as 812.00us, 1.23ms, 1.01s
 median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
 declare -A RPS P50 P99 BAD
-run_target() { # name conns url [lua]
-    local name=$1 conns=$2 url=$3 lua=${4:-}
+run_target() { # name conns url [lua] [header]
+    local name=$1 conns=$2 url=$3 lua=${4:-} header=${5:-}
     local rps=() p50=() p99=() bad=0 out
     for run in $(seq "$RUNS"); do
         out="$WORK/wrk-$name-$conns-$run.txt"
         taskset -c "$LOAD_CORE" timeout $((DURATION + 30)) wrk -t1 -c"$conns" -d"${DURATION}s" \
-            --timeout 5s --latency ${lua:+-s "$lua"} "$url" >"$out"
+            --timeout 5s --latency ${lua:+-s "$lua"} ${header:+-H "$header"} "$url" >"$out"
         rps+=("$(awk '/^Requests\/sec/ { print $2 }' "$out")")
         p50+=("$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")")
         p99+=("$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")")
@@ -202,7 +202,7 @@ run_target() { # name conns url [lua]
 
 log "load: ${RUNS} x ${DURATION}s per target and connection count"
 for c in $CONNS; do
-    run_target direct "$c" "http://127.0.0.1:$UP_PORT$PATH_QS"
+    run_target direct "$c" "http://127.0.0.1:$UP_PORT$PATH_QS" "" "Authorization: $TOKEN"
     run_target authrelay "$c" "http://127.0.0.1:$AR_PORT/" "$WORK/forward.lua"
     run_target authrelay-mount "$c" "http://127.0.0.1:$AR_PORT/m$PATH_QS"
     run_target nginx "$c" "http://127.0.0.1:$NGX_PORT/" "$WORK/forward.lua"
