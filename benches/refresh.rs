@@ -101,6 +101,15 @@ fn refresh_in_progress(c: &mut Criterion) {
     runtime.block_on(measured.get()).expect("first token");
     runtime.block_on(hanging.get()).expect("first token");
     let issued = Instant::now();
+    // The other slot: its token falls due at the same time as `measured`'s; a task then
+    // asks for it, which starts its background refresh, which hangs in the slow fetch.
+    let waiter = {
+        let hanging = Arc::clone(&hanging);
+        runtime.spawn(async move {
+            tokio::time::sleep(LIFETIME / 2 + Duration::from_millis(50)).await;
+            let _ = hanging.get().await;
+        })
+    };
 
     let mut group = c.benchmark_group("get_during_refresh");
     group
@@ -111,15 +120,6 @@ fn refresh_in_progress(c: &mut Criterion) {
         b.iter_custom(|iters| gets(&runtime, &measured, iters))
     });
 
-    // The other slot: its token falls due at the same time as `measured`'s; a task then
-    // asks for it, which starts its background refresh, which hangs in the slow fetch.
-    let waiter = {
-        let hanging = Arc::clone(&hanging);
-        runtime.spawn(async move {
-            tokio::time::sleep(LIFETIME / 2 + Duration::from_millis(50)).await;
-            let _ = hanging.get().await;
-        })
-    };
     // Wait until both tokens are due (same issue time within milliseconds) and the
     // `hanging` slot's refresh has started.
     let due = LIFETIME / 2 + Duration::from_millis(200);
