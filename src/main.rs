@@ -120,10 +120,7 @@ fn ca(command: CaCommand) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_for_this_machine().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("authrelay: cannot start the async runtime: {e}");
@@ -131,6 +128,17 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async_main(cli))
+}
+
+/// One thread when the process may use one CPU (a pinned or small container): a
+/// multi-thread scheduler would only add cross-thread wake-ups. Otherwise one worker per CPU.
+fn runtime_for_this_machine() -> tokio::runtime::Builder {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
 }
 
 async fn async_main(cli: Cli) -> ExitCode {

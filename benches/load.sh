@@ -1,0 +1,270 @@
+#!/usr/bin/env bash
+# Loopback load benchmark: direct vs authrelay (forward proxy and mount) vs nginx.
+#
+#   benches/load.sh                      # full run: 32 and 256 connections, 3 runs of 5 s
+#   DURATION=3 RUNS=1 benches/load.sh    # quick look
+#
+# What it does (everything on 127.0.0.1, every loop bounded):
+#   1. builds authrelay and examples/bench_upstream in release mode;
+#   2. installs wrk and nginx from the OS packages when missing (apt-get);
+#   3. starts the upstream (answers 100 bytes only when `Authorization: Bearer bench-token`
+#      is present, else 401), authrelay (static credential, `unmatched: pass`, RUST_LOG=warn)
+#      and nginx (one worker, same header injection, keep-alive upstream pool, no access log);
+#   4. runs wrk against each target at each connection count, RUNS times, and prints the
+#      medians of req/s, p50 and p99, the proxies' peak RSS and the ratios;
+#   5. measures authrelay's (and nginx's) RSS idle and with IDLE_CONNS idle keep-alive clients.
+#
+# Pinning: the proxy under test (authrelay or nginx) runs alone on PROXY_CORE; wrk and the
+# upstream share LOAD_CORE. The direct run (wrk sends the header itself) uses LOAD_CORE only. Numbers from a shared machine
+# are noisy: read the ratios, not the absolute values.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-5}
+RUNS=${RUNS:-3}
+CONNS=${CONNS:-"32 256"}
+PROXY_CORE=${PROXY_CORE:-0}
+LOAD_CORE=${LOAD_CORE:-1}
+IDLE_CONNS=${IDLE_CONNS:-10000}
+UP_PORT=${UP_PORT:-18181}
+AR_PORT=${AR_PORT:-18182}
+NGX_PORT=${NGX_PORT:-18183}
+TOKEN="Bearer bench-token"
+PATH_QS="/v1/items/42?fields=id"
+
+WORK=$(mktemp -d /tmp/authrelay-load.XXXXXX)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+log() { printf '%s\n' "$*" >&2; }
+
+install_if_missing() { # command package...
+    local cmd=$1; shift
+    command -v "$cmd" >/dev/null && return 0
+    log "installing $* (apt-get)"
+    for pkg in "$@"; do
+        DEBIAN_FRONTEND=noninteractive apt-get install -y "$pkg" >/dev/null 2>&1 && return 0
+    done
+    apt-get update >/dev/null 2>&1 || true
+    for pkg in "$@"; do
+        DEBIAN_FRONTEND=noninteractive apt-get install -y "$pkg" >/dev/null 2>&1 && return 0
+    done
+    log "cannot install $cmd"; exit 1
+}
+install_if_missing wrk wrk
+install_if_missing nginx nginx-light nginx
+NGINX=$(command -v nginx)
+
+log "building (release)"
+cargo build --release --quiet --bin authrelay --example bench_upstream
+AUTHRELAY=target/release/authrelay
+UPSTREAM=target/release/examples/bench_upstream
+
+wait_port() { # port: waits at most 10 s
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    log "nothing listens on 127.0.0.1:$1"; exit 1
+}
+
+status_of() { # pid field -> kB
+    awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"
+}
+
+# --- upstream ---------------------------------------------------------------------------
+BENCH_EXPECT="$TOKEN" taskset -c "$LOAD_CORE" "$UPSTREAM" "127.0.0.1:$UP_PORT" 2>"$WORK/upstream.log" &
+UP_PID=$!; PIDS+=("$UP_PID")
+wait_port "$UP_PORT"
+
+# --- authrelay ----------------------------------------------------------------------------
+cat >"$WORK/routes.yaml" <<EOF
+listen: 127.0.0.1:$AR_PORT
+unmatched: pass
+credentials:
+  bench:
+    type: static
+    value: "$TOKEN"
+routes:
+  - name: bench-forward
+    host: "127.0.0.1:$UP_PORT"
+    credential: bench
+  - name: bench-mount
+    mount: /m
+    upstream: http://127.0.0.1:$UP_PORT
+    credential: bench
+EOF
+start_authrelay() {
+    RUST_LOG=warn taskset -c "$PROXY_CORE" "$AUTHRELAY" --config "$WORK/routes.yaml" run \
+        2>>"$WORK/authrelay.log" &
+    AR_PID=$!; PIDS+=("$AR_PID")
+    wait_port "$AR_PORT"
+}
+start_authrelay
+
+# --- nginx ----------------------------------------------------------------------------------
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx/nginx.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 65536;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 30000; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/body;
+    proxy_temp_path $WORK/nginx/proxy;
+    fastcgi_temp_path $WORK/nginx/fastcgi;
+    uwsgi_temp_path $WORK/nginx/uwsgi;
+    scgi_temp_path $WORK/nginx/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    upstream bench_up {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 256;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$NGX_PORT backlog=4096;
+        location / {
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "$TOKEN";
+            proxy_pass http://bench_up;
+        }
+    }
+}
+EOF
+taskset -c "$PROXY_CORE" "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
+NGX_MASTER=$!; PIDS+=("$NGX_MASTER")
+wait_port "$NGX_PORT"
+NGX_WORKER=$(pgrep -P "$NGX_MASTER" | head -1)
+
+# --- sanity: every path answers 200 (the upstream checks the header) ----------------------
+check() { # name curl-args...
+    local name=$1; shift
+    local code
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@")
+    [ "$code" = 200 ] || { log "$name answered $code, expected 200"; exit 1; }
+}
+check direct -H "Authorization: $TOKEN" "http://127.0.0.1:$UP_PORT$PATH_QS"
+check authrelay -x "http://127.0.0.1:$AR_PORT" "http://127.0.0.1:$UP_PORT$PATH_QS"
+check authrelay-mount "http://127.0.0.1:$AR_PORT/m$PATH_QS"
+check nginx -x "http://127.0.0.1:$NGX_PORT" "http://127.0.0.1:$UP_PORT$PATH_QS"
+code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -x "http://127.0.0.1:$NGX_PORT" -H 'Authorization: wrong' "http://127.0.0.1:$UP_PORT$PATH_QS")
+[ "$code" = 200 ] || { log "nginx did not replace the client's Authorization"; exit 1; }
+code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$UP_PORT$PATH_QS" -H 'Authorization: wrong')
+[ "$code" = 401 ] || { log "upstream accepted a wrong credential"; exit 1; }
+
+AR_IDLE_RSS=$(status_of "$AR_PID" VmRSS)
+NGX_IDLE_RSS=$(( $(status_of "$NGX_WORKER" VmRSS) + $(status_of "$NGX_MASTER" VmRSS) ))
+
+# Absolute-form request line for the forward-proxy targets.
+cat >"$WORK/forward.lua" <<EOF
+wrk.path = "http://127.0.0.1:$UP_PORT$PATH_QS"
+EOF
+
+to_ms() { # wrk latency such as 812.00us, 1.23ms, 1.01s
+    awk -v v="$1" 'BEGIN {
+        n = v + 0
+        if (v ~ /us$/) n = n / 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n = n * 1000
+        printf "%.3f", n }'
+}
+
+median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+
+declare -A RPS P50 P99 BAD
+run_target() { # name conns url [lua] [header]
+    local name=$1 conns=$2 url=$3 lua=${4:-} header=${5:-}
+    local rps=() p50=() p99=() bad=0 out
+    for run in $(seq "$RUNS"); do
+        out="$WORK/wrk-$name-$conns-$run.txt"
+        taskset -c "$LOAD_CORE" timeout $((DURATION + 30)) wrk -t1 -c"$conns" -d"${DURATION}s" \
+            --timeout 5s --latency ${lua:+-s "$lua"} ${header:+-H "$header"} "$url" >"$out"
+        rps+=("$(awk '/^Requests\/sec/ { print $2 }' "$out")")
+        p50+=("$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")")
+        p99+=("$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")")
+        bad=$((bad + $(awk '/Non-2xx/ { s += $5 } /Socket errors/ { gsub(",", ""); s += $4 + $6 + $8 + $10 } END { print s + 0 }' "$out")))
+        log "  $name c=$conns run $run: ${rps[-1]} req/s p50 ${p50[-1]} ms p99 ${p99[-1]} ms"
+    done
+    RPS[$name/$conns]=$(printf '%s\n' "${rps[@]}" | median)
+    P50[$name/$conns]=$(printf '%s\n' "${p50[@]}" | median)
+    P99[$name/$conns]=$(printf '%s\n' "${p99[@]}" | median)
+    BAD[$name/$conns]=$bad
+}
+
+log "load: ${RUNS} x ${DURATION}s per target and connection count"
+for c in $CONNS; do
+    run_target direct "$c" "http://127.0.0.1:$UP_PORT$PATH_QS" "" "Authorization: $TOKEN"
+    run_target authrelay "$c" "http://127.0.0.1:$AR_PORT/" "$WORK/forward.lua"
+    run_target authrelay-mount "$c" "http://127.0.0.1:$AR_PORT/m$PATH_QS"
+    run_target nginx "$c" "http://127.0.0.1:$NGX_PORT/" "$WORK/forward.lua"
+done
+AR_PEAK=$(status_of "$AR_PID" VmHWM)
+NGX_PEAK=$(( $(status_of "$NGX_WORKER" VmHWM) + $(status_of "$NGX_MASTER" VmHWM) ))
+UP_PEAK=$(status_of "$UP_PID" VmHWM)
+
+# --- memory with idle keep-alive connections ---------------------------------------------
+idle_rss() { # port target pid... -> "rss_kB ok failed"
+    local port=$1 target=$2; shift 2
+    local ready="$WORK/ready-$port"
+    rm -f "$ready"
+    taskset -c "$LOAD_CORE" python3 benches/idle_conns.py "$port" "$IDLE_CONNS" "$target" "$ready" 60 &
+    local helper=$!
+    for _ in $(seq 1800); do [ -s "$ready" ] && break; sleep 0.1; done
+    sleep 1
+    local rss=0
+    for pid in "$@"; do rss=$((rss + $(status_of "$pid" VmRSS))); done
+    echo "$rss $(cat "$ready" 2>/dev/null || echo '0 ?')"
+    kill "$helper" 2>/dev/null || true
+    wait "$helper" 2>/dev/null || true
+}
+# A fresh authrelay, so that the load runs above do not inflate the figure.
+kill "$AR_PID"; wait "$AR_PID" 2>/dev/null || true
+start_authrelay
+AR_FRESH_RSS=$(status_of "$AR_PID" VmRSS)
+log "idle connections: $IDLE_CONNS to authrelay"
+read -r AR_CONN_RSS AR_CONN_OK AR_CONN_FAIL < <(idle_rss "$AR_PORT" "http://127.0.0.1:$UP_PORT$PATH_QS" "$AR_PID")
+log "idle connections: $IDLE_CONNS to nginx"
+read -r NGX_CONN_RSS NGX_CONN_OK NGX_CONN_FAIL < <(idle_rss "$NGX_PORT" "http://127.0.0.1:$UP_PORT$PATH_QS" "$NGX_WORKER" "$NGX_MASTER")
+
+# --- report ---------------------------------------------------------------------------------
+mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+sub_ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
+
+echo
+echo "authrelay load benchmark — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)), $(uname -r)"
+echo "wrk -t1, ${DURATION}s x ${RUNS} runs (medians); proxy on core $PROXY_CORE, wrk + upstream on core $LOAD_CORE; RUST_LOG=warn, nginx access_log off"
+echo
+printf '%-16s %6s %12s %10s %10s %8s\n' target conns 'req/s' 'p50 ms' 'p99 ms' errors
+for c in $CONNS; do
+    for t in direct authrelay authrelay-mount nginx; do
+        printf '%-16s %6s %12s %10s %10s %8s\n' "$t" "$c" "${RPS[$t/$c]}" "${P50[$t/$c]}" "${P99[$t/$c]}" "${BAD[$t/$c]}"
+    done
+done
+echo
+printf '%-6s %-16s %14s %14s %18s %18s\n' conns via 'x direct' 'x nginx' 'added p99 ms' 'nginx added p99'
+for c in $CONNS; do
+    for t in authrelay authrelay-mount; do
+        printf '%-6s %-16s %14s %14s %18s %18s\n' "$c" "$t" \
+            "$(ratio "${RPS[$t/$c]}" "${RPS[direct/$c]}")" "$(ratio "${RPS[$t/$c]}" "${RPS[nginx/$c]}")" \
+            "$(sub_ms "${P99[$t/$c]}" "${P99[direct/$c]}")" "$(sub_ms "${P99[nginx/$c]}" "${P99[direct/$c]}")"
+    done
+done
+echo
+echo "memory (RSS, MB)            authrelay    nginx (master+worker)"
+printf 'idle, before load           %9s    %9s\n' "$(mb "$AR_IDLE_RSS")" "$(mb "$NGX_IDLE_RSS")"
+printf 'peak during load (VmHWM)    %9s    %9s\n' "$(mb "$AR_PEAK")" "$(mb "$NGX_PEAK")"
+printf 'idle, fresh process         %9s\n' "$(mb "$AR_FRESH_RSS")"
+printf '%s idle keep-alive conns %7s    %9s   (answered 200: %s / %s)\n' "$IDLE_CONNS" \
+    "$(mb "$AR_CONN_RSS")" "$(mb "$NGX_CONN_RSS")" "$AR_CONN_OK" "$NGX_CONN_OK"
+[ "${AR_CONN_FAIL:-0}" = 0 ] && [ "${NGX_CONN_FAIL:-0}" = 0 ] || echo "failed idle connections: authrelay $AR_CONN_FAIL, nginx $NGX_CONN_FAIL"
+echo "upstream peak RSS: $(mb "$UP_PEAK") MB; raw wrk output: $WORK"
