@@ -152,14 +152,7 @@ fn form(body: &[u8]) -> Vec<(String, String)> {
 #[tokio::test]
 async fn post_auth_sends_the_client_in_the_form_body() {
     let v = start(Flavor::Post, OAuth2Vendor::new(CLIENT_ID, CLIENT_SECRET)).await;
-    let res = v
-        .setup
-        .proxy
-        .client()
-        .get(&v.setup.url)
-        .send()
-        .await
-        .unwrap();
+    let res = v.setup.get().await;
     assert_eq!(res.status(), 200);
     let token_call = v.token_server.last();
     assert_eq!(token_call.method, "POST");
@@ -189,14 +182,7 @@ async fn post_auth_sends_the_client_in_the_form_body() {
 #[tokio::test]
 async fn basic_auth_form_encodes_id_and_secret() {
     let v = start(Flavor::Basic, OAuth2Vendor::new(CLIENT_ID, CLIENT_SECRET)).await;
-    let res = v
-        .setup
-        .proxy
-        .client()
-        .get(&v.setup.url)
-        .send()
-        .await
-        .unwrap();
+    let res = v.setup.get().await;
     assert_eq!(res.status(), 200);
     let token_call = v.token_server.last();
     let expected = base64::engine::general_purpose::STANDARD.encode("client+1:s3cr3t%3A%2B%2F%25");
@@ -222,14 +208,7 @@ async fn jwt_exchange_sends_token_scheme_and_injects_lowercase_bearer_jwt() {
         OAuth2Vendor::new(CLIENT_ID, CLIENT_SECRET),
     )
     .await;
-    let res = v
-        .setup
-        .proxy
-        .client()
-        .get(&v.setup.url)
-        .send()
-        .await
-        .unwrap();
+    let res = v.setup.get().await;
     assert_eq!(res.status(), 200);
     let calls = v.token_server.requests();
     assert_eq!(calls.len(), 2);
@@ -291,14 +270,7 @@ async fn wrong_secret_is_a_502_without_the_secret() {
         OAuth2Vendor::new(CLIENT_ID, "the-real-secret"),
     )
     .await;
-    let res = v
-        .setup
-        .proxy
-        .client()
-        .get(&v.setup.url)
-        .send()
-        .await
-        .unwrap();
+    let res = v.setup.get().await;
     assert_eq!(res.status(), 502);
     let body = res.text().await.unwrap();
     assert!(body.contains("credential_unavailable"), "{body}");

@@ -214,14 +214,7 @@ fn claims(jwt: &str) -> serde_json::Value {
 #[tokio::test]
 async fn vendor_sees_a_documented_app_token_and_api_a_bearer_token() {
     let o = outreach_with_key(APP_KEY).await;
-    let res = o
-        .setup
-        .proxy
-        .client()
-        .get(&o.setup.url)
-        .send()
-        .await
-        .unwrap();
+    let res = o.setup.get().await;
     assert_eq!(res.status(), 200);
     let call = o.token_server.last();
     assert_eq!(call.method, "POST");
@@ -258,14 +251,7 @@ async fn vendor_sees_a_documented_app_token_and_api_a_bearer_token() {
 #[tokio::test]
 async fn unknown_key_gets_json_api_error_as_502_without_key_material() {
     let o = outreach_with_key(OTHER_KEY).await;
-    let res = o
-        .setup
-        .proxy
-        .client()
-        .get(&o.setup.url)
-        .send()
-        .await
-        .unwrap();
+    let res = o.setup.get().await;
     assert_eq!(res.status(), 502);
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["error"], "credential_unavailable");

@@ -28,6 +28,13 @@ pub struct Setup {
     pub calls_per_token: usize,
 }
 
+impl Setup {
+    /// A GET of the protected resource through the proxy.
+    pub async fn get(&self) -> reqwest::Response {
+        self.proxy.client().get(&self.url).send().await.unwrap()
+    }
+}
+
 /// The first request obtains a token and reaches the API with it.
 pub async fn first_request_gets_token(s: &Setup) {
     let before = s.book.token_calls();
