@@ -76,6 +76,9 @@ impl State {
             .connect_timeout(config.timeouts.connect)
             .timeout(config.tokens.fetch_timeout)
             .no_proxy()
+            // A redirect would re-send a form body (a client secret, a password) to a host the
+            // config does not name; a token endpoint that redirects is reported instead.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| StartError::Tls(format!("cannot build the token endpoint client: {e}")))?;
         let intercept_ca = match &config.intercept_ca {

@@ -356,3 +356,43 @@ routes:
     assert!(!body.contains("secret"), "{body}");
     assert_eq!(api.count(), 0);
 }
+
+#[tokio::test]
+async fn a_redirecting_token_endpoint_never_gets_the_secret_to_another_host() {
+    let elsewhere = crate::support::server::echo_origin().await;
+    let target = format!("{}/steal", elsewhere.url());
+    let redirecting = crate::support::server::serve(move |_| {
+        let target = target.clone();
+        async move {
+            let mut r = crate::support::server::respond(307, "");
+            r.headers_mut()
+                .insert("location", http::HeaderValue::from_str(&target).unwrap());
+            r
+        }
+    })
+    .await;
+    let api = crate::support::server::echo_origin().await;
+    let yaml = format!(
+        "credentials:\n  oa:\n    type: oauth2_client_credentials\n    token_url: {}/token\n    client_id: app\n    client_secret: very-secret-value\nroutes:\n  - name: api\n    mount: /api\n    upstream: {}\n    credential: oa\n",
+        redirecting.url(),
+        api.url()
+    );
+    let proxy = crate::support::proxy(&yaml).await;
+    let res = crate::support::direct_client()
+        .get(format!("{}/api/x", proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 502);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["credential"], "oa");
+    assert!(body["detail"].as_str().unwrap().contains("307"), "{body}");
+    assert_eq!(redirecting.count(), 1);
+    assert_eq!(
+        elsewhere.count(),
+        0,
+        "the form with the secret was not re-sent elsewhere"
+    );
+    assert_eq!(api.count(), 0);
+    proxy.stop().await;
+}
