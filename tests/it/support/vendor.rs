@@ -138,15 +138,7 @@ pub async fn protected_api(
             let ok = token.is_some_and(|t| book.is_valid(t));
             book.api_call(ok);
             if ok {
-                server::json(
-                    200,
-                    serde_json::json!({
-                        "ok": true,
-                        "method": seen.method.as_str(),
-                        "target": seen.target,
-                        "body": String::from_utf8_lossy(&seen.body),
-                    }),
-                )
+                accepted(&seen)
             } else {
                 server::json(
                     reject_status,
@@ -156,4 +148,18 @@ pub async fn protected_api(
         }
     })
     .await
+}
+
+/// The protected APIs' answer to an accepted request: what arrived, so that tests can check
+/// replays byte for byte.
+pub fn accepted(seen: &Seen) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    server::json(
+        200,
+        serde_json::json!({
+            "ok": true,
+            "method": seen.method.as_str(),
+            "target": seen.target,
+            "body": String::from_utf8_lossy(&seen.body),
+        }),
+    )
 }

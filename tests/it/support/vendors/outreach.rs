@@ -140,15 +140,7 @@ pub async fn app_token_api(book: Arc<TokenBook>) -> Origin {
             };
             book.api_call(ok);
             if ok {
-                server::json(
-                    200,
-                    serde_json::json!({
-                        "ok": true,
-                        "method": seen.method.as_str(),
-                        "target": seen.target,
-                        "body": String::from_utf8_lossy(&seen.body),
-                    }),
-                )
+                crate::support::vendor::accepted(&seen)
             } else {
                 api_error(401, "Unauthorized", "invalid or expired app token")
             }
