@@ -11,6 +11,12 @@ use authrelay::commands;
 use authrelay::telemetry::{self, LogFormat};
 use authrelay::{Config, ProcessEnv, StartOptions, State};
 
+/// mimalloc keeps allocator metadata out of line, so the 8 KiB buffers hyper reserves for
+/// every keep-alive connection cost only the pages actually written; it is also faster than
+/// the system allocator for the proxy's short-lived per-request allocations.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for a config file that was refused.
 const EXIT_BAD_CONFIG: u8 = 64;
 /// Exit code for other start-up failures (listener, TLS roots).

@@ -10,6 +10,8 @@ pub mod respond;
 pub mod target;
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -173,9 +175,14 @@ pub async fn serve(
             gauge.inc();
             let client_idle = state.snapshot().config.timeouts.client_idle;
             let service_state = Arc::clone(&state);
+            // The request future is boxed: hyper keeps room for one in-flight future in
+            // every connection, and an unboxed `handle` future (~3 KB) would cost that much
+            // memory per idle keep-alive connection.
             let service = service_fn(move |req| {
                 let state = Arc::clone(&service_state);
-                async move { Ok::<_, Infallible>(handle(state, req).await) }
+                let answer: Pin<Box<dyn Future<Output = _> + Send>> =
+                    Box::pin(async move { Ok::<_, Infallible>(handle(state, req).await) });
+                answer
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
