@@ -11,7 +11,8 @@
 #      is present, else 401), authrelay (static credential, `unmatched: pass`, RUST_LOG=warn)
 #      and nginx (one worker, same header injection, keep-alive upstream pool, no access log);
 #   4. runs wrk against each target at each connection count, RUNS times, and prints the
-#      medians of req/s, p50 and p99, the proxies' peak RSS and the ratios;
+#      medians of req/s, p50 and p99, the proxy's CPU time per request (user + system, from
+#      /proc/PID/stat), the proxies' peak RSS and the ratios;
 #   5. measures authrelay's (and nginx's) RSS idle and with IDLE_CONNS idle keep-alive clients.
 #
 # Pinning: the proxy under test (authrelay or nginx) runs alone on PROXY_CORE; wrk and the
@@ -180,14 +181,24 @@ to_ms() { # wrk latency such as 812.00us, 1.23ms, 1.01s
 
 median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
-declare -A RPS P50 P99 BAD
-run_target() { # name conns url [lua] [header]
-    local name=$1 conns=$2 url=$3 lua=${4:-} header=${5:-}
-    local rps=() p50=() p99=() bad=0 out
+cpu_ticks() { # pid -> user + system clock ticks so far
+    awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+declare -A RPS P50 P99 BAD CPU
+run_target() { # name conns url lua header [proxy-pid]
+    local name=$1 conns=$2 url=$3 lua=${4:-} header=${5:-} pid=${6:-}
+    local rps=() p50=() p99=() cpu=() bad=0 out ticks
     for run in $(seq "$RUNS"); do
         out="$WORK/wrk-$name-$conns-$run.txt"
+        [ -n "$pid" ] && ticks=$(cpu_ticks "$pid")
         taskset -c "$LOAD_CORE" timeout $((DURATION + 30)) wrk -t1 -c"$conns" -d"${DURATION}s" \
             --timeout 5s --latency ${lua:+-s "$lua"} ${header:+-H "$header"} "$url" >"$out"
+        if [ -n "$pid" ]; then # CPU time the proxy spent per request, in microseconds
+            cpu+=("$(awk -v t=$(( $(cpu_ticks "$pid") - ticks )) -v hz="$CLK_TCK" \
+                '/ requests in / { printf "%.2f", t / hz * 1e6 / $1 }' "$out")")
+        fi
         rps+=("$(awk '/^Requests\/sec/ { print $2 }' "$out")")
         p50+=("$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")")
         p99+=("$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")")
@@ -198,14 +209,15 @@ run_target() { # name conns url [lua] [header]
     P50[$name/$conns]=$(printf '%s\n' "${p50[@]}" | median)
     P99[$name/$conns]=$(printf '%s\n' "${p99[@]}" | median)
     BAD[$name/$conns]=$bad
+    CPU[$name/$conns]=$( ((${#cpu[@]})) && printf '%s\n' "${cpu[@]}" | median || echo -)
 }
 
 log "load: ${RUNS} x ${DURATION}s per target and connection count"
 for c in $CONNS; do
     run_target direct "$c" "http://127.0.0.1:$UP_PORT$PATH_QS" "" "Authorization: $TOKEN"
-    run_target authrelay "$c" "http://127.0.0.1:$AR_PORT/" "$WORK/forward.lua"
-    run_target authrelay-mount "$c" "http://127.0.0.1:$AR_PORT/m$PATH_QS"
-    run_target nginx "$c" "http://127.0.0.1:$NGX_PORT/" "$WORK/forward.lua"
+    run_target authrelay "$c" "http://127.0.0.1:$AR_PORT/" "$WORK/forward.lua" "" "$AR_PID"
+    run_target authrelay-mount "$c" "http://127.0.0.1:$AR_PORT/m$PATH_QS" "" "" "$AR_PID"
+    run_target nginx "$c" "http://127.0.0.1:$NGX_PORT/" "$WORK/forward.lua" "" "$NGX_WORKER"
 done
 AR_PEAK=$(status_of "$AR_PID" VmHWM)
 NGX_PEAK=$(( $(status_of "$NGX_WORKER" VmHWM) + $(status_of "$NGX_MASTER" VmHWM) ))
@@ -244,21 +256,24 @@ echo
 echo "authrelay load benchmark — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)), $(uname -r)"
 echo "wrk -t1, ${DURATION}s x ${RUNS} runs (medians); proxy on core $PROXY_CORE, wrk + upstream on core $LOAD_CORE; RUST_LOG=warn, nginx access_log off"
 echo
-printf '%-16s %6s %12s %10s %10s %8s\n' target conns 'req/s' 'p50 ms' 'p99 ms' errors
+printf '%-16s %6s %12s %10s %10s %8s %14s\n' target conns 'req/s' 'p50 ms' 'p99 ms' errors 'proxy CPU us/req'
 for c in $CONNS; do
     for t in direct authrelay authrelay-mount nginx; do
-        printf '%-16s %6s %12s %10s %10s %8s\n' "$t" "$c" "${RPS[$t/$c]}" "${P50[$t/$c]}" "${P99[$t/$c]}" "${BAD[$t/$c]}"
+        printf '%-16s %6s %12s %10s %10s %8s %14s\n' "$t" "$c" "${RPS[$t/$c]}" "${P50[$t/$c]}" "${P99[$t/$c]}" "${BAD[$t/$c]}" "${CPU[$t/$c]}"
     done
 done
 echo
-printf '%-6s %-16s %14s %14s %18s %18s\n' conns via 'x direct' 'x nginx' 'added p99 ms' 'nginx added p99'
+printf '%-6s %-16s %10s %10s %14s %16s %18s\n' conns via 'x direct' 'x nginx' 'CPU/req x nginx' 'added p99 ms' 'nginx added p99'
 for c in $CONNS; do
     for t in authrelay authrelay-mount; do
-        printf '%-6s %-16s %14s %14s %18s %18s\n' "$c" "$t" \
+        printf '%-6s %-16s %10s %10s %14s %16s %18s\n' "$c" "$t" \
             "$(ratio "${RPS[$t/$c]}" "${RPS[direct/$c]}")" "$(ratio "${RPS[$t/$c]}" "${RPS[nginx/$c]}")" \
+            "$(ratio "${CPU[$t/$c]}" "${CPU[nginx/$c]}")" \
             "$(sub_ms "${P99[$t/$c]}" "${P99[direct/$c]}")" "$(sub_ms "${P99[nginx/$c]}" "${P99[direct/$c]}")"
     done
 done
+echo "(x direct, x nginx: throughput ratios; CPU/req x nginx: the proxy's CPU time per request"
+echo " relative to nginx's worker, below 1.00 means authrelay spends less per request)"
 echo
 echo "memory (RSS, MB)            authrelay    nginx (master+worker)"
 printf 'idle, before load           %9s    %9s\n' "$(mb "$AR_IDLE_RSS")" "$(mb "$NGX_IDLE_RSS")"

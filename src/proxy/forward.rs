@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use http::header::{self, HeaderMap};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::headers::strip_hop_by_hop;
@@ -16,7 +15,7 @@ use super::target::Target;
 use crate::config::Config;
 use crate::metrics::RetryOutcome;
 use crate::token_store::{CredentialSlot, IssuedToken};
-use crate::upstream::{BoxError, ProxyBody, UpstreamClient};
+use crate::upstream::{ProxyBody, UpstreamClient};
 
 /// What happened to a forwarded request, for the access log.
 pub struct Forwarded {
@@ -137,9 +136,8 @@ pub fn inject(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) {
 }
 
 /// The upstream's response as sent to the client: hop-by-hop headers removed.
-fn finish(response: Response<Incoming>) -> Response<ProxyBody> {
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    parts.version = http::Version::HTTP_11;
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+fn finish(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+    strip_hop_by_hop(response.headers_mut());
+    *response.version_mut() = http::Version::HTTP_11;
+    response
 }

@@ -1,18 +1,23 @@
-//! The one pooled HTTP client used for every proxied request: keep-alive per origin, TLS by
-//! rustls with webpki roots plus an optional private CA, HTTP/2 when the upstream offers it.
+//! The client every proxied request goes out through: keep-alive per origin; plain HTTP on
+//! connections driven by the request itself (`plain`), https by rustls with webpki roots plus
+//! an optional private CA, and HTTP/2 when an https upstream offers it.
+
+pub mod plain;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::Scheme;
 use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use self::plain::PlainPool;
 use crate::config::{Timeouts, TlsSettings};
 
 /// Errors boxed for bodies that mix sources.
@@ -74,7 +79,8 @@ pub fn install_crypto_provider() {
 /// The pooled upstream client. Cheap to clone.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    plain: PlainPool,
+    tls: Client<HttpsConnector<HttpConnector>, ProxyBody>,
 }
 
 impl UpstreamClient {
@@ -91,13 +97,16 @@ impl UpstreamClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
+        let tls = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(timeouts.pool_idle)
             .pool_max_idle_per_host(1024)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(https);
-        Self { client }
+        Self {
+            plain: PlainPool::new(timeouts.connect, timeouts.pool_idle),
+            tls,
+        }
     }
 
     /// Sends `request` (absolute URI) and waits for the response head at most `timeout`.
@@ -105,19 +114,31 @@ impl UpstreamClient {
         &self,
         request: Request<ProxyBody>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(timeout, self.client.request(request)).await {
-            Err(_) => Err(UpstreamError::Timeout(timeout)),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(UpstreamError::Failed(describe(&e))),
-        }
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let exchange = async {
+            if request.uri().scheme() == Some(&Scheme::HTTP) {
+                return self.plain.send(request).await;
+            }
+            match self.tls.request(request).await {
+                Ok(response) => Ok(response.map(|body| body.map_err(BoxError::from).boxed())),
+                Err(e) => Err(UpstreamError::Failed(describe(&e))),
+            }
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout(timeout)))
+    }
+
+    /// Idle plain-HTTP upstream connections held now, for tests and diagnostics.
+    pub fn idle_plain_connections(&self) -> usize {
+        self.plain.idle_connections()
     }
 }
 
 /// The error and its causes on one line; certificate problems read as such.
-fn describe(e: &hyper_util::client::legacy::Error) -> String {
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = Vec::new();
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    let mut source = e.source();
     while let Some(s) = source {
         let text = s.to_string();
         if !parts.contains(&text) {
@@ -126,11 +147,7 @@ fn describe(e: &hyper_util::client::legacy::Error) -> String {
         source = s.source();
     }
     if parts.is_empty() {
-        parts.push(if e.is_connect() {
-            "connection failed".into()
-        } else {
-            e.to_string()
-        });
+        parts.push(e.to_string());
     }
     parts.join(": ")
 }

@@ -16,3 +16,4 @@ mod proxy_basics;
 mod raw;
 mod reload;
 mod streaming;
+mod upstream_pool;

@@ -1,0 +1,326 @@
+//! Plain-HTTP upstreams: a keep-alive pool of HTTP/1.1 connections that are driven by the
+//! request using them, inside the client connection's own task.
+//!
+//! hyper-util's pooled client (kept for https, where ALPN may pick HTTP/2) runs each upstream
+//! connection as a task of its own and hands every request and response across channels,
+//! so each proxied request costs extra task switches and a pool keyed by a hashed
+//! scheme + authority. Here the request's future polls the upstream connection itself and
+//! the response body keeps polling it while the client reads, so a proxied request stays in
+//! one task from the client's bytes to the upstream's and back. A connection goes back to
+//! the pool only once its response has been read to the end and it is ready for another
+//! request; one that closed while idle is noticed (and dropped) when it is next taken out.
+
+use std::collections::HashMap;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Uri};
+use http::{header, HeaderValue, Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, TrySendError};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::{describe, BoxError, ProxyBody, UpstreamError};
+
+/// Idle connections kept per upstream host and port; more are closed when they come back.
+const MAX_IDLE_PER_ORIGIN: usize = 1024;
+/// TCP keep-alive probes on upstream connections, so that a dead peer is noticed.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+type Driver = Pin<Box<http1::Connection<TokioIo<TcpStream>, ProxyBody>>>;
+
+/// One upstream connection: the handle requests are sent on and the future doing its I/O.
+struct Conn {
+    sender: http1::SendRequest<ProxyBody>,
+    /// `None` once the connection has ended.
+    driver: Option<Driver>,
+}
+
+impl Conn {
+    /// Moves the connection's I/O forward; false once it has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(driver) = &mut self.driver {
+            if driver.as_mut().poll(cx).is_ready() {
+                self.driver = None;
+            }
+        }
+        self.driver.is_some()
+    }
+
+    /// Whether it can take another request now. Polls the I/O once, so that a close by the
+    /// upstream that has already arrived is seen here rather than by the next request.
+    fn reusable(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
+    }
+}
+
+struct IdleConn {
+    conn: Conn,
+    since: Instant,
+}
+
+struct PoolInner {
+    idle: Mutex<HashMap<Box<str>, Vec<IdleConn>>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    sweeper_started: AtomicBool,
+}
+
+/// The pool of plain-HTTP upstream connections. Cheap to clone.
+#[derive(Clone)]
+pub struct PlainPool {
+    inner: Arc<PoolInner>,
+}
+
+impl PlainPool {
+    /// A pool connecting within `connect_timeout` and closing connections idle longer than
+    /// `idle_timeout`.
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        Self {
+            inner: Arc::new(PoolInner {
+                idle: Mutex::new(HashMap::new()),
+                connect_timeout,
+                idle_timeout,
+                sweeper_started: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sends `request` (absolute `http://` URI) and returns the response once its head has
+    /// arrived; its body keeps the connection going and hands it back to the pool at its end.
+    ///
+    /// A request that a pooled connection could not even start sending (the upstream had
+    /// closed it) is sent again on another connection; one that may have reached the
+    /// upstream is not.
+    pub async fn send(
+        &self,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let (mut request, origin) = origin_form(request)?;
+        loop {
+            let (mut conn, reused) = match self.inner.checkout(origin.as_str()) {
+                Some(conn) => (conn, true),
+                None => (self.inner.connect(&origin).await?, false),
+            };
+            match exchange(&mut conn, request).await {
+                Ok(response) => {
+                    let pool = Arc::downgrade(&self.inner);
+                    return Ok(response.map(|body| {
+                        PooledBody {
+                            body,
+                            finished: false,
+                            conn: Some(conn),
+                            origin,
+                            pool,
+                        }
+                        .map_err(BoxError::from)
+                        .boxed()
+                    }));
+                }
+                Err(mut failed) => match failed.take_message() {
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(UpstreamError::Failed(describe(&failed.into_error()))),
+                },
+            }
+        }
+    }
+
+    /// Idle connections held now, for tests and diagnostics.
+    pub fn idle_connections(&self) -> usize {
+        self.inner.lock().values().map(Vec::len).sum()
+    }
+}
+
+impl PoolInner {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Box<str>, Vec<IdleConn>>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The most recently used idle connection to `origin` that is still open and fresh.
+    fn checkout(&self, origin: &str) -> Option<Conn> {
+        loop {
+            let mut entry = self.lock().get_mut(origin)?.pop()?;
+            if entry.since.elapsed() < self.idle_timeout && entry.conn.reusable() {
+                return Some(entry.conn);
+            }
+        }
+    }
+
+    fn checkin(self: &Arc<Self>, origin: &Authority, conn: Conn) {
+        let mut idle = self.lock();
+        let entry = IdleConn {
+            conn,
+            since: Instant::now(),
+        };
+        match idle.get_mut(origin.as_str()) {
+            Some(list) if list.len() >= MAX_IDLE_PER_ORIGIN => return,
+            Some(list) => list.push(entry),
+            None => {
+                idle.insert(origin.as_str().into(), vec![entry]);
+            }
+        }
+        drop(idle);
+        self.start_sweeper();
+    }
+
+    /// Starts (once) the task that closes connections idle longer than the idle timeout, so
+    /// that sockets do not linger after traffic stops. It ends when the pool is dropped.
+    fn start_sweeper(self: &Arc<Self>) {
+        if self.sweeper_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.sweeper_started.store(false, Ordering::Release);
+            return;
+        };
+        let pool = Arc::downgrade(self);
+        let period = (self.idle_timeout / 2).max(Duration::from_millis(50));
+        runtime.spawn(sweep_every(pool, period));
+    }
+
+    fn sweep(&self) {
+        let mut idle = self.lock();
+        for list in idle.values_mut() {
+            list.retain_mut(|e| e.since.elapsed() < self.idle_timeout && e.conn.reusable());
+        }
+        idle.retain(|_, list| !list.is_empty());
+    }
+
+    async fn connect(&self, origin: &Authority) -> Result<Conn, UpstreamError> {
+        let host = origin.host().trim_start_matches('[').trim_end_matches(']');
+        let port = origin.port_u16().unwrap_or(80);
+        let stream = match tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((host, port)),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(UpstreamError::Failed(format!(
+                    "tcp connect error: no connection within {:?}",
+                    self.connect_timeout
+                )))
+            }
+            Ok(Err(e)) => return Err(UpstreamError::Failed(format!("tcp connect error: {e}"))),
+            Ok(Ok(stream)) => stream,
+        };
+        let _ = stream.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        let (sender, driver) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Failed(describe(&e)))?;
+        Ok(Conn {
+            sender,
+            driver: Some(Box::pin(driver)),
+        })
+    }
+}
+
+async fn sweep_every(pool: Weak<PoolInner>, period: Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+        match pool.upgrade() {
+            Some(pool) => pool.sweep(),
+            None => return,
+        }
+    }
+}
+
+/// Rewrites an absolute-form request for an origin server: `Host` from the URI (without a
+/// default port), origin-form request target, HTTP/1.1. Returns the origin it goes to.
+fn origin_form(
+    mut request: Request<ProxyBody>,
+) -> Result<(Request<ProxyBody>, Authority), UpstreamError> {
+    let parts = std::mem::take(request.uri_mut()).into_parts();
+    let origin = parts
+        .authority
+        .ok_or_else(|| UpstreamError::Failed("the upstream URI names no host".into()))?;
+    let host = match origin.port_u16() {
+        Some(port) if port != 80 => origin.as_str(),
+        _ => origin.host(),
+    };
+    let host = HeaderValue::from_str(host)
+        .map_err(|_| UpstreamError::Failed("the upstream host is not a valid header".into()))?;
+    request.headers_mut().insert(header::HOST, host);
+    let target = parts
+        .path_and_query
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *request.uri_mut() = Uri::from(target);
+    *request.version_mut() = Version::HTTP_11;
+    Ok((request, origin))
+}
+
+/// Sends `request` on `conn`, driving the connection until the response head is in.
+async fn exchange(
+    conn: &mut Conn,
+    request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, TrySendError<Request<ProxyBody>>> {
+    let mut response = pin!(conn.sender.try_send_request(request));
+    poll_fn(|cx| {
+        conn.drive(cx);
+        response.as_mut().poll(cx)
+    })
+    .await
+}
+
+/// A response body from a pooled connection: reading it drives the connection, and the
+/// connection returns to the pool when the body was read to the end.
+struct PooledBody {
+    body: Incoming,
+    finished: bool,
+    conn: Option<Conn>,
+    origin: Authority,
+    pool: Weak<PoolInner>,
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(conn) = &mut this.conn {
+            conn.drive(cx);
+        }
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None)) {
+            this.finished = true;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished || self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if !self.is_end_stream() || !conn.reusable() {
+            return;
+        }
+        if let Some(pool) = self.pool.upgrade() {
+            pool.checkin(&self.origin, conn);
+        }
+    }
+}
