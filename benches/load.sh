@@ -10,10 +10,12 @@
 #   3. starts the upstream (answers 100 bytes only when `Authorization: Bearer bench-token`
 #      is present, else 401), authrelay (static credential, `unmatched: pass`, RUST_LOG=warn)
 #      and nginx (one worker, same header injection, keep-alive upstream pool, no access log);
-#   4. runs wrk against each target at each connection count, RUNS times, and prints the
+#   4. runs wrk against each target at each connection count, RUNS times (interleaved), and prints the
 #      medians of req/s, p50 and p99, the proxy's CPU time per request (user + system, from
 #      /proc/PID/stat), the proxies' peak RSS and the ratios;
-#   5. measures authrelay's (and nginx's) RSS idle and with IDLE_CONNS idle keep-alive clients.
+#   5. measures authrelay's (and nginx's) RSS idle and with IDLE_CONNS idle keep-alive clients;
+#   6. counts the user-space instructions each proxy executes per request under callgrind
+#      (valgrind, installed when missing; CALLGRIND=0 skips it): repeatable where timings are not.
 #
 # Pinning: the proxy under test (authrelay or nginx) runs alone on PROXY_CORE; wrk and the
 # upstream share LOAD_CORE. The direct run (wrk sends the header itself) uses LOAD_CORE only. Numbers from a shared machine
@@ -27,6 +29,8 @@ CONNS=${CONNS:-"32 256"}
 PROXY_CORE=${PROXY_CORE:-0}
 LOAD_CORE=${LOAD_CORE:-1}
 IDLE_CONNS=${IDLE_CONNS:-10000}
+CALLGRIND=${CALLGRIND:-1}
+CG_PORT=${CG_PORT:-18184}
 UP_PORT=${UP_PORT:-18181}
 AR_PORT=${AR_PORT:-18182}
 NGX_PORT=${NGX_PORT:-18183}
@@ -59,6 +63,7 @@ install_if_missing() { # command package...
 }
 install_if_missing wrk wrk
 install_if_missing nginx nginx-light nginx
+[ "$CALLGRIND" = 1 ] && install_if_missing valgrind valgrind
 NGINX=$(command -v nginx)
 
 log "building (release)"
@@ -186,38 +191,46 @@ cpu_ticks() { # pid -> user + system clock ticks so far
 }
 CLK_TCK=$(getconf CLK_TCK)
 
+# Samples of each target/conns, space-separated; medians are taken at the end.
 declare -A RPS P50 P99 BAD CPU
-run_target() { # name conns url lua header [proxy-pid]
-    local name=$1 conns=$2 url=$3 lua=${4:-} header=${5:-} pid=${6:-}
-    local rps=() p50=() p99=() cpu=() bad=0 out ticks
-    for run in $(seq "$RUNS"); do
-        out="$WORK/wrk-$name-$conns-$run.txt"
-        [ -n "$pid" ] && ticks=$(cpu_ticks "$pid")
-        taskset -c "$LOAD_CORE" timeout $((DURATION + 30)) wrk -t1 -c"$conns" -d"${DURATION}s" \
-            --timeout 5s --latency ${lua:+-s "$lua"} ${header:+-H "$header"} "$url" >"$out"
-        if [ -n "$pid" ]; then # CPU time the proxy spent per request, in microseconds
-            cpu+=("$(awk -v t=$(( $(cpu_ticks "$pid") - ticks )) -v hz="$CLK_TCK" \
-                '/ requests in / { printf "%.2f", t / hz * 1e6 / $1 }' "$out")")
-        fi
-        rps+=("$(awk '/^Requests\/sec/ { print $2 }' "$out")")
-        p50+=("$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")")
-        p99+=("$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")")
-        bad=$((bad + $(awk '/Non-2xx/ { s += $5 } /Socket errors/ { gsub(",", ""); s += $4 + $6 + $8 + $10 } END { print s + 0 }' "$out")))
-        log "  $name c=$conns run $run: ${rps[-1]} req/s p50 ${p50[-1]} ms p99 ${p99[-1]} ms"
-    done
-    RPS[$name/$conns]=$(printf '%s\n' "${rps[@]}" | median)
-    P50[$name/$conns]=$(printf '%s\n' "${p50[@]}" | median)
-    P99[$name/$conns]=$(printf '%s\n' "${p99[@]}" | median)
-    BAD[$name/$conns]=$bad
-    CPU[$name/$conns]=$( ((${#cpu[@]})) && printf '%s\n' "${cpu[@]}" | median || echo -)
+run_once() { # name conns run url lua header [proxy-pid]
+    local name=$1 conns=$2 run=$3 url=$4 lua=${5:-} header=${6:-} pid=${7:-}
+    local key=$name/$conns out="$WORK/wrk-$name-$conns-$run.txt" ticks=0 rps p50 p99
+    [ -n "$pid" ] && ticks=$(cpu_ticks "$pid")
+    taskset -c "$LOAD_CORE" timeout $((DURATION + 30)) wrk -t1 -c"$conns" -d"${DURATION}s" \
+        --timeout 5s --latency ${lua:+-s "$lua"} ${header:+-H "$header"} "$url" >"$out"
+    if [ -n "$pid" ]; then # CPU time the proxy spent per request, in microseconds
+        CPU[$key]+=" $(awk -v t=$(( $(cpu_ticks "$pid") - ticks )) -v hz="$CLK_TCK" \
+            '/ requests in / { printf "%.2f", t / hz * 1e6 / $1 }' "$out")"
+    fi
+    rps=$(awk '/^Requests\/sec/ { print $2 }' "$out")
+    p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")
+    p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")
+    RPS[$key]+=" $rps"; P50[$key]+=" $p50"; P99[$key]+=" $p99"
+    BAD[$key]=$(( ${BAD[$key]:-0} + $(awk '/Non-2xx/ { s += $5 } /Socket errors/ { gsub(",", ""); s += $4 + $6 + $8 + $10 } END { print s + 0 }' "$out") ))
+    log "  $name c=$conns run $run: $rps req/s p50 $p50 ms p99 $p99 ms"
+}
+median_of() { # "a b c" -> median, or - when empty
+    if [ -z "${1// }" ]; then echo -; else printf '%s\n' $1 | median; fi
 }
 
+# Runs are interleaved (run 1 of every target, then run 2, ...) so that a noisy moment on
+# the shared machine hits all targets alike instead of one target's whole series.
 log "load: ${RUNS} x ${DURATION}s per target and connection count"
 for c in $CONNS; do
-    run_target direct "$c" "http://127.0.0.1:$UP_PORT$PATH_QS" "" "Authorization: $TOKEN"
-    run_target authrelay "$c" "http://127.0.0.1:$AR_PORT/" "$WORK/forward.lua" "" "$AR_PID"
-    run_target authrelay-mount "$c" "http://127.0.0.1:$AR_PORT/m$PATH_QS" "" "" "$AR_PID"
-    run_target nginx "$c" "http://127.0.0.1:$NGX_PORT/" "$WORK/forward.lua" "" "$NGX_WORKER"
+    for run in $(seq "$RUNS"); do
+        run_once direct "$c" "$run" "http://127.0.0.1:$UP_PORT$PATH_QS" "" "Authorization: $TOKEN"
+        run_once authrelay "$c" "$run" "http://127.0.0.1:$AR_PORT/" "$WORK/forward.lua" "" "$AR_PID"
+        run_once authrelay-mount "$c" "$run" "http://127.0.0.1:$AR_PORT/m$PATH_QS" "" "" "$AR_PID"
+        run_once nginx "$c" "$run" "http://127.0.0.1:$NGX_PORT/" "$WORK/forward.lua" "" "$NGX_WORKER"
+    done
+done
+for key in "${!RPS[@]}"; do
+    for table in RPS P50 P99 CPU; do
+        declare -n samples=$table
+        samples[$key]=$(median_of "${samples[$key]:-}")
+        unset -n samples
+    done
 done
 AR_PEAK=$(status_of "$AR_PID" VmHWM)
 NGX_PEAK=$(( $(status_of "$NGX_WORKER" VmHWM) + $(status_of "$NGX_MASTER" VmHWM) ))
@@ -246,6 +259,46 @@ log "idle connections: $IDLE_CONNS to authrelay"
 read -r AR_CONN_RSS AR_CONN_OK AR_CONN_FAIL < <(idle_rss "$AR_PORT" "http://127.0.0.1:$UP_PORT$PATH_QS" "$AR_PID")
 log "idle connections: $IDLE_CONNS to nginx"
 read -r NGX_CONN_RSS NGX_CONN_OK NGX_CONN_FAIL < <(idle_rss "$NGX_PORT" "http://127.0.0.1:$UP_PORT$PATH_QS" "$NGX_WORKER" "$NGX_MASTER")
+
+# --- user-space instructions per request (callgrind) ------------------------------------------
+# Wall-clock numbers on a shared VM swing by tens of percent; instruction counts do not. Each
+# proxy runs under callgrind on PROXY_CORE with the same config as above, is warmed up, and
+# then counts the instructions it executes in user space (the kernel's share is not seen)
+# while wrk sends requests through it at 8 connections.
+instructions_per_request() { # name pid -> instructions per request
+    local name=$1 pid=$2 out n
+    taskset -c "$LOAD_CORE" wrk -t1 -c8 -d2s -s "$WORK/forward.lua" "http://127.0.0.1:$CG_PORT/" >/dev/null
+    callgrind_control -z "$pid" >/dev/null
+    out=$(taskset -c "$LOAD_CORE" wrk -t1 -c8 -d"${DURATION}s" -s "$WORK/forward.lua" "http://127.0.0.1:$CG_PORT/")
+    callgrind_control -d "$pid" >/dev/null
+    sleep 1
+    if grep -q 'Non-2xx' <<<"$out"; then log "$name answered non-2xx under callgrind"; exit 1; fi
+    n=$(awk '/ requests in / { print $1 }' <<<"$out")
+    cat "$WORK/callgrind.$name".* | awk -v n="$n" '/^totals:/ { s += $2 } END { printf "%d", s / n }'
+}
+AR_INSTR=- NGX_INSTR=-
+if [ "$CALLGRIND" = 1 ]; then
+    log "instructions per request under callgrind"
+    kill "$AR_PID" "$NGX_MASTER" 2>/dev/null || true
+    wait "$AR_PID" "$NGX_MASTER" 2>/dev/null || true
+    sed "s/^listen: .*/listen: 127.0.0.1:$CG_PORT/" "$WORK/routes.yaml" >"$WORK/routes-cg.yaml"
+    RUST_LOG=warn taskset -c "$PROXY_CORE" valgrind --tool=callgrind \
+        --callgrind-out-file="$WORK/callgrind.authrelay" \
+        "$AUTHRELAY" --config "$WORK/routes-cg.yaml" run 2>>"$WORK/authrelay.log" &
+    CG_PID=$!; PIDS+=("$CG_PID")
+    wait_port "$CG_PORT"
+    AR_INSTR=$(instructions_per_request authrelay "$CG_PID")
+    kill "$CG_PID"; wait "$CG_PID" 2>/dev/null || true
+    sed -e 's/^master_process on;/master_process off;/' \
+        -e "s/listen 127.0.0.1:$NGX_PORT /listen 127.0.0.1:$CG_PORT /" \
+        "$WORK/nginx/nginx.conf" >"$WORK/nginx/nginx-cg.conf"
+    taskset -c "$PROXY_CORE" valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.nginx" \
+        "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx-cg.conf" 2>/dev/null &
+    CG_PID=$!; PIDS+=("$CG_PID")
+    wait_port "$CG_PORT"
+    NGX_INSTR=$(instructions_per_request nginx "$CG_PID")
+    kill "$CG_PID"; wait "$CG_PID" 2>/dev/null || true
+fi
 
 # --- report ---------------------------------------------------------------------------------
 mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
@@ -281,5 +334,8 @@ printf 'peak during load (VmHWM)    %9s    %9s\n' "$(mb "$AR_PEAK")" "$(mb "$NGX
 printf 'idle, fresh process         %9s\n' "$(mb "$AR_FRESH_RSS")"
 printf '%s idle keep-alive conns %7s    %9s   (answered 200: %s / %s)\n' "$IDLE_CONNS" \
     "$(mb "$AR_CONN_RSS")" "$(mb "$NGX_CONN_RSS")" "$AR_CONN_OK" "$NGX_CONN_OK"
+echo
+echo "user-space instructions per request (callgrind, 8 conns): authrelay $AR_INSTR, nginx $NGX_INSTR" \
+    "($(ratio "$AR_INSTR" "$NGX_INSTR") x nginx)"
 [ "${AR_CONN_FAIL:-0}" = 0 ] && [ "${NGX_CONN_FAIL:-0}" = 0 ] || echo "failed idle connections: authrelay $AR_CONN_FAIL, nginx $NGX_CONN_FAIL"
 echo "upstream peak RSS: $(mb "$UP_PEAK") MB; raw wrk output: $WORK"
