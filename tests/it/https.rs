@@ -265,6 +265,69 @@ async fn intercepted_https_gets_the_credential_over_h1_and_h2() {
 }
 
 #[tokio::test]
+async fn idle_intercepted_h2_connections_are_closed_but_not_while_a_request_runs() {
+    let upstream_ca = TestCa::new();
+    let origin = https_origin(&upstream_ca, &["127.0.0.1"], H2_AND_H1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (yaml, authrelay_ca) = intercepting_config(dir.path(), &upstream_ca, &origin.url());
+    let proxy = start(&format!("timeouts:\n  client_idle: 400ms\n{yaml}")).await;
+
+    let (tunnel, head) = connect(&proxy, "api.test:443").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut authrelay_ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("api.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tunnel)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let closed = tokio::spawn(connection);
+
+    // A request that outlasts the idle timeout is not cut.
+    let request = http::Request::get("https://api.test/slow/900")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&body[..], b"secure ok");
+    assert_eq!(
+        origin.last().headers["authorization"],
+        "Bearer s3cret-token"
+    );
+
+    // Then, with nothing in flight, the proxy ends the connection after about 400 ms.
+    let idle_from = std::time::Instant::now();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), closed).await;
+    assert!(ended.is_ok(), "the idle HTTP/2 connection was not closed");
+    assert!(
+        idle_from.elapsed() >= std::time::Duration::from_millis(300),
+        "closed after {:?}, before the idle timeout",
+        idle_from.elapsed()
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn intercepted_tunnel_refuses_clients_that_do_not_trust_the_ca() {
     let upstream_ca = TestCa::new();
     let origin = https_origin(&upstream_ca, &["127.0.0.1"], H2_AND_H1).await;

@@ -102,7 +102,7 @@ impl TlsOrigin {
 }
 
 /// Serves 200 `secure ok` over TLS with the leaf for `names`, offering `alpn` (e.g. `["h2",
-/// "http/1.1"]` or `["http/1.1"]`).
+/// "http/1.1"]` or `["http/1.1"]`); a path `/slow/<ms>` answers after that many milliseconds.
 pub async fn https_origin(ca: &TestCa, names: &[&str], alpn: &[&str]) -> TlsOrigin {
     let (chain, key) = ca.leaf(names);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -131,6 +131,10 @@ pub async fn https_origin(ca: &TestCa, names: &[&str], alpn: &[&str]) -> TlsOrig
                     async move {
                         let (parts, body) = req.into_parts();
                         let _ = body.collect().await;
+                        if let Some(ms) = parts.uri.path().strip_prefix("/slow/") {
+                            let ms = ms.parse().unwrap_or(0);
+                            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                        }
                         record.lock().unwrap().push(TlsSeen {
                             version: parts.version,
                             target: parts
