@@ -296,8 +296,10 @@ impl RouteTable {
             }
         };
         consider(self.exact.get(host));
-        for (dot, _) in host.match_indices('.') {
-            consider(self.wildcard.get(&host[dot + 1..]));
+        if !self.wildcard.is_empty() {
+            for (dot, _) in host.match_indices('.') {
+                consider(self.wildcard.get(&host[dot + 1..]));
+            }
         }
         best.map(|i| &self.routes[i])
     }
