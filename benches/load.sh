@@ -276,19 +276,25 @@ instructions_per_request() { # name pid -> instructions per request
     n=$(awk '/ requests in / { print $1 }' <<<"$out")
     cat "$WORK/callgrind.$name".* | awk -v n="$n" '/^totals:/ { s += $2 } END { printf "%d", s / n }'
 }
-AR_INSTR=- NGX_INSTR=-
+AR_INSTR=- AR_INFO_INSTR=- NGX_INSTR=-
 if [ "$CALLGRIND" = 1 ]; then
     log "instructions per request under callgrind"
     kill "$AR_PID" "$NGX_MASTER" 2>/dev/null || true
     wait "$AR_PID" "$NGX_MASTER" 2>/dev/null || true
     sed "s/^listen: .*/listen: 127.0.0.1:$CG_PORT/" "$WORK/routes.yaml" >"$WORK/routes-cg.yaml"
-    RUST_LOG=warn taskset -c "$PROXY_CORE" valgrind --tool=callgrind \
-        --callgrind-out-file="$WORK/callgrind.authrelay" \
-        "$AUTHRELAY" --config "$WORK/routes-cg.yaml" run 2>>"$WORK/authrelay.log" &
-    CG_PID=$!; PIDS+=("$CG_PID")
-    wait_port "$CG_PORT"
-    AR_INSTR=$(instructions_per_request authrelay "$CG_PID")
-    kill "$CG_PID"; wait "$CG_PID" 2>/dev/null || true
+    for level in warn info; do # info adds the access-log line of every request
+        RUST_LOG=$level taskset -c "$PROXY_CORE" valgrind --tool=callgrind \
+            --callgrind-out-file="$WORK/callgrind.authrelay-$level" \
+            "$AUTHRELAY" --config "$WORK/routes-cg.yaml" run 2>>"$WORK/authrelay-$level.log" &
+        CG_PID=$!; PIDS+=("$CG_PID")
+        wait_port "$CG_PORT"
+        if [ "$level" = warn ]; then
+            AR_INSTR=$(instructions_per_request authrelay-warn "$CG_PID")
+        else
+            AR_INFO_INSTR=$(instructions_per_request authrelay-info "$CG_PID")
+        fi
+        kill "$CG_PID"; wait "$CG_PID" 2>/dev/null || true
+    done
     sed -e 's/^master_process on;/master_process off;/' \
         -e "s/listen 127.0.0.1:$NGX_PORT /listen 127.0.0.1:$CG_PORT /" \
         "$WORK/nginx/nginx.conf" >"$WORK/nginx/nginx-cg.conf"
@@ -336,6 +342,6 @@ printf '%s idle keep-alive conns %7s    %9s   (answered 200: %s / %s)\n' "$IDLE_
     "$(mb "$AR_CONN_RSS")" "$(mb "$NGX_CONN_RSS")" "$AR_CONN_OK" "$NGX_CONN_OK"
 echo
 echo "user-space instructions per request (callgrind, 8 conns): authrelay $AR_INSTR, nginx $NGX_INSTR" \
-    "($(ratio "$AR_INSTR" "$NGX_INSTR") x nginx)"
+    "($(ratio "$AR_INSTR" "$NGX_INSTR") x nginx); authrelay with RUST_LOG=info (access log on): $AR_INFO_INSTR"
 [ "${AR_CONN_FAIL:-0}" = 0 ] && [ "${NGX_CONN_FAIL:-0}" = 0 ] || echo "failed idle connections: authrelay $AR_CONN_FAIL, nginx $NGX_CONN_FAIL"
 echo "upstream peak RSS: $(mb "$UP_PEAK") MB; raw wrk output: $WORK"
