@@ -1,7 +1,11 @@
-//! Logging setup: `tracing` with `RUST_LOG` filtering, as text or JSON lines.
+//! Logging setup: `tracing` with `RUST_LOG` filtering, as text or JSON lines on stderr.
 
+use std::fmt;
 use std::io::IsTerminal;
 
+use tracing::field::Field;
+use tracing_subscriber::field::MakeExt;
+use tracing_subscriber::fmt::format::{debug_fn, Writer};
 use tracing_subscriber::EnvFilter;
 
 /// Log line format.
@@ -15,8 +19,7 @@ pub enum LogFormat {
 }
 
 /// Installs the global subscriber, writing to stderr (colours only on a terminal, so that
-/// files and journald get plain text). `RUST_LOG` overrides the default
-/// level (`info`).
+/// files and journald get plain text). `RUST_LOG` overrides the default level (`info`).
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -24,11 +27,27 @@ pub fn init(format: LogFormat) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder.fmt_fields(plain_fields()).try_init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .try_init(),
     };
+}
+
+/// `name=value` fields separated by spaces, the message bare: what the default text format
+/// prints without colours, minus its per-field styling calls (a measurable share of the cost
+/// of every access-log line).
+fn plain_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    debug_fn(
+        |writer: &mut Writer<'_>, field: &Field, value: &dyn fmt::Debug| {
+            if field.name() == "message" {
+                write!(writer, "{value:?}")
+            } else {
+                write!(writer, "{field}={value:?}")
+            }
+        },
+    )
+    .delimited(" ")
 }
