@@ -326,7 +326,7 @@ impl LoginSource {
         if let (Some(url), Some(grant)) = (&self.settings.refresh_url, grant) {
             match self.refresh(url, grant).await {
                 Ok(token) => return Ok(token),
-                Err(e) if is_refusal(&e) => {
+                Err(e) if e.is_refusal() => {
                     *self.refused.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(grant.token.clone());
                     tracing::info!(error = %e, "refresh token refused; logging in again");
@@ -423,14 +423,6 @@ impl LoginSource {
     }
 }
 
-/// Whether a failed refresh means "this refresh token is no good" (log in instead) rather
-/// than "the endpoint is in trouble" (back off). `success: false` answers come as
-/// `Rejected` with a 2xx status.
-fn is_refusal(e: &CredentialError) -> bool {
-    matches!(e, CredentialError::Rejected { status, .. }
-        if matches!(status, 400 | 401 | 403) || (200..300).contains(status))
-}
-
 impl TokenSource for LoginSource {
     fn fetch<'a>(&'a self, previous: Option<&'a Token>) -> FetchFuture<'a> {
         Box::pin(self.obtain(previous))
@@ -503,11 +495,11 @@ mod tests {
             status,
             detail: String::new(),
         };
-        assert!(is_refusal(&rejected(401)));
-        assert!(is_refusal(&rejected(400)));
-        assert!(is_refusal(&rejected(200)));
-        assert!(!is_refusal(&rejected(500)));
-        assert!(!is_refusal(&rejected(429)));
-        assert!(!is_refusal(&CredentialError::Unreachable("x".into())));
+        assert!(rejected(401).is_refusal());
+        assert!(rejected(400).is_refusal());
+        assert!(rejected(200).is_refusal());
+        assert!(!rejected(500).is_refusal());
+        assert!(!rejected(429).is_refusal());
+        assert!(!CredentialError::Unreachable("x".into()).is_refusal());
     }
 }

@@ -65,6 +65,17 @@ pub enum CredentialError {
     Other(String),
 }
 
+impl CredentialError {
+    /// Whether the endpoint refused the grant that was presented (a refresh token, a cached
+    /// access token) rather than being in trouble: the caller should fall back to the
+    /// primary secret instead of backing off. `success: false` answers come as `Rejected`
+    /// with a 2xx status.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, CredentialError::Rejected { status, .. }
+            if matches!(status, 400 | 401 | 403) || (200..300).contains(status))
+    }
+}
+
 fn detail_suffix(detail: &str) -> String {
     if detail.is_empty() {
         String::new()

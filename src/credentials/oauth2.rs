@@ -1,7 +1,8 @@
 //! `type: oauth2_client_credentials` — RFC 6749 §4.4: the client authenticates with its id
 //! and secret (in the form body, or HTTP Basic per §2.3.1) and gets an access token. With
 //! `jwt_exchange:` (ItsYou.online) the access token is then exchanged for a JWT, which is
-//! what gets injected.
+//! what gets injected; the access token (ItsYou's live 24 h) travels with the JWT as its
+//! refresh grant, so the next JWT is had with one call and without sending the client secret.
 
 use std::time::{Duration, SystemTime};
 
@@ -10,8 +11,8 @@ use serde::Deserialize;
 
 use super::exchange::{self, EndpointAnswer};
 use super::{
-    common_fields, CredentialError, CredentialKind, FetchFuture, Token, TokenFormat, TokenSource,
-    ValidatedCredential,
+    common_fields, CredentialError, CredentialKind, FetchFuture, RefreshGrant, Token, TokenFormat,
+    TokenSource, ValidatedCredential,
 };
 use crate::config::values::ConfigDuration;
 use crate::config::ValidateCtx;
@@ -21,6 +22,10 @@ use crate::secret::Secret;
 /// `exp` (RFC 6749 makes `expires_in` optional). An hour keeps a token that really lives
 /// longer from being fetched too often, and a 401 before then is cured by refresh-and-retry.
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// An access token kept for the next JWT exchange must stay valid at least this much longer,
+/// so that it does not expire between being chosen and reaching the JWT endpoint.
+const ACCESS_TOKEN_MARGIN: Duration = Duration::from_secs(30);
 
 /// How the client authenticates at the token endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -269,30 +274,58 @@ impl OAuth2Source {
         jwt_from_answer(&answer)
     }
 
-    async fn fetch_token(&self) -> Result<Token, CredentialError> {
+    async fn fetch_token(&self, previous: Option<&Token>) -> Result<Token, CredentialError> {
         let s = &self.settings;
-        let (access_token, expires_at) = self.client_credentials().await?;
-        let (token, expires_at) = match &s.jwt_exchange {
-            None => (access_token, expires_at),
-            Some(x) => {
-                let jwt = self.exchange_for_jwt(x, &access_token).await?;
-                let expires_at = exchange::jwt_expiry(&jwt)
-                    .or_else(|| x.validity.map(|v| SystemTime::now() + v))
-                    .unwrap_or(expires_at);
-                (jwt, expires_at)
-            }
+        let Some(x) = &s.jwt_exchange else {
+            let (access_token, expires_at) = self.client_credentials().await?;
+            return Ok(Token {
+                value: s.format.header_value(&access_token),
+                expires_at: Some(expires_at),
+                refresh: None,
+            });
         };
-        Ok(Token {
-            value: s.format.header_value(&token),
+        let kept = previous
+            .and_then(|t| t.refresh.as_ref())
+            .filter(|g| g.usable_at(SystemTime::now() + ACCESS_TOKEN_MARGIN));
+        if let Some(grant) = kept {
+            match self.jwt_token(x, grant.clone()).await {
+                Ok(token) => return Ok(token),
+                Err(e) if e.is_refusal() => {
+                    tracing::info!(error = %e, "the kept access token was refused; obtaining a new one");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (access_token, expires_at) = self.client_credentials().await?;
+        let grant = RefreshGrant {
+            token: Secret::new(access_token),
             expires_at: Some(expires_at),
-            refresh: None,
+        };
+        self.jwt_token(x, grant).await
+    }
+
+    /// A JWT for `access`, carrying `access` along for the next exchange.
+    async fn jwt_token(
+        &self,
+        x: &JwtExchange,
+        access: RefreshGrant,
+    ) -> Result<Token, CredentialError> {
+        let jwt = self.exchange_for_jwt(x, access.token.expose()).await?;
+        let expires_at = exchange::jwt_expiry(&jwt)
+            .or_else(|| x.validity.map(|v| SystemTime::now() + v))
+            .or(access.expires_at)
+            .unwrap_or_else(|| SystemTime::now() + DEFAULT_TOKEN_LIFETIME);
+        Ok(Token {
+            value: self.settings.format.header_value(&jwt),
+            expires_at: Some(expires_at),
+            refresh: Some(access),
         })
     }
 }
 
 impl TokenSource for OAuth2Source {
-    fn fetch<'a>(&'a self, _previous: Option<&'a Token>) -> FetchFuture<'a> {
-        Box::pin(self.fetch_token())
+    fn fetch<'a>(&'a self, previous: Option<&'a Token>) -> FetchFuture<'a> {
+        Box::pin(self.fetch_token(previous))
     }
 }
 

@@ -396,3 +396,66 @@ async fn a_redirecting_token_endpoint_never_gets_the_secret_to_another_host() {
     assert_eq!(api.count(), 0);
     proxy.stop().await;
 }
+
+/// Paths the token server was asked for, in order.
+fn token_paths(v: &Vendor) -> Vec<String> {
+    v.token_server
+        .requests()
+        .iter()
+        .map(|r| r.target.split('?').next().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn jwt_exchange_keeps_the_access_token_for_the_next_jwts() {
+    let mut settings = OAuth2Vendor::new(CLIENT_ID, CLIENT_SECRET);
+    settings.access_lifetime = Duration::from_secs(600);
+    let v = start(Flavor::JwtExchange, settings).await;
+    let client = v.setup.proxy.client();
+    let end = std::time::Instant::now() + LIFETIME * 3;
+    while std::time::Instant::now() < end {
+        let res = client.get(&v.setup.url).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let paths = token_paths(&v);
+    let access_calls = paths
+        .iter()
+        .filter(|p| *p == "/v1/oauth/access_token")
+        .count();
+    let jwt_calls = paths.iter().filter(|p| *p == "/v1/oauth/jwt").count();
+    assert_eq!(
+        access_calls, 1,
+        "the client secret was sent once: {paths:?}"
+    );
+    assert!(jwt_calls >= 3, "JWTs were refreshed: {paths:?}");
+    assert_eq!(
+        v.setup.book.api_stats().1,
+        0,
+        "the API never saw a bad token"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_kept_access_token_falls_back_to_the_client_secret() {
+    let mut settings = OAuth2Vendor::new(CLIENT_ID, CLIENT_SECRET);
+    settings.access_lifetime = Duration::from_secs(600);
+    let v = start(Flavor::JwtExchange, settings).await;
+    assert_eq!(v.setup.get().await.status(), 200);
+    // Older than `min_reject_age`, so that a 401 leads to a refresh.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    v.setup.book.revoke_all();
+    let res = v.setup.get().await;
+    assert_eq!(res.status(), 200, "refreshed and replayed");
+    assert_eq!(
+        token_paths(&v),
+        [
+            "/v1/oauth/access_token",
+            "/v1/oauth/jwt",
+            "/v1/oauth/jwt",
+            "/v1/oauth/access_token",
+            "/v1/oauth/jwt"
+        ],
+        "the kept access token was tried once, then a new one obtained"
+    );
+}
