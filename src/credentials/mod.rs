@@ -89,7 +89,9 @@ pub type FetchFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Token, CredentialError>> + Send + 'a>>;
 
 /// Something that can obtain a token. Implementations hold their settings and an HTTP client;
-/// they never cache — the token store decides when to call them.
+/// they never cache tokens — the token store decides when to call them — though one may
+/// remember a lookup that does not change between tokens (the Outseta subscription of an
+/// account).
 pub trait TokenSource: Send + Sync + 'static {
     /// Obtains a new token. `previous` is the last token this source issued, so that a
     /// source with refresh tokens can use its grant (and fall back to a full login when the

@@ -5,9 +5,11 @@
 //! People with several accounts pick one: `subscription_uid` goes straight to
 //! `?subscriptionUid=…`; `account_uid` first gets a token, lists
 //! `/api/v1/billing/subscriptions` with it, and asks for the token of that account's
-//! subscription. Expiry comes from the JWT's `exp` (or `expires_in`).
+//! subscription; later refreshes ask for that subscription's token directly. Expiry comes
+//! from the JWT's `exp` (or `expires_in`).
 
 use std::fmt;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use http::HeaderValue;
 use reqwest::Url;
@@ -268,29 +270,63 @@ fn endpoint_urls(ctx: &mut ValidateCtx<'_>, base: &Url) -> Option<(Url, Url)> {
 pub struct OutsetaSource {
     settings: OutsetaSettings,
     http: reqwest::Client,
+    /// The subscription found for `account_uid` at the last lookup: later refreshes ask for
+    /// its token directly, one call instead of three or more (person token, subscription
+    /// pages, the account's token). Forgotten when Outseta refuses it.
+    found_subscription: Mutex<Option<String>>,
 }
 
 impl OutsetaSource {
     /// Wraps validated settings and the token-endpoint client.
     pub fn new(settings: OutsetaSettings, http: reqwest::Client) -> Self {
-        Self { settings, http }
+        Self {
+            settings,
+            http,
+            found_subscription: Mutex::new(None),
+        }
     }
 
     async fn obtain(&self) -> Result<Token, CredentialError> {
         let answer = match &self.settings.account {
             AccountChoice::Primary => self.request_token(None).await?,
             AccountChoice::Subscription(uid) => self.request_token(Some(uid)).await?,
-            AccountChoice::Account(account_uid) => {
-                let person = self.request_token(None).await?;
-                let subscription = self.subscription_of(&person.jwt, account_uid).await?;
-                self.request_token(Some(&subscription)).await?
-            }
+            AccountChoice::Account(account_uid) => self.account_token(account_uid).await?,
         };
         Ok(Token {
             value: self.settings.format.header_value(answer.jwt.expose()),
             expires_at: answer.expires_at,
             refresh: None,
         })
+    }
+
+    /// The token of `account_uid`'s subscription: straight from the subscription found
+    /// before, else (or when Outseta refuses that one) by looking the subscription up.
+    async fn account_token(&self, account_uid: &str) -> Result<IssuedJwt, CredentialError> {
+        let found = self.found_subscription().clone();
+        if let Some(subscription) = found {
+            match self.request_token(Some(&subscription)).await {
+                Ok(jwt) => return Ok(jwt),
+                Err(e)
+                    if e.is_refusal()
+                        || matches!(e, CredentialError::Rejected { status: 404, .. }) =>
+                {
+                    tracing::info!(error = %e, "the subscription found for the account was refused; looking it up again");
+                    *self.found_subscription() = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let person = self.request_token(None).await?;
+        let subscription = self.subscription_of(&person.jwt, account_uid).await?;
+        let jwt = self.request_token(Some(&subscription)).await?;
+        *self.found_subscription() = Some(subscription);
+        Ok(jwt)
+    }
+
+    fn found_subscription(&self) -> MutexGuard<'_, Option<String>> {
+        self.found_subscription
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// `POST /api/v1/tokens[?subscriptionUid=…]`.

@@ -196,13 +196,50 @@ async fn account_uid_is_found_across_pages_and_its_token_injected() {
 }
 
 #[tokio::test]
-async fn account_uid_lifecycle_counts_two_token_calls_per_token() {
+async fn account_uid_is_looked_up_once_then_refreshed_with_one_call() {
     let auth = format!("{PERSON}    account_uid: acc-3\n");
     let (mut s, vendor) = setup_with(many_accounts(), &auth).await;
     s.calls_per_token = 2;
     lifecycle::first_request_gets_token(&s).await;
+    let lists = vendor.subscription_count();
+    assert_eq!(lists, 2, "two pages of two to find acc-3");
+    // A refresh (here after a revocation) asks for the found subscription's token directly.
+    s.calls_per_token = 1;
     lifecycle::revoked_token_is_refreshed_and_body_replayed(&s).await;
-    assert!(vendor.subscription_count() >= 2);
+    assert_eq!(vendor.subscription_count(), lists, "no second lookup");
+    let last = vendor.token_requests().pop().unwrap();
+    assert_eq!(last.target, "/api/v1/tokens?subscriptionUid=sub-3");
+    s.proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_found_subscription_is_looked_up_again() {
+    let auth = format!("{PERSON}    account_uid: acc-3\n");
+    let (s, vendor) = setup_with(many_accounts(), &auth).await;
+    assert_eq!(s.get().await.status(), 200);
+    vendor.resubscribe("acc-3", "sub-3b");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    s.book.revoke_all();
+    let res = s.get().await;
+    assert_eq!(res.status(), 200, "refreshed and replayed");
+    let targets: Vec<String> = vendor
+        .token_requests()
+        .iter()
+        .map(|r| r.target.clone())
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            "/api/v1/tokens",
+            "/api/v1/tokens?subscriptionUid=sub-3",
+            "/api/v1/tokens?subscriptionUid=sub-3",
+            "/api/v1/tokens",
+            "/api/v1/tokens?subscriptionUid=sub-3b",
+        ],
+        "the old subscription was refused, so the account was looked up again"
+    );
+    let claims = outseta::verified_claims(&injected_jwt(&s)).unwrap();
+    assert_eq!(claims["outseta:subscriptionUid"], "sub-3b");
     s.proxy.stop().await;
 }
 

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -64,6 +64,7 @@ pub struct Outseta {
     pub book: Arc<TokenBook>,
     /// `GET /api/v1/billing/subscriptions` calls (not token calls).
     pub subscription_calls: Arc<AtomicUsize>,
+    options: Arc<Mutex<OutsetaOptions>>,
 }
 
 impl Outseta {
@@ -94,6 +95,18 @@ impl Outseta {
     pub fn subscription_count(&self) -> usize {
         self.subscription_calls.load(Ordering::SeqCst)
     }
+
+    /// Gives `account_uid` a new subscription uid (the old one is then "not found").
+    pub fn resubscribe(&self, account_uid: &str, subscription_uid: &str) {
+        let mut options = self.options.lock().unwrap();
+        for person in &mut options.people {
+            for (account, subscription) in &mut person.accounts {
+                if account == account_uid {
+                    *subscription = subscription_uid.to_string();
+                }
+            }
+        }
+    }
 }
 
 /// The claims of a JWT this server issued, after verifying its signature (not its expiry).
@@ -112,15 +125,16 @@ pub async fn start(options: OutsetaOptions) -> Outseta {
     let book = TokenBook::new();
     let subscription_calls = Arc::new(AtomicUsize::new(0));
     let key = Arc::new(EncodingKey::from_rsa_pem(PRIVATE_KEY.as_bytes()).expect("private key"));
-    let options = Arc::new(options);
+    let options = Arc::new(Mutex::new(options));
     let origin = {
         let book = Arc::clone(&book);
         let calls = Arc::clone(&subscription_calls);
+        let options = Arc::clone(&options);
         server::serve(move |seen: Seen| {
             let book = Arc::clone(&book);
             let calls = Arc::clone(&calls);
             let key = Arc::clone(&key);
-            let options = Arc::clone(&options);
+            let options = options.lock().unwrap().clone();
             async move {
                 let (path, query) = split_target(&seen.target);
                 match (seen.method.as_str(), path) {
@@ -139,6 +153,7 @@ pub async fn start(options: OutsetaOptions) -> Outseta {
         origin,
         book,
         subscription_calls,
+        options,
     }
 }
 
