@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Uri};
-use http::{header, HeaderValue, Request, Response, Version};
+use http::{header, HeaderValue, Method, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, TrySendError};
 use hyper_util::rt::TokioIo;
@@ -34,6 +34,11 @@ use super::{describe, BoxError, ProxyBody, UpstreamError};
 const MAX_IDLE_PER_ORIGIN: usize = 1024;
 /// TCP keep-alive probes on upstream connections, so that a dead peer is noticed.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// A pooled connection idle at least this long may be closed by the upstream (its keep-alive
+/// timeout: 5 s in Node.js, 75 s in nginx) just as a request goes out on it. A request sent on
+/// one keeps a copy, when it can be sent again safely, for one retry on a new connection;
+/// under load connections idle for far less, so the hot path copies nothing.
+const STALE_RISK_AFTER: Duration = Duration::from_secs(1);
 
 type Driver = Pin<Box<http1::Connection<TokioIo<TcpStream>, ProxyBody>>>;
 
@@ -98,18 +103,29 @@ impl PlainPool {
     /// arrived; its body keeps the connection going and hands it back to the pool at its end.
     ///
     /// A request that a pooled connection could not even start sending (the upstream had
-    /// closed it) is sent again on another connection; one that may have reached the
-    /// upstream is not.
+    /// closed it) is sent again on another connection. One that went out on a connection
+    /// idle for [`STALE_RISK_AFTER`] and met a close before any answer is sent once more on a
+    /// new connection if it is idempotent and has no body (as nginx's `proxy_next_upstream
+    /// error`); any other request that may have reached the upstream is not.
     pub async fn send(
         &self,
         request: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let (mut request, origin) = origin_form(request)?;
+        let mut pooled_ok = true;
         loop {
-            let (mut conn, reused) = match self.inner.checkout(origin.as_str()) {
-                Some(conn) => (conn, true),
-                None => (self.inner.connect(&origin).await?, false),
+            let pooled = if pooled_ok {
+                self.inner.checkout(origin.as_str())
+            } else {
+                None
             };
+            let (mut conn, idle) = match pooled {
+                Some((conn, idle)) => (conn, Some(idle)),
+                None => (self.inner.connect(&origin).await?, None),
+            };
+            let copy = idle
+                .filter(|idle| *idle >= STALE_RISK_AFTER)
+                .and_then(|_| replayable_copy(&request));
             match exchange(&mut conn, request).await {
                 Ok(response) => {
                     let pool = Arc::downgrade(&self.inner);
@@ -125,8 +141,15 @@ impl PlainPool {
                         .boxed()
                     }));
                 }
-                Err(mut failed) => match failed.take_message() {
-                    Some(unsent) if reused => request = unsent,
+                Err(mut failed) => match (failed.take_message(), copy) {
+                    (Some(unsent), _) if idle.is_some() => request = unsent,
+                    (_, Some(copy)) if closed_before_answer(failed.error()) => {
+                        tracing::debug!(
+                            "the upstream closed an idle connection as the request went out; sending it on a new one"
+                        );
+                        request = copy;
+                        pooled_ok = false;
+                    }
                     _ => return Err(UpstreamError::Failed(describe(&failed.into_error()))),
                 },
             }
@@ -144,12 +167,14 @@ impl PoolInner {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The most recently used idle connection to `origin` that is still open and fresh.
-    fn checkout(&self, origin: &str) -> Option<Conn> {
+    /// The most recently used idle connection to `origin` that is still open and fresh, and
+    /// how long it was idle.
+    fn checkout(&self, origin: &str) -> Option<(Conn, Duration)> {
         loop {
             let mut entry = self.lock().get_mut(origin)?.pop()?;
-            if entry.since.elapsed() < self.idle_timeout && entry.conn.reusable() {
-                return Some(entry.conn);
+            let idle = entry.since.elapsed();
+            if idle < self.idle_timeout && entry.conn.reusable() {
+                return Some((entry.conn, idle));
             }
         }
     }
@@ -258,6 +283,44 @@ fn origin_form(
     *request.uri_mut() = Uri::from(target);
     *request.version_mut() = Version::HTTP_11;
     Ok((request, origin))
+}
+
+/// A copy of `request` to send again, if that is safe: an idempotent method (RFC 9110
+/// §9.2.2) and no body.
+fn replayable_copy(request: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    let idempotent = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent || !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(Empty::new().map_err(|never| match never {}).boxed());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
+}
+
+/// Whether the connection ended before any of the response arrived: closed, or reset.
+fn closed_before_answer(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Sends `request` on `conn`, driving the connection until the response head is in.

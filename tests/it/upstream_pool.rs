@@ -41,10 +41,11 @@ impl RawUpstream {
 }
 
 /// Serves requests (heads only; a Content-Length body is read and ignored) with `answer`,
-/// which gets the request line and headers and returns the raw response bytes.
+/// which gets the request line and headers and the request's index on its connection (0 for
+/// the first) and returns the raw response bytes (none: close without answering).
 async fn raw_upstream<F>(answer: F) -> RawUpstream
 where
-    F: Fn(&str) -> (Vec<u8>, After) + Send + Sync + 'static,
+    F: Fn(&str, usize) -> (Vec<u8>, After) + Send + Sync + 'static,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -70,9 +71,12 @@ where
     }
 }
 
-async fn serve_raw(mut stream: TcpStream, answer: &(dyn Fn(&str) -> (Vec<u8>, After) + Sync)) {
+/// What the raw upstream answers: request head and index on its connection -> bytes, then.
+type Answer = dyn Fn(&str, usize) -> (Vec<u8>, After) + Send + Sync;
+
+async fn serve_raw(mut stream: TcpStream, answer: &Answer) {
     let mut buf = Vec::new();
-    loop {
+    for nth in 0.. {
         let head_end = loop {
             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
@@ -100,7 +104,10 @@ async fn serve_raw(mut stream: TcpStream, answer: &(dyn Fn(&str) -> (Vec<u8>, Af
             }
         }
         buf.drain(..head_end + body_len);
-        let (response, after) = answer(&head);
+        let (response, after) = answer(&head, nth);
+        if response.is_empty() {
+            return;
+        }
         if stream.write_all(&response).await.is_err() {
             return;
         }
@@ -162,7 +169,7 @@ fn by_path(head: &str, upstream: &str) -> Vec<u8> {
 async fn one_upstream_connection_serves_every_kind_of_body_in_turn() {
     let slot = Arc::new(std::sync::OnceLock::<String>::new());
     let host = Arc::clone(&slot);
-    let upstream = raw_upstream(move |head| {
+    let upstream = raw_upstream(move |head, _| {
         (
             by_path(head, host.get().map_or("", String::as_str)),
             After::KeepAlive,
@@ -203,7 +210,7 @@ async fn one_upstream_connection_serves_every_kind_of_body_in_turn() {
 
 #[tokio::test]
 async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
-    let upstream = raw_upstream(|_| {
+    let upstream = raw_upstream(|_, _| {
         (
             OK_LENGTH.to_vec(),
             After::CloseIdle(Duration::from_millis(50)),
@@ -229,7 +236,7 @@ async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
 
 #[tokio::test]
 async fn a_response_cut_short_fails_that_request_only() {
-    let upstream = raw_upstream(|head| {
+    let upstream = raw_upstream(|head, _| {
         if head.starts_with("GET /cut ") {
             (
                 b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial".to_vec(),
@@ -258,7 +265,7 @@ async fn a_response_cut_short_fails_that_request_only() {
 
 #[tokio::test]
 async fn idle_connections_are_closed_after_the_pool_idle_timeout() {
-    let upstream = raw_upstream(|_| (OK_LENGTH.to_vec(), After::KeepAlive)).await;
+    let upstream = raw_upstream(|_, _| (OK_LENGTH.to_vec(), After::KeepAlive)).await;
     let proxy = support::proxy(&routes(upstream.addr, "timeouts:\n  pool_idle: 200ms\n")).await;
     let res = proxy
         .client()
@@ -284,7 +291,7 @@ async fn idle_connections_are_closed_after_the_pool_idle_timeout() {
 
 #[tokio::test]
 async fn concurrent_requests_open_at_most_one_connection_each_and_then_reuse_them() {
-    let upstream = raw_upstream(|_| (OK_LENGTH.to_vec(), After::KeepAlive)).await;
+    let upstream = raw_upstream(|_, _| (OK_LENGTH.to_vec(), After::KeepAlive)).await;
     let proxy = support::proxy(&routes(upstream.addr, "")).await;
     let url = format!("http://{}/x", upstream.addr);
     for wave in 0..3 {
@@ -316,4 +323,44 @@ async fn futures_join<T: Send + 'static>(
         out.push(handle.await.unwrap());
     }
     out
+}
+
+#[tokio::test]
+async fn an_idle_connection_closed_as_a_bodiless_get_goes_out_is_retried_once() {
+    // Every connection answers its first request, then closes when the second arrives:
+    // the upstream's keep-alive timeout firing just as the proxy reuses the connection.
+    let upstream = raw_upstream(|_, nth| {
+        if nth == 0 {
+            (OK_LENGTH.to_vec(), After::KeepAlive)
+        } else {
+            (Vec::new(), After::Close)
+        }
+    })
+    .await;
+    let proxy = support::proxy(&routes(upstream.addr, "")).await;
+    let client = proxy.client();
+    let url = format!("http://{}/x", upstream.addr);
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+
+    // Reused at once: the connection was not idle long enough to be at risk, no copy was
+    // kept, so the close reaches the client as a 502.
+    let res = client.get(&url).send().await.unwrap();
+    assert_eq!(res.status(), 502);
+    assert_eq!(upstream.accepted(), 1);
+
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+    assert_eq!(upstream.accepted(), 2);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Idle over a second: the GET meets the close, goes out again on a new connection.
+    let res = client.get(&url).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "hello");
+    assert_eq!(upstream.accepted(), 3);
+
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // A POST with a body may have been acted on: it is not sent twice.
+    let res = client.post(&url).body("once").send().await.unwrap();
+    assert_eq!(res.status(), 502);
+    assert_eq!(upstream.accepted(), 3);
+    proxy.stop().await;
 }
