@@ -7,6 +7,7 @@ mod support;
 
 mod admin;
 mod cli;
+mod client_recipes;
 mod credentials_login;
 mod credentials_oauth2;
 mod credentials_outreach;

@@ -99,6 +99,11 @@ impl TlsOrigin {
     pub fn count(&self) -> usize {
         self.seen.lock().unwrap().len()
     }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<TlsSeen> {
+        self.seen.lock().unwrap().clone()
+    }
 }
 
 /// Serves 200 `secure ok` over TLS with the leaf for `names`, offering `alpn` (e.g. `["h2",
