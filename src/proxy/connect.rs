@@ -1,14 +1,19 @@
-//! `CONNECT host:port`: a byte tunnel to hosts no route intercepts (closed after an idle
-//! period), a decrypted tunnel (`intercepted.rs`) to hosts one does; only to allowed ports.
+//! `CONNECT host:port`. To a host no route names: a byte tunnel (closed after an idle period),
+//! only to `connect.allowed_ports`. To a host a route names, on any port the route matches:
+//! the first bytes decide — a TLS ClientHello is decrypted (`intercepted.rs`) when the route
+//! says `intercept: true`, plain HTTP (undici tunnels `http://` URLs too) is served request by
+//! request like forward-proxy traffic, and anything else is only tunnelled to an allowed port.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::uri::Authority;
+use http::uri::{Authority, Scheme};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::intercepted;
@@ -18,21 +23,40 @@ use crate::config::Unmatched;
 use crate::state::State;
 use crate::upstream::ProxyBody;
 
-/// Answers a CONNECT request: 200 and a tunnel (decrypted when a route intercepts the host),
-/// or an error.
+/// What the proxy does with the bytes of one tunnel.
+enum Mode {
+    /// A host no route names: bytes are copied unread.
+    Splice,
+    /// A host a route names: served by what the client sends first.
+    Routed {
+        /// The certificate config when a route intercepts the host.
+        tls: Option<Arc<rustls::ServerConfig>>,
+        /// Whether the port is in `connect.allowed_ports` (else only HTTP is served).
+        port_allowed: bool,
+    },
+}
+
+/// Answers a CONNECT request: 200 and a tunnel, or an error.
 pub async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<ProxyBody> {
-    let opened = open(&state, &request).and_then(|authority| {
-        let tls = interception(&state, &authority)?;
-        Ok((authority, tls))
+    let opened = open(&state, &request).and_then(|(authority, routed, port_allowed)| {
+        let mode = if routed {
+            Mode::Routed {
+                tls: interception(&state, &authority)?,
+                port_allowed,
+            }
+        } else {
+            Mode::Splice
+        };
+        Ok((authority, mode))
     });
-    let (authority, tls) = match opened {
+    let (authority, mode) = match opened {
         Ok(o) => o,
         Err(e) => {
             tracing::info!(error = %e, "CONNECT refused");
             return e.into_response(None);
         }
     };
-    tokio::spawn(tunnel(state, request, authority, tls));
+    tokio::spawn(tunnel(state, request, authority, mode));
     let mut response = Response::new(replay::empty());
     *response.status_mut() = StatusCode::OK;
     response
@@ -62,13 +86,9 @@ fn interception(
         .map_err(|e| ProxyError::Interception(e.to_string()))
 }
 
-/// Runs one tunnel after the 200: decrypted and proxied request by request, or spliced.
-async fn tunnel(
-    state: Arc<State>,
-    request: Request<Incoming>,
-    authority: Authority,
-    tls: Option<Arc<rustls::ServerConfig>>,
-) {
+/// Runs one tunnel after the 200: proxied request by request (decrypted or plain HTTP), or
+/// spliced.
+async fn tunnel(state: Arc<State>, request: Request<Incoming>, authority: Authority, mode: Mode) {
     let upgraded = match hyper::upgrade::on(request).await {
         Ok(u) => TokioIo::new(u),
         Err(e) => {
@@ -78,18 +98,136 @@ async fn tunnel(
     };
     let tunnels = state.metrics.tunnels.clone();
     tunnels.inc();
-    match tls {
-        Some(tls) => intercepted::serve(state, upgraded, authority, tls).await,
-        None => {
-            let idle = state.snapshot().config.connect.idle_timeout;
-            plain(upgraded, &authority, idle).await;
+    let idle = state.snapshot().config.connect.idle_timeout;
+    match mode {
+        Mode::Splice => plain(upgraded, &authority, idle).await,
+        Mode::Routed { tls, port_allowed } => {
+            let client_idle = state.snapshot().config.timeouts.client_idle;
+            match sniff(upgraded, client_idle).await {
+                Some((FirstBytes::Tls, client)) => match tls {
+                    Some(tls) => intercepted::serve(state, client, authority, tls).await,
+                    None if port_allowed => plain(client, &authority, idle).await,
+                    None => {
+                        tracing::info!(host = %authority.host(), "TLS through a tunnel to a port only routes open, and no route intercepts it; closed")
+                    }
+                },
+                Some((FirstBytes::Http, client)) => {
+                    intercepted::serve_requests(state, client, authority, Scheme::HTTP).await
+                }
+                Some((FirstBytes::Other, client)) if port_allowed => {
+                    plain(client, &authority, idle).await
+                }
+                Some((FirstBytes::Other, _)) => {
+                    tracing::info!(host = %authority.host(), "neither HTTP nor TLS through a tunnel to a port only routes open; closed")
+                }
+                None => {}
+            }
         }
     }
     tunnels.dec();
 }
 
+/// What a client sent first through a tunnel to a routed host.
+enum FirstBytes {
+    /// A TLS record (handshake content type 22).
+    Tls,
+    /// An HTTP/1 request line (a method is upper-case letters) or the HTTP/2 preface.
+    Http,
+    Other,
+}
+
+/// Reads the client's first bytes (waiting at most `wait`) and returns what they are with a
+/// stream that yields them again. `None` when the client sent nothing or closed.
+async fn sniff<T>(mut client: T, wait: Duration) -> Option<(FirstBytes, Prefixed<T>)>
+where
+    T: AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut first = vec![0u8; 1024];
+    let n = match tokio::time::timeout(wait, client.read(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => n,
+        _ => return None,
+    };
+    first.truncate(n);
+    let kind = match first[0] {
+        0x16 => FirstBytes::Tls,
+        b'A'..=b'Z' => FirstBytes::Http,
+        _ => FirstBytes::Other,
+    };
+    Some((
+        kind,
+        Prefixed {
+            prefix: first,
+            read: 0,
+            inner: client,
+        },
+    ))
+}
+
+/// A stream that yields `prefix` before reading from `inner`: the bytes [`sniff`] looked at.
+pub struct Prefixed<T> {
+    prefix: Vec<u8>,
+    read: usize,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.read < this.prefix.len() {
+            let rest = &this.prefix[this.read..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.read += n;
+            if this.read == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
 /// A byte tunnel to `authority`: nothing is read or changed.
-async fn plain(client: TokioIo<hyper::upgrade::Upgraded>, authority: &Authority, idle: Duration) {
+async fn plain<T>(client: T, authority: &Authority, idle: Duration)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
     let upstream = match TcpStream::connect(authority.as_str()).await {
         Ok(u) => u,
         Err(e) => {
@@ -103,7 +241,11 @@ async fn plain(client: TokioIo<hyper::upgrade::Upgraded>, authority: &Authority,
     }
 }
 
-fn open(state: &State, request: &Request<Incoming>) -> Result<Authority, ProxyError> {
+/// Checks a CONNECT request: its authority, whether a route names the host (a routed host may
+/// be reached on the port its route matches without listing it in `allowed_ports`), and
+/// `unmatched: deny`. Returns the authority, whether it is routed, and whether its port is
+/// in `allowed_ports`.
+fn open(state: &State, request: &Request<Incoming>) -> Result<(Authority, bool, bool), ProxyError> {
     let authority = request
         .uri()
         .authority()
@@ -113,15 +255,15 @@ fn open(state: &State, request: &Request<Incoming>) -> Result<Authority, ProxyEr
         .port_u16()
         .ok_or_else(|| ProxyError::BadRequest("CONNECT needs host:port".into()))?;
     let snapshot = state.snapshot();
-    if !snapshot.config.connect.allowed_ports.contains(&port) {
+    let routed = snapshot.routes.names_host(authority.host(), port);
+    let port_allowed = snapshot.config.connect.allowed_ports.contains(&port);
+    if !port_allowed && !routed {
         return Err(ProxyError::PortNotAllowed(port));
     }
-    if snapshot.config.unmatched == Unmatched::Deny
-        && !snapshot.routes.names_host(authority.host(), port)
-    {
+    if snapshot.config.unmatched == Unmatched::Deny && !routed {
         return Err(ProxyError::Denied(authority.host().to_string()));
     }
-    Ok(authority)
+    Ok((authority, routed, port_allowed))
 }
 
 /// Copies bytes both ways until either side closes or nothing moves for `idle`.

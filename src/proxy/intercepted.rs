@@ -1,8 +1,10 @@
-//! Inside an intercepted CONNECT tunnel: terminate the client's TLS with a leaf for the
-//! tunnel's host (ALPN h2 or http/1.1), then handle each request exactly like a forward-proxy
-//! request for `https://host:port` — route match, injection, refresh-and-retry, TLS upstream.
-//! A tunnel with no request in flight for `timeouts.client_idle` is closed (HTTP/2: GOAWAY),
-//! as the plain listener closes idle keep-alive connections.
+//! Requests inside a CONNECT tunnel to a routed host. An intercepted tunnel first has the
+//! client's TLS terminated with a leaf for the tunnel's host (ALPN h2 or http/1.1); a tunnel
+//! that carries plain HTTP (undici sends `CONNECT host:80` even for `http://` URLs) is read as
+//! is. Either way each request is handled exactly like a forward-proxy request for
+//! `scheme://host:port` — route match, injection, refresh-and-retry. A tunnel with no request
+//! in flight for `timeouts.client_idle` is closed (HTTP/2: GOAWAY), as the plain listener
+//! closes idle keep-alive connections.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -12,27 +14,30 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::Authority;
+use http::uri::{Authority, Scheme};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::target;
 use crate::state::State;
 use crate::upstream::{BoxError, ProxyBody};
 
-/// Serves the decrypted tunnel until the client closes it.
-pub async fn serve(
+/// Decrypts the tunnel and serves its requests as `https://authority` until the client
+/// closes it.
+pub async fn serve<T>(
     state: Arc<State>,
-    client: TokioIo<Upgraded>,
+    client: T,
     authority: Authority,
     tls: Arc<rustls::ServerConfig>,
-) {
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let stream = match tokio_rustls::TlsAcceptor::from(tls).accept(client).await {
         Ok(s) => s,
         Err(e) => {
@@ -40,6 +45,15 @@ pub async fn serve(
             return;
         }
     };
+    serve_requests(state, stream, authority, Scheme::HTTPS).await;
+}
+
+/// Serves the requests that arrive on `stream` (HTTP/1.1 or HTTP/2) as requests for
+/// `scheme://authority`, until the client closes it or it has been idle too long.
+pub async fn serve_requests<S>(state: Arc<State>, stream: S, authority: Authority, scheme: Scheme)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let client_idle = state.snapshot().config.timeouts.client_idle;
     let authority = Arc::new(authority);
     let host = Arc::clone(&authority);
@@ -48,9 +62,10 @@ pub async fn serve(
     let service = service_fn(move |request| {
         let state = Arc::clone(&state);
         let authority = Arc::clone(&authority);
+        let scheme = scheme.clone();
         let in_flight = requests.begin();
         async move {
-            let response = handle(&state, &authority, request).await;
+            let response = handle(&state, &authority, scheme, request).await;
             Ok::<_, Infallible>(response.map(|body| {
                 InFlightBody {
                     body,
@@ -87,10 +102,17 @@ pub async fn serve(
 async fn handle(
     state: &State,
     authority: &Authority,
+    scheme: Scheme,
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let snapshot = state.snapshot();
-    let target = target::tunnel_target(&snapshot, request.method(), request.uri(), authority);
+    let target = target::tunnel_target(
+        &snapshot,
+        request.method(),
+        request.uri(),
+        authority,
+        scheme,
+    );
     super::dispatch(state, &snapshot, target, request).await
 }
 

@@ -31,21 +31,23 @@ pub fn resolve(snapshot: &Snapshot, method: &Method, uri: &Uri) -> Result<Target
     }
 }
 
-/// Routes a request that arrived inside an intercepted tunnel to `host:port`.
+/// Routes a request that arrived inside a CONNECT tunnel to `host:port`: `scheme` is
+/// `https` for a decrypted (intercepted) tunnel and `http` for plain HTTP sent through one.
 pub fn tunnel_target(
     snapshot: &Snapshot,
     method: &Method,
     uri: &Uri,
     authority: &http::uri::Authority,
+    scheme: Scheme,
 ) -> Result<Target, ProxyError> {
     let path_and_query = uri.path_and_query().map_or("/", PathAndQuery::as_str);
     let absolute = Uri::builder()
-        .scheme(Scheme::HTTPS)
+        .scheme(scheme.clone())
         .authority(authority.clone())
         .path_and_query(path_and_query)
         .build()
         .map_err(|e| ProxyError::BadRequest(format!("invalid request target: {e}")))?;
-    forward_target(snapshot, method, &absolute, Scheme::HTTPS)
+    forward_target(snapshot, method, &absolute, scheme)
 }
 
 fn forward_target(

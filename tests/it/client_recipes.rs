@@ -246,13 +246,36 @@ fn runs(proxy: &str, ca_pem: &Path, truststore: Option<&Path>) -> Vec<Run> {
         let node = |url: String, dispatcher: &str| {
             vec!["undici_fetch.cjs".to_string(), url, dispatcher.to_string()]
         };
-        runs.push(Run {
-            client: "node",
-            mode: "forward",
-            program: "node",
-            args: node(forward("node"), "env"),
-            env: env(&[("HTTP_PROXY", proxy.into()), ("NODE_PATH", node_path.clone())]),
-        });
+        // EnvHttpProxyAgent with default options, and ProxyAgent(url): both tunnel every
+        // request with CONNECT, http:// included.
+        for (client, dispatcher) in [("node", "env"), ("node-proxyagent", "proxy")] {
+            let proxy_env = if dispatcher == "env" {
+                ("HTTP_PROXY", "HTTPS_PROXY")
+            } else {
+                ("PROXY", "PROXY")
+            };
+            runs.push(Run {
+                client,
+                mode: "forward",
+                program: "node",
+                args: node(forward(client), dispatcher),
+                env: env(&[
+                    (proxy_env.0, proxy.into()),
+                    ("NODE_PATH", node_path.clone()),
+                ]),
+            });
+            runs.push(Run {
+                client,
+                mode: "intercept",
+                program: "node",
+                args: node(secure(client), dispatcher),
+                env: env(&[
+                    (proxy_env.1, proxy.into()),
+                    ("NODE_EXTRA_CA_CERTS", ca_pem.display().to_string()),
+                    ("NODE_PATH", node_path.clone()),
+                ]),
+            });
+        }
         runs.push(Run {
             client: "node",
             mode: "mount",
@@ -261,17 +284,6 @@ fn runs(proxy: &str, ca_pem: &Path, truststore: Option<&Path>) -> Vec<Run> {
             env: env(&[
                 ("HTTP_PROXY", proxy.into()),
                 ("NO_PROXY", no_proxy.clone()),
-                ("NODE_PATH", node_path.clone()),
-            ]),
-        });
-        runs.push(Run {
-            client: "node",
-            mode: "intercept",
-            program: "node",
-            args: node(secure("node"), "proxy"),
-            env: env(&[
-                ("PROXY", proxy.into()),
-                ("NODE_EXTRA_CA_CERTS", ca_pem.display().to_string()),
                 ("NODE_PATH", node_path),
             ]),
         });
@@ -330,7 +342,13 @@ fn java_truststore(dir: &Path, ca_pem: &Path) -> Option<PathBuf> {
     }
     let store = dir.join("truststore.p12");
     let made = Command::new("keytool")
-        .args(["-importcert", "-noprompt", "-alias", "authrelay-ca", "-file"])
+        .args([
+            "-importcert",
+            "-noprompt",
+            "-alias",
+            "authrelay-ca",
+            "-file",
+        ])
         .arg(ca_pem)
         .arg("-keystore")
         .arg(&store)

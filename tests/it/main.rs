@@ -8,6 +8,7 @@ mod support;
 mod admin;
 mod cli;
 mod client_recipes;
+mod connect_http;
 mod credentials_login;
 mod credentials_oauth2;
 mod credentials_outreach;
