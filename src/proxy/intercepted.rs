@@ -81,7 +81,7 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(client_idle);
     builder.http2().timer(TokioTimer::new());
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let mut check = tokio::time::interval((client_idle / 4).max(Duration::from_millis(10)));
     let ended = loop {

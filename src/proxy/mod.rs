@@ -8,6 +8,7 @@ pub mod intercepted;
 pub mod replay;
 pub mod respond;
 pub mod target;
+pub mod upgrade;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -75,21 +76,25 @@ pub async fn dispatch(
         host = target.uri.host().unwrap_or("-")
     );
     async {
-        let (response, retried) =
-            match forward::forward(&state.upstream, &snapshot.config, target, request).await {
-                Ok(f) => (f.response, f.retried),
-                Err(e) => {
-                    if matches!(
-                        e,
-                        ProxyError::Credential(_)
-                            | ProxyError::Upstream(_)
-                            | ProxyError::UpstreamTimeout(_)
-                    ) {
-                        tracing::warn!(error = %e, "request failed");
-                    }
-                    (e.into_response(route.as_ref().map(|r| &*r.name)), false)
+        let forwarded = if upgrade::is_upgrade(request.headers()) {
+            upgrade::forward(&state.upstream, &snapshot.config, target, request).await
+        } else {
+            forward::forward(&state.upstream, &snapshot.config, target, request).await
+        };
+        let (response, retried) = match forwarded {
+            Ok(f) => (f.response, f.retried),
+            Err(e) => {
+                if matches!(
+                    e,
+                    ProxyError::Credential(_)
+                        | ProxyError::Upstream(_)
+                        | ProxyError::UpstreamTimeout(_)
+                ) {
+                    tracing::warn!(error = %e, "request failed");
                 }
-            };
+                (e.into_response(route.as_ref().map(|r| &*r.name)), false)
+            }
+        };
         let status = response.status().as_u16();
         match &route {
             Some(r) => r.metrics.answered(status),

@@ -3,6 +3,7 @@
 //! an optional private CA, and HTTP/2 when an https upstream offers it.
 
 pub mod plain;
+pub mod upgrade;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use self::plain::PlainPool;
+use self::upgrade::UpgradeConnector;
 use crate::config::{Timeouts, TlsSettings};
 
 /// Errors boxed for bodies that mix sources.
@@ -81,11 +83,13 @@ pub fn install_crypto_provider() {
 pub struct UpstreamClient {
     plain: PlainPool,
     tls: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    upgrades: UpgradeConnector,
 }
 
 impl UpstreamClient {
     /// A client using `tls` for https upstreams.
     pub fn new(tls: Arc<rustls::ClientConfig>, timeouts: &Timeouts) -> Self {
+        let upgrades = UpgradeConnector::new(&tls, timeouts.connect);
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -106,7 +110,18 @@ impl UpstreamClient {
         Self {
             plain: PlainPool::new(timeouts.connect, timeouts.pool_idle),
             tls,
+            upgrades,
         }
+    }
+
+    /// Sends an upgrade handshake (WebSocket) on a connection of its own and waits for the
+    /// response head at most `timeout`; see [`upgrade`].
+    pub async fn send_upgrade(
+        &self,
+        request: Request<ProxyBody>,
+        timeout: Duration,
+    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
+        self.upgrades.send(request, timeout).await
     }
 
     /// Sends `request` (absolute URI) and waits for the response head at most `timeout`.

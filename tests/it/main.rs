@@ -19,3 +19,4 @@ mod raw;
 mod reload;
 mod streaming;
 mod upstream_pool;
+mod websocket;

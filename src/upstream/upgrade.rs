@@ -1,0 +1,132 @@
+//! Upstream side of a protocol upgrade (WebSocket): one dedicated HTTP/1.1 connection per
+//! handshake, never pooled, because after `101 Switching Protocols` it belongs to the upgraded
+//! stream. `https`/`wss` upstreams get TLS with the same trust roots as every other request,
+//! offering only `http/1.1` (an upgrade does not exist in HTTP/2).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{header, HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::{describe, ProxyBody, UpstreamError};
+
+/// Opens upgrade connections. Cheap to clone.
+#[derive(Clone)]
+pub struct UpgradeConnector {
+    tls: Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+}
+
+impl UpgradeConnector {
+    /// A connector trusting what `tls` trusts, offering HTTP/1.1 only.
+    pub fn new(tls: &rustls::ClientConfig, connect_timeout: Duration) -> Self {
+        let mut tls = tls.clone();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self {
+            tls: Arc::new(tls),
+            connect_timeout,
+        }
+    }
+
+    /// Sends the handshake `request` (absolute URI) on a new connection and returns the
+    /// response head; after a 101, `hyper::upgrade::on(&mut response)` yields the stream.
+    pub async fn send(
+        &self,
+        request: Request<ProxyBody>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let (request, origin, scheme) = origin_form(request)?;
+        let exchange = async {
+            let stream = self.tcp(&origin, &scheme).await?;
+            if scheme == Scheme::HTTPS {
+                let name = rustls::pki_types::ServerName::try_from(
+                    origin
+                        .host()
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string(),
+                )
+                .map_err(|_| UpstreamError::Failed("the upstream host is not a TLS name".into()))?;
+                let tls = tokio_rustls::TlsConnector::from(Arc::clone(&self.tls))
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| UpstreamError::Failed(describe(&e)))?;
+                handshake(tls, request).await
+            } else {
+                handshake(stream, request).await
+            }
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout(timeout)))
+    }
+
+    async fn tcp(&self, origin: &Authority, scheme: &Scheme) -> Result<TcpStream, UpstreamError> {
+        let host = origin.host().trim_start_matches('[').trim_end_matches(']');
+        let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+        let port = origin.port_u16().unwrap_or(default_port);
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect((host, port)))
+            .await
+            .map_err(|_| {
+                UpstreamError::Failed(format!(
+                    "tcp connect error: no connection within {:?}",
+                    self.connect_timeout
+                ))
+            })?
+            .map_err(|e| UpstreamError::Failed(format!("tcp connect error: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+async fn handshake<S>(
+    stream: S,
+    request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, UpstreamError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| UpstreamError::Failed(describe(&e)))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            tracing::debug!(error = %e, "upgrade connection ended with an error");
+        }
+    });
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| UpstreamError::Failed(describe(&e)))
+}
+
+/// The request in origin form with `Host` set from its absolute URI, and where it goes.
+fn origin_form(
+    mut request: Request<ProxyBody>,
+) -> Result<(Request<ProxyBody>, Authority, Scheme), UpstreamError> {
+    let parts = std::mem::take(request.uri_mut()).into_parts();
+    let origin = parts
+        .authority
+        .ok_or_else(|| UpstreamError::Failed("the upstream URI names no host".into()))?;
+    let scheme = parts.scheme.unwrap_or(Scheme::HTTP);
+    let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+    let host = match origin.port_u16() {
+        Some(port) if port != default_port => origin.as_str(),
+        _ => origin.host(),
+    };
+    let host = HeaderValue::from_str(host)
+        .map_err(|_| UpstreamError::Failed("the upstream host is not a valid header".into()))?;
+    request.headers_mut().insert(header::HOST, host);
+    let target = parts
+        .path_and_query
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *request.uri_mut() = Uri::from(target);
+    *request.version_mut() = Version::HTTP_11;
+    Ok((request, origin, scheme))
+}
