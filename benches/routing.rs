@@ -58,6 +58,7 @@ fn route(name: &str, host: &str, prefix: Option<String>) -> RouteConfig {
         credential: None,
         on_unauthorized: OnUnauthorized::Retry,
         intercept: false,
+        rewrite_location: true,
     }
 }
 

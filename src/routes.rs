@@ -179,6 +179,8 @@ pub struct Route {
     pub on_unauthorized: OnUnauthorized,
     /// Whether CONNECT tunnels to this host are decrypted so that credentials can be injected.
     pub intercept: bool,
+    /// Whether upstream redirects are mapped back to the client's view.
+    pub rewrite_location: bool,
     /// This route's metric handles.
     pub metrics: RouteMetrics,
 }
@@ -247,6 +249,7 @@ impl RouteTable {
                 credential: c.credential.as_ref().and_then(|n| slots.get(n).cloned()),
                 on_unauthorized: c.on_unauthorized,
                 intercept: c.intercept,
+                rewrite_location: c.rewrite_location,
                 metrics: metrics.for_route(&c.name),
             };
             if let Some(h) = &c.host {
@@ -376,6 +379,7 @@ mod tests {
             credential: None,
             on_unauthorized: OnUnauthorized::Retry,
             intercept: false,
+            rewrite_location: true,
         }
     }
 

@@ -152,6 +152,9 @@ pub struct RouteConfig {
     pub credential: Option<String>,
     pub on_unauthorized: OnUnauthorized,
     pub intercept: bool,
+    /// Whether `Location`-style headers naming the upstream are mapped back (see
+    /// `proxy/location.rs`).
+    pub rewrite_location: bool,
 }
 
 impl Config {

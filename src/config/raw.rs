@@ -136,4 +136,6 @@ pub struct RawRoute {
     pub on_unauthorized: OnUnauthorized,
     #[serde(default)]
     pub intercept: bool,
+    /// Map upstream redirects back to the client's view (default true).
+    pub rewrite_location: Option<bool>,
 }

@@ -346,6 +346,7 @@ fn validate_route(
         credential: raw.credential,
         on_unauthorized: raw.on_unauthorized,
         intercept: raw.intercept,
+        rewrite_location: raw.rewrite_location.unwrap_or(true),
     })
 }
 

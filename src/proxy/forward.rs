@@ -32,7 +32,7 @@ pub async fn forward(
     target: Target,
     request: Request<Incoming>,
 ) -> Result<Forwarded, ProxyError> {
-    let Target { route, uri } = target;
+    let Target { route, uri, .. } = target;
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);

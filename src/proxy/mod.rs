@@ -5,6 +5,7 @@ pub mod connect;
 pub mod forward;
 pub mod headers;
 pub mod intercepted;
+pub mod location;
 pub mod replay;
 pub mod respond;
 pub mod target;
@@ -42,7 +43,8 @@ pub async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<P
 }
 
 /// Forwards a routed request (or answers its routing error), with a span and an access-log
-/// line naming route, credential, method, host, status, latency and whether it was replayed.
+/// line naming route, credential, method, the host the client asked for, the upstream it
+/// went to, status, latency and whether it was replayed.
 pub async fn dispatch(
     state: &State,
     snapshot: &crate::state::Snapshot,
@@ -73,16 +75,26 @@ pub async fn dispatch(
         route = route_name,
         credential,
         %method,
-        host = target.uri.host().unwrap_or("-")
+        host = target
+            .client_origin
+            .as_ref()
+            .map_or_else(|| target.uri.host().unwrap_or("-"), |(_, a)| a.host()),
+        upstream = target.uri.authority().map_or("-", |a| a.as_str())
     );
     async {
+        let redirects = location::Rewrite::for_target(&target);
         let forwarded = if upgrade::is_upgrade(request.headers()) {
             upgrade::forward(&state.upstream, &snapshot.config, target, request).await
         } else {
             forward::forward(&state.upstream, &snapshot.config, target, request).await
         };
         let (response, retried) = match forwarded {
-            Ok(f) => (f.response, f.retried),
+            Ok(mut f) => {
+                if let Some(rewrite) = &redirects {
+                    rewrite.apply(f.response.headers_mut());
+                }
+                (f.response, f.retried)
+            }
             Err(e) => {
                 if matches!(
                     e,

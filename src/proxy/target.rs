@@ -17,6 +17,9 @@ pub struct Target {
     pub route: Option<Arc<Route>>,
     /// The absolute URI to send upstream.
     pub uri: Uri,
+    /// The scheme and authority the client addressed (forward and tunnel mode; `None` for
+    /// mount requests), for the access log and redirect rewriting.
+    pub client_origin: Option<(Scheme, http::uri::Authority)>,
 }
 
 /// Routes a request by its URI. `origin_scheme` is the scheme of requests that arrive inside
@@ -90,8 +93,10 @@ fn forward_target(
         return Ok(Target {
             route: None,
             uri: uri.clone(),
+            client_origin: None,
         });
     };
+    let client_origin = Some((scheme, authority.clone()));
     let uri = match &route.upstream {
         Some(up) => rebase(up, uri.path(), uri.query())?,
         None => uri.clone(),
@@ -99,6 +104,7 @@ fn forward_target(
     Ok(Target {
         route: Some(route),
         uri,
+        client_origin,
     })
 }
 
@@ -116,6 +122,7 @@ fn mount_target(snapshot: &Snapshot, method: &Method, uri: &Uri) -> Result<Targe
     Ok(Target {
         route: Some(Arc::clone(route)),
         uri: target,
+        client_origin: None,
     })
 }
 

@@ -46,7 +46,7 @@ pub async fn forward(
     target: Target,
     request: Request<Incoming>,
 ) -> Result<Forwarded, ProxyError> {
-    let Target { route, uri } = target;
+    let Target { route, uri, .. } = target;
     let (mut parts, body) = request.into_parts();
     if !body.is_end_stream() {
         return Err(ProxyError::BadRequest(

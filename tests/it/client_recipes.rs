@@ -439,5 +439,16 @@ async fn every_documented_client_recipe_gets_the_credential() {
         failures.join("\n"),
         proxy.output()
     );
+    // The access log names the host the client asked for and the upstream it went to.
+    let log = proxy.output();
+    let forward_line = log
+        .lines()
+        .find(|l| l.contains("route=\"forward\"") && l.contains("status=200"))
+        .expect("an access line for the forward route");
+    assert!(forward_line.contains("host=\"api.test\""), "{forward_line}");
+    assert!(
+        forward_line.contains(&format!("upstream=\"{}\"", plain.addr)),
+        "{forward_line}"
+    );
     eprintln!("client recipes: {} runs passed", runs.len());
 }

@@ -16,6 +16,7 @@ mod credentials_outseta;
 mod https;
 mod proxy_basics;
 mod raw;
+mod redirects;
 mod reload;
 mod streaming;
 mod upstream_pool;
