@@ -109,7 +109,7 @@ pub fn sign_app_token(
         .duration_since(UNIX_EPOCH)
         .map_err(|_| CredentialError::Other("system clock is before 1970".into()))?
         .as_secs();
-    let exp = iat + lifetime.as_secs().max(1);
+    let exp = iat.saturating_add(crate::expiry::clamp_configured(lifetime).as_secs());
     let mut claims = serde_json::Map::new();
     for (name, value) in extra.into_iter().flatten() {
         claims.insert(name.clone(), value.clone());

@@ -144,8 +144,13 @@ pub struct SourceDeps {
     pub http: reqwest::Client,
 }
 
-/// Builds the runtime source for validated settings.
+/// Builds the runtime source for validated settings, guarded so that a panic inside a fetch
+/// becomes an ordinary failure (with backoff and a 502) instead of a stuck credential.
 pub fn build_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSource> {
+    Arc::new(PanicGuard(unguarded_source(kind, deps)))
+}
+
+fn unguarded_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSource> {
     match kind {
         CredentialKind::Static(s) => Arc::new(static_header::StaticSource::new(s.clone())),
         CredentialKind::OAuth2(s) => {
@@ -162,6 +167,42 @@ pub fn build_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSo
         CredentialKind::Login(s) => {
             Arc::new(login::LoginSource::new((**s).clone(), deps.http.clone()))
         }
+    }
+}
+
+/// Runs each fetch of the wrapped source in its own task, so that a panic (a bug, or a vendor
+/// value no check foresaw) is reported as [`CredentialError::Other`]. Dropping the fetch (a
+/// timeout) aborts the task.
+struct PanicGuard(Arc<dyn TokenSource>);
+
+impl TokenSource for PanicGuard {
+    fn fetch<'a>(&'a self, previous: Option<&'a Token>) -> FetchFuture<'a> {
+        let source = Arc::clone(&self.0);
+        let previous = previous.cloned();
+        let task = AbortOnDrop(tokio::spawn(async move {
+            source.fetch(previous.as_ref()).await
+        }));
+        Box::pin(async move {
+            let mut task = task;
+            match (&mut task.0).await {
+                Ok(result) => result,
+                Err(_) => Err(CredentialError::Other(
+                    "the token fetch failed unexpectedly (internal error)".into(),
+                )),
+            }
+        })
+    }
+
+    fn refreshable(&self) -> bool {
+        self.0.refreshable()
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<Result<Token, CredentialError>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
