@@ -129,7 +129,12 @@ pub fn interpolate(text: &str, env: &dyn Environment) -> Result<String, String> 
                 None => (reference, None),
             };
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!("invalid environment variable name `{name}`"));
+                // The text between `${` and `}` may be a value typed in the wrong place.
+                return Err(
+                    "invalid `${…}` reference: a variable name uses letters, digits and `_` \
+                     (write `$$` for a literal `$`)"
+                        .to_string(),
+                );
             }
             let value = match (env.var(name), fallback) {
                 (Some(v), Some(f)) if v.is_empty() => f.to_string(),
@@ -191,6 +196,18 @@ mod tests {
     #[test]
     fn unterminated_reference_is_an_error() {
         assert!(interpolate("${KEY", &env()).is_err());
+    }
+
+    #[test]
+    fn bad_references_never_print_their_text() {
+        for text in ["Outseta ${my key:secret}", "${pass word}", "x ${hunter2"] {
+            let err = interpolate(text, &env()).unwrap_err();
+            assert!(
+                !err.contains("key:secret") && !err.contains("pass word"),
+                "{err}"
+            );
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 
     #[test]
