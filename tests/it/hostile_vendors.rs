@@ -25,7 +25,9 @@ const CLIENT_ID: &str = "hostile-client";
 #[derive(Clone)]
 enum Answer {
     /// A complete answer: status, content type, body. `{ECHO}` in the body is replaced by the
-    /// request body (as received, form-encoded) and `{AUTH}` by its Authorization header.
+    /// request body (as received, form-encoded), `{SECRET}` by the decoded `client_secret`,
+    /// `{SECRET_JSON}` by the same escaped for a JSON string, and `{AUTH}` by the
+    /// Authorization header.
     Full(u16, &'static str, String),
     /// A head with `Content-Length: 100 MB`, then data as fast as the client reads.
     HugeDeclared,
@@ -107,6 +109,26 @@ fn token_cases() -> Vec<Case> {
         bad(
             "echo: form body in an HTML 500",
             full(500, "text/html", "<html><body>{ECHO}</body></html>"),
+        ),
+        bad(
+            "echo: decoded secret in text/plain",
+            full(400, "text/plain", "client_secret={SECRET} is wrong"),
+        ),
+        bad(
+            "echo: decoded secret in JSON error_description",
+            full(
+                401,
+                json,
+                r#"{"error":"invalid_client","error_description":"secret {SECRET_JSON} unknown"}"#,
+            ),
+        ),
+        bad(
+            "echo: decoded secret beside a token in a 200",
+            full(
+                200,
+                json,
+                r#"{"refresh_token":"rt-hostile-1","message":"{SECRET_JSON} and rt-hostile-1"}"#,
+            ),
         ),
         bad(
             "echo: form body in a 429",
@@ -275,7 +297,18 @@ async fn answer_one(mut stream: TcpStream, answer: Answer) {
         .unwrap_or_default();
     let _ = match answer {
         Answer::Full(status, content_type, template) => {
-            let body = template.replace("{ECHO}", &body).replace("{AUTH}", &auth);
+            let secret = serde_urlencoded::from_str::<Vec<(String, String)>>(&body)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|(k, _)| k == "client_secret")
+                .map(|(_, v)| v)
+                .unwrap_or_default();
+            let secret_json = serde_json::to_string(&secret).unwrap();
+            let body = template
+                .replace("{ECHO}", &body)
+                .replace("{SECRET_JSON}", &secret_json[1..secret_json.len() - 1])
+                .replace("{SECRET}", &secret)
+                .replace("{AUTH}", &auth);
             let location = if (300..400).contains(&status) {
                 "Location: http://127.0.0.1:9/elsewhere\r\n"
             } else {
@@ -425,7 +458,8 @@ async fn hostile_token_endpoints_give_their_expected_answer_and_leak_nothing() {
     let _guard = logs.install();
     let origin = server::echo_origin().await;
     let good = server::echo_origin().await;
-    let forms = leak_forms(SECRET);
+    let mut forms = leak_forms(SECRET);
+    forms.push("rt-hostile-1".into());
     let client = support::direct_client();
     let mut failures = Vec::new();
     let cases = token_cases();
@@ -910,4 +944,49 @@ async fn a_removed_route_loses_its_metric_series() {
     assert!(!after.contains("route=\"gone\""), "{after}");
     assert!(after.contains("route=\"keep\""), "{after}");
     proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fetch_exits_cleanly_on_absurd_lifetimes() {
+    for (body, ok) in [
+        (r#"{"access_token":"cf-1","expires_in":1e20}"#, true),
+        (r#"{"access_token":"cf-2","expires_in":"-1e300"}"#, true),
+        (r#"{"access_token":"cf-3","expires_in":"NaN"}"#, true),
+        (r#"{"message":"{SECRET}"}"#, false),
+    ] {
+        let (endpoint, _) = hostile_endpoint(full(200, "application/json", body)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "credentials:\n  c:\n    type: oauth2_client_credentials\n    token_url: http://{endpoint}/t\n    client_id: id\n    client_secret: ${{CF_SECRET}}\nroutes: []\n"
+            ),
+        )
+        .unwrap();
+        let output = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_authrelay"))
+                .args(["--config", path.to_str().unwrap(), "check", "--fetch"])
+                .env("CF_SECRET", SECRET)
+                .env("RUST_LOG", "debug")
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let code = output.status.code();
+        if ok {
+            assert_eq!(code, Some(0), "{body}: {out}");
+            assert!(out.contains("c: ok, expires"), "{body}: {out}");
+        } else {
+            assert!(code.is_some_and(|c| c != 0 && c != 101), "{body}: {out}");
+            assert!(out.contains("c: FAILED"), "{body}: {out}");
+        }
+        assert_eq!(scan("check --fetch", &out, &leak_forms(SECRET)), None);
+    }
 }
