@@ -17,4 +17,5 @@ mod proxy_basics;
 mod raw;
 mod reload;
 mod streaming;
+mod token_parsing_props;
 mod upstream_pool;
