@@ -251,28 +251,6 @@ pub fn common_fields(
     Some((header, TokenFormat::new(scheme, default_scheme)))
 }
 
-#[cfg(test)]
-mod panic_guard_tests {
-    use super::*;
-
-    struct Panics;
-
-    impl TokenSource for Panics {
-        fn fetch<'a>(&'a self, _previous: Option<&'a Token>) -> FetchFuture<'a> {
-            Box::pin(async { panic!("a vendor number no check foresaw") })
-        }
-    }
-
-    #[tokio::test]
-    async fn a_panicking_fetch_is_an_ordinary_failure() {
-        let guarded = PanicGuard(Arc::new(Panics));
-        for _ in 0..2 {
-            let e = guarded.fetch(None).await.unwrap_err();
-            assert!(matches!(e, CredentialError::Other(_)), "{e}");
-        }
-    }
-}
-
 /// Unit-test helper shared by the credential files: validates one YAML section with the
 /// given variables and returns the settings or every problem found.
 #[cfg(test)]
@@ -292,5 +270,27 @@ pub(crate) fn validate_for_test<S: serde::de::DeserializeOwned>(
     match validated {
         Some(v) if problems.is_empty() => Ok(v.kind),
         _ => Err(problems),
+    }
+}
+
+#[cfg(test)]
+mod panic_guard_tests {
+    use super::*;
+
+    struct Panics;
+
+    impl TokenSource for Panics {
+        fn fetch<'a>(&'a self, _previous: Option<&'a Token>) -> FetchFuture<'a> {
+            Box::pin(async { panic!("a vendor number no check foresaw") })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_fetch_is_an_ordinary_failure() {
+        let guarded = PanicGuard(Arc::new(Panics));
+        for _ in 0..2 {
+            let e = guarded.fetch(None).await.unwrap_err();
+            assert!(matches!(e, CredentialError::Other(_)), "{e}");
+        }
     }
 }

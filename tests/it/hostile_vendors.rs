@@ -399,11 +399,11 @@ impl CapturedLogs {
 /// Every form in which `secret` could leak: raw, form-encoded (`+` and `%20`), JSON-escaped,
 /// and inside an HTTP Basic header.
 fn leak_forms(secret: &str) -> Vec<String> {
-    let form: String = serde_urlencoded::to_string([("x", secret)]).unwrap()[2..].to_string();
+    let form = serde_urlencoded::to_string([("x", secret)]).unwrap()[2..].to_string();
     let json = serde_json::to_string(secret).unwrap();
     let basic = base64::engine::general_purpose::STANDARD.encode(format!(
         "{}:{}",
-        serde_urlencoded::to_string([("x", CLIENT_ID)]).unwrap()[2..].to_string(),
+        &serde_urlencoded::to_string([("x", CLIENT_ID)]).unwrap()[2..],
         form
     ));
     vec![
