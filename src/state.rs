@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::config::{Config, ConfigError, Environment};
-use crate::credentials::{build_source, SourceDeps};
+use crate::credentials::{build_credential_source, SourceDeps};
 use crate::intercept::CertAuthority;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routes::RouteTable;
@@ -284,7 +284,7 @@ fn build_snapshot(
             CredentialSlot::new(
                 cred.clone(),
                 config.tokens.clone(),
-                build_source(&cred.kind, deps),
+                build_credential_source(cred, deps),
                 Arc::clone(metrics),
             )
         });

@@ -144,6 +144,9 @@ pub struct CredentialConfig {
     pub prefetch: bool,
     /// The token source and its settings.
     pub kind: CredentialKind,
+    /// The `${VAR}` values used in its secret fields, each hidden on its own in vendor answers
+    /// (the whole resolved secrets are hidden by the source itself).
+    pub secret_parts: Vec<crate::secret::Secret>,
 }
 
 /// One validated route.

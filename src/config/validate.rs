@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 
 use super::raw::{RawConfig, RawCredential, RawRoute};
-use super::values::{interpolate, read_secret_file, Environment};
+use super::values::{interpolate, interpolate_with_values, read_secret_file, Environment};
 use super::{
     Config, ConnectSettings, CredentialConfig, InterceptCaSettings, RetrySettings, RouteConfig,
     Timeouts, TlsSettings, TokenSettings,
@@ -40,6 +40,8 @@ pub struct ValidateCtx<'a> {
     scope: String,
     /// Every file read for the config (secrets, keys, CAs): watched for rotation.
     files: Vec<PathBuf>,
+    /// The `${VAR}` values used in secret fields of the credential being validated.
+    secret_parts: Vec<Secret>,
 }
 
 impl<'a> ValidateCtx<'a> {
@@ -51,6 +53,7 @@ impl<'a> ValidateCtx<'a> {
             problems: Vec::new(),
             scope: String::new(),
             files: Vec::new(),
+            secret_parts: Vec::new(),
         }
     }
 
@@ -112,7 +115,16 @@ impl<'a> ValidateCtx<'a> {
                 );
                 None
             }
-            (Some(raw), None) => self.text(field, raw).map(Secret::new),
+            (Some(raw), None) => match interpolate_with_values(raw, self.env) {
+                Ok((value, parts)) => {
+                    self.secret_parts.extend(parts.into_iter().map(Secret::new));
+                    Some(Secret::new(value))
+                }
+                Err(e) => {
+                    self.problem(field, e);
+                    None
+                }
+            },
             (None, Some(path)) => {
                 let path = self.text(&format!("{field}_file"), path)?;
                 self.files.push(self.base_dir.join(&path));
@@ -221,6 +233,7 @@ fn validate_credential(
             "credential names may use letters, digits, `_`, `-` and `.` only",
         );
     }
+    ctx.secret_parts.clear();
     let v = match raw {
         RawCredential::Static(spec) => spec.validate(ctx),
         RawCredential::OAuth2(spec) => spec.validate(ctx),
@@ -234,6 +247,7 @@ fn validate_credential(
         header: v.header,
         prefetch: v.prefetch,
         kind: v.kind,
+        secret_parts: std::mem::take(&mut ctx.secret_parts),
     })
 }
 

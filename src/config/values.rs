@@ -111,6 +111,16 @@ impl Environment for std::collections::HashMap<String, String> {
 /// `fallback` when the variable is unset or empty. `$$` escapes a literal `$`. The error
 /// names the variable, never a value.
 pub fn interpolate(text: &str, env: &dyn Environment) -> Result<String, String> {
+    interpolate_with_values(text, env).map(|(out, _)| out)
+}
+
+/// Like [`interpolate`], also returning the value substituted for each `${…}` (for secret
+/// fields: each such value is hidden on its own, as a vendor may echo one part).
+pub fn interpolate_with_values(
+    text: &str,
+    env: &dyn Environment,
+) -> Result<(String, Vec<String>), String> {
+    let mut values = Vec::new();
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(pos) = rest.find('$') {
@@ -143,6 +153,7 @@ pub fn interpolate(text: &str, env: &dyn Environment) -> Result<String, String> 
                 (None, None) => return Err(format!("environment variable `{name}` is not set")),
             };
             out.push_str(&value);
+            values.push(value);
             rest = &body[end + 1..];
         } else {
             out.push('$');
@@ -150,7 +161,7 @@ pub fn interpolate(text: &str, env: &dyn Environment) -> Result<String, String> 
         }
     }
     out.push_str(rest);
-    Ok(out)
+    Ok((out, values))
 }
 
 /// Reads a secret from a file (trailing newline removed), as mounted by Kubernetes or systemd

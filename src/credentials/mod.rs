@@ -19,6 +19,7 @@ use std::time::SystemTime;
 use http::HeaderName;
 
 use crate::config::ValidateCtx;
+use crate::redact::Redactor;
 use crate::secret::Secret;
 
 /// A freshly obtained credential.
@@ -147,7 +148,22 @@ pub struct SourceDeps {
 /// Builds the runtime source for validated settings, guarded so that a panic inside a fetch
 /// becomes an ordinary failure (with backoff and a 502) instead of a stuck credential.
 pub fn build_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSource> {
-    Arc::new(PanicGuard(unguarded_source(kind, deps)))
+    Arc::new(Guard {
+        inner: unguarded_source(kind, deps),
+        redactor: Redactor::default(),
+    })
+}
+
+/// Like [`build_source`] for a whole credential: its errors also hide each `${VAR}` value used
+/// in its secret fields.
+pub fn build_credential_source(
+    credential: &crate::config::CredentialConfig,
+    deps: &SourceDeps,
+) -> Arc<dyn TokenSource> {
+    Arc::new(Guard {
+        inner: unguarded_source(&credential.kind, deps),
+        redactor: Redactor::new(credential.secret_parts.iter().map(Secret::expose)),
+    })
 }
 
 fn unguarded_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSource> {
@@ -171,13 +187,16 @@ fn unguarded_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSo
 }
 
 /// Runs each fetch of the wrapped source in its own task, so that a panic (a bug, or a vendor
-/// value no check foresaw) is reported as [`CredentialError::Other`]. Dropping the fetch (a
-/// timeout) aborts the task.
-struct PanicGuard(Arc<dyn TokenSource>);
+/// value no check foresaw) is reported as [`CredentialError::Other`], and passes every error
+/// through `redactor` once more. Dropping the fetch (a timeout) aborts the task.
+struct Guard {
+    inner: Arc<dyn TokenSource>,
+    redactor: Redactor,
+}
 
-impl TokenSource for PanicGuard {
+impl TokenSource for Guard {
     fn fetch<'a>(&'a self, previous: Option<&'a Token>) -> FetchFuture<'a> {
-        let source = Arc::clone(&self.0);
+        let source = Arc::clone(&self.inner);
         let previous = previous.cloned();
         let task = AbortOnDrop(tokio::spawn(async move {
             source.fetch(previous.as_ref()).await
@@ -185,7 +204,7 @@ impl TokenSource for PanicGuard {
         Box::pin(async move {
             let mut task = task;
             match (&mut task.0).await {
-                Ok(result) => result,
+                Ok(result) => result.map_err(|e| self.redactor.scrub(e)),
                 Err(_) => Err(CredentialError::Other(
                     "the token fetch failed unexpectedly (internal error)".into(),
                 )),
@@ -194,7 +213,7 @@ impl TokenSource for PanicGuard {
     }
 
     fn refreshable(&self) -> bool {
-        self.0.refreshable()
+        self.inner.refreshable()
     }
 }
 
@@ -287,7 +306,10 @@ mod panic_guard_tests {
 
     #[tokio::test]
     async fn a_panicking_fetch_is_an_ordinary_failure() {
-        let guarded = PanicGuard(Arc::new(Panics));
+        let guarded = Guard {
+            inner: Arc::new(Panics),
+            redactor: Redactor::default(),
+        };
         for _ in 0..2 {
             let e = guarded.fetch(None).await.unwrap_err();
             assert!(matches!(e, CredentialError::Other(_)), "{e}");

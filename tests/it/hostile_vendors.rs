@@ -990,3 +990,35 @@ async fn check_fetch_exits_cleanly_on_absurd_lifetimes() {
         assert_eq!(scan("check --fetch", &out, &leak_forms(SECRET)), None);
     }
 }
+
+#[tokio::test]
+async fn each_variable_of_a_secret_is_hidden_on_its_own() {
+    let (endpoint, _) = hostile_endpoint(full(
+        400,
+        "text/plain",
+        "unknown key half-b-93417; did you mean half-a-26153?",
+    ))
+    .await;
+    let origin = server::echo_origin().await;
+    let yaml = format!(
+        "credentials:\n  c:\n    type: oauth2_client_credentials\n    token_url: http://{endpoint}/t\n    client_id: id\n    client_secret: \"${{HALF_A}}.${{HALF_B}}\"\nroutes:\n  - name: r\n    mount: /r\n    upstream: {}\n    credential: c\n",
+        origin.url()
+    );
+    let proxy = support::proxy_with_env(
+        &yaml,
+        &[("HALF_A", "half-a-26153"), ("HALF_B", "half-b-93417")],
+    )
+    .await;
+    let res = support::direct_client()
+        .get(format!("{}/r/x", proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 502);
+    let body = res.text().await.unwrap();
+    assert!(
+        body.contains("unknown key ***; did you mean ***?"),
+        "{body}"
+    );
+    proxy.stop().await;
+}
