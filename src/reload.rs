@@ -21,11 +21,11 @@ const SETTLE: Duration = Duration::from_millis(150);
 
 /// How long the config file and the files it names must stay unchanged before they are read
 /// as final.
-pub const STABLE: Duration = Duration::from_millis(200);
+pub const STABLE: Duration = Duration::from_millis(300);
 
 /// How many [`STABLE`] periods a file that keeps changing is waited for; after that the
 /// round is skipped (the writer's next event starts a new one).
-const MAX_STABLE_ROUNDS: usize = 25;
+const MAX_STABLE_ROUNDS: usize = 20;
 
 /// Keeps the file watcher alive; dropping it stops watching.
 pub struct ReloadHandle {
