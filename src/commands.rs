@@ -91,23 +91,34 @@ pub async fn fetch_header(
     Ok((slot.header().clone(), Secret::new(value)))
 }
 
-/// A header value safe to show: the scheme word (if any), the first four characters of the
-/// token when it is long enough that they give nothing away, and its length —
-/// `Bearer eyJh…(312 chars)`.
+/// Authorization schemes shown by [`mask`]; any other first word may be part of a secret
+/// (a static value with a space) and is hidden with the rest.
+const KNOWN_SCHEMES: [&str; 10] = [
+    "Bearer",
+    "Basic",
+    "Token",
+    "Outseta",
+    "Digest",
+    "Negotiate",
+    "ApiKey",
+    "Bot",
+    "JWT",
+    "MAC",
+];
+
+/// A header value safe to show: the scheme word when it is a well-known one, then `***` and
+/// the length of the rest — `Bearer ***(312 chars)`. No character of a secret is shown.
 pub fn mask(value: &str) -> String {
     let (scheme, token) = match value.split_once(' ') {
-        Some((scheme, token)) if !scheme.is_empty() => (Some(scheme), token),
+        Some((scheme, token)) if KNOWN_SCHEMES.iter().any(|k| k.eq_ignore_ascii_case(scheme)) => {
+            (Some(scheme), token)
+        }
         _ => (None, value),
     };
     let length = token.chars().count();
-    let shown: String = if length >= 16 {
-        token.chars().take(4).collect()
-    } else {
-        String::new()
-    };
     match scheme {
-        Some(s) => format!("{s} {shown}…({length} chars)"),
-        None => format!("{shown}…({length} chars)"),
+        Some(s) => format!("{s} ***({length} chars)"),
+        None => format!("***({length} chars)"),
     }
 }
 
@@ -147,10 +158,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn masks_keep_scheme_prefix_and_length_only() {
+    fn masks_keep_a_known_scheme_and_the_length_only() {
         let jwt = format!("eyJh{}", "x".repeat(308));
-        assert_eq!(mask(&format!("Bearer {jwt}")), "Bearer eyJh…(312 chars)");
-        assert_eq!(mask("Outseta k1:s1"), "Outseta …(5 chars)");
-        assert_eq!(mask("abcdefghijklmnopqrst"), "abcd…(20 chars)");
+        assert_eq!(mask(&format!("Bearer {jwt}")), "Bearer ***(312 chars)");
+        assert_eq!(mask("Outseta k1:s1"), "Outseta ***(5 chars)");
+        assert_eq!(mask("abcdefghijklmnopqrst"), "***(20 chars)");
+        assert_eq!(mask("hunter2 is my password"), "***(22 chars)");
     }
 }

@@ -73,6 +73,12 @@ impl Default for Metrics {
 /// without any upstream status (never happens for counted classes; kept for clarity).
 const CLASSES: [&str; 6] = ["other", "1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// Outcomes of a replay after 401/403, in `RouteMetrics::retry` order.
+const RETRY_OUTCOMES: [&str; 3] = ["success", "failed", "unavailable"];
+
+/// Outcomes of a token endpoint call: success first.
+const FETCH_OUTCOMES: [&str; 2] = ["success", "failure"];
+
 impl Metrics {
     /// Creates and registers every metric family.
     pub fn new() -> Self {
@@ -156,7 +162,7 @@ impl Metrics {
                 route: route.to_string(),
             })
             .clone();
-        let retry = ["success", "failed", "unavailable"].map(|outcome| {
+        let retry = RETRY_OUTCOMES.map(|outcome| {
             self.retries
                 .get_or_create(&RetryLabels {
                     route: route.to_string(),
@@ -171,9 +177,42 @@ impl Metrics {
         }
     }
 
+    /// Drops every series of a route removed by a reload, so `/metrics` shows only routes
+    /// that exist (and a removed route's old counts do not linger forever).
+    pub fn drop_route(&self, route: &str) {
+        for class in CLASSES {
+            self.requests.remove(&RequestLabels {
+                route: route.to_string(),
+                class,
+            });
+        }
+        self.upstream_latency.remove(&RouteLabels {
+            route: route.to_string(),
+        });
+        for outcome in RETRY_OUTCOMES {
+            self.retries.remove(&RetryLabels {
+                route: route.to_string(),
+                outcome,
+            });
+        }
+    }
+
+    /// Drops the token series of a credential removed by a reload.
+    pub fn drop_credential(&self, credential: &str) {
+        for outcome in FETCH_OUTCOMES {
+            self.token_fetches.remove(&CredentialLabels {
+                credential: credential.to_string(),
+                outcome,
+            });
+        }
+        self.token_fetch_latency.remove(&RouteLabels {
+            route: credential.to_string(),
+        });
+    }
+
     /// Counts a token endpoint call (rare: labels are built here).
     pub fn token_fetch(&self, credential: &str, ok: bool, took: Duration) {
-        let outcome = if ok { "success" } else { "failure" };
+        let outcome = FETCH_OUTCOMES[usize::from(!ok)];
         self.token_fetches
             .get_or_create(&CredentialLabels {
                 credential: credential.to_string(),

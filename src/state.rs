@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::config::{Config, ConfigError, Environment};
-use crate::credentials::{build_source, SourceDeps};
+use crate::credentials::{build_credential_source, SourceDeps};
 use crate::intercept::CertAuthority;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routes::RouteTable;
@@ -127,6 +127,7 @@ impl State {
             self.reload_intercept_ca(&config);
         }
         let next = build_snapshot(config, Some(&previous), &self.deps, &self.metrics);
+        drop_removed_series(&previous.config, &next.config, &self.metrics);
         self.snapshot.store(Arc::new(next));
     }
 
@@ -166,7 +167,23 @@ impl State {
         let Some(path) = &self.config_path else {
             return Ok(());
         };
-        match Config::load(path, self.env.as_ref()) {
+        match Config::read(path) {
+            Ok(text) => self.reload_text(&text),
+            Err(e) => Err(self.refused(e)),
+        }
+    }
+
+    /// Installs `text` as the config file's new content (the watcher passes text it has seen
+    /// stable). Refused, with the running config staying in force, when the text is invalid
+    /// or would fail open: no routes and no credentials while the running config has some,
+    /// unless the file says `routes: []` explicitly.
+    pub fn reload_text(&self, text: &str) -> Result<(), ConfigError> {
+        let Some(path) = &self.config_path else {
+            return Ok(());
+        };
+        let loaded = Config::from_yaml(text, path, self.env.as_ref())
+            .and_then(|config| refuse_fail_open(&self.snapshot().config, config, path));
+        match loaded {
             Ok(config) => {
                 let routes = config.routes.len();
                 let credentials = config.credentials.len();
@@ -175,13 +192,39 @@ impl State {
                 tracing::info!(path = %path.display(), routes, credentials, "config reloaded");
                 Ok(())
             }
-            Err(e) => {
-                self.metrics.reload(false);
-                tracing::error!(error = %e, "config reload refused; the running config stays in force");
-                Err(e)
-            }
+            Err(e) => Err(self.refused(e)),
         }
     }
+
+    fn refused(&self, e: ConfigError) -> ConfigError {
+        self.metrics.reload(false);
+        tracing::error!(error = %e, "config reload refused; the running config stays in force");
+        e
+    }
+}
+
+/// A config that has lost every route and credential the running one has is a truncated or
+/// emptied file until it says otherwise (`routes: []`).
+fn refuse_fail_open(
+    running: &Config,
+    next: Config,
+    path: &std::path::Path,
+) -> Result<Config, ConfigError> {
+    let had = !running.routes.is_empty() || !running.credentials.is_empty();
+    let has = !next.routes.is_empty() || !next.credentials.is_empty();
+    if had && !has && !next.declares_routes {
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems: vec![format!(
+                "the file has no routes and no credentials while the running config has {} \
+                 routes and {} credentials; refused as a possibly truncated file (write \
+                 `routes: []` to remove them all)",
+                running.routes.len(),
+                running.credentials.len()
+            )],
+        });
+    }
+    Ok(next)
 }
 
 impl State {
@@ -195,6 +238,20 @@ impl State {
                     tracing::error!(error = %e, "intercept_ca not reloaded; the previous CA stays in use")
                 }
             },
+        }
+    }
+}
+
+/// Drops the metric series of routes and credentials that the new config no longer has.
+fn drop_removed_series(old: &Config, new: &Config, metrics: &Metrics) {
+    for route in &old.routes {
+        if !new.routes.iter().any(|r| r.name == route.name) {
+            metrics.drop_route(&route.name);
+        }
+    }
+    for name in old.credentials.keys() {
+        if !new.credentials.contains_key(name) {
+            metrics.drop_credential(name);
         }
     }
 }
@@ -227,7 +284,7 @@ fn build_snapshot(
             CredentialSlot::new(
                 cred.clone(),
                 config.tokens.clone(),
-                build_source(&cred.kind, deps),
+                build_credential_source(cred, deps),
                 Arc::clone(metrics),
             )
         });

@@ -60,6 +60,12 @@ pub struct Config {
     pub credentials: BTreeMap<String, CredentialConfig>,
     /// Routes in the order they are tried.
     pub routes: Vec<RouteConfig>,
+    /// Whether the file has a `routes:` key (even `routes: []`). A reload that would leave
+    /// no routes and no credentials is refused unless the file says so explicitly.
+    pub declares_routes: bool,
+    /// The files besides this one that the config was built from (`*_file` secrets, keys,
+    /// CAs): the reloader watches them, so a rotated secret reloads its credential.
+    pub files: Vec<PathBuf>,
 }
 
 /// Timeouts applied by the proxy.
@@ -138,6 +144,9 @@ pub struct CredentialConfig {
     pub prefetch: bool,
     /// The token source and its settings.
     pub kind: CredentialKind,
+    /// The `${VAR}` values used in its secret fields, each hidden on its own in vendor answers
+    /// (the whole resolved secrets are hidden by the source itself).
+    pub secret_parts: Vec<crate::secret::Secret>,
 }
 
 /// One validated route.
@@ -160,11 +169,15 @@ pub struct RouteConfig {
 impl Config {
     /// Reads, parses and validates a config file, resolving `${VAR}` from `env`.
     pub fn load(path: &Path, env: &dyn Environment) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        Self::from_yaml(&Self::read(path)?, path, env)
+    }
+
+    /// The text of a config file (reloads read it once and parse what they read).
+    pub fn read(path: &Path) -> Result<String, ConfigError> {
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
-        Self::from_yaml(&text, path, env)
+        })
     }
 
     /// Parses and validates YAML text; `path` names the file in errors and anchors relative
@@ -174,6 +187,14 @@ impl Config {
         path: &Path,
         env: &dyn Environment,
     ) -> Result<Config, ConfigError> {
+        if !has_content(text) {
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: "the file is empty (a truncated or half-written file is refused; \
+                          write `routes: []` for a config without routes)"
+                    .into(),
+            });
+        }
         let raw: raw::RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: describe_yaml_error(&e),
@@ -189,14 +210,99 @@ impl Config {
     }
 }
 
+/// Whether YAML text holds anything besides blank lines, comments and document markers.
+fn has_content(text: &str) -> bool {
+    text.lines().any(|line| {
+        let t = line.trim();
+        !(t.is_empty() || t.starts_with('#') || t == "---" || t == "...")
+    })
+}
+
 /// serde_yaml puts the location at the end of its message; make sure it is always there and
-/// reads as "line L column C".
+/// reads as "line L column C". Values are never repeated: serde quotes the offending value
+/// (a mis-indented secret would be printed), so quoted values are hidden and only
+/// name-like backquoted words (keys, variants) are kept.
 fn describe_yaml_error(e: &serde_yaml::Error) -> String {
-    let message = e.to_string();
+    let message = hide_values(&e.to_string());
     match e.location() {
         Some(loc) if !message.contains("line ") => {
             format!("{message} at line {} column {}", loc.line(), loc.column())
         }
         _ => message,
+    }
+}
+
+/// `message` with every `"quoted value"` replaced by `(value hidden)` and every backquoted
+/// word that does not look like a key or variant name replaced by `` `…` ``.
+fn hide_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                let mut escaped = false;
+                for d in chars.by_ref() {
+                    match (escaped, d) {
+                        (true, _) => escaped = false,
+                        (false, '\\') => escaped = true,
+                        (false, '"') => break,
+                        _ => {}
+                    }
+                }
+                out.push_str("(value hidden)");
+            }
+            '`' => {
+                let word: String = chars.by_ref().take_while(|&d| d != '`').collect();
+                let name_like = !word.is_empty()
+                    && word.len() <= 40
+                    && word
+                        .chars()
+                        .all(|w| w.is_ascii_alphanumeric() || "_-.[]".contains(w));
+                out.push('`');
+                out.push_str(if name_like { &word } else { "…" });
+                out.push('`');
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_error(yaml: &str) -> String {
+        let env = std::collections::HashMap::<String, String>::new();
+        match Config::from_yaml(yaml, Path::new("/etc/authrelay/routes.yaml"), &env) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("accepted: {yaml}"),
+        }
+    }
+
+    #[test]
+    fn parse_errors_never_repeat_a_value() {
+        let secret = "Outseta KEY1:SECRET1";
+        let cases = [
+            format!("credentials:\n  c:\n    type: static\n  value: \"{secret}\"\n"),
+            format!("credentials:\n  c:\n    type: static\n    value:\n      - \"{secret}\"\n"),
+            format!("credentials:\n  c:\n    type: static\n    {secret}: x\n"),
+            format!("timeouts:\n  connect: \"{secret}\"\n"),
+            format!("listen: [\"{secret}\"]\n"),
+        ];
+        for yaml in cases {
+            let e = parse_error(&yaml);
+            assert!(!e.contains("KEY1") && !e.contains("SECRET1"), "{e}");
+            assert!(e.contains("routes.yaml") && e.contains("line "), "{e}");
+        }
+        let e = parse_error("routes:\n  - name: a\n    upstreem: x\n");
+        assert!(e.contains("`upstreem`"), "{e}");
+    }
+
+    #[test]
+    fn empty_files_are_refused() {
+        for yaml in ["", "\n  \n", "# only a comment\n---\n"] {
+            assert!(parse_error(yaml).contains("empty"), "{yaml:?}");
+        }
     }
 }

@@ -32,8 +32,10 @@ pub struct RawConfig {
     pub intercept_ca: Option<RawInterceptCa>,
     #[serde(default)]
     pub credentials: BTreeMap<String, RawCredential>,
+    /// `None` when the file has no `routes:` key: a reload to a file without routes and
+    /// credentials is refused unless it says `routes: []` (a truncated file must not fail open).
     #[serde(default)]
-    pub routes: Vec<RawRoute>,
+    pub routes: Option<Vec<RawRoute>>,
 }
 
 /// Policy for requests that match no route.

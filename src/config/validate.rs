@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 
 use super::raw::{RawConfig, RawCredential, RawRoute};
-use super::values::{interpolate, read_secret_file, Environment};
+use super::values::{interpolate, interpolate_with_values, read_secret_file, Environment};
 use super::{
     Config, ConnectSettings, CredentialConfig, InterceptCaSettings, RetrySettings, RouteConfig,
     Timeouts, TlsSettings, TokenSettings,
@@ -20,6 +20,17 @@ use crate::secret::Secret;
 /// Default proxy listener.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
 
+/// The metric series name of traffic no route matches; no route may share it.
+pub const RESERVED_ROUTE_NAME: &str = "unmatched";
+
+/// Whether token timing schedules refreshes past usability. A token stops being sent in the
+/// last tenth of its life (at most 5 s, see `token_store::refresh_timing`); the refresh must
+/// start before that for every lifetime, which holds when the fraction leaves more than a
+/// tenth or `refresh_before` exceeds 5 s.
+fn contradictory_timing(tokens: &TokenSettings) -> bool {
+    tokens.refresh_at_fraction >= 0.9 && tokens.refresh_before <= Duration::from_secs(5)
+}
+
 /// What a credential's validation needs: the environment for `${VAR}`, the config file's
 /// folder for relative `*_file` paths, and a list to record problems in.
 pub struct ValidateCtx<'a> {
@@ -27,6 +38,10 @@ pub struct ValidateCtx<'a> {
     base_dir: PathBuf,
     problems: Vec<String>,
     scope: String,
+    /// Every file read for the config (secrets, keys, CAs): watched for rotation.
+    files: Vec<PathBuf>,
+    /// The `${VAR}` values used in secret fields of the credential being validated.
+    secret_parts: Vec<Secret>,
 }
 
 impl<'a> ValidateCtx<'a> {
@@ -37,6 +52,8 @@ impl<'a> ValidateCtx<'a> {
             base_dir,
             problems: Vec::new(),
             scope: String::new(),
+            files: Vec::new(),
+            secret_parts: Vec::new(),
         }
     }
 
@@ -98,9 +115,19 @@ impl<'a> ValidateCtx<'a> {
                 );
                 None
             }
-            (Some(raw), None) => self.text(field, raw).map(Secret::new),
+            (Some(raw), None) => match interpolate_with_values(raw, self.env) {
+                Ok((value, parts)) => {
+                    self.secret_parts.extend(parts.into_iter().map(Secret::new));
+                    Some(Secret::new(value))
+                }
+                Err(e) => {
+                    self.problem(field, e);
+                    None
+                }
+            },
             (None, Some(path)) => {
                 let path = self.text(&format!("{field}_file"), path)?;
+                self.files.push(self.base_dir.join(&path));
                 match read_secret_file(&self.base_dir, &path) {
                     Ok(s) => Some(s),
                     Err(e) => {
@@ -172,6 +199,7 @@ impl<'a> ValidateCtx<'a> {
     pub fn existing_file(&mut self, field: &str, raw: &str) -> Option<PathBuf> {
         let text = self.text(field, raw)?;
         let path = self.base_dir.join(text);
+        self.files.push(path.clone());
         if path.is_file() {
             Some(path)
         } else {
@@ -205,6 +233,7 @@ fn validate_credential(
             "credential names may use letters, digits, `_`, `-` and `.` only",
         );
     }
+    ctx.secret_parts.clear();
     let v = match raw {
         RawCredential::Static(spec) => spec.validate(ctx),
         RawCredential::OAuth2(spec) => spec.validate(ctx),
@@ -218,6 +247,7 @@ fn validate_credential(
         header: v.header,
         prefetch: v.prefetch,
         kind: v.kind,
+        secret_parts: std::mem::take(&mut ctx.secret_parts),
     })
 }
 
@@ -412,6 +442,17 @@ pub fn validate(
     if !(0.1..=1.0).contains(&tokens.refresh_at_fraction) {
         ctx.problem("tokens.refresh_at_fraction", "must be between 0.1 and 1.0");
     }
+    if contradictory_timing(&tokens) {
+        ctx.problem(
+            "tokens.refresh_before",
+            format!(
+                "with `refresh_at_fraction` {} a refresh would start only after a token is no \
+                 longer sent (its last 10%, at most 5s): lower `refresh_at_fraction` below 0.9 \
+                 or set `refresh_before` above 5s",
+                tokens.refresh_at_fraction
+            ),
+        );
+    }
     if tokens.backoff_initial.is_zero() || tokens.backoff_max < tokens.backoff_initial {
         ctx.problem(
             "tokens.backoff_max",
@@ -439,7 +480,9 @@ pub fn validate(
             key_file: key_file?,
         })
     });
-    if raw.intercept_ca.is_none() && raw.routes.iter().any(|r| r.intercept) {
+    let declares_routes = raw.routes.is_some();
+    let raw_routes = raw.routes.unwrap_or_default();
+    if raw.intercept_ca.is_none() && raw_routes.iter().any(|r| r.intercept) {
         ctx.problem(
             "intercept_ca",
             "is required when a route has `intercept: true` (create one with `authrelay ca init --out DIR`)",
@@ -457,8 +500,14 @@ pub fn validate(
     let mut routes = Vec::new();
     let mut names = HashSet::new();
     let mut mounts = HashSet::new();
-    for (i, r) in raw.routes.into_iter().enumerate() {
+    for (i, r) in raw_routes.into_iter().enumerate() {
         ctx.scope(format!("routes[{i}] ({})", r.name));
+        if r.name == RESERVED_ROUTE_NAME {
+            ctx.problem(
+                "name",
+                "`unmatched` is reserved (metrics count traffic no route matches under it)",
+            );
+        }
         if !names.insert(r.name.clone()) {
             ctx.problem(
                 "name",
@@ -475,6 +524,9 @@ pub fn validate(
         }
     }
     ctx.scope("");
+    let mut files = std::mem::take(&mut ctx.files);
+    files.sort();
+    files.dedup();
     let problems = ctx.into_problems();
     match (listen, problems.is_empty()) {
         (Some(listen), true) => Ok(Config {
@@ -489,6 +541,8 @@ pub fn validate(
             intercept_ca,
             credentials,
             routes,
+            declares_routes,
+            files,
         }),
         _ => Err(problems),
     }

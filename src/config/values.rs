@@ -111,6 +111,16 @@ impl Environment for std::collections::HashMap<String, String> {
 /// `fallback` when the variable is unset or empty. `$$` escapes a literal `$`. The error
 /// names the variable, never a value.
 pub fn interpolate(text: &str, env: &dyn Environment) -> Result<String, String> {
+    interpolate_with_values(text, env).map(|(out, _)| out)
+}
+
+/// Like [`interpolate`], also returning the value substituted for each `${…}` (for secret
+/// fields: each such value is hidden on its own, as a vendor may echo one part).
+pub fn interpolate_with_values(
+    text: &str,
+    env: &dyn Environment,
+) -> Result<(String, Vec<String>), String> {
+    let mut values = Vec::new();
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(pos) = rest.find('$') {
@@ -129,7 +139,12 @@ pub fn interpolate(text: &str, env: &dyn Environment) -> Result<String, String> 
                 None => (reference, None),
             };
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!("invalid environment variable name `{name}`"));
+                // The text between `${` and `}` may be a value typed in the wrong place.
+                return Err(
+                    "invalid `${…}` reference: a variable name uses letters, digits and `_` \
+                     (write `$$` for a literal `$`)"
+                        .to_string(),
+                );
             }
             let value = match (env.var(name), fallback) {
                 (Some(v), Some(f)) if v.is_empty() => f.to_string(),
@@ -138,6 +153,7 @@ pub fn interpolate(text: &str, env: &dyn Environment) -> Result<String, String> 
                 (None, None) => return Err(format!("environment variable `{name}` is not set")),
             };
             out.push_str(&value);
+            values.push(value);
             rest = &body[end + 1..];
         } else {
             out.push('$');
@@ -145,7 +161,7 @@ pub fn interpolate(text: &str, env: &dyn Environment) -> Result<String, String> 
         }
     }
     out.push_str(rest);
-    Ok(out)
+    Ok((out, values))
 }
 
 /// Reads a secret from a file (trailing newline removed), as mounted by Kubernetes or systemd
@@ -191,6 +207,18 @@ mod tests {
     #[test]
     fn unterminated_reference_is_an_error() {
         assert!(interpolate("${KEY", &env()).is_err());
+    }
+
+    #[test]
+    fn bad_references_never_print_their_text() {
+        for text in ["Outseta ${my key:secret}", "${pass word}", "x ${hunter2"] {
+            let err = interpolate(text, &env()).unwrap_err();
+            assert!(
+                !err.contains("key:secret") && !err.contains("pass word"),
+                "{err}"
+            );
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 
     #[test]

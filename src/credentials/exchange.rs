@@ -3,10 +3,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
 use serde_json::Value;
 
 use super::CredentialError;
+use crate::redact::Redactor;
 
 /// A token endpoint's successful answer.
 pub struct EndpointAnswer {
@@ -46,11 +46,28 @@ impl EndpointAnswer {
     }
 }
 
+/// The largest token-endpoint answer read; a longer one is a [`CredentialError::BadResponse`]
+/// (and so a 502), never a reason to hold megabytes.
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
+
 /// Sends a request to a token endpoint. Transport failures become `Unreachable` (without the
 /// URL, whose query may hold a secret); non-2xx answers become `Rejected` with the vendor's
-/// own message.
-pub async fn send(request: reqwest::RequestBuilder) -> Result<EndpointAnswer, CredentialError> {
-    let response = request
+/// own message. Every text in an error has passed through `redactor`; the body is read up to
+/// [`MAX_ANSWER_BYTES`].
+pub async fn send(
+    request: reqwest::RequestBuilder,
+    redactor: &Redactor,
+) -> Result<EndpointAnswer, CredentialError> {
+    receive(request, redactor)
+        .await
+        .map_err(|e| redactor.scrub(e))
+}
+
+async fn receive(
+    request: reqwest::RequestBuilder,
+    redactor: &Redactor,
+) -> Result<EndpointAnswer, CredentialError> {
+    let mut response = request
         .send()
         .await
         .map_err(|e| CredentialError::Unreachable(describe_transport(e)))?;
@@ -67,14 +84,34 @@ pub async fn send(request: reqwest::RequestBuilder) -> Result<EndpointAnswer, Cr
                 .to_ascii_lowercase()
         })
         .unwrap_or_default();
-    let body = response
-        .bytes()
+    let too_large = || {
+        CredentialError::BadResponse(format!(
+            "answer larger than {} KiB (status {status})",
+            MAX_ANSWER_BYTES >> 10
+        ))
+    };
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response
+        .chunk()
         .await
-        .map_err(|e| CredentialError::Unreachable(describe_transport(e)))?;
+        .map_err(|e| CredentialError::Unreachable(describe_transport(e)))?
+    {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let body = body.freeze();
     if !(200..300).contains(&status) {
         return Err(CredentialError::Rejected {
             status,
-            detail: vendor_message(&body),
+            detail: vendor_detail(&body, redactor),
         });
     }
     Ok(EndpointAnswer {
@@ -108,43 +145,47 @@ fn describe_transport(e: reqwest::Error) -> String {
     }
 }
 
-/// The vendor's error message from an error body: JSON fields `Message`, `ErrorMessage`,
-/// `error_description`, `error`, `message`, JSON:API `errors[0].detail|title`, or a short
-/// plain-text body. At most 200 characters.
-pub fn vendor_message(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let message = match serde_json::from_slice::<Value>(body) {
-        Ok(doc) => {
-            let fields = [
-                "Message",
-                "ErrorMessage",
-                "error_description",
-                "message",
-                "error",
-            ];
-            fields
-                .iter()
-                .find_map(|f| doc.get(f).and_then(Value::as_str).map(str::to_string))
-                .or_else(|| {
-                    let first = doc.get("errors")?.get(0)?;
-                    first
-                        .get("detail")
-                        .or_else(|| first.get("title"))
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                })
-                .unwrap_or_default()
+/// The vendor's error message from an answer body, fit to show: JSON fields `Message`,
+/// `ErrorMessage`, `error_description`, `message`, `error`, JSON:API `errors[0].detail|title`,
+/// or an excerpt of a plain-text body — redacted (with any token or secret the answer itself
+/// carries) and cut to [`crate::redact::DETAIL_MAX_CHARS`]. The one place a vendor's words
+/// become an error detail.
+pub fn vendor_detail(body: &[u8], redactor: &Redactor) -> String {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(doc) => redactor
+            .with_answer_secrets(&doc)
+            .detail(&json_message(&doc)),
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            if text.trim_start().starts_with('<') {
+                String::new()
+            } else {
+                redactor.detail(text.trim())
+            }
         }
-        Err(_) if text.trim_start().starts_with('<') => String::new(),
-        Err(_) => text.trim().to_string(),
-    };
-    let mut clean: String = message
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(200)
-        .collect();
-    clean.truncate(clean.trim_end().len());
-    clean
+    }
+}
+
+fn json_message(doc: &Value) -> String {
+    let fields = [
+        "Message",
+        "ErrorMessage",
+        "error_description",
+        "message",
+        "error",
+    ];
+    fields
+        .iter()
+        .find_map(|f| doc.get(f).and_then(Value::as_str).map(str::to_string))
+        .or_else(|| {
+            let first = doc.get("errors")?.get(0)?;
+            first
+                .get("detail")
+                .or_else(|| first.get("title"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
 }
 
 /// A string field at a JSON pointer (`/data/meta/accessToken`), or a `BadResponse` naming it.
@@ -153,32 +194,6 @@ pub fn string_at<'a>(doc: &'a Value, pointer: &str) -> Result<&'a str, Credentia
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| CredentialError::BadResponse(format!("no string at `{pointer}`")))
-}
-
-/// A number of seconds at a JSON pointer, accepting integers, floats and numeric strings.
-pub fn seconds_at(doc: &Value, pointer: &str) -> Option<Duration> {
-    let v = doc.pointer(pointer)?;
-    let secs = v
-        .as_f64()
-        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
-}
-
-/// The `exp` claim of a JWT, read without verifying the signature (we are the bearer, not
-/// the audience: the vendor verifies it). `None` when the token is not a JWT or has no `exp`.
-pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    let claims: Value = serde_json::from_slice(&bytes).ok()?;
-    let exp = claims.get("exp")?.as_f64()?;
-    (exp.is_finite() && exp > 0.0).then(|| UNIX_EPOCH + Duration::from_secs_f64(exp))
-}
-
-/// The expiry of a token: the JWT's `exp` when readable, else `now + expires_in`.
-pub fn token_expiry(token: &str, expires_in: Option<Duration>) -> Option<SystemTime> {
-    jwt_expiry(token).or_else(|| expires_in.map(|d| SystemTime::now() + d))
 }
 
 /// Parses an ISO 8601 timestamp as vendors put in `tokenExpiration`:
@@ -191,6 +206,10 @@ pub fn parse_timestamp(text: &str) -> Option<SystemTime> {
     let (date, time) = t.split_once(['T', 't', ' '])?;
     let mut d = date.splitn(3, '-');
     let (year, month, day) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
+    // Years beyond 9999 are absurd; refusing them keeps the arithmetic below in range.
+    if !(1970..=9999).contains(&year) {
+        return None;
+    }
     let (clock, offset_secs) = if let Some(c) = time.strip_suffix(['Z', 'z']) {
         (c, 0)
     } else if let Some(pos) = time.rfind(['+', '-']) {
@@ -198,7 +217,11 @@ pub fn parse_timestamp(text: &str) -> Option<SystemTime> {
             .split_once(':')
             .unwrap_or((&time[pos + 1..], "0"));
         let sign = if time.as_bytes()[pos] == b'-' { -1 } else { 1 };
-        (&time[..pos], sign * (num(h)? * 3600 + num(m)? * 60))
+        let (h, m) = (num(h)?, num(m)?);
+        if h > 23 || m > 59 {
+            return None;
+        }
+        (&time[..pos], sign * (h * 3600 + m * 60))
     } else {
         (time, 0)
     };
@@ -233,7 +256,7 @@ pub fn parse_timestamp(text: &str) -> Option<SystemTime> {
         num(&digits)? * 10_i64.pow(9 - digits.len() as u32)
     };
     let secs = u64::try_from(secs).ok()?;
-    Some(UNIX_EPOCH + Duration::new(secs, u32::try_from(nanos).ok()?))
+    UNIX_EPOCH.checked_add(Duration::new(secs, u32::try_from(nanos).ok()?))
 }
 
 #[cfg(test)]
@@ -241,26 +264,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_jwt_expiry_without_verifying() {
-        let payload =
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"exp":2000000000}"#);
-        let jwt = format!("eyJhbGciOiJSUzI1NiJ9.{payload}.sig");
+    fn vendor_messages_are_extracted_and_redacted() {
+        let r = Redactor::new(["pw-1"]);
         assert_eq!(
-            jwt_expiry(&jwt),
-            Some(UNIX_EPOCH + Duration::from_secs(2_000_000_000))
+            vendor_detail(br#"{"Message":"Bad creds"}"#, &r),
+            "Bad creds"
         );
-        assert_eq!(jwt_expiry("opaque-token"), None);
-    }
-
-    #[test]
-    fn vendor_messages_are_extracted() {
-        assert_eq!(vendor_message(br#"{"Message":"Bad creds"}"#), "Bad creds");
         assert_eq!(
-            vendor_message(br#"{"errors":[{"title":"Locked"}]}"#),
+            vendor_detail(br#"{"errors":[{"title":"Locked"}]}"#, &r),
             "Locked"
         );
-        assert_eq!(vendor_message(b"invalid client\n"), "invalid client");
-        assert_eq!(vendor_message(b"<html>oops</html>"), "");
+        assert_eq!(vendor_detail(b"invalid client\n", &r), "invalid client");
+        assert_eq!(vendor_detail(b"<html>oops</html>", &r), "");
+        assert_eq!(
+            vendor_detail(b"rejected: password=pw-1&x=1", &r),
+            "rejected: password=***&x=1"
+        );
+        assert_eq!(
+            vendor_detail(br#"{"token":"tok-9","message":"tok-9 is bad"}"#, &r),
+            "*** is bad"
+        );
     }
 
     #[test]
@@ -273,5 +296,8 @@ mod tests {
         );
         assert_eq!(parse_timestamp("2030-01-01T01:00:00+01:00"), Some(t));
         assert!(parse_timestamp("yesterday").is_none());
+        assert!(parse_timestamp("99999999999-01-01T00:00:00Z").is_none());
+        assert!(parse_timestamp("2030-01-01T99999999999999:00:00Z").is_none());
+        assert!(parse_timestamp("2030-01-01T00:00:00+99999999999:00").is_none());
     }
 }

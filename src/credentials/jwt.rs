@@ -109,7 +109,7 @@ pub fn sign_app_token(
         .duration_since(UNIX_EPOCH)
         .map_err(|_| CredentialError::Other("system clock is before 1970".into()))?
         .as_secs();
-    let exp = iat + lifetime.as_secs().max(1);
+    let exp = iat.saturating_add(crate::expiry::clamp_configured(lifetime).as_secs());
     let mut claims = serde_json::Map::new();
     for (name, value) in extra.into_iter().flatten() {
         claims.insert(name.clone(), value.clone());
@@ -198,6 +198,13 @@ impl JwtSpec {
             ctx.problem("lifetime", "must be at least 1s");
             ok = false;
         }
+        if lifetime > crate::expiry::MAX_LIFETIME {
+            ctx.problem(
+                "lifetime",
+                "must be at most 30 days (the longest token lifetime)",
+            );
+            ok = false;
+        }
         for name in RESERVED_CLAIMS {
             if self.claims.contains_key(name) {
                 ctx.problem("claims", format!("`{name}` is set by authrelay"));
@@ -248,5 +255,26 @@ impl TokenSource for JwtSource {
             refresh: None,
         });
         Box::pin(async move { token })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes_beyond_the_policy_maximum_are_refused() {
+        let problems = crate::credentials::validate_for_test(
+            "issuer: app\nprivate_key_file: missing.pem\nlifetime: 100000h\n",
+            &[],
+            JwtSpec::validate,
+        )
+        .unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("lifetime: must be at most 30 days")),
+            "{problems:?}"
+        );
     }
 }

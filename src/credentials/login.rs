@@ -19,6 +19,8 @@ use super::{
     TokenSource, ValidatedCredential,
 };
 use crate::config::ValidateCtx;
+use crate::expiry::{self, Stated};
+use crate::redact::Redactor;
 use crate::secret::Secret;
 
 /// The config section as written. `Debug` hides the password.
@@ -302,15 +304,19 @@ pub struct LoginSource {
     /// token until a fetch succeeds; remembering the refusal keeps a failing login from
     /// sending the dead refresh token again on every retry.
     refused: std::sync::Mutex<Option<Secret>>,
+    /// Hides the password in everything the vendor answers.
+    redactor: Redactor,
 }
 
 impl LoginSource {
     /// Wraps validated settings and the token-endpoint client.
     pub fn new(settings: LoginSettings, http: reqwest::Client) -> Self {
+        let redactor = Redactor::new([settings.password.expose()]);
         Self {
             settings,
             http,
             refused: std::sync::Mutex::new(None),
+            redactor,
         }
     }
 
@@ -320,11 +326,12 @@ impl LoginSource {
     }
 
     async fn obtain(&self, previous: Option<&Token>) -> Result<Token, CredentialError> {
+        let redactor = self.redactor.with_token(previous);
         let grant = previous
             .and_then(|t| t.refresh.as_ref())
             .filter(|g| g.usable_at(SystemTime::now()) && !self.was_refused(g));
         if let (Some(url), Some(grant)) = (&self.settings.refresh_url, grant) {
-            match self.refresh(url, grant).await {
+            match self.refresh(url, grant, &redactor).await {
                 Ok(token) => return Ok(token),
                 Err(e) if e.is_refusal() => {
                     *self.refused.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -334,10 +341,10 @@ impl LoginSource {
                 Err(e) => return Err(e),
             }
         }
-        self.login().await
+        self.login(&redactor).await
     }
 
-    async fn login(&self) -> Result<Token, CredentialError> {
+    async fn login(&self, redactor: &Redactor) -> Result<Token, CredentialError> {
         let s = &self.settings;
         let mut body = Map::new();
         body.insert(s.request.username.clone(), Value::from(s.username.as_str()));
@@ -345,24 +352,30 @@ impl LoginSource {
         if let Some(id) = s.account_id {
             body.insert(s.request.account_id.clone(), Value::from(id));
         }
-        let answer = self.post(&s.login_url, body).await?;
-        self.token_from(&answer)
+        let answer = self.post(&s.login_url, body, redactor).await?;
+        self.token_from(&answer, redactor)
     }
 
-    async fn refresh(&self, url: &Url, grant: &RefreshGrant) -> Result<Token, CredentialError> {
+    async fn refresh(
+        &self,
+        url: &Url,
+        grant: &RefreshGrant,
+        redactor: &Redactor,
+    ) -> Result<Token, CredentialError> {
         let mut body = Map::new();
         body.insert(
             self.settings.request.refresh_token.clone(),
             Value::from(grant.token.expose()),
         );
-        let answer = self.post(url, body).await?;
-        self.token_from(&answer)
+        let answer = self.post(url, body, redactor).await?;
+        self.token_from(&answer, redactor)
     }
 
     async fn post(
         &self,
         url: &Url,
         body: Map<String, Value>,
+        redactor: &Redactor,
     ) -> Result<EndpointAnswer, CredentialError> {
         let request = self.http.post(url.clone());
         let request = match self.settings.encoding {
@@ -378,14 +391,18 @@ impl LoginSource {
                 request.form(&pairs)
             }
         };
-        exchange::send(request).await
+        exchange::send(request, redactor).await
     }
 
-    fn token_from(&self, answer: &EndpointAnswer) -> Result<Token, CredentialError> {
+    fn token_from(
+        &self,
+        answer: &EndpointAnswer,
+        redactor: &Redactor,
+    ) -> Result<Token, CredentialError> {
         let fields = &self.settings.response;
         let doc = answer.json()?;
         if doc.pointer(&fields.success).and_then(Value::as_bool) == Some(false) {
-            let message = exchange::vendor_message(&answer.body);
+            let message = exchange::vendor_detail(&answer.body, redactor);
             return Err(CredentialError::Rejected {
                 status: answer.status,
                 detail: if message.is_empty() {
@@ -396,14 +413,17 @@ impl LoginSource {
             });
         }
         let token = exchange::string_at(&doc, &fields.token)?;
-        let expires_at = doc
-            .pointer(&fields.token_expiration)
-            .and_then(Value::as_str)
-            .and_then(exchange::parse_timestamp)
-            .or_else(|| {
-                exchange::seconds_at(&doc, &fields.token_lifetime).map(|d| SystemTime::now() + d)
-            })
-            .or_else(|| exchange::jwt_expiry(token));
+        // `tokenExpiration`; else `tokenLifetime`; else the JWT's `exp`; else the default hour.
+        let expires_at = expiry::expires_at(
+            token,
+            [
+                doc.pointer(&fields.token_expiration)
+                    .and_then(Value::as_str)
+                    .and_then(exchange::parse_timestamp)
+                    .map(Stated::At),
+                Stated::seconds_at(&doc, &fields.token_lifetime),
+            ],
+        );
         let refresh = doc
             .pointer(&fields.refresh_token)
             .and_then(Value::as_str)
@@ -417,7 +437,7 @@ impl LoginSource {
             });
         Ok(Token {
             value: self.settings.format.header_value(token),
-            expires_at,
+            expires_at: Some(expires_at),
             refresh,
         })
     }

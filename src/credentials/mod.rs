@@ -19,6 +19,7 @@ use std::time::SystemTime;
 use http::HeaderName;
 
 use crate::config::ValidateCtx;
+use crate::redact::Redactor;
 use crate::secret::Secret;
 
 /// A freshly obtained credential.
@@ -144,8 +145,28 @@ pub struct SourceDeps {
     pub http: reqwest::Client,
 }
 
-/// Builds the runtime source for validated settings.
+/// Builds the runtime source for validated settings, guarded so that a panic inside a fetch
+/// becomes an ordinary failure (with backoff and a 502) instead of a stuck credential.
 pub fn build_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSource> {
+    Arc::new(Guard {
+        inner: unguarded_source(kind, deps),
+        redactor: Redactor::default(),
+    })
+}
+
+/// Like [`build_source`] for a whole credential: its errors also hide each `${VAR}` value used
+/// in its secret fields.
+pub fn build_credential_source(
+    credential: &crate::config::CredentialConfig,
+    deps: &SourceDeps,
+) -> Arc<dyn TokenSource> {
+    Arc::new(Guard {
+        inner: unguarded_source(&credential.kind, deps),
+        redactor: Redactor::new(credential.secret_parts.iter().map(Secret::expose)),
+    })
+}
+
+fn unguarded_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSource> {
     match kind {
         CredentialKind::Static(s) => Arc::new(static_header::StaticSource::new(s.clone())),
         CredentialKind::OAuth2(s) => {
@@ -162,6 +183,45 @@ pub fn build_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSo
         CredentialKind::Login(s) => {
             Arc::new(login::LoginSource::new((**s).clone(), deps.http.clone()))
         }
+    }
+}
+
+/// Runs each fetch of the wrapped source in its own task, so that a panic (a bug, or a vendor
+/// value no check foresaw) is reported as [`CredentialError::Other`], and passes every error
+/// through `redactor` once more. Dropping the fetch (a timeout) aborts the task.
+struct Guard {
+    inner: Arc<dyn TokenSource>,
+    redactor: Redactor,
+}
+
+impl TokenSource for Guard {
+    fn fetch<'a>(&'a self, previous: Option<&'a Token>) -> FetchFuture<'a> {
+        let source = Arc::clone(&self.inner);
+        let previous = previous.cloned();
+        let task = AbortOnDrop(tokio::spawn(async move {
+            source.fetch(previous.as_ref()).await
+        }));
+        Box::pin(async move {
+            let mut task = task;
+            match (&mut task.0).await {
+                Ok(result) => result.map_err(|e| self.redactor.scrub(e)),
+                Err(_) => Err(CredentialError::Other(
+                    "the token fetch failed unexpectedly (internal error)".into(),
+                )),
+            }
+        })
+    }
+
+    fn refreshable(&self) -> bool {
+        self.inner.refreshable()
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<Result<Token, CredentialError>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -229,5 +289,30 @@ pub(crate) fn validate_for_test<S: serde::de::DeserializeOwned>(
     match validated {
         Some(v) if problems.is_empty() => Ok(v.kind),
         _ => Err(problems),
+    }
+}
+
+#[cfg(test)]
+mod panic_guard_tests {
+    use super::*;
+
+    struct Panics;
+
+    impl TokenSource for Panics {
+        fn fetch<'a>(&'a self, _previous: Option<&'a Token>) -> FetchFuture<'a> {
+            Box::pin(async { panic!("a vendor number no check foresaw") })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_fetch_is_an_ordinary_failure() {
+        let guarded = Guard {
+            inner: Arc::new(Panics),
+            redactor: Redactor::default(),
+        };
+        for _ in 0..2 {
+            let e = guarded.fetch(None).await.unwrap_err();
+            assert!(matches!(e, CredentialError::Other(_)), "{e}");
+        }
     }
 }

@@ -16,12 +16,9 @@ use super::{
 };
 use crate::config::values::ConfigDuration;
 use crate::config::ValidateCtx;
+use crate::expiry::{self, Stated};
+use crate::redact::{form_urlencode, Redactor};
 use crate::secret::Secret;
-
-/// The lifetime assumed when a token endpoint sends neither `expires_in` nor a JWT with
-/// `exp` (RFC 6749 makes `expires_in` optional). An hour keeps a token that really lives
-/// longer from being fetched too often, and a 401 before then is cured by refresh-and-retry.
-pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// An access token kept for the next JWT exchange must stay valid at least this much longer,
 /// so that it does not expire between being chosen and reaching the JWT endpoint.
@@ -202,16 +199,31 @@ fn optional_text(
 pub struct OAuth2Source {
     settings: OAuth2Settings,
     http: reqwest::Client,
+    /// Hides the client secret (and its HTTP Basic form) in everything the endpoints answer.
+    redactor: Redactor,
 }
 
 impl OAuth2Source {
     /// Wraps validated settings and the token endpoint client.
     pub fn new(settings: OAuth2Settings, http: reqwest::Client) -> Self {
-        Self { settings, http }
+        let basic = basic_credentials(&settings.client_id, &settings.client_secret);
+        let redactor = Redactor::new([
+            settings.client_secret.expose(),
+            basic.expose(),
+            basic.expose().trim_start_matches("Basic "),
+        ]);
+        Self {
+            settings,
+            http,
+            redactor,
+        }
     }
 
     /// RFC 6749 §4.4: the access token and its expiry.
-    async fn client_credentials(&self) -> Result<(String, SystemTime), CredentialError> {
+    async fn client_credentials(
+        &self,
+        redactor: &Redactor,
+    ) -> Result<(String, SystemTime), CredentialError> {
         let s = &self.settings;
         let mut form = vec![("grant_type", "client_credentials")];
         if let Some(scope) = &s.scope {
@@ -233,18 +245,23 @@ impl OAuth2Source {
                 );
             }
         }
-        let answer = exchange::send(request.form(&form)).await?;
+        let answer = exchange::send(request.form(&form), redactor).await?;
         let doc = answer.json()?;
         let access_token = exchange::string_at(&doc, "/access_token").map_err(|e| {
             // Some servers answer 200 with an OAuth error document.
-            match exchange::vendor_message(&answer.body) {
+            match exchange::vendor_detail(&answer.body, redactor) {
                 m if m.is_empty() => e,
                 m => CredentialError::BadResponse(format!("no access_token: {m}")),
             }
         })?;
-        let expires_in = exchange::seconds_at(&doc, "/expires_in");
-        let expires_at = exchange::token_expiry(access_token, expires_in)
-            .unwrap_or_else(|| SystemTime::now() + DEFAULT_TOKEN_LIFETIME);
+        // RFC 6749: `expires_in`; else the token's JWT `exp`; else the default hour.
+        let expires_at = expiry::expires_at(
+            access_token,
+            [
+                Stated::jwt_exp(access_token),
+                Stated::seconds_at(&doc, "/expires_in"),
+            ],
+        );
         Ok((access_token.to_string(), expires_at))
     }
 
@@ -253,6 +270,7 @@ impl OAuth2Source {
         &self,
         x: &JwtExchange,
         access_token: &str,
+        redactor: &Redactor,
     ) -> Result<String, CredentialError> {
         let mut query: Vec<(&str, String)> = Vec::new();
         if let Some(scope) = &x.scope {
@@ -270,14 +288,15 @@ impl OAuth2Source {
             .query(&query)
             .header(http::header::ACCEPT, "application/jwt")
             .header(http::header::AUTHORIZATION, format!("token {access_token}"));
-        let answer = exchange::send(request).await?;
+        let answer = exchange::send(request, redactor).await?;
         jwt_from_answer(&answer)
     }
 
     async fn fetch_token(&self, previous: Option<&Token>) -> Result<Token, CredentialError> {
         let s = &self.settings;
+        let redactor = self.redactor.with_token(previous);
         let Some(x) = &s.jwt_exchange else {
-            let (access_token, expires_at) = self.client_credentials().await?;
+            let (access_token, expires_at) = self.client_credentials(&redactor).await?;
             return Ok(Token {
                 value: s.format.header_value(&access_token),
                 expires_at: Some(expires_at),
@@ -288,7 +307,7 @@ impl OAuth2Source {
             .and_then(|t| t.refresh.as_ref())
             .filter(|g| g.usable_at(SystemTime::now() + ACCESS_TOKEN_MARGIN));
         if let Some(grant) = kept {
-            match self.jwt_token(x, grant.clone()).await {
+            match self.jwt_token(x, grant.clone(), &redactor).await {
                 Ok(token) => return Ok(token),
                 Err(e) if e.is_refusal() => {
                     tracing::info!(error = %e, "the kept access token was refused; obtaining a new one");
@@ -296,12 +315,12 @@ impl OAuth2Source {
                 Err(e) => return Err(e),
             }
         }
-        let (access_token, expires_at) = self.client_credentials().await?;
+        let (access_token, expires_at) = self.client_credentials(&redactor).await?;
         let grant = RefreshGrant {
             token: Secret::new(access_token),
             expires_at: Some(expires_at),
         };
-        self.jwt_token(x, grant).await
+        self.jwt_token(x, grant, &redactor).await
     }
 
     /// A JWT for `access`, carrying `access` along for the next exchange.
@@ -309,12 +328,21 @@ impl OAuth2Source {
         &self,
         x: &JwtExchange,
         access: RefreshGrant,
+        redactor: &Redactor,
     ) -> Result<Token, CredentialError> {
-        let jwt = self.exchange_for_jwt(x, access.token.expose()).await?;
-        let expires_at = exchange::jwt_expiry(&jwt)
-            .or_else(|| x.validity.map(|v| SystemTime::now() + v))
-            .or(access.expires_at)
-            .unwrap_or_else(|| SystemTime::now() + DEFAULT_TOKEN_LIFETIME);
+        let redactor = redactor.with([access.token.expose()]);
+        let jwt = self
+            .exchange_for_jwt(x, access.token.expose(), &redactor)
+            .await?;
+        // The JWT's `exp`; else the validity asked for; else the access token's expiry.
+        let expires_at = expiry::expires_at(
+            &jwt,
+            [
+                Stated::jwt_exp(&jwt),
+                x.validity.map(|v| Stated::Seconds(v.as_secs_f64())),
+                access.expires_at.map(Stated::At),
+            ],
+        );
         Ok(Token {
             value: self.settings.format.header_value(&jwt),
             expires_at: Some(expires_at),
@@ -365,21 +393,6 @@ fn basic_credentials(client_id: &str, client_secret: &Secret) -> Secret {
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(pair)
     ))
-}
-
-/// `application/x-www-form-urlencoded` encoding of one value.
-fn form_urlencode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
-                out.push(char::from(b));
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! private key, trade it at `POST /api/app/installs/{install_id}/actions/accessToken` for an
 //! access token (a JSON:API document, token at `data.meta.accessToken`), inject that.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -14,13 +14,11 @@ use super::{
     ValidatedCredential,
 };
 use crate::config::ValidateCtx;
+use crate::expiry::{self, Stated};
+use crate::redact::Redactor;
 
 /// The vendor's API.
 pub const DEFAULT_BASE_URL: &str = "https://api.outreach.io";
-
-/// Outreach documents S2S access tokens as valid one hour; used when the answer says nothing
-/// about expiry.
-pub const DEFAULT_ACCESS_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// The config section as written.
 #[derive(Debug, Deserialize)]
@@ -151,7 +149,9 @@ impl OutreachSource {
                 format!("Bearer {}", app_token.token),
             );
         // Non-2xx JSON:API `errors[]` become `Rejected` with the first error's detail/title.
-        let answer = exchange::send(request).await?;
+        // The app token is a bearer secret too: an echo of it is hidden.
+        let redactor = Redactor::new([app_token.token.as_str()]);
+        let answer = exchange::send(request, &redactor).await?;
         let doc = answer.json()?;
         let access_token = exchange::string_at(&doc, "/data/meta/accessToken")?;
         Ok(Token {
@@ -163,18 +163,19 @@ impl OutreachSource {
 }
 
 /// The access token's expiry: its JWT `exp`, else `data.meta.expiresAt` (ISO 8601), else
-/// `data.meta.expiresIn` (seconds), else the documented hour.
+/// `data.meta.expiresIn` (seconds), else the default hour (Outreach documents one hour).
 fn access_token_expiry(doc: &Value, access_token: &str) -> SystemTime {
-    exchange::jwt_expiry(access_token)
-        .or_else(|| {
+    expiry::expires_at(
+        access_token,
+        [
+            Stated::jwt_exp(access_token),
             doc.pointer("/data/meta/expiresAt")
                 .and_then(Value::as_str)
                 .and_then(exchange::parse_timestamp)
-        })
-        .or_else(|| {
-            exchange::seconds_at(doc, "/data/meta/expiresIn").map(|d| SystemTime::now() + d)
-        })
-        .unwrap_or_else(|| SystemTime::now() + DEFAULT_ACCESS_TOKEN_LIFETIME)
+                .map(Stated::At),
+            Stated::seconds_at(doc, "/data/meta/expiresIn"),
+        ],
+    )
 }
 
 impl TokenSource for OutreachSource {
@@ -186,23 +187,28 @@ impl TokenSource for OutreachSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::UNIX_EPOCH;
+    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn expiry_prefers_jwt_then_expires_at_then_expires_in() {
         use base64::Engine;
-        let payload =
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"exp":2000000000}"#);
+        let in_a_day = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 86_400;
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!(r#"{{"exp":{in_a_day}}}"#));
         let jwt = format!("eyJhbGciOiJSUzI1NiJ9.{payload}.sig");
         let doc = serde_json::json!({"data":{"meta":{
-            "accessToken": jwt, "expiresAt": "2030-01-01T00:00:00Z", "expiresIn": 5}}});
+            "accessToken": jwt, "expiresAt": "2020-01-01T00:00:00Z", "expiresIn": 5}}});
         assert_eq!(
             access_token_expiry(&doc, &jwt),
-            UNIX_EPOCH + Duration::from_secs(2_000_000_000)
+            UNIX_EPOCH + Duration::from_secs(in_a_day)
         );
         assert_eq!(
             access_token_expiry(&doc, "opaque"),
-            UNIX_EPOCH + Duration::from_secs(1_893_456_000)
+            UNIX_EPOCH + Duration::from_secs(1_577_836_800)
         );
         let doc = serde_json::json!({"data":{"meta":{"expiresIn": "5"}}});
         let exp = access_token_expiry(&doc, "opaque");

@@ -22,6 +22,8 @@ use super::{
     ValidatedCredential,
 };
 use crate::config::ValidateCtx;
+use crate::expiry::{self, Stated};
+use crate::redact::Redactor;
 use crate::secret::Secret;
 
 /// Page size asked of the subscriptions list (the server may answer with fewer).
@@ -274,15 +276,26 @@ pub struct OutsetaSource {
     /// its token directly, one call instead of three or more (person token, subscription
     /// pages, the account's token). Forgotten when Outseta refuses it.
     found_subscription: Mutex<Option<String>>,
+    /// Hides the password or the API key pair in everything the vendor answers.
+    redactor: Redactor,
 }
 
 impl OutsetaSource {
     /// Wraps validated settings and the token-endpoint client.
     pub fn new(settings: OutsetaSettings, http: reqwest::Client) -> Self {
+        let redactor = match &settings.login {
+            Login::Person { password } => Redactor::new([password.expose()]),
+            Login::ServerSide { authorization } => {
+                let pair = authorization.expose().trim_start_matches("Outseta ");
+                let (key, secret) = pair.split_once(':').unwrap_or((pair, pair));
+                Redactor::new([authorization.expose(), pair, key, secret])
+            }
+        };
         Self {
             settings,
             http,
             found_subscription: Mutex::new(None),
+            redactor,
         }
     }
 
@@ -352,7 +365,7 @@ impl OutsetaSource {
                 json!({ "username": self.settings.username, "password": "" })
             }
         };
-        let answer = exchange::send(request.json(&body)).await?;
+        let answer = exchange::send(request.json(&body), &self.redactor).await?;
         IssuedJwt::from_answer(&answer)
     }
 
@@ -378,7 +391,8 @@ impl OutsetaSource {
                 .http
                 .get(url)
                 .header(http::header::AUTHORIZATION, authorization.clone());
-            let page = exchange::send(request).await?.json()?;
+            let redactor = self.redactor.with([bearer.expose()]);
+            let page = exchange::send(request, &redactor).await?.json()?;
             let items = page.get("items").and_then(Value::as_array).ok_or_else(|| {
                 CredentialError::BadResponse("subscriptions list has no `items`".into())
             })?;
@@ -414,9 +428,15 @@ impl IssuedJwt {
     fn from_answer(answer: &EndpointAnswer) -> Result<Self, CredentialError> {
         let doc = answer.json()?;
         let jwt = exchange::string_at(&doc, "/access_token")?;
-        let expires_in = exchange::seconds_at(&doc, "/expires_in");
+        // The JWT's `exp`; else `expires_in`; else the default hour.
         Ok(Self {
-            expires_at: exchange::token_expiry(jwt, expires_in),
+            expires_at: Some(expiry::expires_at(
+                jwt,
+                [
+                    Stated::jwt_exp(jwt),
+                    Stated::seconds_at(&doc, "/expires_in"),
+                ],
+            )),
             jwt: Secret::new(jwt),
         })
     }

@@ -290,10 +290,7 @@ fn check_fetch_and_token_report_without_revealing_unless_asked() {
 
     let (code, out, err) = run(&["--config", &config, "token", "api_key"], &env);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        out.trim(),
-        format!("authorization: Bearer {}…(35 chars)", &secret[..4])
-    );
+    assert_eq!(out.trim(), "authorization: Bearer ***(35 chars)");
     assert!(!err.contains(&secret));
 
     let (code, out, _) = run(&["--config", &config, "token", "api_key", "--reveal"], &env);
