@@ -9,10 +9,8 @@ use super::server::Origin;
 use super::vendor::TokenBook;
 use super::Proxy;
 
-/// Token timing for test configs: fast backoff, and 401s on tokens older than 100 ms lead to
-/// a refresh (the default, 1 s, would slow every test down).
-pub const TEST_TOKENS_YAML: &str =
-    "tokens:\n  backoff_initial: 100ms\n  backoff_max: 2s\n  min_reject_age: 100ms\n";
+/// Token timing for test configs: fast backoff (the defaults would slow every test down).
+pub const TEST_TOKENS_YAML: &str = "tokens:\n  backoff_initial: 100ms\n  backoff_max: 2s\n";
 
 /// One credential type wired up: proxy, vendor book, the vendor's protected API, and the URL
 /// (through the proxy) of a protected resource.
