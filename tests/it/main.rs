@@ -16,4 +16,6 @@ mod proxy_basics;
 mod raw;
 mod reload;
 mod streaming;
+mod token_admin;
+mod unauthorized;
 mod upstream_pool;
