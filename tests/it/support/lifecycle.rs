@@ -83,7 +83,6 @@ pub async fn refreshes_before_expiry(s: &Setup, lifetime: Duration) {
 pub async fn revoked_token_is_refreshed_and_body_replayed(s: &Setup) {
     let client = s.proxy.client();
     assert_eq!(client.get(&s.url).send().await.unwrap().status(), 200);
-    tokio::time::sleep(Duration::from_millis(150)).await;
     s.book.revoke_all();
     let before = s.book.token_calls();
     let body: String = (0..50_000)
