@@ -12,7 +12,7 @@
 //! slot to idle even if that task dies: no credential can stay stuck in `refreshing`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -249,6 +249,10 @@ pub struct CredentialSlot {
     /// How many routes have a rejection record, so that the success path skips the lock in
     /// the usual case (no route has one).
     routes_with_rejections: AtomicUsize,
+    /// A lock-free copy of "a fetch is running", so that requests using a token that is due
+    /// do not take the lock while its refresh runs. Set with the phase; cleared by `settle`,
+    /// which the fetch's drop guard always reaches.
+    fetch_running: AtomicBool,
     keeper_stop: Mutex<Option<oneshot::Sender<()>>>,
 }
 
@@ -311,6 +315,7 @@ impl CredentialSlot {
                 rejections: HashMap::new(),
             }),
             routes_with_rejections: AtomicUsize::new(0),
+            fetch_running: AtomicBool::new(false),
             keeper_stop: Mutex::new(None),
         })
     }
@@ -366,7 +371,7 @@ impl CredentialSlot {
         let now = Instant::now();
         if let Some(token) = self.current.load_full() {
             if token.usable_at(now) {
-                if token.due_at(now) {
+                if token.due_at(now) && !self.fetch_running.load(Ordering::Acquire) {
                     // Starts the fetch unless one runs or the slot backs off; nobody waits.
                     let _ = self.begin(Trigger::Due);
                 }
@@ -540,6 +545,7 @@ impl CredentialSlot {
     fn start_fetch(self: &Arc<Self>, inner: &mut Inner) -> Flight {
         let (publish, flight) = watch::channel(None);
         inner.phase = Phase::Fetching(flight.clone());
+        self.fetch_running.store(true, Ordering::Release);
         let previous = inner.last_issued.as_ref().map(|t| t.token.clone());
         let settings = inner.settings.clone();
         let guard = FlightGuard {
@@ -561,6 +567,7 @@ impl CredentialSlot {
     fn settle(&self, issued: Result<IssuedToken, CredentialError>, took: Duration) -> Outcome {
         let mut inner = self.lock();
         inner.phase = Phase::Idle;
+        self.fetch_running.store(false, Ordering::Release);
         inner.fetches += 1;
         self.metrics.token_fetch(&self.name, issued.is_ok(), took);
         match issued {
