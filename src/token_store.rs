@@ -167,6 +167,9 @@ pub struct SlotStatus {
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
     pub fetches: u64,
+    /// Routes that pass 401/403 through without refreshing for now, because a fresh token
+    /// was refused there too (sorted).
+    pub quiet_routes: Vec<String>,
 }
 
 /// Why a fetch is asked for; decides whether the cached token is good enough.
@@ -668,6 +671,14 @@ impl CredentialSlot {
             (Phase::Idle, None) => "empty",
         };
         let fmt = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        let now = Instant::now();
+        let mut quiet_routes: Vec<String> = inner
+            .rejections
+            .iter()
+            .filter(|(_, r)| r.quiet_until.is_some_and(|until| now < until))
+            .map(|(route, _)| route.to_string())
+            .collect();
+        quiet_routes.sort();
         SlotStatus {
             name: self.name.to_string(),
             type_name: self.config.kind.type_name(),
@@ -677,6 +688,7 @@ impl CredentialSlot {
             last_error: inner.failure.as_ref().map(|f| f.error.to_string()),
             consecutive_failures: inner.failure.as_ref().map_or(0, |f| f.consecutive),
             fetches: inner.fetches,
+            quiet_routes,
         }
     }
 

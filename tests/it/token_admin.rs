@@ -17,15 +17,7 @@ use crate::support::lifecycle::TEST_TOKENS_YAML;
 use crate::support::server::{self, Origin, Seen};
 use crate::support::vendor::{protected_api, TokenBook};
 use crate::support::vendors::oauth2::{self as vendor, OAuth2Vendor};
-use crate::support::{self, Proxy};
-
-/// The value of one metric line (`name{labels} value`), 0 when absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().to_ascii_lowercase().parse().unwrap())
-        .unwrap_or(0.0)
-}
+use crate::support::{self, metric, Proxy};
 
 fn admin_url(proxy: &Proxy) -> String {
     format!(

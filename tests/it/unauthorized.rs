@@ -13,7 +13,7 @@ use crate::support::lifecycle::TEST_TOKENS_YAML;
 use crate::support::server::{self, Origin, Seen};
 use crate::support::vendor::{accepted, protected_api, TokenBook};
 use crate::support::vendors::oauth2::{self as vendor, OAuth2Vendor};
-use crate::support::{self, Proxy};
+use crate::support::{self, metric, Proxy};
 
 const CLIENT_ID: &str = "relay";
 const CLIENT_SECRET: &str = "relay-secret";
@@ -101,14 +101,6 @@ fn mount(name: &str, api: &Origin, extra: &str) -> String {
         "  - name: {name}\n    mount: /{name}\n    upstream: {}\n    credential: itsyou\n{extra}",
         api.url()
     )
-}
-
-/// The value of one metric line (`name{labels} value`), 0 when absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
 }
 
 fn retries(proxy: &Proxy, route: &str) -> f64 {
@@ -238,6 +230,8 @@ async fn refusals_no_token_cures_cost_a_bounded_handful_of_token_calls() {
         0,
         "the good route never sent a refused token"
     );
+    let status = proxy.state().snapshot().slots["itsyou"].status();
+    assert_eq!(status.quiet_routes, ["forbidden"], "{status:?}");
     proxy.stop().await;
 }
 
