@@ -1,7 +1,8 @@
 //! The token slot as operators see and steer it: a secret the token endpoint refuses is
 //! final (state `rejected`, slow retries, a 502 that says so), admin refresh and invalidate
 //! (guarded by `admin_token` off loopback, never printing a token), the per-credential
-//! gauges, reloads that keep cached tokens, and a panicking token source.
+//! gauges, reloads that keep cached tokens, a panicking token source and a client that gives
+//! up while a fetch runs.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -379,5 +380,59 @@ async fn a_panicking_token_source_is_an_ordinary_failure() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(origin.last().header("authorization"), "Bearer fine");
+    proxy.stop().await;
+}
+
+/// A token source whose endpoint takes a while to answer.
+struct Slow {
+    calls: AtomicUsize,
+}
+
+impl TokenSource for Slow {
+    fn fetch<'a>(&'a self, _previous: Option<&'a Token>) -> FetchFuture<'a> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            Ok::<_, CredentialError>(Token {
+                value: Secret::new("Bearer slow"),
+                expires_at: Some(SystemTime::now() + Duration::from_secs(60)),
+                refresh: None,
+            })
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_gives_up_does_not_cancel_the_fetch() {
+    let origin = server::echo_origin().await;
+    let yaml = format!(
+        "{TEST_TOKENS_YAML}credentials:\n  slow:\n    type: static\n    value: x\nroutes:\n  - name: api\n    mount: /api\n    upstream: {}\n    credential: slow\n",
+        origin.url()
+    );
+    let proxy = support::proxy(&yaml).await;
+    let source = Arc::new(Slow {
+        calls: AtomicUsize::new(0),
+    });
+    proxy.state().use_source("slow", source.clone());
+    let url = format!("{}/api/x", proxy.url());
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    assert!(impatient.get(&url).send().await.is_err(), "gave up first");
+    let slot = Arc::clone(&proxy.state().snapshot().slots["slow"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while slot.status().state != "valid" {
+        assert!(Instant::now() < deadline, "stuck: {:?}", slot.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let res = support::direct_client().get(&url).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        source.calls.load(Ordering::SeqCst),
+        1,
+        "the first fetch finished"
+    );
     proxy.stop().await;
 }
