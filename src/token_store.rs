@@ -349,10 +349,7 @@ impl CredentialSlot {
     /// Applies reloaded `tokens:` settings without dropping the cached token: the next fetch
     /// and backoff use them.
     pub fn use_settings(&self, settings: &TokenSettings) {
-        let mut inner = self.lock();
-        if &inner.settings != settings {
-            inner.settings = settings.clone();
-        }
+        self.lock().settings = settings.clone();
     }
 
     /// Whether fetching again can cure a 401/403.
