@@ -57,6 +57,7 @@ fn route(name: &str, host: &str, prefix: Option<String>) -> RouteConfig {
         upstream: None,
         credential: None,
         on_unauthorized: OnUnauthorized::Retry,
+        refresh_on: Default::default(),
         intercept: false,
         rewrite_location: true,
     }

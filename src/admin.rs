@@ -1,12 +1,14 @@
 //! The admin listener (`admin: 127.0.0.1:9901`, off when absent): health, readiness,
-//! Prometheus metrics and the state of every credential — never a token or secret. A plain
-//! hyper HTTP/1 server: four read-only endpoints do not need a framework.
+//! Prometheus metrics and the state of every credential — never a token or secret — plus two
+//! operator actions (refresh a credential now, drop its cached token), guarded by
+//! `admin_token`. A plain hyper HTTP/1 server and one route table: six endpoints do not need
+//! a framework.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE};
+use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::server::conn::http1;
@@ -15,36 +17,233 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::proxy::respond::describe_unavailable;
 use crate::state::State;
 use crate::token_store::SlotStatus;
 
 /// The content type Prometheus scrapers expect for the text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// What an admin route does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Health,
+    Ready,
+    Metrics,
+    Credentials,
+    Refresh,
+    Invalidate,
+}
+
+/// One admin endpoint: a path (`{name}` matches one segment, a credential's name), its
+/// method, and what it does. GET routes answer HEAD too.
+struct AdminRoute {
+    method: Method,
+    path: &'static str,
+    action: Action,
+}
+
+/// Every admin endpoint, in one table: matching, `405` with `Allow`, and the admin-token rule
+/// (every non-GET route changes state) all read it.
+const ROUTES: [AdminRoute; 6] = [
+    AdminRoute {
+        method: Method::GET,
+        path: "/healthz",
+        action: Action::Health,
+    },
+    AdminRoute {
+        method: Method::GET,
+        path: "/readyz",
+        action: Action::Ready,
+    },
+    AdminRoute {
+        method: Method::GET,
+        path: "/metrics",
+        action: Action::Metrics,
+    },
+    AdminRoute {
+        method: Method::GET,
+        path: "/credentials",
+        action: Action::Credentials,
+    },
+    AdminRoute {
+        method: Method::POST,
+        path: "/credentials/{name}/refresh",
+        action: Action::Refresh,
+    },
+    AdminRoute {
+        method: Method::POST,
+        path: "/credentials/{name}/invalidate",
+        action: Action::Invalidate,
+    },
+];
+
+/// Matches `path` against a route pattern; `Some(name)` carries the `{name}` segment
+/// (empty when the pattern has none).
+fn match_path<'p>(pattern: &str, path: &'p str) -> Option<&'p str> {
+    let mut name = "";
+    let mut given = path.split('/');
+    for expected in pattern.split('/') {
+        let segment = given.next()?;
+        if expected == "{name}" {
+            if segment.is_empty() {
+                return None;
+            }
+            name = segment;
+        } else if expected != segment {
+            return None;
+        }
+    }
+    given.next().is_none().then_some(name)
+}
+
+fn allows(route: &AdminRoute, method: &Method) -> bool {
+    route.method == method || (route.method == Method::GET && method == Method::HEAD)
+}
+
 /// Answers one admin request. Separate from [`serve`] so that it can be called directly.
-pub fn handle<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
+pub async fn handle<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
     let path = request.uri().path();
-    let known = matches!(path, "/healthz" | "/readyz" | "/metrics" | "/credentials");
-    if !known {
+    let matching: Vec<(&AdminRoute, &str)> = ROUTES
+        .iter()
+        .filter_map(|r| Some((r, match_path(r.path, path)?)))
+        .collect();
+    if matching.is_empty() {
         return text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into());
     }
-    if request.method() != Method::GET && request.method() != Method::HEAD {
+    let Some(&(route, name)) = matching.iter().find(|(r, _)| allows(r, request.method())) else {
+        let mut allowed: Vec<&str> = matching.iter().map(|(r, _)| r.method.as_str()).collect();
+        if allowed.contains(&"GET") {
+            allowed.push("HEAD");
+        }
         let mut response = text(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "method not allowed\n".into(),
         );
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        if let Ok(value) = HeaderValue::from_str(&allowed.join(", ")) {
+            response.headers_mut().insert(ALLOW, value);
+        }
         return response;
+    };
+    if route.method != Method::GET {
+        if let Some(refusal) = refuse_unauthorized(state, request) {
+            return refusal;
+        }
     }
-    match path {
-        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" => readiness(state),
-        "/metrics" => text(StatusCode::OK, METRICS_CONTENT_TYPE, state.metrics.encode()),
-        _ => json(StatusCode::OK, &credentials(state)),
+    match route.action {
+        Action::Health => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        Action::Ready => readiness(state),
+        Action::Metrics => {
+            update_credential_gauges(state);
+            text(StatusCode::OK, METRICS_CONTENT_TYPE, state.metrics.encode())
+        }
+        Action::Credentials => json(StatusCode::OK, &credentials(state)),
+        Action::Refresh => refresh(state, name).await,
+        Action::Invalidate => invalidate(state, name),
     }
+}
+
+/// Admin actions that change state need `admin_token` when it is set, and may do without
+/// it only when the admin listener is on loopback (reachable from this machine only).
+/// Returns the refusal to answer, if any.
+fn refuse_unauthorized<B>(state: &State, request: &Request<B>) -> Option<Response<Full<Bytes>>> {
+    let config = &state.snapshot().config;
+    match &config.admin_token {
+        Some(expected) => {
+            let presented = request
+                .headers()
+                .get(AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token.trim());
+            if presented.is_some_and(|p| same_secret(p.as_bytes(), expected.expose().as_bytes())) {
+                return None;
+            }
+            let mut response = json(
+                StatusCode::UNAUTHORIZED,
+                &serde_json::json!({
+                    "error": "admin_token_required",
+                    "detail": "send `Authorization: Bearer <admin_token>`",
+                }),
+            );
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"authrelay-admin\""),
+            );
+            Some(response)
+        }
+        None if config.admin.is_some_and(|a| a.ip().is_loopback()) => None,
+        None => Some(json(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({
+                "error": "admin_token_not_configured",
+                "detail": "the admin listener is not on loopback: set `admin_token` to allow actions that change state",
+            }),
+        )),
+    }
+}
+
+/// Compares without stopping at the first difference, so that timing does not reveal how
+/// much of a guess was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unknown_credential(name: &str) -> Response<Full<Bytes>> {
+    json(
+        StatusCode::NOT_FOUND,
+        &serde_json::json!({ "error": "unknown_credential", "credential": name }),
+    )
+}
+
+/// `POST /credentials/{name}/refresh`: fetches now (ignoring backoff) and answers the new
+/// expiry — never the token.
+async fn refresh(state: &State, name: &str) -> Response<Full<Bytes>> {
+    let Some(slot) = state.snapshot().slots.get(name).cloned() else {
+        return unknown_credential(name);
+    };
+    match slot.refresh_now().await {
+        Ok(token) => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "credential": name,
+                "refreshed": true,
+                "expires_at": token
+                    .expires_at()
+                    .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            }),
+        ),
+        Err(unavailable) => {
+            let mut body = serde_json::json!({ "error": "credential_unavailable" });
+            describe_unavailable(&mut body, &unavailable);
+            json(StatusCode::BAD_GATEWAY, &body)
+        }
+    }
+}
+
+/// `POST /credentials/{name}/invalidate`: drops the cached token; the next request fetches.
+fn invalidate(state: &State, name: &str) -> Response<Full<Bytes>> {
+    let Some(slot) = state.snapshot().slots.get(name).cloned() else {
+        return unknown_credential(name);
+    };
+    slot.invalidate();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "credential": name, "invalidated": true }),
+    )
+}
+
+/// Sets the per-credential gauges from the current snapshot, just before a scrape.
+fn update_credential_gauges(state: &State) {
+    let snapshot = state.snapshot();
+    state.metrics.set_credential_gauges(
+        snapshot
+            .slots
+            .iter()
+            .map(|(name, slot)| (name.as_str(), slot.gauges())),
+    );
 }
 
 /// Every credential of the current snapshot as the admin endpoint shows it, by name.
@@ -128,8 +327,8 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, mut shutdown: watch
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                let response = handle(&state, &request);
-                async move { Ok::<_, Infallible>(response) }
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(handle(&state, &request).await) }
             });
             let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);

@@ -1,6 +1,7 @@
 //! Prometheus metrics. Per-route handles are resolved once when a route table is built, so
 //! counting a request is a few atomic additions: no label hashing or allocation per request.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -28,6 +29,14 @@ struct CredentialLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CredentialNameLabels {
+    credential: String,
+}
+
+/// A gauge holding seconds (fractional, possibly `+Inf`).
+type SecondsGauge = Gauge<f64, AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RetryLabels {
     route: String,
     outcome: &'static str,
@@ -42,13 +51,45 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+/// Token endpoint calls take from milliseconds up to `fetch_timeout` (default 15 s).
+fn fetch_duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+/// A credential's state as the per-credential gauges show it, read from its slot at scrape
+/// time (seconds tick on without traffic, so they cannot be pushed on events).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CredentialGauges {
+    /// Whether a token that may be sent now is held.
+    pub usable: bool,
+    /// Seconds until the held token stops being sent (0 without one, `+Inf` if it never
+    /// expires).
+    pub expires_in_seconds: f64,
+    /// Seconds since the last successful fetch (`+Inf` before the first).
+    pub since_last_fetch_seconds: f64,
+    /// Failed fetches in a row.
+    pub consecutive_failures: u32,
+    /// Whether the last failure was the token endpoint refusing the configured secret.
+    pub refused: bool,
+}
+
+/// The per-credential gauge families.
+struct CredentialGaugeFamilies {
+    usable: Family<CredentialNameLabels, Gauge>,
+    expires_in: Family<CredentialNameLabels, SecondsGauge>,
+    since_last_fetch: Family<CredentialNameLabels, SecondsGauge>,
+    failures: Family<CredentialNameLabels, Gauge>,
+    refused: Family<CredentialNameLabels, Gauge>,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     upstream_latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     token_fetches: Family<CredentialLabels, Counter>,
-    token_fetch_latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    token_fetch_duration: Family<CredentialNameLabels, Histogram, fn() -> Histogram>,
+    credential_gauges: CredentialGaugeFamilies,
     retries: Family<RetryLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
     /// Client connections currently open.
@@ -104,14 +145,46 @@ impl Metrics {
             "Token endpoint calls, by credential and outcome",
             token_fetches.clone(),
         );
-        let token_fetch_latency =
-            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                latency_histogram,
+        let token_fetch_duration =
+            Family::<CredentialNameLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                fetch_duration_histogram,
             );
         registry.register(
-            "token_fetch_latency_seconds",
-            "Duration of token endpoint calls, by credential (label `route` holds the credential name)",
-            token_fetch_latency.clone(),
+            "token_fetch_duration_seconds",
+            "Duration of token endpoint calls (successful or not), by credential",
+            token_fetch_duration.clone(),
+        );
+        let credential_gauges = CredentialGaugeFamilies {
+            usable: Family::default(),
+            expires_in: Family::default(),
+            since_last_fetch: Family::default(),
+            failures: Family::default(),
+            refused: Family::default(),
+        };
+        registry.register(
+            "credential_token_usable",
+            "1 when the credential holds a token that may be sent now, else 0",
+            credential_gauges.usable.clone(),
+        );
+        registry.register(
+            "credential_token_expires_in_seconds",
+            "Seconds until the cached token stops being sent (0 without one, +Inf if it never expires)",
+            credential_gauges.expires_in.clone(),
+        );
+        registry.register(
+            "credential_seconds_since_last_fetch",
+            "Seconds since the last successful token fetch (+Inf before the first)",
+            credential_gauges.since_last_fetch.clone(),
+        );
+        registry.register(
+            "credential_consecutive_failures",
+            "Failed token fetches in a row (0 after a success)",
+            credential_gauges.failures.clone(),
+        );
+        registry.register(
+            "credential_refused",
+            "1 when the token endpoint refused the configured secret (state `rejected`), else 0",
+            credential_gauges.refused.clone(),
         );
         let retries = Family::<RetryLabels, Counter>::default();
         registry.register(
@@ -138,7 +211,8 @@ impl Metrics {
             requests,
             upstream_latency,
             token_fetches,
-            token_fetch_latency,
+            token_fetch_duration,
+            credential_gauges,
             retries,
             reloads,
             client_connections,
@@ -205,8 +279,8 @@ impl Metrics {
                 outcome,
             });
         }
-        self.token_fetch_latency.remove(&RouteLabels {
-            route: credential.to_string(),
+        self.token_fetch_duration.remove(&CredentialNameLabels {
+            credential: credential.to_string(),
         });
     }
 
@@ -219,11 +293,45 @@ impl Metrics {
                 outcome,
             })
             .inc();
-        self.token_fetch_latency
-            .get_or_create(&RouteLabels {
-                route: credential.to_string(),
+        self.token_fetch_duration
+            .get_or_create(&CredentialNameLabels {
+                credential: credential.to_string(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// Replaces every per-credential gauge with `credentials` (called at scrape time with
+    /// the current snapshot's credentials, so removed ones disappear).
+    pub fn set_credential_gauges<'a>(
+        &self,
+        credentials: impl IntoIterator<Item = (&'a str, CredentialGauges)>,
+    ) {
+        let g = &self.credential_gauges;
+        g.usable.clear();
+        g.expires_in.clear();
+        g.since_last_fetch.clear();
+        g.failures.clear();
+        g.refused.clear();
+        for (name, values) in credentials {
+            let labels = CredentialNameLabels {
+                credential: name.to_string(),
+            };
+            g.usable
+                .get_or_create(&labels)
+                .set(i64::from(values.usable));
+            g.expires_in
+                .get_or_create(&labels)
+                .set(values.expires_in_seconds);
+            g.since_last_fetch
+                .get_or_create(&labels)
+                .set(values.since_last_fetch_seconds);
+            g.failures
+                .get_or_create(&labels)
+                .set(i64::from(values.consecutive_failures));
+            g.refused
+                .get_or_create(&labels)
+                .set(i64::from(values.refused));
+        }
     }
 
     /// Counts a config reload.

@@ -112,6 +112,15 @@ impl Redactor {
                 status,
                 detail: self.detail(&detail),
             },
+            CredentialError::Refused {
+                status,
+                vendor_error,
+                detail,
+            } => CredentialError::Refused {
+                status,
+                vendor_error,
+                detail: self.detail(&detail),
+            },
             CredentialError::BadResponse(m) => CredentialError::BadResponse(self.detail(&m)),
             CredentialError::Other(m) => CredentialError::Other(self.detail(&m)),
         }

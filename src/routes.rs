@@ -10,7 +10,7 @@ use std::sync::Arc;
 use http::uri::{Authority, Scheme};
 use http::Method;
 
-use crate::config::{OnUnauthorized, RouteConfig};
+use crate::config::{OnUnauthorized, RefreshOn, RouteConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::token_store::CredentialSlot;
 
@@ -177,6 +177,8 @@ pub struct Route {
     pub credential: Option<Arc<CredentialSlot>>,
     /// Whether a 401/403 triggers refresh and replay.
     pub on_unauthorized: OnUnauthorized,
+    /// Which upstream statuses mean the token was refused.
+    pub refresh_on: RefreshOn,
     /// Whether CONNECT tunnels to this host are decrypted so that credentials can be injected.
     pub intercept: bool,
     /// Whether upstream redirects are mapped back to the client's view.
@@ -248,6 +250,7 @@ impl RouteTable {
                 upstream,
                 credential: c.credential.as_ref().and_then(|n| slots.get(n).cloned()),
                 on_unauthorized: c.on_unauthorized,
+                refresh_on: c.refresh_on,
                 intercept: c.intercept,
                 rewrite_location: c.rewrite_location,
                 metrics: metrics.for_route(&c.name),
@@ -378,6 +381,7 @@ mod tests {
             upstream: None,
             credential: None,
             on_unauthorized: OnUnauthorized::Retry,
+            refresh_on: Default::default(),
             intercept: false,
             rewrite_location: true,
         }

@@ -276,10 +276,15 @@ fn build_snapshot(
 ) -> Snapshot {
     let mut slots = HashMap::new();
     for (name, cred) in &config.credentials {
+        // Only the credential's own definition decides: `tokens:` timing changes apply to
+        // the kept slot's next fetch, and its cached token stays.
         let kept = previous
             .and_then(|p| p.slots.get(name))
-            .filter(|s| s.same_definition(cred, &config.tokens))
+            .filter(|s| s.same_definition(cred))
             .cloned();
+        if let Some(slot) = &kept {
+            slot.use_settings(&config.tokens);
+        }
         let slot = kept.unwrap_or_else(|| {
             CredentialSlot::new(
                 cred.clone(),

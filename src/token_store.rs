@@ -1,26 +1,37 @@
 //! The token store: one slot per credential holding its current token behind an `ArcSwap`.
 //!
-//! The hot path loads the current token without a lock. Refreshes go through a per-slot async
-//! mutex so that however many requests need a token at once, one call reaches the token
-//! endpoint and the rest take its result (single flight) — including its failure, which then
-//! holds off further attempts with exponential backoff and jitter.
+//! The hot path loads the current token without a lock. Everything else about a slot is a
+//! small state machine kept under one short-lived lock ([`Inner`]): a slot is either idle or
+//! running exactly one fetch ([`Phase`]), and remembers its last failure once ([`Failure`]).
+//! Every way into a fetch (a request without a token, a token falling due, a 401 from
+//! upstream, the keeper, an operator) goes through [`CredentialSlot::begin`], which either
+//! answers at once, joins the fetch in flight (single flight: however many requests need a
+//! token, one call reaches the token endpoint and all take its result, failures included), or
+//! starts one. The fetch runs in its own task and hands its outcome to every waiter through a
+//! `watch` channel, so a request that gives up never cancels it, and a drop guard returns the
+//! slot to idle even if that task dies: no credential can stay stuck in `refreshing`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use http::{HeaderName, HeaderValue};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::config::{CredentialConfig, TokenSettings};
 use crate::credentials::{CredentialError, Token, TokenSource};
-use crate::metrics::Metrics;
+use crate::metrics::{CredentialGauges, Metrics};
+
+/// First quiet period of a route whose refresh after a 401/403 did not help.
+pub const QUIET_INITIAL: Duration = Duration::from_secs(5);
+/// Longest quiet period (the period doubles per useless refresh up to this).
+pub const QUIET_MAX: Duration = Duration::from_secs(300);
 
 /// A token ready to inject: the header value is built once per token, never per request.
 pub struct IssuedToken {
     header_value: HeaderValue,
-    issued_at: Instant,
     usable_until: Option<Instant>,
     refresh_at: Option<Instant>,
     expires_at_wall: Option<SystemTime>,
@@ -37,31 +48,31 @@ impl std::fmt::Debug for IssuedToken {
 }
 
 impl IssuedToken {
+    /// Checked arithmetic only: a vendor's absurd expiry (year 9999) must not panic here. A
+    /// deadline beyond what `Instant` can hold is treated as "never".
     fn new(token: Token, settings: &TokenSettings) -> Result<Self, CredentialError> {
         let mut header_value = HeaderValue::from_str(token.value.expose()).map_err(|_| {
             CredentialError::BadResponse("token is not a valid header value".into())
         })?;
         header_value.set_sensitive(true);
         let now = Instant::now();
-        let wall_now = SystemTime::now();
         let (usable_until, refresh_at) = match token.expires_at {
             None => (None, None),
             Some(exp) => {
-                let lifetime = exp.duration_since(wall_now).map_err(|_| {
+                let lifetime = exp.duration_since(SystemTime::now()).map_err(|_| {
                     CredentialError::BadResponse(
                         "token endpoint issued an already expired token".into(),
                     )
                 })?;
                 let timing = refresh_timing(lifetime, settings);
                 (
-                    Some(now + timing.usable_for),
-                    Some(now + timing.refresh_after),
+                    now.checked_add(timing.usable_for),
+                    now.checked_add(timing.refresh_after),
                 )
             }
         };
         Ok(Self {
             header_value,
-            issued_at: now,
             usable_until,
             refresh_at,
             expires_at_wall: token.expires_at,
@@ -123,6 +134,13 @@ pub fn backoff_delay(failures: u32, settings: &TokenSettings) -> Duration {
     base.mul_f64(1.0 + rand::random::<f64>() * 0.25)
 }
 
+/// The quiet period after `strikes` useless refreshes in a row: [`QUIET_INITIAL`] doubling
+/// up to [`QUIET_MAX`].
+pub fn quiet_period(strikes: u32) -> Duration {
+    let exp = strikes.saturating_sub(1).min(16);
+    QUIET_INITIAL.saturating_mul(1u32 << exp).min(QUIET_MAX)
+}
+
 /// A credential could not supply a token; answered as 502 naming the credential.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("credential `{credential}` unavailable: {source}")]
@@ -141,44 +159,103 @@ pub struct SlotStatus {
     pub name: String,
     #[serde(rename = "type")]
     pub type_name: &'static str,
-    /// `valid`, `refreshing`, `failing` or `empty` (never fetched).
+    /// `valid`, `refreshing`, `failing`, `rejected` (the token endpoint refused the
+    /// configured secret) or `empty` (no usable token and no failure).
     pub state: &'static str,
     pub expires_at: Option<String>,
     pub last_refresh: Option<String>,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
     pub fetches: u64,
+    /// Routes that pass 401/403 through without refreshing for now, because a fresh token
+    /// was refused there too (sorted).
+    pub quiet_routes: Vec<String>,
 }
 
-#[derive(Default)]
-struct RefreshState {
-    last: Option<Arc<IssuedToken>>,
-    failures: u32,
-    retry_at: Option<Instant>,
-    last_error: Option<CredentialError>,
+/// Why a fetch is asked for; decides whether the cached token is good enough.
+#[derive(Debug, Clone)]
+enum Trigger {
+    /// A request needs a token and has none usable.
+    Missing,
+    /// The token is due for renewal (background and keeper): nothing to do if not due.
+    Due,
+    /// Upstream refused this token: replace exactly it, never a newer one.
+    Rejected(Arc<IssuedToken>),
+    /// An operator asked for a fetch now: ignores both the cached token and the backoff.
+    Operator,
 }
 
+/// The outcome of one fetch, shared by everyone who waited for it.
+type Outcome = Result<Arc<IssuedToken>, Unavailable>;
+/// Where waiters read the outcome of the fetch in flight (`None` until it ends).
+type Flight = watch::Receiver<Option<Outcome>>;
+
+/// What a slot is doing. At most one fetch per slot runs at any time.
+enum Phase {
+    Idle,
+    Fetching(Flight),
+}
+
+/// The last failed fetch, recorded once: the admin view, the 502 and the backoff all read it.
+struct Failure {
+    error: CredentialError,
+    consecutive: u32,
+    /// No new fetch (except an operator's) before this.
+    retry_at: Instant,
+}
+
+/// Per route: what refreshing after a 401/403 achieved there.
 #[derive(Default)]
-struct StatusInfo {
-    last_refresh: Option<SystemTime>,
-    last_error: Option<String>,
-    failures: u32,
+struct RouteRejections {
+    /// The token fetched after this route's last rejection; a 401/403 on it too means
+    /// refreshing does not help this route.
+    probe: Option<Weak<IssuedToken>>,
+    /// Useless refreshes in a row (reset by the route's next success).
+    strikes: u32,
+    /// No refresh on rejection for this route before this.
+    quiet_until: Option<Instant>,
+}
+
+/// The slot's mutable state. The lock is held for a few field updates only, never across an
+/// `.await`.
+struct Inner {
+    settings: TokenSettings,
+    phase: Phase,
+    /// The last token issued, kept for its refresh grant even after it stops being sent.
+    last_issued: Option<Arc<IssuedToken>>,
+    last_success: Option<(SystemTime, Instant)>,
+    failure: Option<Failure>,
+    fetches: u64,
+    rejections: HashMap<Arc<str>, RouteRejections>,
+}
+
+/// What [`CredentialSlot::begin`] decided.
+enum Begin {
+    /// The cached token serves.
+    Ready(Arc<IssuedToken>),
+    /// A fetch is in flight (perhaps just started): wait for its outcome.
+    Wait(Flight),
+    /// Backing off after a failure: no fetch now.
+    BackingOff(Unavailable),
 }
 
 /// One credential's token and everything needed to renew it.
 pub struct CredentialSlot {
     name: Arc<str>,
     config: CredentialConfig,
-    settings: TokenSettings,
     source: Arc<dyn TokenSource>,
     refreshable: bool,
     metrics: Arc<Metrics>,
+    /// The token requests inject, read without a lock.
     current: ArcSwapOption<IssuedToken>,
-    attempts: AtomicU64,
-    background: AtomicBool,
-    refreshing: AtomicBool,
-    state: tokio::sync::Mutex<RefreshState>,
-    status: Mutex<StatusInfo>,
+    inner: Mutex<Inner>,
+    /// How many routes have a rejection record, so that the success path skips the lock in
+    /// the usual case (no route has one).
+    routes_with_rejections: AtomicUsize,
+    /// A lock-free copy of "a fetch is running", so that requests using a token that is due
+    /// do not take the lock while its refresh runs. Set with the phase; cleared by `settle`,
+    /// which the fetch's drop guard always reaches.
+    fetch_running: AtomicBool,
     keeper_stop: Mutex<Option<oneshot::Sender<()>>>,
 }
 
@@ -187,6 +264,32 @@ impl std::fmt::Debug for CredentialSlot {
         f.debug_struct("CredentialSlot")
             .field("name", &self.name)
             .finish()
+    }
+}
+
+/// Ends a fetch however its task ends: if the task stops before publishing an outcome (a
+/// panic in our own code, the runtime shutting down), the slot goes back to idle with a
+/// recorded failure, and the waiters get that failure instead of waiting forever.
+struct FlightGuard {
+    slot: Arc<CredentialSlot>,
+    publish: Option<watch::Sender<Option<Outcome>>>,
+}
+
+impl FlightGuard {
+    fn finish(mut self, outcome: Outcome) {
+        if let Some(tx) = self.publish.take() {
+            tx.send_replace(Some(outcome));
+        }
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if let Some(tx) = self.publish.take() {
+            let error = CredentialError::Other("the token fetch ended abnormally".into());
+            let outcome = self.slot.settle(Err(error), Duration::ZERO);
+            tx.send_replace(Some(outcome));
+        }
     }
 }
 
@@ -202,17 +305,28 @@ impl CredentialSlot {
             name: Arc::from(config.name.as_str()),
             refreshable: source.refreshable(),
             config,
-            settings,
             source,
             metrics,
             current: ArcSwapOption::empty(),
-            attempts: AtomicU64::new(0),
-            background: AtomicBool::new(false),
-            refreshing: AtomicBool::new(false),
-            state: tokio::sync::Mutex::new(RefreshState::default()),
-            status: Mutex::new(StatusInfo::default()),
+            inner: Mutex::new(Inner {
+                settings,
+                phase: Phase::Idle,
+                last_issued: None,
+                last_success: None,
+                failure: None,
+                fetches: 0,
+                rejections: HashMap::new(),
+            }),
+            routes_with_rejections: AtomicUsize::new(0),
+            fetch_running: AtomicBool::new(false),
             keeper_stop: Mutex::new(None),
         })
+    }
+
+    /// A poisoned lock only means a panic elsewhere; the fields stay consistent (each update
+    /// is a few assignments), so carry on.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The credential's name.
@@ -225,9 +339,17 @@ impl CredentialSlot {
         &self.config.header
     }
 
-    /// Whether this slot can be kept across a reload to `config` with `settings`.
-    pub fn same_definition(&self, config: &CredentialConfig, settings: &TokenSettings) -> bool {
-        &self.config == config && &self.settings == settings
+    /// Whether this slot can be kept across a reload to `config`: the token source is the
+    /// same, so its cached token is still good. Timing settings do not matter (see
+    /// [`Self::use_settings`]).
+    pub fn same_definition(&self, config: &CredentialConfig) -> bool {
+        &self.config == config
+    }
+
+    /// Applies reloaded `tokens:` settings without dropping the cached token: the next fetch
+    /// and backoff use them.
+    pub fn use_settings(&self, settings: &TokenSettings) {
+        self.lock().settings = settings.clone();
     }
 
     /// Whether fetching again can cure a 401/403.
@@ -249,138 +371,212 @@ impl CredentialSlot {
         let now = Instant::now();
         if let Some(token) = self.current.load_full() {
             if token.usable_at(now) {
-                if token.due_at(now) {
-                    self.refresh_in_background();
+                if token.due_at(now) && !self.fetch_running.load(Ordering::Acquire) {
+                    // Starts the fetch unless one runs or the slot backs off; nobody waits.
+                    let _ = self.begin(Trigger::Due);
                 }
                 return Ok(token);
             }
         }
-        self.refresh(None).await
+        self.refresh(Trigger::Missing).await
     }
 
-    /// Called when upstream answered 401/403 to a request that carried `rejected`. Drops that
-    /// token (unless a concurrent refresh already replaced it) and returns a fresh one, or
-    /// `Ok(None)` when refreshing would not help: the credential is not refreshable, or the
-    /// rejected token was issued less than a second ago (the upstream refuses the request
-    /// itself, and hammering the token endpoint would not change that).
+    /// Called when `route`'s upstream refused `rejected` (401, or 403 where the route says so).
+    /// Returns a fresh token to replay with, or `Ok(None)` when refreshing would not help:
+    /// the credential is not refreshable, the route is in a quiet period, or `rejected` is
+    /// the very token fetched after this route's previous rejection (then the quiet period
+    /// starts). Drops `rejected` only if it is still the cached token, never a newer one.
     pub async fn refresh_after_rejection(
         self: &Arc<Self>,
+        route: &Arc<str>,
         rejected: &Arc<IssuedToken>,
     ) -> Result<Option<Arc<IssuedToken>>, Unavailable> {
         if !self.refreshable {
             return Ok(None);
         }
-        let current = self.current.load_full();
-        let replaced = current.as_ref().is_some_and(|c| !Arc::ptr_eq(c, rejected));
-        if !replaced && rejected.issued_at.elapsed() < self.settings.min_reject_age {
-            return Ok(None);
+        {
+            let mut inner = self.lock();
+            let now = Instant::now();
+            if let Some(record) = inner.rejections.get_mut(route) {
+                if record.quiet_until.is_some_and(|until| now < until) {
+                    return Ok(None);
+                }
+                let is_probe = record
+                    .probe
+                    .as_ref()
+                    .is_some_and(|p| std::ptr::eq(p.as_ptr(), Arc::as_ptr(rejected)));
+                if is_probe {
+                    self.start_quiet(record, route, now);
+                    return Ok(None);
+                }
+            }
         }
-        let _ = self
-            .current
-            .compare_and_swap(&Some(Arc::clone(rejected)), None::<Arc<IssuedToken>>);
-        self.refresh(Some(rejected)).await.map(Some)
+        let fresh = self
+            .refresh(Trigger::Rejected(Arc::clone(rejected)))
+            .await?;
+        let mut inner = self.lock();
+        let record = self.rejection_record(&mut inner, route);
+        record.probe = Some(Arc::downgrade(&fresh));
+        Ok(Some(fresh))
     }
 
-    async fn refresh(
-        &self,
-        stale: Option<&Arc<IssuedToken>>,
-    ) -> Result<Arc<IssuedToken>, Unavailable> {
-        let seen = self.attempts.load(Ordering::Acquire);
-        let mut state = self.state.lock().await;
+    /// Called when the replay with a fresh token was refused as well: refreshing does not
+    /// help `route`, so it stops refreshing on rejection for a growing quiet period.
+    pub fn replay_refused(&self, route: &Arc<str>) {
+        let mut inner = self.lock();
         let now = Instant::now();
-        if let Some(current) = self.current.load_full() {
-            let is_stale = stale.is_some_and(|s| Arc::ptr_eq(s, &current));
-            if !is_stale && current.usable_at(now) {
-                return Ok(current);
-            }
+        let record = self.rejection_record(&mut inner, route);
+        if record.quiet_until.is_none_or(|until| until <= now) {
+            self.start_quiet(record, route, now);
         }
-        if self.attempts.load(Ordering::Acquire) != seen {
-            if let Some(e) = &state.last_error {
-                return Err(self.unavailable(e.clone(), state.retry_at, now));
-            }
-        }
-        if let Some(at) = state.retry_at.filter(|at| now < *at) {
-            let e = state
-                .last_error
-                .clone()
-                .unwrap_or_else(|| CredentialError::Other("backing off".into()));
-            return Err(self.unavailable(e, Some(at), now));
-        }
-        self.attempt(&mut state).await
     }
 
-    fn unavailable(
+    /// Called when `route`'s upstream accepted a request (any answer but 401/403): ends its
+    /// quiet period and forgets its useless refreshes. Lock-free unless a route has a record.
+    pub fn upstream_accepted(&self, route: &str) {
+        if self.routes_with_rejections.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut inner = self.lock();
+        if inner.rejections.remove(route).is_some() {
+            self.routes_with_rejections
+                .store(inner.rejections.len(), Ordering::Release);
+        }
+    }
+
+    fn rejection_record<'a>(
         &self,
-        source: CredentialError,
-        retry_at: Option<Instant>,
-        now: Instant,
-    ) -> Unavailable {
+        inner: &'a mut Inner,
+        route: &Arc<str>,
+    ) -> &'a mut RouteRejections {
+        if !inner.rejections.contains_key(route) {
+            inner
+                .rejections
+                .insert(Arc::clone(route), RouteRejections::default());
+            self.routes_with_rejections
+                .store(inner.rejections.len(), Ordering::Release);
+        }
+        inner.rejections.entry(Arc::clone(route)).or_default()
+    }
+
+    fn start_quiet(&self, record: &mut RouteRejections, route: &str, now: Instant) {
+        record.strikes = record.strikes.saturating_add(1);
+        let quiet = quiet_period(record.strikes);
+        record.quiet_until = now.checked_add(quiet);
+        record.probe = None;
+        tracing::warn!(
+            credential = %self.name,
+            route,
+            quiet_for = %humantime::format_duration(quiet),
+            "a fresh token was refused too; passing 401/403 through without refreshing for a while"
+        );
+    }
+
+    /// Drops the cached token so that the next request fetches one now (operator action).
+    /// The refresh grant of the last token is kept, and any backoff is lifted.
+    pub fn invalidate(&self) {
+        let mut inner = self.lock();
+        self.current.store(None);
+        inner.failure = None;
+        tracing::info!(credential = %self.name, "cached token dropped by an operator");
+    }
+
+    /// Fetches a new token now, ignoring the cached one and any backoff (operator action).
+    /// Joins a fetch already in flight.
+    pub async fn refresh_now(self: &Arc<Self>) -> Result<Arc<IssuedToken>, Unavailable> {
+        self.refresh(Trigger::Operator).await
+    }
+
+    /// Begins (or joins) a fetch for `trigger` and waits for its outcome.
+    async fn refresh(self: &Arc<Self>, trigger: Trigger) -> Result<Arc<IssuedToken>, Unavailable> {
+        match self.begin(trigger) {
+            Begin::Ready(token) => Ok(token),
+            Begin::BackingOff(unavailable) => Err(unavailable),
+            Begin::Wait(mut flight) => match flight.wait_for(Option::is_some).await {
+                Ok(outcome) => match &*outcome {
+                    Some(result) => result.clone(),
+                    None => Err(self.ended_abnormally()),
+                },
+                Err(_) => Err(self.ended_abnormally()),
+            },
+        }
+    }
+
+    fn ended_abnormally(&self) -> Unavailable {
         Unavailable {
             credential: Arc::clone(&self.name),
-            source,
-            retry_in: retry_at.map(|at| at.saturating_duration_since(now)),
+            source: CredentialError::Other("the token fetch ended abnormally".into()),
+            retry_in: None,
         }
     }
 
-    fn refresh_in_background(self: &Arc<Self>) {
-        if self.background.swap(true, Ordering::AcqRel) {
-            return;
+    /// The one way into a fetch. Decides under the lock, so that two callers can never both
+    /// start one.
+    fn begin(self: &Arc<Self>, trigger: Trigger) -> Begin {
+        let mut inner = self.lock();
+        if let Phase::Fetching(flight) = &inner.phase {
+            return Begin::Wait(flight.clone());
         }
-        let slot = Arc::clone(self);
-        tokio::spawn(async move {
-            slot.refresh_if_due().await;
-            slot.background.store(false, Ordering::Release);
-        });
-    }
-
-    /// Refreshes when there is no token or it is due, unless backing off. Used by the
-    /// background paths; request paths use `get`.
-    async fn refresh_if_due(&self) {
-        let mut state = self.state.lock().await;
         let now = Instant::now();
-        if let Some(current) = self.current.load_full() {
-            if current.usable_at(now) && !current.due_at(now) {
-                return;
+        let current = self.current.load_full();
+        match (&trigger, current) {
+            (Trigger::Operator, _) => {}
+            (Trigger::Missing, Some(c)) if c.usable_at(now) => return Begin::Ready(c),
+            (Trigger::Due, Some(c)) if c.usable_at(now) && !c.due_at(now) => {
+                return Begin::Ready(c)
+            }
+            (Trigger::Rejected(r), Some(c)) if Arc::ptr_eq(r, &c) => self.current.store(None),
+            (Trigger::Rejected(_), Some(c)) if c.usable_at(now) => return Begin::Ready(c),
+            _ => {}
+        }
+        if !matches!(trigger, Trigger::Operator) {
+            if let Some(f) = inner.failure.as_ref().filter(|f| now < f.retry_at) {
+                return Begin::BackingOff(Unavailable {
+                    credential: Arc::clone(&self.name),
+                    source: f.error.clone(),
+                    retry_in: Some(f.retry_at.saturating_duration_since(now)),
+                });
             }
         }
-        if state.retry_at.is_some_and(|at| now < at) {
-            return;
-        }
-        let _ = self.attempt(&mut state).await;
+        Begin::Wait(self.start_fetch(&mut inner))
     }
 
-    async fn attempt(&self, state: &mut RefreshState) -> Result<Arc<IssuedToken>, Unavailable> {
-        self.refreshing.store(true, Ordering::Release);
-        let previous = state.last.as_ref().map(|t| &t.token);
-        let started = Instant::now();
-        let fetched =
-            match tokio::time::timeout(self.settings.fetch_timeout, self.source.fetch(previous))
-                .await
-            {
-                Ok(result) => result,
-                Err(_) => Err(CredentialError::Unreachable(format!(
-                    "no answer within {}",
-                    humantime::format_duration(self.settings.fetch_timeout)
-                ))),
-            };
-        let issued = fetched.and_then(|t| IssuedToken::new(t, &self.settings));
-        self.attempts.fetch_add(1, Ordering::AcqRel);
-        self.refreshing.store(false, Ordering::Release);
-        let now = Instant::now();
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+    /// Starts the fetch task. It owns the fetch: callers only wait for its outcome.
+    fn start_fetch(self: &Arc<Self>, inner: &mut Inner) -> Flight {
+        let (publish, flight) = watch::channel(None);
+        inner.phase = Phase::Fetching(flight.clone());
+        self.fetch_running.store(true, Ordering::Release);
+        let previous = inner.last_issued.as_ref().map(|t| t.token.clone());
+        let settings = inner.settings.clone();
+        let guard = FlightGuard {
+            slot: Arc::clone(self),
+            publish: Some(publish),
+        };
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let fetched = fetch(&guard.slot.source, previous, settings.fetch_timeout).await;
+            let issued = fetched.and_then(|t| IssuedToken::new(t, &settings));
+            let outcome = guard.slot.settle(issued, started.elapsed());
+            guard.finish(outcome);
+        });
+        flight
+    }
+
+    /// Records a fetch's result: the new token, or the failure and the backoff it earns.
+    /// Returns the slot to idle.
+    fn settle(&self, issued: Result<IssuedToken, CredentialError>, took: Duration) -> Outcome {
+        let mut inner = self.lock();
+        inner.phase = Phase::Idle;
+        self.fetch_running.store(false, Ordering::Release);
+        inner.fetches += 1;
+        self.metrics.token_fetch(&self.name, issued.is_ok(), took);
         match issued {
             Ok(token) => {
                 let token = Arc::new(token);
                 self.current.store(Some(Arc::clone(&token)));
-                state.last = Some(Arc::clone(&token));
-                state.failures = 0;
-                state.retry_at = None;
-                state.last_error = None;
-                status.last_refresh = Some(SystemTime::now());
-                status.last_error = None;
-                status.failures = 0;
-                self.metrics
-                    .token_fetch(&self.name, true, started.elapsed());
+                inner.last_issued = Some(Arc::clone(&token));
+                inner.last_success = Some((SystemTime::now(), Instant::now()));
+                inner.failure = None;
                 let expires_at = token
                     .expires_at_wall
                     .map(|t| humantime::format_rfc3339_seconds(t).to_string())
@@ -388,17 +584,30 @@ impl CredentialSlot {
                 tracing::info!(credential = %self.name, %expires_at, "token obtained");
                 Ok(token)
             }
-            Err(e) => {
-                state.failures = state.failures.saturating_add(1);
-                let delay = backoff_delay(state.failures, &self.settings);
-                state.retry_at = Some(now + delay);
-                state.last_error = Some(e.clone());
-                status.last_error = Some(e.to_string());
-                status.failures = state.failures;
-                self.metrics
-                    .token_fetch(&self.name, false, started.elapsed());
-                tracing::warn!(credential = %self.name, error = %e, failures = state.failures, retry_in = ?delay, "token fetch failed");
-                Err(self.unavailable(e, state.retry_at, now))
+            Err(error) => {
+                let consecutive = inner
+                    .failure
+                    .as_ref()
+                    .map_or(1, |f| f.consecutive.saturating_add(1));
+                // A refused secret will be refused again: retrying fast only burns the
+                // vendor's rate limit, so wait the longest.
+                let delay = if error.is_final() {
+                    backoff_delay(u32::MAX, &inner.settings)
+                } else {
+                    backoff_delay(consecutive, &inner.settings)
+                };
+                let now = Instant::now();
+                tracing::warn!(credential = %self.name, %error, failures = consecutive, retry_in = ?delay, "token fetch failed");
+                inner.failure = Some(Failure {
+                    error: error.clone(),
+                    consecutive,
+                    retry_at: now.checked_add(delay).unwrap_or(now),
+                });
+                Err(Unavailable {
+                    credential: Arc::clone(&self.name),
+                    source: error,
+                    retry_in: Some(delay),
+                })
             }
         }
     }
@@ -416,8 +625,8 @@ impl CredentialSlot {
         tokio::spawn(async move {
             loop {
                 let Some(slot) = weak.upgrade() else { break };
-                slot.refresh_if_due().await;
-                let wait = slot.next_wake().await;
+                let _ = slot.refresh(Trigger::Due).await;
+                let wait = slot.next_wake();
                 drop(slot);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -427,11 +636,13 @@ impl CredentialSlot {
         });
     }
 
-    async fn next_wake(&self) -> Duration {
-        let state = self.state.lock().await;
+    /// When the keeper should look again: at the end of a backoff, when the token falls due,
+    /// or at once when there is none.
+    fn next_wake(&self) -> Duration {
+        let inner = self.lock();
         let now = Instant::now();
-        let at = match (state.retry_at, self.current.load().as_ref()) {
-            (Some(retry), _) if retry > now => Some(retry),
+        let at = match (&inner.failure, self.current.load().as_ref()) {
+            (Some(f), _) if f.retry_at > now => Some(f.retry_at),
             (_, Some(t)) => t.refresh_at,
             (_, None) => Some(now),
         };
@@ -444,30 +655,88 @@ impl CredentialSlot {
 
     /// The admin view of this credential.
     pub fn status(&self) -> SlotStatus {
-        let info = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = self.lock();
         let current = self.current.load_full();
         let usable = current
             .as_ref()
             .is_some_and(|t| t.usable_at(Instant::now()));
-        let state = if self.refreshing.load(Ordering::Acquire) {
-            "refreshing"
-        } else if info.failures > 0 {
-            "failing"
-        } else if usable {
-            "valid"
-        } else {
-            "empty"
+        let state = match (&inner.phase, &inner.failure) {
+            (Phase::Fetching(_), _) => "refreshing",
+            (Phase::Idle, Some(f)) if f.error.is_final() => "rejected",
+            (Phase::Idle, Some(_)) => "failing",
+            (Phase::Idle, None) if usable => "valid",
+            (Phase::Idle, None) => "empty",
         };
         let fmt = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        let now = Instant::now();
+        let mut quiet_routes: Vec<String> = inner
+            .rejections
+            .iter()
+            .filter(|(_, r)| r.quiet_until.is_some_and(|until| now < until))
+            .map(|(route, _)| route.to_string())
+            .collect();
+        quiet_routes.sort();
         SlotStatus {
             name: self.name.to_string(),
             type_name: self.config.kind.type_name(),
             state,
             expires_at: current.as_ref().and_then(|t| t.expires_at_wall).map(fmt),
-            last_refresh: info.last_refresh.map(fmt),
-            last_error: info.last_error.clone(),
-            consecutive_failures: info.failures,
-            fetches: self.attempts.load(Ordering::Acquire),
+            last_refresh: inner.last_success.map(|(wall, _)| fmt(wall)),
+            last_error: inner.failure.as_ref().map(|f| f.error.to_string()),
+            consecutive_failures: inner.failure.as_ref().map_or(0, |f| f.consecutive),
+            fetches: inner.fetches,
+            quiet_routes,
+        }
+    }
+
+    /// The values behind this credential's Prometheus gauges, as of now.
+    pub fn gauges(&self) -> CredentialGauges {
+        let inner = self.lock();
+        let current = self.current.load_full();
+        let now = Instant::now();
+        let usable = current.as_ref().is_some_and(|t| t.usable_at(now));
+        let expires_in = match current.as_ref().filter(|_| usable) {
+            None => 0.0,
+            Some(t) => t.usable_until.map_or(f64::INFINITY, |u| {
+                u.saturating_duration_since(now).as_secs_f64()
+            }),
+        };
+        CredentialGauges {
+            usable,
+            expires_in_seconds: expires_in,
+            since_last_fetch_seconds: inner
+                .last_success
+                .map_or(f64::INFINITY, |(_, at)| at.elapsed().as_secs_f64()),
+            consecutive_failures: inner.failure.as_ref().map_or(0, |f| f.consecutive),
+            refused: inner.failure.as_ref().is_some_and(|f| f.error.is_final()),
+        }
+    }
+}
+
+/// Runs the source's fetch in a task of its own, so that a panic inside a token source
+/// becomes an ordinary failure (with backoff) instead of taking the slot down, and a fetch
+/// past `timeout` is abandoned.
+async fn fetch(
+    source: &Arc<dyn TokenSource>,
+    previous: Option<Token>,
+    timeout: Duration,
+) -> Result<Token, CredentialError> {
+    let source = Arc::clone(source);
+    let mut task = tokio::spawn(async move { source.fetch(previous.as_ref()).await });
+    match tokio::time::timeout(timeout, &mut task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) if e.is_panic() => Err(CredentialError::Other(
+            "the token source failed unexpectedly (panic)".into(),
+        )),
+        Ok(Err(_)) => Err(CredentialError::Other(
+            "the token fetch was cancelled".into(),
+        )),
+        Err(_) => {
+            task.abort();
+            Err(CredentialError::Unreachable(format!(
+                "no answer within {}",
+                humantime::format_duration(timeout)
+            )))
         }
     }
 }
@@ -483,7 +752,6 @@ mod tests {
             fetch_timeout: Duration::from_secs(5),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
-            min_reject_age: Duration::from_secs(1),
         }
     }
 
@@ -520,5 +788,24 @@ mod tests {
             let d = backoff_delay(40, &s);
             assert!(d >= s.backoff_max && d <= s.backoff_max.mul_f64(1.25));
         }
+    }
+
+    #[test]
+    fn quiet_periods_double_then_cap() {
+        assert_eq!(quiet_period(1), QUIET_INITIAL);
+        assert_eq!(quiet_period(2), QUIET_INITIAL * 2);
+        assert_eq!(quiet_period(3), QUIET_INITIAL * 4);
+        assert_eq!(quiet_period(40), QUIET_MAX);
+    }
+
+    #[test]
+    fn absurd_expiries_do_not_panic() {
+        let token = Token {
+            value: crate::secret::Secret::new("Bearer x"),
+            expires_at: SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(u64::MAX / 4)),
+            refresh: None,
+        };
+        let issued = IssuedToken::new(token, &settings()).unwrap();
+        assert!(issued.usable_at(Instant::now()));
     }
 }

@@ -18,6 +18,7 @@ pub use values::{Environment, ProcessEnv};
 
 use crate::credentials::CredentialKind;
 use crate::routes::{HostPattern, UpstreamTarget};
+use crate::secret::Secret;
 
 /// Why a config file was refused. Each variant's message names the file; parse errors carry
 /// the line and column that serde_yaml reports.
@@ -47,6 +48,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the admin endpoint listens, if enabled.
     pub admin: Option<SocketAddr>,
+    /// The bearer token admin actions that change state require (needed for them when the
+    /// admin listener is not on loopback).
+    pub admin_token: Option<Secret>,
     /// Policy for requests no route matches.
     pub unmatched: Unmatched,
     pub timeouts: Timeouts,
@@ -101,11 +105,8 @@ pub struct TokenSettings {
     pub fetch_timeout: Duration,
     /// First wait after a failed fetch; doubles per failure.
     pub backoff_initial: Duration,
-    /// Longest wait between failed fetches.
+    /// Longest wait between failed fetches (and the wait after a refused secret).
     pub backoff_max: Duration,
-    /// A 401/403 on a token younger than this is passed to the client instead of causing
-    /// another refresh (the upstream refuses the request itself, not the token).
-    pub min_reject_age: Duration,
 }
 
 /// CONNECT tunnels.
@@ -160,10 +161,29 @@ pub struct RouteConfig {
     pub upstream: Option<UpstreamTarget>,
     pub credential: Option<String>,
     pub on_unauthorized: OnUnauthorized,
+    /// Which upstream statuses mean the token was refused.
+    pub refresh_on: RefreshOn,
     pub intercept: bool,
     /// Whether `Location`-style headers naming the upstream are mapped back (see
     /// `proxy/location.rs`).
     pub rewrite_location: bool,
+}
+
+/// Which upstream answers mean "the token was refused" on a route (when the upstream sends
+/// no RFC 6750 `error`). A 401 always does; a 403 only where the vendor uses it for expired
+/// tokens (TeleTracker), since a 403 usually means a missing permission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RefreshOn {
+    /// Whether a 403 counts as a refused token too.
+    pub forbidden: bool,
+}
+
+impl RefreshOn {
+    /// Whether `status` means the token was refused.
+    pub fn includes(self, status: http::StatusCode) -> bool {
+        status == http::StatusCode::UNAUTHORIZED
+            || (self.forbidden && status == http::StatusCode::FORBIDDEN)
+    }
 }
 
 impl Config {

@@ -15,6 +15,10 @@ pub struct RawConfig {
     pub listen: Option<String>,
     /// Address of the admin listener (health, metrics); off when absent.
     pub admin: Option<String>,
+    /// Bearer token that admin actions changing state (refresh, invalidate) require.
+    pub admin_token: Option<String>,
+    /// `admin_token` read from a file.
+    pub admin_token_file: Option<String>,
     /// What to do with requests no route matches.
     #[serde(default)]
     pub unmatched: Unmatched,
@@ -84,7 +88,8 @@ pub struct RawTokens {
     pub fetch_timeout: Option<ConfigDuration>,
     pub backoff_initial: Option<ConfigDuration>,
     pub backoff_max: Option<ConfigDuration>,
-    pub min_reject_age: Option<ConfigDuration>,
+    /// Removed; accepted here only so that validation can say what replaced it.
+    pub min_reject_age: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -136,6 +141,9 @@ pub struct RawRoute {
     pub credential: Option<String>,
     #[serde(default)]
     pub on_unauthorized: OnUnauthorized,
+    /// Upstream statuses that mean "token refused" (default `[401]`; `[401, 403]` for
+    /// vendors that answer 403 to an expired token).
+    pub refresh_on: Option<Vec<u16>>,
     #[serde(default)]
     pub intercept: bool,
     /// Map upstream redirects back to the client's view (default true).

@@ -11,8 +11,8 @@ use http::{HeaderName, Method};
 use super::raw::{RawConfig, RawCredential, RawRoute};
 use super::values::{interpolate, interpolate_with_values, read_secret_file, Environment};
 use super::{
-    Config, ConnectSettings, CredentialConfig, InterceptCaSettings, RetrySettings, RouteConfig,
-    Timeouts, TlsSettings, TokenSettings,
+    Config, ConnectSettings, CredentialConfig, InterceptCaSettings, RefreshOn, RetrySettings,
+    RouteConfig, Timeouts, TlsSettings, TokenSettings,
 };
 use crate::routes::{HostPattern, UpstreamTarget};
 use crate::secret::Secret;
@@ -366,6 +366,24 @@ fn validate_route(
             ok = false;
         }
     }
+    let refresh_on = match raw.refresh_on.as_deref() {
+        None => RefreshOn::default(),
+        Some(statuses)
+            if statuses.contains(&401) && statuses.iter().all(|s| matches!(s, 401 | 403)) =>
+        {
+            RefreshOn {
+                forbidden: statuses.contains(&403),
+            }
+        }
+        Some(_) => {
+            ctx.problem(
+                "refresh_on",
+                "must be [401] or [401, 403] (to never refresh, set `on_unauthorized: pass`)",
+            );
+            ok = false;
+            RefreshOn::default()
+        }
+    };
     ok.then(|| RouteConfig {
         name: raw.name,
         host,
@@ -375,6 +393,7 @@ fn validate_route(
         upstream,
         credential: raw.credential,
         on_unauthorized: raw.on_unauthorized,
+        refresh_on,
         intercept: raw.intercept,
         rewrite_location: raw.rewrite_location.unwrap_or(true),
     })
@@ -437,8 +456,24 @@ pub fn validate(
         fetch_timeout: dur(raw.tokens.fetch_timeout, Duration::from_secs(15)),
         backoff_initial: dur(raw.tokens.backoff_initial, Duration::from_millis(250)),
         backoff_max: dur(raw.tokens.backoff_max, Duration::from_secs(60)),
-        min_reject_age: dur(raw.tokens.min_reject_age, Duration::from_secs(1)),
     };
+    if raw.tokens.min_reject_age.is_some() {
+        ctx.problem(
+            "tokens.min_reject_age",
+            "was removed: remove this line. A 401 (or a 403 listed in a route's `refresh_on`) now \
+             always leads to one refresh and replay, whatever the token's age; a route where a \
+             fresh token is refused too passes 401/403 through for a growing quiet period \
+             (README: token lifecycle)",
+        );
+    }
+    let admin_token = ctx.optional_secret(
+        "admin_token",
+        raw.admin_token.as_deref(),
+        raw.admin_token_file.as_deref(),
+    );
+    if admin_token.as_ref().is_some_and(|t| t.is_empty()) {
+        ctx.problem("admin_token", "must not be empty");
+    }
     if !(0.1..=1.0).contains(&tokens.refresh_at_fraction) {
         ctx.problem("tokens.refresh_at_fraction", "must be between 0.1 and 1.0");
     }
@@ -532,6 +567,7 @@ pub fn validate(
         (Some(listen), true) => Ok(Config {
             listen,
             admin,
+            admin_token,
             unmatched: raw.unmatched,
             timeouts,
             retry,

@@ -109,16 +109,48 @@ async fn receive(
     }
     let body = body.freeze();
     if !(200..300).contains(&status) {
-        return Err(CredentialError::Rejected {
-            status,
-            detail: vendor_detail(&body, redactor),
-        });
+        return Err(classify_error(status, &body, redactor));
     }
     Ok(EndpointAnswer {
         status,
         content_type,
         body,
     })
+}
+
+/// RFC 6749 §5.2 error codes; only these are ever repeated from a vendor's `error` field
+/// (free text there could echo a secret).
+const OAUTH_ERROR_CODES: [&str; 6] = [
+    "invalid_request",
+    "invalid_client",
+    "invalid_grant",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_scope",
+];
+
+/// A token endpoint's error answer: `Refused` (final) when it says the secret or grant is
+/// wrong — `invalid_client`, `invalid_grant`, `unauthorized_client`, or status 400/401 —
+/// otherwise `Rejected` (transient: 5xx, 429, …).
+pub fn classify_error(status: u16, body: &[u8], redactor: &Redactor) -> CredentialError {
+    let vendor_error = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|doc| doc.get("error")?.as_str().map(str::to_string))
+        .filter(|code| OAUTH_ERROR_CODES.contains(&code.as_str()));
+    let refused_code = matches!(
+        vendor_error.as_deref(),
+        Some("invalid_client" | "invalid_grant" | "unauthorized_client")
+    );
+    let detail = vendor_detail(body, redactor);
+    if refused_code || matches!(status, 400 | 401) {
+        CredentialError::Refused {
+            status,
+            vendor_error,
+            detail,
+        }
+    } else {
+        CredentialError::Rejected { status, detail }
+    }
 }
 
 /// A transport error's description without its URL.
@@ -284,6 +316,30 @@ mod tests {
             vendor_detail(br#"{"token":"tok-9","message":"tok-9 is bad"}"#, &r),
             "*** is bad"
         );
+    }
+
+    #[test]
+    fn refusals_of_the_secret_are_final_and_outages_are_not() {
+        let e = classify_error(401, br#"{"error":"invalid_client"}"#, &Redactor::default());
+        assert!(e.is_final());
+        assert_eq!(e.vendor_error(), Some("invalid_client"));
+        let e = classify_error(403, br#"{"error":"invalid_grant"}"#, &Redactor::default());
+        assert_eq!(e.vendor_error(), Some("invalid_grant"));
+        let e = classify_error(400, b"invalid client credentials", &Redactor::default());
+        assert!(e.is_final() && e.vendor_error().is_none());
+        assert!(
+            classify_error(400, br#"{"error":"s3cret-echo"}"#, &Redactor::default())
+                .vendor_error()
+                .is_none()
+        );
+        assert!(!classify_error(
+            503,
+            br#"{"error":"invalid_client_temporarily"}"#,
+            &Redactor::default()
+        )
+        .is_final());
+        assert!(!classify_error(500, b"oops", &Redactor::default()).is_final());
+        assert!(!classify_error(429, b"slow down", &Redactor::default()).is_final());
     }
 
     #[test]

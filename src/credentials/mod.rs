@@ -58,6 +58,16 @@ pub enum CredentialError {
     /// The token endpoint answered with an error status.
     #[error("token endpoint answered {status}{}", detail_suffix(detail))]
     Rejected { status: u16, detail: String },
+    /// The token endpoint refused the configured secret or grant (RFC 6749 §5.2
+    /// `invalid_client`, `invalid_grant`, `unauthorized_client`, or any 400/401): retrying
+    /// will not help until the configuration changes. `vendor_error` is the vendor's `error`
+    /// code when it sent a registered one.
+    #[error("token endpoint refused the credential ({status}{}){}", code_suffix(vendor_error.as_deref()), detail_suffix(detail))]
+    Refused {
+        status: u16,
+        vendor_error: Option<String>,
+        detail: String,
+    },
     /// The answer was not the document the vendor documents.
     #[error("token endpoint answer not understood: {0}")]
     BadResponse(String),
@@ -72,9 +82,29 @@ impl CredentialError {
     /// primary secret instead of backing off. `success: false` answers come as `Rejected`
     /// with a 2xx status.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, CredentialError::Rejected { status, .. }
+        matches!(self, CredentialError::Refused { .. })
+            || matches!(self, CredentialError::Rejected { status, .. }
             if matches!(status, 400 | 401 | 403) || (200..300).contains(status))
     }
+
+    /// Whether the failure is final: the token endpoint refused the configured secret, so the
+    /// slot backs off straight to `backoff_max` and reports the credential as `rejected`.
+    /// Outages (5xx, timeouts, connection errors) are not final.
+    pub fn is_final(&self) -> bool {
+        matches!(self, CredentialError::Refused { .. })
+    }
+
+    /// The vendor's RFC 6749 `error` code of a refusal (`invalid_client`, …), if it sent one.
+    pub fn vendor_error(&self) -> Option<&str> {
+        match self {
+            CredentialError::Refused { vendor_error, .. } => vendor_error.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+fn code_suffix(code: Option<&str>) -> String {
+    code.map(|c| format!(" {c}")).unwrap_or_default()
 }
 
 fn detail_suffix(detail: &str) -> String {

@@ -1,10 +1,17 @@
 //! Sending a routed request upstream: header hygiene, credential injection, and the one
-//! refresh-and-replay after a 401/403.
+//! refresh-and-replay when the upstream refuses the token.
+//!
+//! Whether the token was refused is decided by what the upstream said, never by the token's
+//! age: RFC 6750 `WWW-Authenticate: Bearer error="…"` when present (`invalid_token`: refresh;
+//! `insufficient_scope` or `invalid_request`: the token is fine, pass the answer on), else the
+//! status (401, and 403 where the route's `refresh_on` lists it). A route where even a fresh
+//! token is refused stops refreshing for a while (see `CredentialSlot::refresh_after_rejection`).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderMap};
+use http::request::Parts;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
@@ -14,6 +21,7 @@ use super::respond::ProxyError;
 use super::target::Target;
 use crate::config::Config;
 use crate::metrics::RetryOutcome;
+use crate::routes::Route;
 use crate::token_store::{CredentialSlot, IssuedToken};
 use crate::upstream::{ProxyBody, UpstreamClient};
 
@@ -23,6 +31,18 @@ pub struct Forwarded {
     pub response: Response<ProxyBody>,
     /// Whether the request was replayed after a 401/403.
     pub retried: bool,
+}
+
+/// What an upstream answer says about the token that was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenVerdict {
+    /// Not a 401/403: the token was accepted.
+    Accepted,
+    /// The token was refused: a fresh one may cure it.
+    Refused,
+    /// A 401/403 about something else (a missing permission, a bad request): a new token of
+    /// the same kind will not help, so the answer goes to the client untouched.
+    NotTheToken,
 }
 
 /// Forwards `request` to `target`, injecting the route's credential.
@@ -37,80 +57,207 @@ pub async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
 
-    let slot = route.as_ref().and_then(|r| r.credential.clone());
-    let token = match &slot {
-        Some(s) => Some(s.get().await?),
-        None => None,
+    let Some((route, slot)) = route.and_then(|r| {
+        let slot = r.credential.clone()?;
+        Some((r, slot))
+    }) else {
+        let headers = std::mem::take(&mut parts.headers);
+        let request = build(&parts.method, &uri, headers, None, replay::streaming(body));
+        let response = send(upstream, config, None, request).await?;
+        return Ok(Forwarded {
+            response: finish(response),
+            retried: false,
+        });
     };
-    let may_retry = route
-        .as_ref()
-        .is_some_and(|r| r.refreshes_on_unauthorized());
-    let mut body = if may_retry {
+
+    let token = slot.get().await?;
+    let mut body = if route.refreshes_on_unauthorized() {
         replay::prepare(body, &parts.headers, config.retry.max_body_bytes).await?
     } else {
         PreparedBody::Streaming(replay::streaming(body))
     };
-    let keep_headers = may_retry && body.replayable();
-    let headers = if keep_headers {
+    // Headers are kept for a replay only when the body can be replayed too.
+    let headers = if body.replayable() {
         parts.headers.clone()
     } else {
         std::mem::take(&mut parts.headers)
     };
-
-    let injection = slot.as_ref().zip(token.as_ref());
-    let first = build(&parts.method, &uri, headers, injection, body.take());
-    let started = Instant::now();
-    let response = upstream.send(first, config.timeouts.upstream).await?;
-    if let Some(r) = &route {
-        r.metrics.upstream_latency(started.elapsed());
-    }
-
-    let rejected = matches!(
-        response.status(),
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+    let first = build(
+        &parts.method,
+        &uri,
+        headers,
+        Some((&slot, &token)),
+        body.take(),
     );
-    if let (true, true, Some(slot), Some(token), Some(route)) =
-        (rejected, keep_headers, &slot, &token, &route)
-    {
-        match slot.refresh_after_rejection(token).await {
-            Ok(Some(fresh)) => {
-                drop(response);
-                tracing::info!(credential = %slot.name(), "upstream refused the token; replaying with a fresh one");
-                let again = build(
-                    &parts.method,
-                    &uri,
-                    parts.headers,
-                    Some((slot, &fresh)),
-                    body.take(),
-                );
-                let started = Instant::now();
-                let response = upstream.send(again, config.timeouts.upstream).await?;
-                route.metrics.upstream_latency(started.elapsed());
-                let outcome = if matches!(
-                    response.status(),
-                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-                ) {
-                    RetryOutcome::Failed
-                } else {
-                    RetryOutcome::Success
-                };
-                route.metrics.retried(outcome);
-                return Ok(Forwarded {
-                    response: finish(response),
-                    retried: true,
-                });
-            }
-            Ok(None) => {}
-            Err(unavailable) => {
-                route.metrics.retried(RetryOutcome::Unavailable);
-                return Err(unavailable.into());
-            }
+    let response = send(upstream, config, Some(&route), first).await?;
+
+    match verdict(&route, &response) {
+        TokenVerdict::Accepted => slot.upstream_accepted(&route.name),
+        TokenVerdict::Refused if body.replayable() && route.refreshes_on_unauthorized() => {
+            let replay = Replay {
+                upstream,
+                config,
+                route: &route,
+                slot: &slot,
+                parts,
+                uri,
+                body,
+            };
+            return replay.run(&token, response).await;
         }
+        TokenVerdict::Refused | TokenVerdict::NotTheToken => {}
     }
     Ok(Forwarded {
         response: finish(response),
         retried: false,
     })
+}
+
+/// Everything needed to send a request a second time, with a fresh token.
+struct Replay<'a> {
+    upstream: &'a UpstreamClient,
+    config: &'a Config,
+    route: &'a Arc<Route>,
+    slot: &'a Arc<CredentialSlot>,
+    parts: Parts,
+    uri: Uri,
+    body: PreparedBody,
+}
+
+impl Replay<'_> {
+    /// Refreshes after `rejected` was refused and replays once; passes `refused` on when
+    /// refreshing would not help on this route.
+    async fn run(
+        mut self,
+        rejected: &Arc<IssuedToken>,
+        refused: Response<ProxyBody>,
+    ) -> Result<Forwarded, ProxyError> {
+        let metrics = &self.route.metrics;
+        let fresh = match self
+            .slot
+            .refresh_after_rejection(&self.route.name, rejected)
+            .await
+        {
+            Ok(Some(fresh)) => fresh,
+            Ok(None) => {
+                return Ok(Forwarded {
+                    response: finish(refused),
+                    retried: false,
+                })
+            }
+            Err(unavailable) => {
+                metrics.retried(RetryOutcome::Unavailable);
+                return Err(unavailable.into());
+            }
+        };
+        drop(refused);
+        tracing::info!(credential = %self.slot.name(), "upstream refused the token; replaying with a fresh one");
+        let again = build(
+            &self.parts.method,
+            &self.uri,
+            std::mem::take(&mut self.parts.headers),
+            Some((self.slot, &fresh)),
+            self.body.take(),
+        );
+        let response = send(self.upstream, self.config, Some(self.route), again).await?;
+        let outcome = if verdict(self.route, &response) == TokenVerdict::Accepted {
+            self.slot.upstream_accepted(&self.route.name);
+            RetryOutcome::Success
+        } else {
+            self.slot.replay_refused(&self.route.name);
+            RetryOutcome::Failed
+        };
+        metrics.retried(outcome);
+        Ok(Forwarded {
+            response: finish(response),
+            retried: true,
+        })
+    }
+}
+
+/// Sends one request and records the time to its response head on the route.
+async fn send(
+    upstream: &UpstreamClient,
+    config: &Config,
+    route: Option<&Route>,
+    request: Request<ProxyBody>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let started = Instant::now();
+    let response = upstream.send(request, config.timeouts.upstream).await?;
+    if let Some(r) = route {
+        r.metrics.upstream_latency(started.elapsed());
+    }
+    Ok(response)
+}
+
+/// Reads what the upstream said about the token: the RFC 6750 `error` of a
+/// `WWW-Authenticate` challenge first, the status (and the route's `refresh_on`) otherwise.
+pub fn verdict<B>(route: &Route, response: &Response<B>) -> TokenVerdict {
+    let status = response.status();
+    if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
+        return TokenVerdict::Accepted;
+    }
+    match challenge_error(response.headers()).as_deref() {
+        Some("invalid_token") => TokenVerdict::Refused,
+        Some("insufficient_scope" | "invalid_request") => TokenVerdict::NotTheToken,
+        _ if route.refresh_on.includes(status) => TokenVerdict::Refused,
+        _ => TokenVerdict::NotTheToken,
+    }
+}
+
+/// The `error` parameter of the first `WWW-Authenticate` challenge that has one
+/// (RFC 6750 §3: `Bearer realm="api", error="invalid_token", error_description="…"`).
+pub fn challenge_error(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| {
+            auth_params(v)
+                .into_iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case("error"))
+                .map(|(_, value)| value)
+        })
+}
+
+/// The `name=value` pairs of a challenge list (RFC 9110 §11.6.1), values unquoted. Scheme
+/// names and token68 values are skipped: only parameters matter here.
+fn auth_params(text: &str) -> Vec<(String, String)> {
+    let mut params = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace() || *c == ',').is_some() {}
+        let mut name = String::new();
+        while let Some(c) = chars.next_if(|c| !c.is_whitespace() && !matches!(c, ',' | '=')) {
+            name.push(c);
+        }
+        if name.is_empty() && chars.peek().is_none() {
+            return params;
+        }
+        while chars.next_if(|c| *c == ' ' || *c == '\t').is_some() {}
+        if chars.next_if_eq(&'=').is_none() {
+            if name.is_empty() {
+                chars.next();
+            }
+            continue;
+        }
+        while chars.next_if(|c| *c == ' ' || *c == '\t').is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'"').is_some() {
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => break,
+                    '\\' => value.extend(chars.next()),
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace() && *c != ',') {
+                value.push(c);
+            }
+        }
+        params.push((name, value));
+    }
 }
 
 fn build(
@@ -140,4 +287,40 @@ fn finish(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
     strip_hop_by_hop(response.headers_mut());
     *response.version_mut() = http::Version::HTTP_11;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(values: &[&str]) -> Option<String> {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(header::WWW_AUTHENTICATE, HeaderValue::from_str(v).unwrap());
+        }
+        challenge_error(&headers)
+    }
+
+    #[test]
+    fn reads_the_rfc6750_error_of_a_challenge() {
+        assert_eq!(
+            error_of(&[r#"Bearer realm="example", error="invalid_token", error_description="The access token expired""#]).as_deref(),
+            Some("invalid_token")
+        );
+        assert_eq!(
+            error_of(&[r#"Bearer error_description="x, error=\"invalid_token\"", error=insufficient_scope, scope="read""#]).as_deref(),
+            Some("insufficient_scope")
+        );
+        assert_eq!(
+            error_of(&[r#"Basic realm="x""#, r#"Bearer ERROR="invalid_token""#]).as_deref(),
+            Some("invalid_token")
+        );
+        assert_eq!(error_of(&["Bearer abc123=="]), None);
+        assert_eq!(error_of(&[r#"Bearer realm="api""#]), None);
+        assert_eq!(error_of(&[]), None);
+        assert_eq!(
+            error_of(&["Bearer error=\"unterminated"]).as_deref(),
+            Some("unterminated")
+        );
+    }
 }

@@ -88,8 +88,7 @@ impl ProxyError {
         let mut retry_after = None;
         match &self {
             ProxyError::Credential(u) => {
-                body["credential"] = json!(&*u.credential);
-                body["detail"] = json!(u.source.to_string());
+                describe_unavailable(&mut body, u);
                 retry_after = u.retry_in.map(|d| d.as_secs().max(1));
             }
             other => body["detail"] = json!(other.to_string()),
@@ -101,6 +100,18 @@ impl ProxyError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+/// Adds what the JSON answers say about an unavailable credential (here and on the admin
+/// listener): its name, the failure, and — when the token endpoint refused the configured
+/// secret — `"refused": true` with the vendor's `error` code.
+pub fn describe_unavailable(body: &mut serde_json::Value, u: &Unavailable) {
+    body["credential"] = json!(&*u.credential);
+    body["detail"] = json!(u.source.to_string());
+    if u.source.is_final() {
+        body["refused"] = json!(true);
+        body["vendor_error"] = json!(u.source.vendor_error());
     }
 }
 

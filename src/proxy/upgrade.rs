@@ -17,7 +17,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::connect::splice;
-use super::forward::{inject, Forwarded};
+use super::forward::{inject, verdict, Forwarded, TokenVerdict};
 use super::headers::strip_hop_by_hop;
 use super::replay;
 use super::respond::ProxyError;
@@ -91,18 +91,28 @@ pub async fn forward(
         if let Some(r) = &route {
             r.metrics.upstream_latency(started.elapsed());
         }
-        let refused = matches!(
-            response.status(),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-        );
-        match (&slot, &token, &route) {
-            (Some(slot), Some(sent), Some(route)) if refused && may_retry && !retried => {
-                match slot.refresh_after_rejection(sent).await {
+        let (Some(slot), Some(sent), Some(route)) = (&slot, &token, &route) else {
+            break response;
+        };
+        match verdict(route, &response) {
+            TokenVerdict::Accepted => {
+                slot.upstream_accepted(&route.name);
+                if retried {
+                    route.metrics.retried(RetryOutcome::Success);
+                }
+                break response;
+            }
+            TokenVerdict::Refused if retried => {
+                slot.replay_refused(&route.name);
+                route.metrics.retried(RetryOutcome::Failed);
+                break response;
+            }
+            TokenVerdict::Refused if may_retry => {
+                match slot.refresh_after_rejection(&route.name, sent).await {
                     Ok(Some(fresh)) => {
                         tracing::info!(credential = %slot.name(), "upstream refused the upgrade's token; retrying with a fresh one");
                         token = Some(fresh);
                         retried = true;
-                        continue;
                     }
                     Ok(None) => break response,
                     Err(unavailable) => {
@@ -111,18 +121,7 @@ pub async fn forward(
                     }
                 }
             }
-            _ => {
-                if retried {
-                    if let Some(route) = &route {
-                        route.metrics.retried(if refused {
-                            RetryOutcome::Failed
-                        } else {
-                            RetryOutcome::Success
-                        });
-                    }
-                }
-                break response;
-            }
+            TokenVerdict::Refused | TokenVerdict::NotTheToken => break response,
         }
     };
     Ok(Forwarded {

@@ -216,7 +216,6 @@ async fn readiness_credentials_and_retry_metrics_track_a_refreshing_credential()
     // A revoked token: 401, refresh, replay — counted as a successful retry.
     let proxy = format!("http://{}", running.proxy_addr);
     let client = support::direct_client();
-    tokio::time::sleep(Duration::from_millis(150)).await; // older than min_reject_age
     book.revoke_all();
     let res = client.get(format!("{proxy}/api/x")).send().await.unwrap();
     assert_eq!(res.status(), 200);

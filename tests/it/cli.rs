@@ -359,7 +359,6 @@ async fn demo_injects_refreshes_after_revocation_and_stops_on_ctrl_c() {
         .unwrap();
     assert_eq!(res.status(), 200);
 
-    tokio::time::sleep(Duration::from_millis(250)).await; // older than the demo's min_reject_age
     let revoked = client
         .post(format!("http://{vendor}/demo/revoke"))
         .send()

@@ -88,7 +88,6 @@ async fn plain_http_in_a_tunnel_to_a_routed_host_gets_the_credential_and_the_rep
 
     // A second request on the same tunnel, after the vendor revoked every token: refreshed
     // once and replayed with its body; the client never sees the 401.
-    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     book.revoke_all();
     let (status, body) = send(&mut sender, "POST", "/v1/items", "replay me in the tunnel").await;
     assert_eq!(status, 200, "{body}");

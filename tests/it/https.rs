@@ -480,7 +480,6 @@ async fn intercepted_requests_are_refreshed_and_replayed_after_a_401() {
     );
     let res = client.get("https://api.test/v1/me").send().await.unwrap();
     assert_eq!(res.status(), 200);
-    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     book.revoke_all();
     let before = book.token_calls();
     let res = client

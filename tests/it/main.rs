@@ -20,6 +20,8 @@ mod raw;
 mod redirects;
 mod reload;
 mod streaming;
+mod token_admin;
 mod token_parsing_props;
+mod unauthorized;
 mod upstream_pool;
 mod websocket;

@@ -213,7 +213,6 @@ async fn a_handshake_refused_for_a_revoked_token_is_refreshed_and_retried() {
     exchange(&mut ws).await;
     assert_eq!(s.book.token_calls(), 1);
 
-    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     s.book.revoke_all();
     let stream = TcpStream::connect(s.proxy.addr).await.unwrap();
     let (mut ws, response) = tokio_tungstenite::client_async(url, stream).await.unwrap();

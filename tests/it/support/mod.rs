@@ -55,6 +55,15 @@ impl Proxy {
     }
 }
 
+/// The value of one Prometheus text line (`name{labels} value`), 0 when absent; `inf` is
+/// infinity.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().to_ascii_lowercase().parse().expect("a number"))
+        .unwrap_or(0.0)
+}
+
 /// A plain client (no proxy), for reverse-proxy (mount) requests and direct calls.
 pub fn direct_client() -> reqwest::Client {
     authrelay::upstream::install_crypto_provider();
