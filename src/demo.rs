@@ -77,9 +77,10 @@ fn demo_yaml(options: &DemoOptions, vendor_url: &str) -> String {
         "    type: oauth2_client_credentials\n    token_url: {vendor_url}/oauth/token\n    client_id: {CLIENT_ID}\n    client_secret: \"${{DEMO_CLIENT_SECRET}}\"\n    prefetch: true\n"
     );
     format!(
-        "listen: {listen}\nadmin: {admin}\nunmatched: deny\ntokens:\n  min_reject_age: 200ms\ncredentials:\n  demo_api:\n{credential}routes:\n  - name: demo-forward\n    host: \"127.0.0.1\"\n    path_prefix: /v1/\n    credential: demo_api\n  - name: demo-mount\n    mount: /demo-api\n    upstream: {vendor_url}\n    credential: demo_api\n",
+        "listen: {listen}\nadmin: {admin}\nunmatched: deny\ntokens:\n  min_reject_age: 200ms\ncredentials:\n  demo_api:\n{credential}routes:\n  - name: demo-forward\n    host: \"{vendor_host}\"\n    path_prefix: /v1/\n    credential: demo_api\n  - name: demo-mount\n    mount: /demo-api\n    upstream: {vendor_url}\n    credential: demo_api\n",
         listen = options.listen,
         admin = options.admin,
+        vendor_host = vendor_url.trim_start_matches("http://"),
     )
 }
 

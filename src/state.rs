@@ -59,6 +59,9 @@ pub struct State {
     pub config_path: Option<PathBuf>,
     env: Arc<dyn Environment>,
     reload_lock: std::sync::Mutex<()>,
+    /// The proxy's bound listen and admin addresses (set once they are bound), which
+    /// unmatched traffic may never reach.
+    pub own_addresses: std::sync::OnceLock<Vec<std::net::SocketAddr>>,
 }
 
 impl State {
@@ -99,6 +102,7 @@ impl State {
             config_path,
             env,
             reload_lock: std::sync::Mutex::new(()),
+            own_addresses: std::sync::OnceLock::new(),
         }))
     }
 

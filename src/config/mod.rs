@@ -11,11 +11,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderName, Method};
+use ipnet::IpNet;
 
 pub use raw::{OnUnauthorized, Unmatched};
 pub use validate::ValidateCtx;
 pub use values::{Environment, ProcessEnv};
 
+use crate::access::ClientPolicy;
 use crate::credentials::CredentialKind;
 use crate::routes::{HostPattern, UpstreamTarget};
 
@@ -60,6 +62,12 @@ pub struct Config {
     pub credentials: BTreeMap<String, CredentialConfig>,
     /// Routes in the order they are tried.
     pub routes: Vec<RouteConfig>,
+    /// Which client addresses may connect and which users may authenticate.
+    pub clients: ClientPolicy,
+    /// Destination ranges unmatched traffic may never reach (beyond the built-in ones).
+    pub unmatched_deny: Vec<IpNet>,
+    /// Host names (lower-case) the admin endpoint answers besides IP literals and `localhost`.
+    pub admin_hosts: Vec<String>,
 }
 
 /// Timeouts applied by the proxy.
@@ -152,6 +160,10 @@ pub struct RouteConfig {
     pub credential: Option<String>,
     pub on_unauthorized: OnUnauthorized,
     pub intercept: bool,
+    /// Users allowed to use the route (and so its credential); `None` means every client.
+    pub clients: Option<Vec<String>>,
+    /// Whether the credential may travel over plain HTTP to a non-loopback host.
+    pub allow_cleartext: bool,
 }
 
 impl Config {

@@ -34,6 +34,34 @@ pub struct RawConfig {
     pub credentials: BTreeMap<String, RawCredential>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    /// Who may use the proxy: client addresses and named users.
+    #[serde(default)]
+    pub clients: RawClients,
+    /// Extra destination ranges (CIDR) that unmatched traffic may never reach.
+    #[serde(default)]
+    pub unmatched_deny: Vec<String>,
+    /// Host names the admin endpoint answers besides IP literals and `localhost`.
+    #[serde(default)]
+    pub admin_hosts: Vec<String>,
+}
+
+/// The `clients:` section: which addresses may connect and which users may authenticate.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClients {
+    /// CIDR ranges (or single addresses) allowed to connect; default loopback only.
+    pub allow_from: Option<Vec<String>>,
+    /// Named clients, each with a password sent as `Proxy-Authorization: Basic`.
+    #[serde(default)]
+    pub users: BTreeMap<String, RawUser>,
+}
+
+/// One named client's password, inline (`${VAR}`) or in a file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUser {
+    pub password: Option<String>,
+    pub password_file: Option<String>,
 }
 
 /// Policy for requests that match no route.
@@ -136,4 +164,9 @@ pub struct RawRoute {
     pub on_unauthorized: OnUnauthorized,
     #[serde(default)]
     pub intercept: bool,
+    /// Names of the users (under `clients.users`) allowed to use this route.
+    pub clients: Option<Vec<String>>,
+    /// Allows sending the credential over plain HTTP to a non-loopback host.
+    #[serde(default)]
+    pub allow_cleartext: bool,
 }

@@ -1,6 +1,9 @@
 //! `CONNECT host:port`: a byte tunnel to hosts no route intercepts (closed after an idle
-//! period), a decrypted tunnel (`intercepted.rs`) to hosts one does; only to allowed ports.
+//! period), a decrypted tunnel (`intercepted.rs`) to hosts one does; only to allowed ports,
+//! never to the proxy itself or link-local addresses, and answered 200 only once the
+//! upstream connection is open.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,28 +17,48 @@ use tokio::net::TcpStream;
 use super::intercepted;
 use super::replay;
 use super::respond::ProxyError;
+use crate::access::{Client, DestinationError, DestinationPolicy};
 use crate::config::Unmatched;
 use crate::state::State;
 use crate::upstream::ProxyBody;
 
-/// Answers a CONNECT request: 200 and a tunnel (decrypted when a route intercepts the host),
-/// or an error.
-pub async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<ProxyBody> {
-    let opened = open(&state, &request).and_then(|authority| {
-        let tls = interception(&state, &authority)?;
-        Ok((authority, tls))
-    });
-    let (authority, tls) = match opened {
+/// Answers a CONNECT request: 200 once the tunnel can carry bytes — the upstream TCP
+/// connection is open (within `timeouts.connect`), or a route intercepts the host — else
+/// the error.
+pub async fn handle(
+    state: Arc<State>,
+    client: Client,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let opened = match open(&state, &request) {
+        Ok(authority) => match interception(&state, &authority) {
+            Ok(Some(tls)) => Ok((authority, Upstream::Intercepted(tls))),
+            Ok(None) => connect_upstream(&state, &authority)
+                .await
+                .map(|stream| (authority, Upstream::Plain(stream))),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    let (authority, upstream) = match opened {
         Ok(o) => o,
         Err(e) => {
-            tracing::info!(error = %e, "CONNECT refused");
+            tracing::info!(client = %client.addr, user = client.user.as_deref().unwrap_or("-"), error = %e, "CONNECT refused");
             return e.into_response(None);
         }
     };
-    tokio::spawn(tunnel(state, request, authority, tls));
+    tokio::spawn(tunnel(state, client, request, authority, upstream));
     let mut response = Response::new(replay::empty());
     *response.status_mut() = StatusCode::OK;
     response
+}
+
+/// What the client's side of a tunnel is joined to.
+enum Upstream {
+    /// Decrypted with this server config; each request inside is routed on its own.
+    Intercepted(Arc<rustls::ServerConfig>),
+    /// Spliced, byte for byte, to this open connection.
+    Plain(TcpStream),
 }
 
 /// The TLS server config to decrypt the tunnel with, when a route intercepts its host.
@@ -62,12 +85,70 @@ fn interception(
         .map_err(|e| ProxyError::Interception(e.to_string()))
 }
 
+/// Opens the TCP connection a plain tunnel will splice to, within `timeouts.connect`. A host
+/// no route names is unmatched traffic: it is resolved once, checked against the proxy's own
+/// addresses, link-local ranges and `unmatched_deny`, and the checked address is the one
+/// connected to (a second DNS answer cannot differ). Every failure reads the same.
+async fn connect_upstream(state: &State, authority: &Authority) -> Result<TcpStream, ProxyError> {
+    let snapshot = state.snapshot();
+    let timeout = snapshot.config.timeouts.connect;
+    let host = authority.host();
+    let port = authority.port_u16().unwrap_or(443);
+    let own: &[SocketAddr] = if snapshot.routes.names_host(host, port) {
+        &[]
+    } else {
+        state.own_addresses.get().map_or(&[], Vec::as_slice)
+    };
+    let no_extra_ranges = Vec::new();
+    let policy = DestinationPolicy {
+        own,
+        deny: if own.is_empty() {
+            &no_extra_ranges
+        } else {
+            &snapshot.config.unmatched_deny
+        },
+    };
+    let timed_out = || ProxyError::UpstreamTimeout(humantime::format_duration(timeout).to_string());
+    let addrs = policy
+        .resolve(host, port, timeout)
+        .await
+        .map_err(|e| match e {
+            DestinationError::Denied => ProxyError::DestinationDenied(host.to_string()),
+            DestinationError::Unreachable => ProxyError::Unreachable,
+            DestinationError::Timeout(_) => timed_out(),
+        })?;
+    let attempt = async {
+        let mut last = None;
+        for addr in &addrs {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last)
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) => {
+            if let Some(e) = e {
+                tracing::debug!(error = %e, host, "tunnel upstream unreachable");
+            }
+            Err(ProxyError::Unreachable)
+        }
+        Err(_) => Err(timed_out()),
+    }
+}
+
 /// Runs one tunnel after the 200: decrypted and proxied request by request, or spliced.
 async fn tunnel(
     state: Arc<State>,
+    client: Client,
     request: Request<Incoming>,
     authority: Authority,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    upstream: Upstream,
 ) {
     let upgraded = match hyper::upgrade::on(request).await {
         Ok(u) => TokioIo::new(u),
@@ -78,40 +159,41 @@ async fn tunnel(
     };
     let tunnels = state.metrics.tunnels.clone();
     tunnels.inc();
-    match tls {
-        Some(tls) => intercepted::serve(state, upgraded, authority, tls).await,
-        None => {
+    match upstream {
+        Upstream::Intercepted(tls) => {
+            intercepted::serve(state, client, upgraded, authority, tls).await
+        }
+        Upstream::Plain(stream) => {
             let idle = state.snapshot().config.connect.idle_timeout;
-            plain(upgraded, &authority, idle).await;
+            if let Err(e) = splice(upgraded, stream, idle).await {
+                tracing::debug!(error = %e, host = %authority.host(), "tunnel closed");
+            }
         }
     }
     tunnels.dec();
 }
 
-/// A byte tunnel to `authority`: nothing is read or changed.
-async fn plain(client: TokioIo<hyper::upgrade::Upgraded>, authority: &Authority, idle: Duration) {
-    let upstream = match TcpStream::connect(authority.as_str()).await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::warn!(error = %e, host = %authority.host(), "tunnel upstream unreachable");
-            return;
-        }
-    };
-    let _ = upstream.set_nodelay(true);
-    if let Err(e) = splice(client, upstream, idle).await {
-        tracing::debug!(error = %e, host = %authority.host(), "tunnel closed");
-    }
-}
-
+/// The tunnel's `host:port`, refused when it is malformed (no port, empty host, user info)
+/// or not allowed by `connect.allowed_ports` or `unmatched: deny`.
 fn open(state: &State, request: &Request<Incoming>) -> Result<Authority, ProxyError> {
-    let authority = request
-        .uri()
-        .authority()
-        .cloned()
-        .ok_or_else(|| ProxyError::BadRequest("CONNECT needs host:port".into()))?;
+    let malformed = || ProxyError::BadRequest("CONNECT needs host:port".into());
+    let authority = request.uri().authority().cloned().ok_or_else(malformed)?;
+    if authority.as_str().contains('@') {
+        return Err(ProxyError::BadRequest(
+            "user info in a CONNECT target is not allowed".into(),
+        ));
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if host.is_empty() {
+        return Err(malformed());
+    }
     let port = authority
         .port_u16()
-        .ok_or_else(|| ProxyError::BadRequest("CONNECT needs host:port".into()))?;
+        .filter(|p| *p != 0)
+        .ok_or_else(malformed)?;
     let snapshot = state.snapshot();
     if !snapshot.config.connect.allowed_ports.contains(&port) {
         return Err(ProxyError::PortNotAllowed(port));

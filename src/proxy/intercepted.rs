@@ -23,12 +23,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
 use super::target;
+use crate::access::Client;
 use crate::state::State;
 use crate::upstream::{BoxError, ProxyBody};
 
 /// Serves the decrypted tunnel until the client closes it.
 pub async fn serve(
     state: Arc<State>,
+    user: Client,
     client: TokioIo<Upgraded>,
     authority: Authority,
     tls: Arc<rustls::ServerConfig>,
@@ -45,12 +47,14 @@ pub async fn serve(
     let host = Arc::clone(&authority);
     let activity = Arc::new(Activity::new());
     let requests = Arc::clone(&activity);
+    let user = Arc::new(user);
     let service = service_fn(move |request| {
         let state = Arc::clone(&state);
         let authority = Arc::clone(&authority);
+        let user = Arc::clone(&user);
         let in_flight = requests.begin();
         async move {
-            let response = handle(&state, &authority, request).await;
+            let response = handle(&state, &user, &authority, request).await;
             Ok::<_, Infallible>(response.map(|body| {
                 InFlightBody {
                     body,
@@ -84,14 +88,16 @@ pub async fn serve(
     }
 }
 
+/// Routes one decrypted request; `user` is the client that opened the tunnel.
 async fn handle(
     state: &State,
+    user: &Client,
     authority: &Authority,
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let snapshot = state.snapshot();
     let target = target::tunnel_target(&snapshot, request.method(), request.uri(), authority);
-    super::dispatch(state, &snapshot, target, request).await
+    super::dispatch(state, &snapshot, user, target, request).await
 }
 
 /// Requests in flight on one connection (from the request head until its response body has

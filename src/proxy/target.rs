@@ -79,7 +79,7 @@ fn forward_target(
     let port = authority.port_u16().unwrap_or(default_port);
     let route = snapshot
         .routes
-        .find(host, port, uri.path(), method)
+        .find(host, port, default_port, uri.path(), method)
         .cloned();
     let Some(route) = route else {
         if snapshot.config.unmatched == Unmatched::Deny {
@@ -92,6 +92,12 @@ fn forward_target(
     };
     let uri = match &route.upstream {
         Some(up) => rebase(up, uri.path(), uri.query())?,
+        None if scheme == Scheme::HTTP && sends_in_clear(&route, host) => {
+            if port != default_port {
+                return Err(ProxyError::CleartextRefused(route.name.to_string()));
+            }
+            to_https(uri)?
+        }
         None => uri.clone(),
     };
     Ok(Target {
@@ -115,6 +121,116 @@ fn mount_target(snapshot: &Snapshot, method: &Method, uri: &Uri) -> Result<Targe
         route: Some(Arc::clone(route)),
         uri: target,
     })
+}
+
+/// Whether sending this route's credential to `host` over plain HTTP would expose it on the
+/// network: the route has a credential, did not say `allow_cleartext`, and `host` is not this
+/// machine.
+fn sends_in_clear(route: &Route, host: &str) -> bool {
+    route.credential.is_some() && !route.allow_cleartext && !crate::access::is_loopback_host(host)
+}
+
+/// The same request to the host's `https://` origin (default port), so that a legacy client
+/// speaking plain HTTP to the proxy never puts the credential on the wire in clear.
+fn to_https(uri: &Uri) -> Result<Uri, ProxyError> {
+    let host = uri.host().unwrap_or_default();
+    let path_and_query = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    Uri::builder()
+        .scheme(Scheme::HTTPS)
+        .authority(host)
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("invalid request target: {e}")))
+}
+
+/// Headers that ask a server to treat a request as another method.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Checks a routed request before anything is sent: a route's `clients` list, and on routes
+/// with a credential, methods that would echo it (TRACE, TRACK), method-override headers
+/// that would get around `methods`, and paths that a Java or Windows upstream would resolve
+/// outside the route's `path_prefix`.
+pub fn check_routed(
+    route: &Route,
+    user: Option<&str>,
+    method: &Method,
+    uri: &Uri,
+    headers: &http::HeaderMap,
+) -> Result<(), ProxyError> {
+    if !route.allows_client(user) {
+        return Err(ProxyError::ClientNotAllowed(route.name.to_string()));
+    }
+    if route.restricts_methods() && METHOD_OVERRIDES.iter().any(|h| headers.contains_key(*h)) {
+        return Err(ProxyError::BadRequest(
+            "method-override headers are not allowed on a route that restricts methods".into(),
+        ));
+    }
+    if route.credential.is_none() {
+        return Ok(());
+    }
+    if method == Method::TRACE || method.as_str().eq_ignore_ascii_case("TRACK") {
+        return Err(ProxyError::MethodNotAllowed(method.clone()));
+    }
+    check_credential_path(uri.path())
+}
+
+/// How many levels of percent-encoding are undone looking for hidden dots and slashes;
+/// deeper nesting is refused outright.
+const MAX_DECODE_LEVELS: usize = 4;
+
+/// Refuses, at every level of percent-encoding, what Tomcat, Spring, Jetty or IIS would turn
+/// into a different path: `;` parameters (`/..;/`), encoded dots and slashes (`%2e`,
+/// `%252e`, `%2f`, `%5c`), NUL, backslashes, dot segments, and bytes that are not UTF-8
+/// (overlong encodings such as `%c0%ae`).
+fn check_credential_path(path: &str) -> Result<(), ProxyError> {
+    let refuse = |why: &str| Err(ProxyError::BadRequest(format!("path refused: {why}")));
+    let mut level: Vec<u8> = path.as_bytes().to_vec();
+    for _ in 0..=MAX_DECODE_LEVELS {
+        let lower = level.to_ascii_lowercase();
+        if ["%2e", "%2f", "%5c", "%00"]
+            .iter()
+            .any(|needle| lower.windows(3).any(|w| w == needle.as_bytes()))
+        {
+            return refuse("encoded dots, slashes or NUL");
+        }
+        if level.iter().any(|b| matches!(b, b';' | b'\\' | 0)) {
+            return refuse("`;` parameters, backslashes or NUL");
+        }
+        let Ok(text) = std::str::from_utf8(&level) else {
+            return refuse("bytes that are not UTF-8 (overlong encodings)");
+        };
+        if text.split('/').any(|seg| seg == "." || seg == "..") {
+            return refuse("dot segments");
+        }
+        if !level.contains(&b'%') {
+            return Ok(());
+        }
+        level = percent_decode(&level);
+    }
+    refuse("too many levels of percent-encoding")
+}
+
+/// One level of percent-decoding; a `%` not followed by two hex digits stays as it is.
+fn percent_decode(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
 }
 
 /// `upstream` + its base path + `path` + `?query`.
