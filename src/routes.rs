@@ -358,13 +358,15 @@ impl RouteTable {
         })
     }
 
-    /// Whether any route names `host:port` at all (for CONNECT policy with `unmatched: deny`).
+    /// Whether any route names `host:port` at all (for CONNECT policy with `unmatched: deny`;
+    /// a route host without a port names port 443 only).
     pub fn names_host(&self, host: &str, port: u16) -> bool {
         let host = normalize_host(host);
         self.routes.iter().any(|r| {
-            r.host
-                .as_ref()
-                .is_some_and(|h| h.matches(host.as_ref(), port))
+            r.accepts_port(port, 443)
+                && r.host
+                    .as_ref()
+                    .is_some_and(|h| h.matches(host.as_ref(), port))
         })
     }
 

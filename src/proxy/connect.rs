@@ -3,7 +3,6 @@
 //! never to the proxy itself or link-local addresses, and answered 200 only once the
 //! upstream connection is open.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,24 +84,19 @@ fn interception(
         .map_err(|e| ProxyError::Interception(e.to_string()))
 }
 
-/// Opens the TCP connection a plain tunnel will splice to, within `timeouts.connect`. A host
-/// no route names is unmatched traffic: it is resolved once, checked against the proxy's own
-/// addresses, link-local ranges and `unmatched_deny`, and the checked address is the one
-/// connected to (a second DNS answer cannot differ). Every failure reads the same.
+/// Opens the TCP connection a plain tunnel will splice to, within `timeouts.connect`. The
+/// host is resolved once and checked — never the proxy's own addresses or link-local ranges,
+/// nor `unmatched_deny` for a host no route names — and the checked address is the one
+/// connected to (a second DNS answer cannot differ). Every connect failure reads the same.
 async fn connect_upstream(state: &State, authority: &Authority) -> Result<TcpStream, ProxyError> {
     let snapshot = state.snapshot();
     let timeout = snapshot.config.timeouts.connect;
     let host = authority.host();
     let port = authority.port_u16().unwrap_or(443);
-    let own: &[SocketAddr] = if snapshot.routes.names_host(host, port) {
-        &[]
-    } else {
-        state.own_addresses.get().map_or(&[], Vec::as_slice)
-    };
     let no_extra_ranges = Vec::new();
     let policy = DestinationPolicy {
-        own,
-        deny: if own.is_empty() {
+        own: state.own_addresses.get().map_or(&[], Vec::as_slice),
+        deny: if snapshot.routes.names_host(host, port) {
             &no_extra_ranges
         } else {
             &snapshot.config.unmatched_deny

@@ -5,8 +5,10 @@
 
 mod support;
 
+mod access;
 mod admin;
 mod cli;
+mod confinement;
 mod credentials_login;
 mod credentials_oauth2;
 mod credentials_outreach;
