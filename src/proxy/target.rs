@@ -206,10 +206,11 @@ fn check_credential_path(path: &str) -> Result<(), ProxyError> {
         if text.split('/').any(|seg| seg == "." || seg == "..") {
             return refuse("dot segments");
         }
-        if !level.contains(&b'%') {
+        let next = percent_decode(&level);
+        if next == level {
             return Ok(());
         }
-        level = percent_decode(&level);
+        level = next;
     }
     refuse("too many levels of percent-encoding")
 }
@@ -276,7 +277,7 @@ fn check_path(path: &str) -> Result<(), ProxyError> {
 
 #[cfg(test)]
 mod tests {
-    use super::check_path;
+    use super::{check_credential_path, check_path, to_https};
 
     #[test]
     fn dot_segments_and_encoded_slashes_are_refused() {
@@ -292,5 +293,42 @@ mod tests {
         ] {
             assert!(check_path(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn credential_paths_refuse_what_java_servers_would_resolve() {
+        for good in [
+            "/api/v1/x",
+            "/api/v1/a.b/c..d",
+            "/api/v1/caf%C3%A9",
+            "/api/v1/%41",
+        ] {
+            assert!(check_credential_path(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "/api/v1/..;/admin",
+            "/api/v1/%2e%2e%3b/admin",
+            "/api/v1/%252e%252e/admin",
+            "/api/v1/%25252e/admin",
+            "/api/v1/..%00/admin",
+            "/api/v1/%c0%ae%c0%ae/admin",
+            "/api/v1/%e0%80%ae/admin",
+            "/api/v1/%252f",
+            "/api/v1/%255c",
+            "/api/v1/x;a=b",
+            "/api/v1/%3b",
+            "/api/v1/%2525252525252e",
+        ] {
+            assert!(check_credential_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn plain_http_goes_to_the_https_origin() {
+        let uri: http::Uri = "http://api.example.com/v1/x?q=1".parse().unwrap();
+        assert_eq!(
+            to_https(&uri).unwrap().to_string(),
+            "https://api.example.com/v1/x?q=1"
+        );
     }
 }
