@@ -369,3 +369,71 @@ routes:
     assert!(!err.contains("clear-allowed"), "{err}");
     assert!(!err.contains("(loopback)"), "{err}");
 }
+
+/// Log output captured in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_access_log_names_the_client_never_its_password() {
+    let logs = Captured::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    // The test runtime runs every task on this thread, so they all log here.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let origin = server::echo_origin().await;
+    let yaml = format!(
+        "clients:\n  users:\n    billing:\n      password: pw-never-logged-9\ncredentials:\n  c:\n    type: static\n    value: \"{CREDENTIAL}\"\nroutes:\n  - name: r\n    host: \"{}\"\n    credential: c\n",
+        origin.addr
+    );
+    let proxy = support::proxy(&yaml).await;
+    let ok = format!(
+        "GET http://{0}/x HTTP/1.1\r\nHost: {0}\r\n{1}\r\n",
+        origin.addr,
+        basic("billing", "pw-never-logged-9")
+    );
+    assert!(crate::raw::send(proxy.addr, &ok)
+        .await
+        .starts_with("HTTP/1.1 200"));
+    let refused = format!(
+        "GET http://{0}/x HTTP/1.1\r\nHost: {0}\r\n{1}\r\n",
+        origin.addr,
+        basic("billing", "wrong-pw-also-secret")
+    );
+    assert!(crate::raw::send(proxy.addr, &refused)
+        .await
+        .starts_with("HTTP/1.1 407"));
+    proxy.stop().await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let access = text
+        .lines()
+        .find(|l| l.contains("route=\"r\"") || l.contains("route=r"))
+        .unwrap_or_else(|| panic!("no access line in:\n{text}"));
+    assert!(
+        access.contains("user=\"billing\"") || access.contains("user=billing"),
+        "{access}"
+    );
+    assert!(access.contains("client=127.0.0.1"), "{access}");
+    assert!(text.contains("proxy authentication failed"), "{text}");
+    for secret in [
+        "pw-never-logged-9",
+        "wrong-pw-also-secret",
+        "route-secret-51",
+    ] {
+        assert!(!text.contains(secret), "{secret} logged:\n{text}");
+    }
+}
