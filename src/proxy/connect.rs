@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use super::intercepted;
 use super::replay;
 use super::respond::ProxyError;
-use crate::access::{Client, DestinationError, DestinationPolicy};
+use crate::access::Client;
 use crate::config::Unmatched;
 use crate::state::State;
 use crate::upstream::ProxyBody;
@@ -93,24 +93,13 @@ async fn connect_upstream(state: &State, authority: &Authority) -> Result<TcpStr
     let timeout = snapshot.config.timeouts.connect;
     let host = authority.host();
     let port = authority.port_u16().unwrap_or(443);
-    let no_extra_ranges = Vec::new();
-    let policy = DestinationPolicy {
-        own: state.own_addresses.get().map_or(&[], Vec::as_slice),
-        deny: if snapshot.routes.names_host(host, port) {
-            &no_extra_ranges
-        } else {
-            &snapshot.config.unmatched_deny
-        },
+    let deny: &[ipnet::IpNet] = if snapshot.routes.names_host(host, port) {
+        &[]
+    } else {
+        &snapshot.config.unmatched_deny
     };
+    let addrs = super::allowed_destination(state, host, port, deny).await?;
     let timed_out = || ProxyError::UpstreamTimeout(humantime::format_duration(timeout).to_string());
-    let addrs = policy
-        .resolve(host, port, timeout)
-        .await
-        .map_err(|e| match e {
-            DestinationError::Denied => ProxyError::DestinationDenied(host.to_string()),
-            DestinationError::Unreachable => ProxyError::Unreachable,
-            DestinationError::Timeout(_) => timed_out(),
-        })?;
     let attempt = async {
         let mut last = None;
         for addr in &addrs {

@@ -82,21 +82,35 @@ async fn admit(
         80
     };
     let port = target.uri.port_u16().unwrap_or(default_port);
+    allowed_destination(state, host, port, &snapshot.config.unmatched_deny)
+        .await
+        .map(drop)
+}
+
+/// Resolves `host:port` for traffic no route claims (within `timeouts.connect`) and returns
+/// its addresses once every one is allowed: never the proxy's own listen or admin address,
+/// link-local or unspecified addresses, or the `deny` ranges.
+async fn allowed_destination(
+    state: &State,
+    host: &str,
+    port: u16,
+    deny: &[ipnet::IpNet],
+) -> Result<Vec<std::net::SocketAddr>, ProxyError> {
+    let timeout = state.snapshot().config.timeouts.connect;
     let policy = DestinationPolicy {
         own: state.own_addresses.get().map_or(&[], Vec::as_slice),
-        deny: &snapshot.config.unmatched_deny,
+        deny,
     };
-    match policy
-        .resolve(host, port, snapshot.config.timeouts.connect)
+    policy
+        .resolve(host, port, timeout)
         .await
-    {
-        Ok(_) => Ok(()),
-        Err(DestinationError::Denied) => Err(ProxyError::DestinationDenied(host.to_string())),
-        Err(DestinationError::Unreachable) => Err(ProxyError::Unreachable),
-        Err(DestinationError::Timeout(d)) => Err(ProxyError::UpstreamTimeout(
-            humantime::format_duration(d).to_string(),
-        )),
-    }
+        .map_err(|e| match e {
+            DestinationError::Denied => ProxyError::DestinationDenied(host.to_string()),
+            DestinationError::Unreachable => ProxyError::Unreachable,
+            DestinationError::Timeout(d) => {
+                ProxyError::UpstreamTimeout(humantime::format_duration(d).to_string())
+            }
+        })
 }
 
 /// Forwards a routed request (or answers its routing error), with a span and an access-log
