@@ -137,351 +137,81 @@ async fn credentials_never_reach_the_wrong_place() {
         |authority: String| format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
     let api = |path: &str| format!("http://127.0.0.1:{pa}{path}");
 
+    #[rustfmt::skip]
     let cases: Vec<(&str, String, u16, Arrives)> = vec![
         // The route itself.
         ("route match", get(api("/api/v1/x")), 200, Credential),
-        (
-            "route match, POST",
-            with("POST", api("/api/v1/x"), "Content-Length: 0\r\n"),
-            200,
-            Credential,
-        ),
+        ("route match, POST", with("POST", api("/api/v1/x"), "Content-Length: 0\r\n"), 200, Credential),
         ("mount", get("/m/items?q=1".into()), 200, Credential),
-        (
-            "route without methods, override header",
-            with("GET", api("/open/x"), "X-HTTP-Method-Override: DELETE\r\n"),
-            200,
-            Credential,
-        ),
+        ("route without methods, override header", with("GET", api("/open/x"), "X-HTTP-Method-Override: DELETE\r\n"), 200, Credential),
         // Look-alike paths, ports, hosts and methods: passed on without the credential.
-        (
-            "prefix is whole segments",
-            get(api("/api/v1x")),
-            200,
-            Bare(0),
-        ),
+        ("prefix is whole segments", get(api("/api/v1x")), 200, Bare(0)),
         ("other path", get(api("/admin")), 200, Bare(0)),
-        (
-            "method not in the route",
-            with("DELETE", api("/api/v1/x"), ""),
-            200,
-            Bare(0),
-        ),
-        (
-            "TRACE outside methods goes bare",
-            with("TRACE", api("/api/v1/x"), ""),
-            200,
-            Bare(0),
-        ),
-        (
-            "same host, other port",
-            get(format!("http://127.0.0.1:{pb}/api/v1/x")),
-            200,
-            Bare(1),
-        ),
-        (
-            "Host header names the route",
-            with(
-                "GET",
-                format!("http://127.0.0.1:{pb}/api/v1/x"),
-                &format!("Host: 127.0.0.1:{pa}\r\n"),
-            )
-            .replacen("Host: x\r\n", "", 1),
-            200,
-            Bare(1),
-        ),
-        (
-            "localhost route has no port: not port A",
-            get(format!("http://localhost:{pa}/api/v1/x")),
-            200,
-            Bare(0),
-        ),
-        (
-            "LOCALHOST in capitals, port A",
-            get(format!("http://LOCALHOST:{pa}/x")),
-            200,
-            Bare(0),
-        ),
-        (
-            "localhost route, port B",
-            get(format!("http://localhost:{pb}/x")),
-            200,
-            Bare(1),
-        ),
-        (
-            "127.0.0.1 is not localhost's route",
-            get(format!("http://127.0.0.1:{pb}/")),
-            200,
-            Bare(1),
-        ),
+        ("method not in the route", with("DELETE", api("/api/v1/x"), ""), 200, Bare(0)),
+        ("TRACE outside methods goes bare", with("TRACE", api("/api/v1/x"), ""), 200, Bare(0)),
+        ("same host, other port", get(format!("http://127.0.0.1:{pb}/api/v1/x")), 200, Bare(1)),
+        ("Host header names the route", with("GET", format!("http://127.0.0.1:{pb}/api/v1/x"), &format!("Host: 127.0.0.1:{pa}\r\n")).replacen("Host: x\r\n", "", 1), 200, Bare(1)),
+        ("localhost route has no port: not port A", get(format!("http://localhost:{pa}/api/v1/x")), 200, Bare(0)),
+        ("LOCALHOST in capitals, port A", get(format!("http://LOCALHOST:{pa}/x")), 200, Bare(0)),
+        ("localhost route, port B", get(format!("http://localhost:{pb}/x")), 200, Bare(1)),
+        ("127.0.0.1 is not localhost's route", get(format!("http://127.0.0.1:{pb}/")), 200, Bare(1)),
+        ("decimal IP for the route's host", get(format!("http://2130706433:{pa}/api/v1/x")), 200, Bare(0)),
+        ("hex IP for the route's host", get(format!("http://0x7f000001:{pa}/api/v1/x")), 200, Bare(0)),
+        ("short IP for the route's host", get(format!("http://127.1:{pa}/api/v1/x")), 200, Bare(0)),
         // Path tricks on credential routes.
         ("..;/ (Tomcat)", get(api("/api/v1/..;/admin")), 400, Nothing),
-        (
-            "encoded ..;",
-            get(api("/api/v1/%2e%2e%3b/admin")),
-            400,
-            Nothing,
-        ),
-        (
-            "double-encoded dots",
-            get(api("/api/v1/%252e%252e/admin")),
-            400,
-            Nothing,
-        ),
-        (
-            "triple-encoded dots",
-            get(api("/api/v1/%25252e%25252e/admin")),
-            400,
-            Nothing,
-        ),
-        (
-            "upper-case encoded dots",
-            get(api("/api/v1/%2E%2E/admin")),
-            400,
-            Nothing,
-        ),
-        (
-            "one encoded dot",
-            get(api("/api/v1/.%2e/admin")),
-            400,
-            Nothing,
-        ),
-        (
-            "dots and NUL",
-            get(api("/api/v1/..%00/admin")),
-            400,
-            Nothing,
-        ),
+        ("encoded ..;", get(api("/api/v1/%2e%2e%3b/admin")), 400, Nothing),
+        ("double-encoded dots", get(api("/api/v1/%252e%252e/admin")), 400, Nothing),
+        ("triple-encoded dots", get(api("/api/v1/%25252e%25252e/admin")), 400, Nothing),
+        ("upper-case encoded dots", get(api("/api/v1/%2E%2E/admin")), 400, Nothing),
+        ("one encoded dot", get(api("/api/v1/.%2e/admin")), 400, Nothing),
+        ("dots and NUL", get(api("/api/v1/..%00/admin")), 400, Nothing),
         ("NUL", get(api("/api/v1/x%00.json")), 400, Nothing),
-        (
-            "overlong dot, 2 bytes",
-            get(api("/api/v1/%c0%ae%c0%ae/admin")),
-            400,
-            Nothing,
-        ),
-        (
-            "overlong dot, 3 bytes",
-            get(api("/api/v1/%e0%80%ae%e0%80%ae/admin")),
-            400,
-            Nothing,
-        ),
-        (
-            "overlong slash",
-            get(api("/api/v1/..%c0%afadmin")),
-            400,
-            Nothing,
-        ),
-        (
-            "encoded slash",
-            get(api("/api/v1/..%2fadmin")),
-            400,
-            Nothing,
-        ),
-        (
-            "double-encoded slash",
-            get(api("/api/v1/..%252fadmin")),
-            400,
-            Nothing,
-        ),
-        (
-            "encoded backslash",
-            get(api("/api/v1/..%5cadmin")),
-            400,
-            Nothing,
-        ),
-        (
-            "matrix parameter",
-            get(api("/api/v1/x;jsessionid=1")),
-            400,
-            Nothing,
-        ),
-        (
-            "encoded semicolon",
-            get(api("/api/v1/x%3bv=1")),
-            400,
-            Nothing,
-        ),
-        (
-            "plain dot segments",
-            get(api("/api/v1/../admin")),
-            400,
-            Nothing,
-        ),
+        ("overlong dot, 2 bytes", get(api("/api/v1/%c0%ae%c0%ae/admin")), 400, Nothing),
+        ("overlong dot, 3 bytes", get(api("/api/v1/%e0%80%ae%e0%80%ae/admin")), 400, Nothing),
+        ("overlong slash", get(api("/api/v1/..%c0%afadmin")), 400, Nothing),
+        ("encoded slash", get(api("/api/v1/..%2fadmin")), 400, Nothing),
+        ("double-encoded slash", get(api("/api/v1/..%252fadmin")), 400, Nothing),
+        ("encoded backslash", get(api("/api/v1/..%5cadmin")), 400, Nothing),
+        ("matrix parameter", get(api("/api/v1/x;jsessionid=1")), 400, Nothing),
+        ("encoded semicolon", get(api("/api/v1/x%3bv=1")), 400, Nothing),
+        ("plain dot segments", get(api("/api/v1/../admin")), 400, Nothing),
         ("mount with ..;", get("/m/..;/admin".into()), 400, Nothing),
-        (
-            "mount with encoded dots",
-            get("/m/%2e%2e/admin".into()),
-            400,
-            Nothing,
-        ),
+        ("mount with encoded dots", get("/m/%2e%2e/admin".into()), 400, Nothing),
         // Methods and method overrides.
-        (
-            "TRACE echoes headers",
-            with("TRACE", api("/open/x"), ""),
-            405,
-            Nothing,
-        ),
+        ("TRACE echoes headers", with("TRACE", api("/open/x"), ""), 405, Nothing),
         ("TRACK", with("TRACK", api("/open/x"), ""), 405, Nothing),
-        (
-            "TRACE on a mount",
-            with("TRACE", "/m/x".into(), ""),
-            405,
-            Nothing,
-        ),
-        (
-            "X-HTTP-Method-Override",
-            with(
-                "GET",
-                api("/api/v1/x"),
-                "X-HTTP-Method-Override: DELETE\r\n",
-            ),
-            400,
-            Nothing,
-        ),
-        (
-            "X-HTTP-Method",
-            with("GET", api("/api/v1/x"), "X-HTTP-Method: DELETE\r\n"),
-            400,
-            Nothing,
-        ),
-        (
-            "X-Method-Override",
-            with(
-                "POST",
-                api("/api/v1/x"),
-                "X-Method-Override: PUT\r\nContent-Length: 0\r\n",
-            ),
-            400,
-            Nothing,
-        ),
+        ("TRACE on a mount", with("TRACE", "/m/x".into(), ""), 405, Nothing),
+        ("X-HTTP-Method-Override", with("GET", api("/api/v1/x"), "X-HTTP-Method-Override: DELETE\r\n"), 400, Nothing),
+        ("X-HTTP-Method", with("GET", api("/api/v1/x"), "X-HTTP-Method: DELETE\r\n"), 400, Nothing),
+        ("X-Method-Override", with("POST", api("/api/v1/x"), "X-Method-Override: PUT\r\nContent-Length: 0\r\n"), 400, Nothing),
         // Schemes, user info, cleartext.
-        (
-            "https to a plain origin: TLS fails first",
-            get(format!("https://127.0.0.1:{pa}/api/v1/x")),
-            502,
-            Nothing,
-        ),
-        (
-            "ftp",
-            get(format!("ftp://127.0.0.1:{pa}/api/v1/x")),
-            400,
-            Nothing,
-        ),
-        (
-            "user info",
-            get(format!("http://u:p@127.0.0.1:{pa}/api/v1/x")),
-            400,
-            Nothing,
-        ),
-        (
-            "credential in clear to a non-loopback host",
-            get("http://api.example:8080/x".into()),
-            403,
-            Nothing,
-        ),
-        (
-            "origin form naming the route's host",
-            with(
-                "GET",
-                "/api/v1/x".into(),
-                &format!("Host: 127.0.0.1:{pa}\r\n"),
-            )
-            .replacen("Host: x\r\n", "", 1),
-            404,
-            Nothing,
-        ),
+        ("https to a plain origin: TLS fails first", get(format!("https://127.0.0.1:{pa}/api/v1/x")), 502, Nothing),
+        ("ftp", get(format!("ftp://127.0.0.1:{pa}/api/v1/x")), 400, Nothing),
+        ("user info", get(format!("http://u:p@127.0.0.1:{pa}/api/v1/x")), 400, Nothing),
+        ("credential in clear to a non-loopback host", get("http://api.example:8080/x".into()), 403, Nothing),
+        ("origin form naming the route's host", with("GET", "/api/v1/x".into(), &format!("Host: 127.0.0.1:{pa}\r\n")).replacen("Host: x\r\n", "", 1), 404, Nothing),
         // The proxy itself is never a destination of unmatched traffic.
-        (
-            "admin by address",
-            get(format!("http://127.0.0.1:{pad}/credentials")),
-            403,
-            Nothing,
-        ),
-        (
-            "admin by name",
-            get(format!("http://localhost:{pad}/credentials")),
-            403,
-            Nothing,
-        ),
-        (
-            "admin by mapped IPv6",
-            get(format!("http://[::ffff:127.0.0.1]:{pad}/credentials")),
-            403,
-            Nothing,
-        ),
-        (
-            "admin by 0.0.0.0",
-            get(format!("http://0.0.0.0:{pad}/credentials")),
-            403,
-            Nothing,
-        ),
-        (
-            "own listener",
-            get(format!("http://127.0.0.1:{pl}/x")),
-            403,
-            Nothing,
-        ),
-        (
-            "CONNECT to admin",
-            connect(format!("127.0.0.1:{pad}")),
-            403,
-            Nothing,
-        ),
-        (
-            "CONNECT to admin by name",
-            connect(format!("localhost:{pad}")),
-            403,
-            Nothing,
-        ),
-        (
-            "CONNECT to own listener",
-            connect(format!("127.0.0.1:{pl}")),
-            403,
-            Nothing,
-        ),
-        (
-            "unmatched, closed port: one generic 502",
-            get(format!("http://127.0.0.1:{pc}/x")),
-            502,
-            Nothing,
-        ),
+        ("admin by address", get(format!("http://127.0.0.1:{pad}/credentials")), 403, Nothing),
+        ("admin by name", get(format!("http://localhost:{pad}/credentials")), 403, Nothing),
+        ("admin by mapped IPv6", get(format!("http://[::ffff:127.0.0.1]:{pad}/credentials")), 403, Nothing),
+        ("admin by 0.0.0.0", get(format!("http://0.0.0.0:{pad}/credentials")), 403, Nothing),
+        ("admin by decimal IP", get(format!("http://2130706433:{pad}/credentials")), 403, Nothing),
+        ("admin by octal IP", get(format!("http://017700000001:{pad}/credentials")), 403, Nothing),
+        ("own listener", get(format!("http://127.0.0.1:{pl}/x")), 403, Nothing),
+        ("IPv6 loopback is another address than the admin's", get(format!("http://[::1]:{pad}/credentials")), 502, Nothing),
+        ("CONNECT to admin", connect(format!("127.0.0.1:{pad}")), 403, Nothing),
+        ("CONNECT to admin by name", connect(format!("localhost:{pad}")), 403, Nothing),
+        ("CONNECT to own listener", connect(format!("127.0.0.1:{pl}")), 403, Nothing),
+        ("CONNECT to admin by short IP", connect(format!("127.1:{pad}")), 403, Nothing),
+        ("unmatched, closed port: one generic 502", get(format!("http://127.0.0.1:{pc}/x")), 502, Nothing),
         // CONNECT: malformed, closed, open.
-        (
-            "CONNECT to a closed port",
-            connect(format!("127.0.0.1:{pc}")),
-            502,
-            Nothing,
-        ),
-        (
-            "CONNECT with user info",
-            connect(format!("user@127.0.0.1:{pa}")),
-            400,
-            Nothing,
-        ),
-        (
-            "CONNECT without host",
-            connect(format!(":{pa}")),
-            400,
-            Nothing,
-        ),
-        (
-            "CONNECT without port",
-            connect("127.0.0.1".into()),
-            400,
-            Nothing,
-        ),
-        (
-            "CONNECT to a port not allowed",
-            connect("127.0.0.1:9".into()),
-            403,
-            Nothing,
-        ),
-        (
-            "CONNECT to an open port",
-            connect(format!("127.0.0.1:{pb}")),
-            200,
-            Nothing,
-        ),
+        ("CONNECT to a closed port", connect(format!("127.0.0.1:{pc}")), 502, Nothing),
+        ("CONNECT with user info", connect(format!("user@127.0.0.1:{pa}")), 400, Nothing),
+        ("CONNECT without host", connect(format!(":{pa}")), 400, Nothing),
+        ("CONNECT without port", connect("127.0.0.1".into()), 400, Nothing),
+        ("CONNECT to a port not allowed", connect("127.0.0.1:9".into()), 403, Nothing),
+        ("CONNECT to an open port", connect(format!("127.0.0.1:{pb}")), 200, Nothing),
     ];
     assert!(cases.len() >= 40);
 
@@ -506,14 +236,21 @@ async fn credentials_never_reach_the_wrong_place() {
             .iter()
             .flatten()
             .any(|s| s.header("authorization") == LOCAL_SECRET);
-        // A 502 never tells a closed port from an open one.
-        let revealing = status == 502
-            && !name.starts_with("https")
-            && !text.contains(r#""detail":"upstream unreachable""#);
+        // Each refusal names its reason; a 502 never tells a closed port from an open one.
+        let code = match *want_status {
+            400 => "bad_request",
+            404 => "no_route",
+            405 => "method_not_allowed",
+            502 if !name.starts_with("https") => r#""detail":"upstream unreachable""#,
+            403 if name.contains("in clear") => "cleartext_refused",
+            403 if name.contains("not allowed") => "connect_port_denied",
+            403 => "destination_denied",
+            _ => "",
+        };
         if status != *want_status
+            || !text.contains(code)
             || got != Some(*want)
             || leaked
-            || revealing
             || text.contains("confined-3f9a")
         {
             failures.push(format!(
