@@ -127,6 +127,14 @@ impl State {
         let _serialized = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
         let previous = self.snapshot.load_full();
         warn_about_restart_only_changes(&previous.config, &config);
+        let listening = self
+            .own_addresses
+            .get()
+            .and_then(|own| own.first().copied())
+            .unwrap_or(previous.config.listen);
+        if let Some(risk) = config.clients.open_relay_risk(listening) {
+            tracing::warn!("OPEN PROXY: {risk}");
+        }
         if previous.config.intercept_ca != config.intercept_ca {
             self.reload_intercept_ca(&config);
         }
