@@ -60,6 +60,8 @@ fn route(name: &str, host: &str, prefix: Option<String>) -> RouteConfig {
         refresh_on: Default::default(),
         intercept: false,
         rewrite_location: true,
+        clients: None,
+        allow_cleartext: false,
     }
 }
 
@@ -79,9 +81,9 @@ fn route_lookup(c: &mut Criterion) {
         let get = Method::GET;
         if let Some(i) = last_of_kind(n, 0) {
             let host = format!("api{i}.vendor.test");
-            assert!(t.find(&host, 443, "/x", &get).is_some());
+            assert!(t.find(&host, 443, 443, "/x", &get).is_some());
             group.bench_with_input(BenchmarkId::new("exact_host", n), &host, |b, host| {
-                b.iter(|| black_box(t.find(black_box(host), 443, "/v1/x", &get)).is_some())
+                b.iter(|| black_box(t.find(black_box(host), 443, 443, "/v1/x", &get)).is_some())
             });
         }
         // With one route there is no wildcard and no prefix route: use a route of each kind
@@ -92,9 +94,9 @@ fn route_lookup(c: &mut Criterion) {
         };
         let wt_ref = wt.as_ref().unwrap_or(&t);
         let host = format!("deep.api.tenant{wi}.example");
-        assert!(wt_ref.find(&host, 443, "/x", &get).is_some());
+        assert!(wt_ref.find(&host, 443, 443, "/x", &get).is_some());
         group.bench_with_input(BenchmarkId::new("wildcard_host", n), &host, |b, host| {
-            b.iter(|| black_box(wt_ref.find(black_box(host), 443, "/v1/x", &get)).is_some())
+            b.iter(|| black_box(wt_ref.find(black_box(host), 443, 443, "/v1/x", &get)).is_some())
         });
 
         let (pt, host, path) = match last_of_kind(n, 2) {
@@ -114,16 +116,16 @@ fn route_lookup(c: &mut Criterion) {
             ),
         };
         let pt_ref = pt.as_ref().unwrap_or(&t);
-        assert!(pt_ref.find(&host, 443, &path, &get).is_some());
+        assert!(pt_ref.find(&host, 443, 443, &path, &get).is_some());
         group.bench_with_input(BenchmarkId::new("path_prefix", n), &n, |b, _| {
             b.iter(|| {
-                black_box(pt_ref.find(black_box(&host), 443, black_box(&path), &get)).is_some()
+                black_box(pt_ref.find(black_box(&host), 443, 443, black_box(&path), &get)).is_some()
             })
         });
 
         group.bench_with_input(BenchmarkId::new("miss", n), &n, |b, _| {
             b.iter(|| {
-                black_box(t.find(black_box("unknown.host.test"), 443, "/v1/x", &get)).is_none()
+                black_box(t.find(black_box("unknown.host.test"), 443, 443, "/v1/x", &get)).is_none()
             })
         });
     }

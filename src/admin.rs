@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
@@ -13,9 +14,9 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::proxy::respond::describe_unavailable;
 use crate::state::State;
@@ -23,6 +24,12 @@ use crate::token_store::SlotStatus;
 
 /// The content type Prometheus scrapers expect for the text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// How long a client may take to send a request head, and how long a keep-alive connection
+/// may sit idle: a client dribbling bytes cannot hold a connection for minutes.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin connections open at once; more are closed unanswered.
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// What an admin route does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +110,13 @@ fn allows(route: &AdminRoute, method: &Method) -> bool {
 
 /// Answers one admin request. Separate from [`serve`] so that it can be called directly.
 pub async fn handle<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
+    if !host_allowed(request, &state.snapshot().config.admin_hosts) {
+        return text(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "unknown host; add it to admin_hosts\n".into(),
+        );
+    }
     let path = request.uri().path();
     let matching: Vec<(&AdminRoute, &str)> = ROUTES
         .iter()
@@ -246,6 +260,23 @@ fn update_credential_gauges(state: &State) {
     );
 }
 
+/// Whether the request's `Host` is an IP literal, `localhost`, or in `admin_hosts`: a web
+/// page that rebinds its own name to 127.0.0.1 still sends that name, and is refused.
+fn host_allowed<B>(request: &Request<B>, admin_hosts: &[String]) -> bool {
+    let Some(host) = request.uri().host().map(str::to_string).or_else(|| {
+        let value = request.headers().get(http::header::HOST)?.to_str().ok()?;
+        value
+            .parse::<http::uri::Authority>()
+            .ok()
+            .map(|a| a.host().to_string())
+    }) else {
+        return !request.headers().contains_key(http::header::HOST);
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare == "localhost" || bare.parse::<std::net::IpAddr>().is_ok() || admin_hosts.contains(&host)
+}
+
 /// Every credential of the current snapshot as the admin endpoint shows it, by name.
 pub fn credentials(state: &State) -> Vec<SlotStatus> {
     let snapshot = state.snapshot();
@@ -309,8 +340,10 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` turns true; open connections
-/// are closed gracefully then.
+/// are closed gracefully then. At most [`MAX_CONNECTIONS`] are served at once, each with
+/// [`HEADER_READ_TIMEOUT`] to send a request head.
 pub async fn serve(listener: TcpListener, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -323,14 +356,26 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, mut shutdown: watch
             },
             _ = crate::shutdown_requested(&mut shutdown) => break,
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(
+                max = MAX_CONNECTIONS,
+                "admin connection closed: too many open"
+            );
+            drop(stream);
+            continue;
+        };
         let state = Arc::clone(&state);
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                 let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(handle(&state, &request).await) }
             });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}

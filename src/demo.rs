@@ -71,15 +71,27 @@ pub async fn start(options: DemoOptions) -> Result<Demo, StartError> {
     })
 }
 
+/// A demo listening beyond loopback (in a container) admits the private networks its
+/// clients arrive from: it holds only the mock vendor's credential.
+fn demo_clients(listen: std::net::SocketAddr) -> &'static str {
+    if listen.ip().is_loopback() {
+        ""
+    } else {
+        "clients:\n  allow_from: [127.0.0.0/8, \"::1\", 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, \"fc00::/7\"]\n"
+    }
+}
+
 /// The config the demo runs, as a user would write it.
 fn demo_yaml(options: &DemoOptions, vendor_url: &str) -> String {
     let credential = format!(
         "    type: oauth2_client_credentials\n    token_url: {vendor_url}/oauth/token\n    client_id: {CLIENT_ID}\n    client_secret: \"${{DEMO_CLIENT_SECRET}}\"\n    prefetch: true\n"
     );
     format!(
-        "listen: {listen}\nadmin: {admin}\nunmatched: deny\ncredentials:\n  demo_api:\n{credential}routes:\n  - name: demo-forward\n    host: \"127.0.0.1\"\n    path_prefix: /v1/\n    credential: demo_api\n  - name: demo-mount\n    mount: /demo-api\n    upstream: {vendor_url}\n    credential: demo_api\n",
+        "listen: {listen}\nadmin: {admin}\n{clients}unmatched: deny\ncredentials:\n  demo_api:\n{credential}routes:\n  - name: demo-forward\n    host: \"{vendor_host}\"\n    path_prefix: /v1/\n    credential: demo_api\n  - name: demo-mount\n    mount: /demo-api\n    upstream: {vendor_url}\n    credential: demo_api\n",
         listen = options.listen,
         admin = options.admin,
+        clients = demo_clients(options.listen),
+        vendor_host = vendor_url.trim_start_matches("http://"),
     )
 }
 

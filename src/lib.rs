@@ -8,6 +8,7 @@
 //! `metrics` and `telemetry`; `admin` serves health, metrics and credential status, and
 //! `commands` and `demo` hold what the CLI's `check --fetch`, `token`, `health` and `demo` do.
 
+pub mod access;
 pub mod admin;
 pub mod commands;
 pub mod config;
@@ -88,6 +89,12 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         Some(addr) => Some(bind(addr).await?),
         None => None,
     };
+    let mut own = vec![proxy_addr];
+    own.extend(admin_listener.as_ref().map(|(_, addr)| *addr));
+    let _ = state.own_addresses.set(own);
+    if let Some(risk) = state.snapshot().config.clients.open_relay_risk(proxy_addr) {
+        tracing::warn!("OPEN PROXY: {risk}");
+    }
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut admin_addr = None;
     let admin = admin_listener.map(|(listener, addr)| {

@@ -96,6 +96,8 @@ pub struct Metrics {
     pub client_connections: Gauge,
     /// CONNECT tunnels currently open.
     pub tunnels: Gauge,
+    /// Connections closed unread because the client's address is outside `clients.allow_from`.
+    pub refused_clients: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -206,6 +208,12 @@ impl Metrics {
         );
         let tunnels = Gauge::default();
         registry.register("tunnels", "CONNECT tunnels open", tunnels.clone());
+        let refused_clients = Counter::default();
+        registry.register(
+            "refused_client_connections",
+            "Connections closed unread because the client address is outside clients.allow_from",
+            refused_clients.clone(),
+        );
         Self {
             registry,
             requests,
@@ -217,6 +225,7 @@ impl Metrics {
             reloads,
             client_connections,
             tunnels,
+            refused_clients,
         }
     }
 

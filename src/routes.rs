@@ -183,11 +183,40 @@ pub struct Route {
     pub intercept: bool,
     /// Whether upstream redirects are mapped back to the client's view.
     pub rewrite_location: bool,
+    /// The users allowed to use this route; `None` lets every admitted client.
+    pub clients: Option<Vec<String>>,
+    /// Whether the credential may travel over plain HTTP to a non-loopback host.
+    pub allow_cleartext: bool,
     /// This route's metric handles.
     pub metrics: RouteMetrics,
 }
 
 impl Route {
+    /// Whether a request to `port` may use this route. A host written without a port confines
+    /// the route to the scheme's `default_port` (a credential for `localhost` is not for every
+    /// service on it), unless the route names its `upstream`, where the credential goes anyway.
+    fn accepts_port(&self, port: u16, default_port: u16) -> bool {
+        match self.host.as_ref().and_then(HostPattern::port) {
+            Some(p) => p == port,
+            None => self.upstream.is_some() || port == default_port,
+        }
+    }
+
+    /// Whether `user` (the authenticated client, if any) may use this route.
+    pub fn allows_client(&self, user: Option<&str>) -> bool {
+        match (&self.clients, user) {
+            (None, _) => true,
+            (Some(list), Some(u)) => list.iter().any(|c| c == u),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// Whether requests on this route must not name a method other than their own (the
+    /// route restricts `methods`, so `X-HTTP-Method-Override` would get around it).
+    pub fn restricts_methods(&self) -> bool {
+        self.methods.is_some()
+    }
+
     fn matches_request(&self, path: &str, method: &Method) -> bool {
         self.methods.as_ref().is_none_or(|m| m.contains(method))
             && self
@@ -253,6 +282,8 @@ impl RouteTable {
                 refresh_on: c.refresh_on,
                 intercept: c.intercept,
                 rewrite_location: c.rewrite_location,
+                clients: c.clients.clone(),
+                allow_cleartext: c.allow_cleartext,
                 metrics: metrics.for_route(&c.name),
             };
             if let Some(h) = &c.host {
@@ -282,8 +313,17 @@ impl RouteTable {
     }
 
     /// The first route (in file order) whose host, port, path and method match a
-    /// forward-proxy request. `host` may be in any case and carry a trailing dot.
-    pub fn find(&self, host: &str, port: u16, path: &str, method: &Method) -> Option<&Arc<Route>> {
+    /// forward-proxy request. `host` may be in any case and carry a trailing dot;
+    /// `default_port` is the request scheme's (80 or 443), which a route host written without
+    /// a port is confined to.
+    pub fn find(
+        &self,
+        host: &str,
+        port: u16,
+        default_port: u16,
+        path: &str,
+        method: &Method,
+    ) -> Option<&Arc<Route>> {
         let host = normalize_host(host);
         let host = host.as_ref();
         let mut best: Option<usize> = None;
@@ -294,6 +334,7 @@ impl RouteTable {
                 }
                 let r = &self.routes[i];
                 if r.host.as_ref().is_some_and(|h| h.matches(host, port))
+                    && r.accepts_port(port, default_port)
                     && r.matches_request(path, method)
                 {
                     best = Some(i);
@@ -310,24 +351,28 @@ impl RouteTable {
         best.map(|i| &self.routes[i])
     }
 
-    /// Whether any route names `host:port` for interception of CONNECT tunnels.
+    /// Whether any route names `host:port` for interception of CONNECT tunnels (a route host
+    /// without a port intercepts port 443 only).
     pub fn intercepts(&self, host: &str, port: u16) -> Option<&Arc<Route>> {
         let host = normalize_host(host);
         self.routes.iter().find(|r| {
             r.intercept
+                && r.accepts_port(port, 443)
                 && r.host
                     .as_ref()
                     .is_some_and(|h| h.matches(host.as_ref(), port))
         })
     }
 
-    /// Whether any route names `host:port` at all (for CONNECT policy with `unmatched: deny`).
+    /// Whether any route names `host:port` at all (for CONNECT policy with `unmatched: deny`;
+    /// a route host without a port names port 443 only).
     pub fn names_host(&self, host: &str, port: u16) -> bool {
         let host = normalize_host(host);
         self.routes.iter().any(|r| {
-            r.host
-                .as_ref()
-                .is_some_and(|h| h.matches(host.as_ref(), port))
+            r.accepts_port(port, 443)
+                && r.host
+                    .as_ref()
+                    .is_some_and(|h| h.matches(host.as_ref(), port))
         })
     }
 
@@ -384,6 +429,8 @@ mod tests {
             refresh_on: Default::default(),
             intercept: false,
             rewrite_location: true,
+            clients: None,
+            allow_cleartext: false,
         }
     }
 
@@ -392,7 +439,7 @@ mod tests {
     }
 
     fn found(t: &RouteTable, host: &str, path: &str) -> Option<String> {
-        t.find(host, 443, path, &Method::GET)
+        t.find(host, 443, 443, path, &Method::GET)
             .map(|r| r.name.to_string())
     }
 
@@ -449,16 +496,25 @@ mod tests {
             route("any", "h.test", None, None),
         ]);
         assert_eq!(
-            t.find("h.test", 8080, "/", &Method::GET).map(|r| &*r.name),
+            t.find("h.test", 8080, 80, "/", &Method::GET)
+                .map(|r| &*r.name),
             Some("get")
         );
         assert_eq!(
-            t.find("h.test", 8080, "/", &Method::POST).map(|r| &*r.name),
+            t.find("h.test", 8080, 80, "/", &Method::POST)
+                .map(|r| &*r.name),
+            None,
+            "a host without a port is confined to the scheme's default port"
+        );
+        assert_eq!(
+            t.find("h.test", 80, 80, "/", &Method::GET)
+                .map(|r| &*r.name),
             Some("any")
         );
         assert_eq!(
-            t.find("h.test", 80, "/", &Method::GET).map(|r| &*r.name),
-            Some("any")
+            t.find("h.test", 443, 80, "/", &Method::GET)
+                .map(|r| &*r.name),
+            None
         );
     }
 

@@ -59,6 +59,9 @@ pub struct State {
     pub config_path: Option<PathBuf>,
     env: Arc<dyn Environment>,
     reload_lock: std::sync::Mutex<()>,
+    /// The proxy's bound listen and admin addresses (set once they are bound), which
+    /// unmatched traffic may never reach.
+    pub own_addresses: std::sync::OnceLock<Vec<std::net::SocketAddr>>,
 }
 
 impl State {
@@ -99,6 +102,7 @@ impl State {
             config_path,
             env,
             reload_lock: std::sync::Mutex::new(()),
+            own_addresses: std::sync::OnceLock::new(),
         }))
     }
 
@@ -123,6 +127,14 @@ impl State {
         let _serialized = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
         let previous = self.snapshot.load_full();
         warn_about_restart_only_changes(&previous.config, &config);
+        let listening = self
+            .own_addresses
+            .get()
+            .and_then(|own| own.first().copied())
+            .unwrap_or(previous.config.listen);
+        if let Some(risk) = config.clients.open_relay_risk(listening) {
+            tracing::warn!("OPEN PROXY: {risk}");
+        }
         if previous.config.intercept_ca != config.intercept_ca {
             self.reload_intercept_ca(&config);
         }

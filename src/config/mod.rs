@@ -11,11 +11,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderName, Method};
+use ipnet::IpNet;
 
 pub use raw::{OnUnauthorized, Unmatched};
 pub use validate::ValidateCtx;
 pub use values::{Environment, ProcessEnv};
 
+use crate::access::ClientPolicy;
 use crate::credentials::CredentialKind;
 use crate::routes::{HostPattern, UpstreamTarget};
 use crate::secret::Secret;
@@ -70,6 +72,12 @@ pub struct Config {
     /// The files besides this one that the config was built from (`*_file` secrets, keys,
     /// CAs): the reloader watches them, so a rotated secret reloads its credential.
     pub files: Vec<PathBuf>,
+    /// Which client addresses may connect and which users may authenticate.
+    pub clients: ClientPolicy,
+    /// Destination ranges unmatched traffic may never reach (beyond the built-in ones).
+    pub unmatched_deny: Vec<IpNet>,
+    /// Host names (lower-case) the admin endpoint answers besides IP literals and `localhost`.
+    pub admin_hosts: Vec<String>,
 }
 
 /// Timeouts applied by the proxy.
@@ -167,6 +175,10 @@ pub struct RouteConfig {
     /// Whether `Location`-style headers naming the upstream are mapped back (see
     /// `proxy/location.rs`).
     pub rewrite_location: bool,
+    /// Users allowed to use the route (and so its credential); `None` means every client.
+    pub clients: Option<Vec<String>>,
+    /// Whether the credential may travel over plain HTTP to a non-loopback host.
+    pub allow_cleartext: bool,
 }
 
 /// Which upstream answers mean "the token was refused" on a route (when the upstream sends

@@ -40,6 +40,34 @@ pub struct RawConfig {
     /// credentials is refused unless it says `routes: []` (a truncated file must not fail open).
     #[serde(default)]
     pub routes: Option<Vec<RawRoute>>,
+    /// Who may use the proxy: client addresses and named users.
+    #[serde(default)]
+    pub clients: RawClients,
+    /// Extra destination ranges (CIDR) that unmatched traffic may never reach.
+    #[serde(default)]
+    pub unmatched_deny: Vec<String>,
+    /// Host names the admin endpoint answers besides IP literals and `localhost`.
+    #[serde(default)]
+    pub admin_hosts: Vec<String>,
+}
+
+/// The `clients:` section: which addresses may connect and which users may authenticate.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClients {
+    /// CIDR ranges (or single addresses) allowed to connect; default loopback only.
+    pub allow_from: Option<Vec<String>>,
+    /// Named clients, each with a password sent as `Proxy-Authorization: Basic`.
+    #[serde(default)]
+    pub users: BTreeMap<String, RawUser>,
+}
+
+/// One named client's password, inline (`${VAR}`) or in a file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUser {
+    pub password: Option<String>,
+    pub password_file: Option<String>,
 }
 
 /// Policy for requests that match no route.
@@ -148,4 +176,9 @@ pub struct RawRoute {
     pub intercept: bool,
     /// Map upstream redirects back to the client's view (default true).
     pub rewrite_location: Option<bool>,
+    /// Names of the users (under `clients.users`) allowed to use this route.
+    pub clients: Option<Vec<String>>,
+    /// Allows sending the credential over plain HTTP to a non-loopback host.
+    #[serde(default)]
+    pub allow_cleartext: bool,
 }

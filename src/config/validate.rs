@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
-use super::raw::{RawConfig, RawCredential, RawRoute};
+use super::raw::{RawClients, RawConfig, RawCredential, RawRoute};
 use super::values::{interpolate, interpolate_with_values, read_secret_file, Environment};
 use super::{
     Config, ConnectSettings, CredentialConfig, InterceptCaSettings, RefreshOn, RetrySettings,
     RouteConfig, Timeouts, TlsSettings, TokenSettings,
 };
+use crate::access::{ClientPolicy, User};
 use crate::routes::{HostPattern, UpstreamTarget};
 use crate::secret::Secret;
 
@@ -254,6 +255,7 @@ fn validate_credential(
 fn validate_route(
     raw: RawRoute,
     declared_credentials: &BTreeSet<String>,
+    declared_users: &BTreeSet<String>,
     ctx: &mut ValidateCtx<'_>,
 ) -> Option<RouteConfig> {
     let mut ok = true;
@@ -384,6 +386,37 @@ fn validate_route(
             RefreshOn::default()
         }
     };
+    if let Some(list) = &raw.clients {
+        if list.is_empty() {
+            ctx.problem(
+                "clients",
+                "must not be empty (leave it out to allow every client)",
+            );
+            ok = false;
+        }
+        for c in list.iter().filter(|c| !declared_users.contains(*c)) {
+            ctx.problem(
+                "clients",
+                format!("`{c}` is not defined under `clients.users`"),
+            );
+            ok = false;
+        }
+    }
+    if let Some(up) = upstream.as_ref().filter(|_| raw.credential.is_some()) {
+        if up.scheme == http::uri::Scheme::HTTP
+            && !raw.allow_cleartext
+            && !crate::access::is_loopback_host(up.authority.host())
+        {
+            ctx.problem(
+                "upstream",
+                format!(
+                    "`http://{}` would send the credential in clear; use https:// or set `allow_cleartext: true`",
+                    up.authority
+                ),
+            );
+            ok = false;
+        }
+    }
     ok.then(|| RouteConfig {
         name: raw.name,
         host,
@@ -396,7 +429,60 @@ fn validate_route(
         refresh_on,
         intercept: raw.intercept,
         rewrite_location: raw.rewrite_location.unwrap_or(true),
+        clients: raw.clients,
+        allow_cleartext: raw.allow_cleartext,
     })
+}
+
+/// A list of CIDR ranges; each bad one is a problem.
+fn nets(ctx: &mut ValidateCtx<'_>, field: &str, raw: &[String]) -> Vec<ipnet::IpNet> {
+    let mut out = Vec::new();
+    for text in raw {
+        match ctx.text(field, text).map(|t| crate::access::parse_net(&t)) {
+            Some(Ok(n)) => out.push(n),
+            Some(Err(e)) => ctx.problem(field, e),
+            None => {}
+        }
+    }
+    out
+}
+
+/// The `clients:` section: allowed address ranges (loopback when absent) and users.
+fn validate_clients(raw: &RawClients, ctx: &mut ValidateCtx<'_>) -> ClientPolicy {
+    let allow_from = match &raw.allow_from {
+        Some(list) if list.is_empty() => {
+            ctx.problem(
+                "clients.allow_from",
+                "must not be empty (leave it out for loopback only)",
+            );
+            Vec::new()
+        }
+        Some(list) => nets(ctx, "clients.allow_from", list),
+        None => crate::access::loopback_nets(),
+    };
+    let mut users = BTreeMap::new();
+    for (name, user) in &raw.users {
+        if name.is_empty() || name.contains(':') {
+            ctx.problem(
+                "clients.users",
+                format!("`{name}`: a user name must be non-empty and without `:`"),
+            );
+            continue;
+        }
+        let field = format!("clients.users.{name}.password");
+        if let Some(password) = ctx.required_secret(
+            &field,
+            user.password.as_deref(),
+            user.password_file.as_deref(),
+        ) {
+            if password.is_empty() {
+                ctx.problem(&field, "must not be empty");
+            } else {
+                users.insert(name.clone(), User::new(name, &password));
+            }
+        }
+    }
+    ClientPolicy { allow_from, users }
 }
 
 fn socket_addr(ctx: &mut ValidateCtx<'_>, field: &str, raw: &str) -> Option<SocketAddr> {
@@ -524,6 +610,14 @@ pub fn validate(
         );
     }
 
+    let clients = validate_clients(&raw.clients, &mut ctx);
+    let unmatched_deny = nets(&mut ctx, "unmatched_deny", &raw.unmatched_deny);
+    let admin_hosts = raw
+        .admin_hosts
+        .iter()
+        .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+        .collect();
+    let declared_users: BTreeSet<String> = clients.users.keys().cloned().collect();
     let declared: BTreeSet<String> = raw.credentials.keys().cloned().collect();
     let mut credentials = BTreeMap::new();
     for (name, spec) in raw.credentials {
@@ -554,7 +648,7 @@ pub fn validate(
                 ctx.problem("mount", format!("`{m}` is used by an earlier route"));
             }
         }
-        if let Some(route) = validate_route(r, &declared, &mut ctx) {
+        if let Some(route) = validate_route(r, &declared, &declared_users, &mut ctx) {
             routes.push(route);
         }
     }
@@ -579,6 +673,9 @@ pub fn validate(
             routes,
             declares_routes,
             files,
+            clients,
+            unmatched_deny,
+            admin_hosts,
         }),
         _ => Err(problems),
     }

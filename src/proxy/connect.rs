@@ -1,8 +1,10 @@
 //! `CONNECT host:port`. To a host no route names: a byte tunnel (closed after an idle period),
-//! only to `connect.allowed_ports`. To a host a route names, on any port the route matches:
-//! the first bytes decide — a TLS ClientHello is decrypted (`intercepted.rs`) when the route
-//! says `intercept: true`, plain HTTP (undici tunnels `http://` URLs too) is served request by
-//! request like forward-proxy traffic, and anything else is only tunnelled to an allowed port.
+//! only to `connect.allowed_ports`, never to the proxy itself or link-local addresses, and
+//! answered 200 only once the upstream connection is open. To a host a route names, on any
+//! port the route matches: the client's first bytes decide — a TLS ClientHello is decrypted
+//! (`intercepted.rs`) when the route says `intercept: true`, plain HTTP (undici tunnels
+//! `http://` URLs too) is served request by request like forward-proxy traffic, and anything
+//! else is only tunnelled to a port in `allowed_ports`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,47 +21,53 @@ use tokio::net::TcpStream;
 use super::intercepted;
 use super::replay;
 use super::respond::ProxyError;
+use crate::access::Client;
 use crate::config::Unmatched;
 use crate::state::State;
 use crate::upstream::ProxyBody;
 
-/// What the proxy does with the bytes of one tunnel.
-enum Mode {
-    /// A host no route names: bytes are copied unread.
-    Splice,
-    /// A host a route names: served by what the client sends first.
-    Routed {
-        /// The certificate config when a route intercepts the host.
-        tls: Option<Arc<rustls::ServerConfig>>,
-        /// Whether the port is in `connect.allowed_ports` (else only HTTP is served).
-        port_allowed: bool,
-    },
-}
-
-/// Answers a CONNECT request: 200 and a tunnel, or an error.
-pub async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<ProxyBody> {
-    let opened = open(&state, &request).and_then(|(authority, routed, port_allowed)| {
-        let mode = if routed {
-            Mode::Routed {
-                tls: interception(&state, &authority)?,
-                port_allowed,
-            }
-        } else {
-            Mode::Splice
-        };
-        Ok((authority, mode))
-    });
-    let (authority, mode) = match opened {
+/// Answers a CONNECT request: 200 once the tunnel can carry bytes — the upstream TCP
+/// connection is open (within `timeouts.connect`), or a route intercepts the host — else
+/// the error.
+pub async fn handle(
+    state: Arc<State>,
+    client: Client,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let opened = match open(&state, &request) {
+        Ok((authority, routed, port_allowed)) => match interception(&state, &authority) {
+            Ok(Some(tls)) => Ok((authority, Upstream::Intercepted(tls))),
+            Ok(None) if routed && !port_allowed => Ok((authority, Upstream::HttpOnly)),
+            Ok(None) => connect_upstream(&state, &authority)
+                .await
+                .map(|stream| (authority, Upstream::Plain { stream, routed })),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    let (authority, upstream) = match opened {
         Ok(o) => o,
         Err(e) => {
-            tracing::info!(error = %e, "CONNECT refused");
+            tracing::info!(client = %client.addr, user = client.user.as_deref().unwrap_or("-"), error = %e, "CONNECT refused");
             return e.into_response(None);
         }
     };
-    tokio::spawn(tunnel(state, request, authority, mode));
+    tokio::spawn(tunnel(state, client, request, authority, upstream));
     let mut response = Response::new(replay::empty());
     *response.status_mut() = StatusCode::OK;
     response
+}
+
+/// What the client's side of a tunnel is joined to.
+enum Upstream {
+    /// A routed host that a route intercepts: TLS is decrypted with this server config, plain
+    /// HTTP is read as is; each request inside is routed on its own.
+    Intercepted(Arc<rustls::ServerConfig>),
+    /// Spliced, byte for byte, to this open connection — unless the host is routed and the
+    /// client speaks plain HTTP, which is then served like forward-proxy traffic.
+    Plain { stream: TcpStream, routed: bool },
+    /// A routed host on a port only its route opens: plain HTTP is served, nothing else.
+    HttpOnly,
 }
 
 /// The TLS server config to decrypt the tunnel with, when a route intercepts its host.
@@ -86,9 +94,55 @@ fn interception(
         .map_err(|e| ProxyError::Interception(e.to_string()))
 }
 
-/// Runs one tunnel after the 200: proxied request by request (decrypted or plain HTTP), or
-/// spliced.
-async fn tunnel(state: Arc<State>, request: Request<Incoming>, authority: Authority, mode: Mode) {
+/// Opens the TCP connection a plain tunnel will splice to, within `timeouts.connect`. The
+/// host is resolved once and checked — never the proxy's own addresses or link-local ranges,
+/// nor `unmatched_deny` for a host no route names — and the checked address is the one
+/// connected to (a second DNS answer cannot differ). Every connect failure reads the same.
+async fn connect_upstream(state: &State, authority: &Authority) -> Result<TcpStream, ProxyError> {
+    let snapshot = state.snapshot();
+    let timeout = snapshot.config.timeouts.connect;
+    let host = authority.host();
+    let port = authority.port_u16().unwrap_or(443);
+    let deny: &[ipnet::IpNet] = if snapshot.routes.names_host(host, port) {
+        &[]
+    } else {
+        &snapshot.config.unmatched_deny
+    };
+    let addrs = super::allowed_destination(state, host, port, deny).await?;
+    let timed_out = || ProxyError::UpstreamTimeout(humantime::format_duration(timeout).to_string());
+    let attempt = async {
+        let mut last = None;
+        for addr in &addrs {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last)
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) => {
+            if let Some(e) = e {
+                tracing::debug!(error = %e, host, "tunnel upstream unreachable");
+            }
+            Err(ProxyError::Unreachable)
+        }
+        Err(_) => Err(timed_out()),
+    }
+}
+
+/// Runs one tunnel after the 200: decrypted and proxied request by request, or spliced.
+async fn tunnel(
+    state: Arc<State>,
+    client: Client,
+    request: Request<Incoming>,
+    authority: Authority,
+    upstream: Upstream,
+) {
     let upgraded = match hyper::upgrade::on(request).await {
         Ok(u) => TokioIo::new(u),
         Err(e) => {
@@ -98,33 +152,74 @@ async fn tunnel(state: Arc<State>, request: Request<Incoming>, authority: Author
     };
     let tunnels = state.metrics.tunnels.clone();
     tunnels.inc();
-    let idle = state.snapshot().config.connect.idle_timeout;
-    match mode {
-        Mode::Splice => plain(upgraded, &authority, idle).await,
-        Mode::Routed { tls, port_allowed } => {
-            let client_idle = state.snapshot().config.timeouts.client_idle;
-            match sniff(upgraded, client_idle).await {
-                Some((FirstBytes::Tls, client)) => match tls {
-                    Some(tls) => intercepted::serve(state, client, authority, tls).await,
-                    None if port_allowed => plain(client, &authority, idle).await,
-                    None => {
-                        tracing::info!(host = %authority.host(), "TLS through a tunnel to a port only routes open, and no route intercepts it; closed")
-                    }
-                },
-                Some((FirstBytes::Http, client)) => {
-                    intercepted::serve_requests(state, client, authority, Scheme::HTTP).await
-                }
-                Some((FirstBytes::Other, client)) if port_allowed => {
-                    plain(client, &authority, idle).await
-                }
-                Some((FirstBytes::Other, _)) => {
-                    tracing::info!(host = %authority.host(), "neither HTTP nor TLS through a tunnel to a port only routes open; closed")
-                }
-                None => {}
+    let snapshot = state.snapshot();
+    let idle = snapshot.config.connect.idle_timeout;
+    let client_idle = snapshot.config.timeouts.client_idle;
+    drop(snapshot);
+    match upstream {
+        Upstream::Plain {
+            stream,
+            routed: false,
+        } => {
+            if let Err(e) = splice(upgraded, stream, idle).await {
+                tracing::debug!(error = %e, host = %authority.host(), "tunnel closed");
             }
         }
+        other => match (sniff(upgraded, client_idle).await, other) {
+            (None, _) => {}
+            (Some((FirstBytes::Http, io)), _) => {
+                intercepted::serve_requests(state, client, io, authority, Scheme::HTTP).await
+            }
+            (Some((FirstBytes::Tls, io)), Upstream::Intercepted(tls)) => {
+                intercepted::serve(state, client, io, authority, tls).await
+            }
+            (Some((_, io)), Upstream::Plain { stream, .. }) => {
+                if let Err(e) = splice(io, stream, idle).await {
+                    tracing::debug!(error = %e, host = %authority.host(), "tunnel closed");
+                }
+            }
+            (Some(_), _) => {
+                tracing::info!(host = %authority.host(), "a tunnel to a routed host carried neither HTTP nor TLS it could decrypt; closed")
+            }
+        },
     }
     tunnels.dec();
+}
+
+/// The tunnel's `host:port`, refused when it is malformed (no port, empty host, user info)
+/// or not allowed. A host some route names (a *routed* host) may be reached on the port its
+/// route matches without listing it in `connect.allowed_ports`; other hosts need an allowed
+/// port and `unmatched: pass`. Returns the authority, whether it is routed, and whether its
+/// port is in `allowed_ports`.
+fn open(state: &State, request: &Request<Incoming>) -> Result<(Authority, bool, bool), ProxyError> {
+    let malformed = || ProxyError::BadRequest("CONNECT needs host:port".into());
+    let authority = request.uri().authority().cloned().ok_or_else(malformed)?;
+    if authority.as_str().contains('@') {
+        return Err(ProxyError::BadRequest(
+            "user info in a CONNECT target is not allowed".into(),
+        ));
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if host.is_empty() {
+        return Err(malformed());
+    }
+    let port = authority
+        .port_u16()
+        .filter(|p| *p != 0)
+        .ok_or_else(malformed)?;
+    let snapshot = state.snapshot();
+    let routed = snapshot.routes.names_host(authority.host(), port);
+    let port_allowed = snapshot.config.connect.allowed_ports.contains(&port);
+    if !port_allowed && !routed {
+        return Err(ProxyError::PortNotAllowed(port));
+    }
+    if snapshot.config.unmatched == Unmatched::Deny && !routed {
+        return Err(ProxyError::Denied(authority.host().to_string()));
+    }
+    Ok((authority, routed, port_allowed))
 }
 
 /// What a client sent first through a tunnel to a routed host.
@@ -221,49 +316,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
-}
-
-/// A byte tunnel to `authority`: nothing is read or changed.
-async fn plain<T>(client: T, authority: &Authority, idle: Duration)
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    let upstream = match TcpStream::connect(authority.as_str()).await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::warn!(error = %e, host = %authority.host(), "tunnel upstream unreachable");
-            return;
-        }
-    };
-    let _ = upstream.set_nodelay(true);
-    if let Err(e) = splice(client, upstream, idle).await {
-        tracing::debug!(error = %e, host = %authority.host(), "tunnel closed");
-    }
-}
-
-/// Checks a CONNECT request: its authority, whether a route names the host (a routed host may
-/// be reached on the port its route matches without listing it in `allowed_ports`), and
-/// `unmatched: deny`. Returns the authority, whether it is routed, and whether its port is
-/// in `allowed_ports`.
-fn open(state: &State, request: &Request<Incoming>) -> Result<(Authority, bool, bool), ProxyError> {
-    let authority = request
-        .uri()
-        .authority()
-        .cloned()
-        .ok_or_else(|| ProxyError::BadRequest("CONNECT needs host:port".into()))?;
-    let port = authority
-        .port_u16()
-        .ok_or_else(|| ProxyError::BadRequest("CONNECT needs host:port".into()))?;
-    let snapshot = state.snapshot();
-    let routed = snapshot.routes.names_host(authority.host(), port);
-    let port_allowed = snapshot.config.connect.allowed_ports.contains(&port);
-    if !port_allowed && !routed {
-        return Err(ProxyError::PortNotAllowed(port));
-    }
-    if snapshot.config.unmatched == Unmatched::Deny && !routed {
-        return Err(ProxyError::Denied(authority.host().to_string()));
-    }
-    Ok((authority, routed, port_allowed))
 }
 
 /// Copies bytes both ways until either side closes or nothing moves for `idle`.

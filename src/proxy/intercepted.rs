@@ -25,6 +25,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::target;
+use crate::access::Client;
 use crate::state::State;
 use crate::upstream::{BoxError, ProxyBody};
 
@@ -32,6 +33,7 @@ use crate::upstream::{BoxError, ProxyBody};
 /// closes it.
 pub async fn serve<T>(
     state: Arc<State>,
+    user: Client,
     client: T,
     authority: Authority,
     tls: Arc<rustls::ServerConfig>,
@@ -45,13 +47,18 @@ pub async fn serve<T>(
             return;
         }
     };
-    serve_requests(state, stream, authority, Scheme::HTTPS).await;
+    serve_requests(state, user, stream, authority, Scheme::HTTPS).await;
 }
 
 /// Serves the requests that arrive on `stream` (HTTP/1.1 or HTTP/2) as requests for
 /// `scheme://authority`, until the client closes it or it has been idle too long.
-pub async fn serve_requests<S>(state: Arc<State>, stream: S, authority: Authority, scheme: Scheme)
-where
+pub async fn serve_requests<S>(
+    state: Arc<State>,
+    user: Client,
+    stream: S,
+    authority: Authority,
+    scheme: Scheme,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client_idle = state.snapshot().config.timeouts.client_idle;
@@ -59,13 +66,15 @@ where
     let host = Arc::clone(&authority);
     let activity = Arc::new(Activity::new());
     let requests = Arc::clone(&activity);
+    let user = Arc::new(user);
     let service = service_fn(move |request| {
         let state = Arc::clone(&state);
         let authority = Arc::clone(&authority);
         let scheme = scheme.clone();
+        let user = Arc::clone(&user);
         let in_flight = requests.begin();
         async move {
-            let response = handle(&state, &authority, scheme, request).await;
+            let response = handle(&state, &user, &authority, scheme, request).await;
             Ok::<_, Infallible>(response.map(|body| {
                 InFlightBody {
                     body,
@@ -99,8 +108,10 @@ where
     }
 }
 
+/// Routes one decrypted request; `user` is the client that opened the tunnel.
 async fn handle(
     state: &State,
+    user: &Client,
     authority: &Authority,
     scheme: Scheme,
     request: Request<Incoming>,
@@ -113,7 +124,7 @@ async fn handle(
         authority,
         scheme,
     );
-    super::dispatch(state, &snapshot, target, request).await
+    super::dispatch(state, &snapshot, user, target, request).await
 }
 
 /// Requests in flight on one connection (from the request head until its response body has

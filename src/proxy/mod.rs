@@ -13,6 +13,7 @@ pub mod upgrade;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -29,38 +30,123 @@ use tracing::Instrument;
 
 use self::respond::ProxyError;
 use self::target::Target;
+use crate::access::{Client, DestinationError, DestinationPolicy};
 use crate::state::State;
 use crate::upstream::ProxyBody;
 
-/// Answers one request received on the proxy listener.
-pub async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<ProxyBody> {
-    if request.method() == Method::CONNECT {
-        return connect::handle(state, request).await;
-    }
+/// Answers one request received on the proxy listener from a client at `peer`. With
+/// `clients.users` set, every request (forward, mount and CONNECT) must name its user in
+/// `Proxy-Authorization`.
+pub async fn handle(
+    state: Arc<State>,
+    peer: IpAddr,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
     let snapshot = state.snapshot();
+    let user = match snapshot.config.clients.authenticate(request.headers()) {
+        Ok(user) => user,
+        Err(e) => {
+            tracing::info!(client = %peer, method = %request.method(), error = %e, "request refused by the proxy");
+            return ProxyError::from(e).into_response(None);
+        }
+    };
+    let client = Client { addr: peer, user };
+    if request.method() == Method::CONNECT {
+        return connect::handle(state, client, request).await;
+    }
     let target = target::resolve(&snapshot, request.method(), request.uri());
-    dispatch(&state, &snapshot, target, request).await
+    dispatch(&state, &snapshot, &client, target, request).await
+}
+
+/// Checks a routed request against its route (clients, methods, paths) or, for unmatched
+/// traffic, its destination against the proxy's own addresses, link-local ranges and
+/// `unmatched_deny` — before anything is sent.
+async fn admit(
+    state: &State,
+    snapshot: &crate::state::Snapshot,
+    client: &Client,
+    target: &Target,
+    request: &Request<Incoming>,
+) -> Result<(), ProxyError> {
+    if let Some(route) = &target.route {
+        return target::check_routed(
+            route,
+            client.user.as_deref(),
+            request.method(),
+            request.uri(),
+            request.headers(),
+        );
+    }
+    let host = target.uri.host().unwrap_or_default();
+    let default_port = if target.uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    let port = target.uri.port_u16().unwrap_or(default_port);
+    allowed_destination(state, host, port, &snapshot.config.unmatched_deny)
+        .await
+        .map(drop)
+}
+
+/// Resolves `host:port` for traffic no route claims (within `timeouts.connect`) and returns
+/// its addresses once every one is allowed: never the proxy's own listen or admin address,
+/// link-local or unspecified addresses, or the `deny` ranges.
+async fn allowed_destination(
+    state: &State,
+    host: &str,
+    port: u16,
+    deny: &[ipnet::IpNet],
+) -> Result<Vec<std::net::SocketAddr>, ProxyError> {
+    let timeout = state.snapshot().config.timeouts.connect;
+    let policy = DestinationPolicy {
+        own: state.own_addresses.get().map_or(&[], Vec::as_slice),
+        deny,
+    };
+    policy
+        .resolve(host, port, timeout)
+        .await
+        .map_err(|e| match e {
+            DestinationError::Denied => ProxyError::DestinationDenied(host.to_string()),
+            DestinationError::Unreachable => ProxyError::Unreachable,
+            DestinationError::Timeout(d) => {
+                ProxyError::UpstreamTimeout(humantime::format_duration(d).to_string())
+            }
+        })
 }
 
 /// Forwards a routed request (or answers its routing error), with a span and an access-log
-/// line naming route, credential, method, the host the client asked for, the upstream it
-/// went to, status, latency and whether it was replayed.
+/// line naming client, route, credential, method, the host the client asked for, the
+/// upstream it went to, status, latency and whether it was replayed.
 pub async fn dispatch(
     state: &State,
     snapshot: &crate::state::Snapshot,
+    client: &Client,
     target: Result<Target, ProxyError>,
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let method = request.method().clone();
-    let target = match target {
+    let checked = match target {
+        Ok(t) => admit(state, snapshot, client, &t, &request)
+            .await
+            .map(|()| t),
+        Err(e) => Err(e),
+    };
+    let target = match checked {
         Ok(t) => t,
         Err(e) => {
-            let response = e.into_response(None);
+            let route = match &e {
+                ProxyError::ClientNotAllowed(r) | ProxyError::CleartextRefused(r) => {
+                    Some(r.clone())
+                }
+                _ => None,
+            };
+            let response = e.into_response(route.as_deref());
             snapshot
                 .unmatched_metrics
                 .answered(response.status().as_u16());
-            tracing::info!(%method, status = response.status().as_u16(), "request refused by the proxy");
+            tracing::info!(client = %client.addr, user = client.user.as_deref().unwrap_or("-"), %method, status = response.status().as_u16(), "request refused by the proxy");
             return response;
         }
     };
@@ -72,6 +158,8 @@ pub async fn dispatch(
         .map_or("-", |c| &**c.name());
     let span = tracing::info_span!(
         "request",
+        client = %client.addr,
+        user = client.user.as_deref().unwrap_or("-"),
         route = route_name,
         credential,
         %method,
@@ -94,6 +182,10 @@ pub async fn dispatch(
                     rewrite.apply(f.response.headers_mut());
                 }
                 (f.response, f.retried)
+            }
+            Err(ProxyError::Upstream(detail)) if route.is_none() => {
+                tracing::debug!(error = %detail, "unmatched request: upstream unreachable");
+                (ProxyError::Unreachable.into_response(None), false)
             }
             Err(e) => {
                 if matches!(
@@ -171,7 +263,7 @@ pub async fn serve(
 ) {
     let tracker = Arc::new(ConnectionTracker::default());
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -182,6 +274,14 @@ pub async fn serve(
             },
             _ = crate::shutdown_requested(&mut shutdown) => break,
         };
+        if !state.snapshot().config.clients.admits(peer.ip()) {
+            // Closed before a byte is read: a client outside `clients.allow_from` learns
+            // nothing, not even that an HTTP proxy listens here.
+            state.metrics.refused_clients.inc();
+            tracing::debug!(client = %peer.ip(), "connection refused: address not in clients.allow_from");
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let guard = tracker.track();
         let state = Arc::clone(&state);
@@ -195,10 +295,11 @@ pub async fn serve(
             // The request future is boxed: hyper keeps room for one in-flight future in
             // every connection, and an unboxed `handle` future (~3 KB) would cost that much
             // memory per idle keep-alive connection.
+            let peer = peer.ip();
             let service = service_fn(move |req| {
                 let state = Arc::clone(&service_state);
                 let answer: Pin<Box<dyn Future<Output = _> + Send>> =
-                    Box::pin(async move { Ok::<_, Infallible>(handle(state, req).await) });
+                    Box::pin(async move { Ok::<_, Infallible>(handle(state, peer, req).await) });
                 answer
             });
             let conn = http1::Builder::new()

@@ -37,6 +37,26 @@ pub enum ProxyError {
     /// The upstream did not answer in time (504).
     #[error("upstream did not answer within {0}")]
     UpstreamTimeout(String),
+    /// `clients.users` is set and the request has no valid `Proxy-Authorization` (407).
+    #[error(transparent)]
+    ProxyAuth(#[from] crate::access::AuthFailure),
+    /// The authenticated client is not in the route's `clients` (403).
+    #[error("this client may not use route `{0}`")]
+    ClientNotAllowed(String),
+    /// Unmatched traffic to the proxy itself, a link-local address or `unmatched_deny` (403).
+    #[error("destination `{0}` is not allowed")]
+    DestinationDenied(String),
+    /// A credential would travel over plain HTTP to a non-loopback host (403).
+    #[error("route `{0}` does not send its credential over plain HTTP to this port; use https://")]
+    CleartextRefused(String),
+    /// A method never allowed on a credential route (405): TRACE would echo the credential.
+    #[error("method {0} is not allowed on a route with a credential")]
+    MethodNotAllowed(http::Method),
+    /// An upstream the client picked itself (unmatched traffic, CONNECT) could not be reached
+    /// (502). One text for every cause: a distinct one would tell an open port from a closed
+    /// one. The cause goes to the debug log.
+    #[error("upstream unreachable")]
+    Unreachable,
 }
 
 impl From<UpstreamError> for ProxyError {
@@ -56,10 +76,17 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoMount(_) => StatusCode::NOT_FOUND,
-            ProxyError::Denied(_) | ProxyError::PortNotAllowed(_) => StatusCode::FORBIDDEN,
-            ProxyError::Credential(_) | ProxyError::Upstream(_) | ProxyError::Interception(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::Denied(_)
+            | ProxyError::PortNotAllowed(_)
+            | ProxyError::ClientNotAllowed(_)
+            | ProxyError::DestinationDenied(_)
+            | ProxyError::CleartextRefused(_) => StatusCode::FORBIDDEN,
+            ProxyError::ProxyAuth(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Credential(_)
+            | ProxyError::Upstream(_)
+            | ProxyError::Unreachable
+            | ProxyError::Interception(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -73,8 +100,13 @@ impl ProxyError {
             ProxyError::PortNotAllowed(_) => "connect_port_denied",
             ProxyError::Interception(_) => "interception_unavailable",
             ProxyError::Credential(_) => "credential_unavailable",
-            ProxyError::Upstream(_) => "upstream_unreachable",
+            ProxyError::Upstream(_) | ProxyError::Unreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::ProxyAuth(_) => "proxy_auth_required",
+            ProxyError::ClientNotAllowed(_) => "client_not_allowed",
+            ProxyError::DestinationDenied(_) => "destination_denied",
+            ProxyError::CleartextRefused(_) => "cleartext_refused",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
         }
     }
 
@@ -98,6 +130,21 @@ impl ProxyError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        match self {
+            ProxyError::ProxyAuth(_) => {
+                response.headers_mut().insert(
+                    header::PROXY_AUTHENTICATE,
+                    HeaderValue::from_static(crate::access::PROXY_AUTHENTICATE_CHALLENGE),
+                );
+            }
+            ProxyError::MethodNotAllowed(_) => {
+                response.headers_mut().insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
+            }
+            _ => {}
         }
         response
     }

@@ -84,7 +84,7 @@ fn forward_target(
     let port = authority.port_u16().unwrap_or(default_port);
     let route = snapshot
         .routes
-        .find(host, port, uri.path(), method)
+        .find(host, port, default_port, uri.path(), method)
         .cloned();
     let Some(route) = route else {
         if snapshot.config.unmatched == Unmatched::Deny {
@@ -96,14 +96,20 @@ fn forward_target(
             client_origin: None,
         });
     };
-    let client_origin = Some((scheme, authority.clone()));
-    let uri = match &route.upstream {
+    let upstream_uri = match &route.upstream {
         Some(up) => rebase(up, uri.path(), uri.query())?,
+        None if scheme == Scheme::HTTP && sends_in_clear(&route, host) => {
+            if port != default_port {
+                return Err(ProxyError::CleartextRefused(route.name.to_string()));
+            }
+            to_https(uri)?
+        }
         None => uri.clone(),
     };
+    let client_origin = Some((scheme, authority.clone()));
     Ok(Target {
         route: Some(route),
-        uri,
+        uri: upstream_uri,
         client_origin,
     })
 }
@@ -124,6 +130,124 @@ fn mount_target(snapshot: &Snapshot, method: &Method, uri: &Uri) -> Result<Targe
         uri: target,
         client_origin: None,
     })
+}
+
+/// Whether sending this route's credential to `host` over plain HTTP would expose it on the
+/// network: the route has a credential, did not say `allow_cleartext`, and `host` is not this
+/// machine.
+fn sends_in_clear(route: &Route, host: &str) -> bool {
+    route.credential.is_some() && !route.allow_cleartext && !crate::access::is_loopback_host(host)
+}
+
+/// The same request to the host's `https://` origin (default port), so that a legacy client
+/// speaking plain HTTP to the proxy never puts the credential on the wire in clear.
+fn to_https(uri: &Uri) -> Result<Uri, ProxyError> {
+    let host = uri.host().unwrap_or_default();
+    let path_and_query = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    Uri::builder()
+        .scheme(Scheme::HTTPS)
+        .authority(host)
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("invalid request target: {e}")))
+}
+
+/// Headers that ask a server to treat a request as another method.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Checks a routed request before anything is sent: a route's `clients` list, and on routes
+/// with a credential, methods that would echo it (TRACE, TRACK), method-override headers
+/// that would get around `methods`, and paths that a Java or Windows upstream would resolve
+/// outside the route's `path_prefix`.
+pub fn check_routed(
+    route: &Route,
+    user: Option<&str>,
+    method: &Method,
+    uri: &Uri,
+    headers: &http::HeaderMap,
+) -> Result<(), ProxyError> {
+    if !route.allows_client(user) {
+        return Err(ProxyError::ClientNotAllowed(route.name.to_string()));
+    }
+    if route.restricts_methods() && METHOD_OVERRIDES.iter().any(|h| headers.contains_key(*h)) {
+        return Err(ProxyError::BadRequest(
+            "method-override headers are not allowed on a route that restricts methods".into(),
+        ));
+    }
+    if route.credential.is_none() {
+        return Ok(());
+    }
+    if method == Method::TRACE || method.as_str().eq_ignore_ascii_case("TRACK") {
+        return Err(ProxyError::MethodNotAllowed(method.clone()));
+    }
+    check_credential_path(uri.path())
+}
+
+/// How many levels of percent-encoding are undone looking for hidden dots and slashes;
+/// deeper nesting is refused outright.
+const MAX_DECODE_LEVELS: usize = 4;
+
+/// Refuses, at every level of percent-encoding, what Tomcat, Spring, Jetty or IIS would turn
+/// into a different path: `;` parameters (`/..;/`), encoded dots and slashes (`%2e`,
+/// `%252e`, `%2f`, `%5c`), NUL, backslashes, dot segments, and bytes that are not UTF-8
+/// (overlong encodings such as `%c0%ae`).
+fn check_credential_path(path: &str) -> Result<(), ProxyError> {
+    // Most paths hold none of these bytes: answer without allocating.
+    if !path
+        .bytes()
+        .any(|b| matches!(b, b'%' | b';' | b'\\' | b'.'))
+    {
+        return Ok(());
+    }
+    let refuse = |why: &str| Err(ProxyError::BadRequest(format!("path refused: {why}")));
+    let mut level: Vec<u8> = path.as_bytes().to_vec();
+    for _ in 0..=MAX_DECODE_LEVELS {
+        let lower = level.to_ascii_lowercase();
+        if ["%2e", "%2f", "%5c", "%00"]
+            .iter()
+            .any(|needle| lower.windows(3).any(|w| w == needle.as_bytes()))
+        {
+            return refuse("encoded dots, slashes or NUL");
+        }
+        if level.iter().any(|b| matches!(b, b';' | b'\\' | 0)) {
+            return refuse("`;` parameters, backslashes or NUL");
+        }
+        let Ok(text) = std::str::from_utf8(&level) else {
+            return refuse("bytes that are not UTF-8 (overlong encodings)");
+        };
+        if text.split('/').any(|seg| seg == "." || seg == "..") {
+            return refuse("dot segments");
+        }
+        let next = percent_decode(&level);
+        if next == level {
+            return Ok(());
+        }
+        level = next;
+    }
+    refuse("too many levels of percent-encoding")
+}
+
+/// One level of percent-decoding; a `%` not followed by two hex digits stays as it is.
+fn percent_decode(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
 }
 
 /// `upstream` + its base path + `path` + `?query`.
@@ -169,7 +293,7 @@ fn check_path(path: &str) -> Result<(), ProxyError> {
 
 #[cfg(test)]
 mod tests {
-    use super::check_path;
+    use super::{check_credential_path, check_path, to_https};
 
     #[test]
     fn dot_segments_and_encoded_slashes_are_refused() {
@@ -185,5 +309,44 @@ mod tests {
         ] {
             assert!(check_path(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn credential_paths_refuse_what_java_servers_would_resolve() {
+        for good in [
+            "/api/v1/x",
+            "/api/v1/a.b/c..d",
+            "/api/v1/caf%C3%A9",
+            "/api/v1/%41",
+            "/api/v1/100%25",
+            "/api/v1/50%",
+        ] {
+            assert!(check_credential_path(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "/api/v1/..;/admin",
+            "/api/v1/%2e%2e%3b/admin",
+            "/api/v1/%252e%252e/admin",
+            "/api/v1/%25252e/admin",
+            "/api/v1/..%00/admin",
+            "/api/v1/%c0%ae%c0%ae/admin",
+            "/api/v1/%e0%80%ae/admin",
+            "/api/v1/%252f",
+            "/api/v1/%255c",
+            "/api/v1/x;a=b",
+            "/api/v1/%3b",
+            "/api/v1/%2525252525252e",
+        ] {
+            assert!(check_credential_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn plain_http_goes_to_the_https_origin() {
+        let uri: http::Uri = "http://api.example.com/v1/x?q=1".parse().unwrap();
+        assert_eq!(
+            to_https(&uri).unwrap().to_string(),
+            "https://api.example.com/v1/x?q=1"
+        );
     }
 }

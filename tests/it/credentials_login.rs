@@ -13,18 +13,19 @@ use crate::support::{self, server::Origin};
 
 const ENV: &[(&str, &str)] = &[("TT_PASSWORD", "pw-dispatch-123")];
 
-fn config(vendor: &LoginServer, extra: &str) -> String {
+fn config(vendor: &LoginServer, api: &Origin, extra: &str) -> String {
     format!(
-        "{TEST_TOKENS_YAML}credentials:\n  teletracker:\n    type: login\n    login_url: {}\n    refresh_url: {}\n    username: dispatch\n    password: ${{TT_PASSWORD}}\n{extra}routes:\n  - name: tt\n    host: 127.0.0.1\n    path_prefix: /api/\n    credential: teletracker\n",
+        "{TEST_TOKENS_YAML}credentials:\n  teletracker:\n    type: login\n    login_url: {}\n    refresh_url: {}\n    username: dispatch\n    password: ${{TT_PASSWORD}}\n{extra}routes:\n  - name: tt\n    host: {}\n    path_prefix: /api/\n    credential: teletracker\n",
         vendor.login_url(),
-        vendor.refresh_url()
+        vendor.refresh_url(),
+        api.addr
     )
 }
 
 async fn setup_with(options: LoginOptions, extra: &str) -> (Setup, LoginServer) {
     let vendor = login::start(options).await;
     let api: Origin = protected_api(vendor.book.clone(), "authorization", "Bearer", 401).await;
-    let proxy = support::proxy_with_env(&config(&vendor, extra), ENV).await;
+    let proxy = support::proxy_with_env(&config(&vendor, &api, extra), ENV).await;
     let setup = Setup {
         url: format!("{}/api/vehicles", api.url()),
         proxy,
@@ -213,6 +214,9 @@ async fn form_bodies_and_renamed_fields_for_look_alikes() {
     let (s, vendor) = setup_with(options, extra).await;
     // The API expects the configured scheme.
     let api = protected_api(vendor.book.clone(), "authorization", "Token", 401).await;
+    s.proxy
+        .write_config(&support::with_test_listen(&config(&vendor, &api, extra)));
+    s.proxy.state().reload().unwrap();
     let url = format!("{}/api/vehicles", api.url());
     let client = s.proxy.client();
     assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
@@ -236,7 +240,7 @@ async fn wrong_password_and_config_debug_leak_no_secret() {
     let vendor = login::start(LoginOptions::default()).await;
     let api = protected_api(vendor.book.clone(), "authorization", "Bearer", 401).await;
     let env = [("TT_PASSWORD", "wrong-pw-555")];
-    let proxy = support::proxy_with_env(&config(&vendor, ""), &env).await;
+    let proxy = support::proxy_with_env(&config(&vendor, &api, ""), &env).await;
     let res = proxy
         .client()
         .get(format!("{}/api/vehicles", api.url()))

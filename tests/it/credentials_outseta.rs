@@ -13,10 +13,11 @@ use crate::support::{self, server::Origin};
 const LIFETIME: Duration = Duration::from_secs(2);
 
 /// `auth` is the YAML for the login fields (indented by four spaces).
-fn config(vendor: &Outseta, auth: &str) -> String {
+fn config(vendor: &Outseta, api: &Origin, auth: &str) -> String {
     format!(
-        "{TEST_TOKENS_YAML}credentials:\n  outseta_app:\n    type: outseta\n    base_url: {}\n{auth}routes:\n  - name: app\n    host: 127.0.0.1\n    path_prefix: /api/\n    credential: outseta_app\n",
-        vendor.url()
+        "{TEST_TOKENS_YAML}credentials:\n  outseta_app:\n    type: outseta\n    base_url: {}\n{auth}routes:\n  - name: app\n    host: {}\n    path_prefix: /api/\n    credential: outseta_app\n",
+        vendor.url(),
+        api.addr
     )
 }
 
@@ -32,7 +33,7 @@ const ENV: &[(&str, &str)] = &[
 async fn setup_with(options: OutsetaOptions, auth: &str) -> (Setup, Outseta) {
     let vendor = outseta::start(options).await;
     let api: Origin = protected_api(vendor.book.clone(), "authorization", "Bearer", 401).await;
-    let proxy = support::proxy_with_env(&config(&vendor, auth), ENV).await;
+    let proxy = support::proxy_with_env(&config(&vendor, &api, auth), ENV).await;
     let url = format!("{}/api/v1/profile", api.url());
     let setup = Setup {
         proxy,
@@ -281,7 +282,7 @@ async fn wrong_password_gives_the_vendor_message_without_secrets() {
     let vendor = outseta::start(OutsetaOptions::default()).await;
     let api = protected_api(vendor.book.clone(), "authorization", "Bearer", 401).await;
     let env = [("OUTSETA_PASSWORD", "wrong-pw-987")];
-    let proxy = support::proxy_with_env(&config(&vendor, PERSON), &env).await;
+    let proxy = support::proxy_with_env(&config(&vendor, &api, PERSON), &env).await;
     let res = proxy
         .client()
         .get(format!("{}/api/v1/profile", api.url()))
@@ -311,7 +312,7 @@ async fn bad_api_secret_is_refused_with_401_detail() {
         ("OUTSETA_KEY", "key-abc"),
         ("OUTSETA_SECRET", "not-the-secret"),
     ];
-    let proxy = support::proxy_with_env(&config(&vendor, SERVER_SIDE), &env).await;
+    let proxy = support::proxy_with_env(&config(&vendor, &api, SERVER_SIDE), &env).await;
     let res = proxy
         .client()
         .get(format!("{}/api/v1/profile", api.url()))

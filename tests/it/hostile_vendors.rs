@@ -382,6 +382,7 @@ impl CapturedLogs {
     /// Captures the current thread's logs (the test runtime is single-threaded) until the
     /// guard is dropped.
     fn install(&self) -> tracing::subscriber::DefaultGuard {
+        crate::support::route_logs_to_thread_subscribers();
         let writer = self.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::TRACE)

@@ -5,9 +5,11 @@
 
 mod support;
 
+mod access;
 mod admin;
 mod cli;
 mod client_recipes;
+mod confinement;
 mod connect_http;
 mod credentials_login;
 mod credentials_oauth2;

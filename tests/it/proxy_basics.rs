@@ -29,7 +29,7 @@ routes:
 async fn absolute_form_request_gets_the_static_header() {
     let origin = server::echo_origin().await;
     let proxy = support::proxy_with_env(
-        &static_routes(&origin.url(), "127.0.0.1"),
+        &static_routes(&origin.url(), &origin.addr.to_string()),
         &[("KEY", "k1"), ("SECRET", "s1")],
     )
     .await;
@@ -53,7 +53,7 @@ async fn absolute_form_request_gets_the_static_header() {
 async fn mount_form_request_strips_the_prefix_and_gets_the_header() {
     let origin = server::echo_origin().await;
     let proxy = support::proxy_with_env(
-        &static_routes(&origin.url(), "127.0.0.1"),
+        &static_routes(&origin.url(), &origin.addr.to_string()),
         &[("KEY", "k"), ("SECRET", "s")],
     )
     .await;
@@ -90,7 +90,7 @@ async fn mount_form_request_strips_the_prefix_and_gets_the_header() {
 async fn unmatched_traffic_passes_without_credential() {
     let origin = server::echo_origin().await;
     let proxy = support::proxy_with_env(
-        &static_routes(&origin.url(), "127.0.0.1"),
+        &static_routes(&origin.url(), &origin.addr.to_string()),
         &[("KEY", "k"), ("SECRET", "s")],
     )
     .await;
@@ -121,8 +121,8 @@ async fn unmatched_traffic_passes_without_credential() {
 #[tokio::test]
 async fn unmatched_traffic_is_denied_when_configured() {
     let origin = server::echo_origin().await;
-    let yaml =
-        static_routes(&origin.url(), "127.0.0.1").replace("unmatched: pass", "unmatched: deny");
+    let yaml = static_routes(&origin.url(), &origin.addr.to_string())
+        .replace("unmatched: pass", "unmatched: deny");
     let proxy = support::proxy_with_env(&yaml, &[("KEY", "k"), ("SECRET", "s")]).await;
     let res = proxy
         .client()
@@ -172,7 +172,7 @@ async fn host_tricks_never_match_the_route() {
 async fn hop_by_hop_and_proxy_headers_are_stripped() {
     let origin = server::echo_origin().await;
     let proxy = support::proxy_with_env(
-        &static_routes(&origin.url(), "127.0.0.1"),
+        &static_routes(&origin.url(), &origin.addr.to_string()),
         &[("KEY", "k"), ("SECRET", "s")],
     )
     .await;
@@ -207,7 +207,7 @@ async fn hop_by_hop_and_proxy_headers_are_stripped() {
 async fn bad_requests_get_400() {
     let origin = server::echo_origin().await;
     let proxy = support::proxy_with_env(
-        &static_routes(&origin.url(), "127.0.0.1"),
+        &static_routes(&origin.url(), &origin.addr.to_string()),
         &[("KEY", "k"), ("SECRET", "s")],
     )
     .await;

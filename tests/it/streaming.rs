@@ -102,7 +102,8 @@ async fn a_64_mib_upload_and_download_stream_with_flat_memory() {
         &config,
         format!(
             "listen: 127.0.0.1:{port}\ncredentials:\n  c:\n    type: static\n    value: \"Token big\"\n\
-             routes:\n  - name: big\n    host: 127.0.0.1\n    credential: c\n"
+             routes:\n  - name: big\n    host: {}\n    credential: c\n",
+            origin.addr
         ),
     )
     .unwrap();

@@ -128,3 +128,40 @@ pub fn with_test_listen(yaml: &str) -> String {
 pub mod lifecycle;
 pub mod vendor;
 pub mod vendors;
+
+/// Makes every log callsite ask the current thread's subscriber each time, so that a test
+/// capturing logs with `tracing::subscriber::set_default` sees every line. Without a global
+/// subscriber, a callsite first reached on another test thread while no subscriber exists
+/// anywhere can be cached as "never interested", and its lines are then lost to the capture.
+pub fn route_logs_to_thread_subscribers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(AskEachTime);
+    });
+}
+
+/// A global subscriber that records nothing and keeps every callsite's interest open.
+struct AskEachTime;
+
+impl tracing::Subscriber for AskEachTime {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}

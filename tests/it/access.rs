@@ -1,0 +1,440 @@
+//! Who may use the proxy: client addresses (`clients.allow_from`), named users with
+//! `Proxy-Authorization: Basic` in every mode, per-route `clients`, unmatched destinations,
+//! and the admin listener's Host check and connection cap.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::support::{self, server};
+
+const CREDENTIAL: &str = "Bearer route-secret-51";
+
+/// Connects to `to` from the loopback address `from` (Linux routes all of 127.0.0.0/8 to lo).
+async fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Writes `request` and reads until the peer closes or a full response arrives; "" when the
+/// connection was closed (or reset) without a byte.
+async fn send_on(mut s: TcpStream, request: &str) -> String {
+    let _ = s.write_all(request.as_bytes()).await;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("answer or close within 10 s");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        let text = String::from_utf8_lossy(&buf);
+        if text.contains("\r\n\r\n") && (text.contains("}\n") || text.ends_with("ok")) {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Proxy-Authorization: Basic {}\r\n",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn clients_outside_allow_from_are_refused_before_a_request_is_read() {
+    let origin = server::echo_origin().await;
+    let yaml = format!(
+        "clients:\n  allow_from: [127.0.0.1/32]\ncredentials:\n  c:\n    type: static\n    value: \"{CREDENTIAL}\"\nroutes:\n  - name: r\n    host: \"{}\"\n    credential: c\n",
+        origin.addr
+    );
+    let proxy = support::proxy(&yaml).await;
+    let request = format!(
+        "GET http://{0}/x HTTP/1.1\r\nHost: {0}\r\nConnection: close\r\n\r\n",
+        origin.addr
+    );
+
+    let refused = send_on(connect_from("127.0.0.2", proxy.addr).await, &request).await;
+    assert_eq!(refused, "", "nothing is answered to 127.0.0.2");
+    assert_eq!(origin.count(), 0);
+    let metrics = proxy.state().metrics.encode();
+    assert_eq!(
+        metric(&metrics, "authrelay_refused_client_connections_total"),
+        1.0,
+        "{metrics}"
+    );
+
+    let served = send_on(connect_from("127.0.0.1", proxy.addr).await, &request).await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    assert_eq!(origin.last().header("authorization"), CREDENTIAL);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn users_must_authenticate_in_forward_connect_and_mount_mode() {
+    let origin = server::echo_origin().await;
+    let tunnel_end = server::echo_origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("ops.pw");
+    std::fs::write(&password_file, "ops-pw-2\n").unwrap();
+    let yaml = format!(
+        r#"connect:
+  allowed_ports: [{tunnel_port}]
+clients:
+  users:
+    app:
+      password: ${{APP_PW}}
+    ops:
+      password_file: {password_file}
+credentials:
+  c:
+    type: static
+    value: "{CREDENTIAL}"
+routes:
+  - name: fwd
+    host: "{origin}"
+    credential: c
+  - name: mnt
+    mount: /m
+    upstream: http://{origin}
+    credential: c
+"#,
+        tunnel_port = tunnel_end.addr.port(),
+        password_file = password_file.display(),
+        origin = origin.addr,
+    );
+    let proxy = support::proxy_with_env(&yaml, &[("APP_PW", "app-pw-1")]).await;
+    let forward = |auth: &str| {
+        format!(
+            "GET http://{0}/x HTTP/1.1\r\nHost: {0}\r\n{auth}Connection: close\r\n\r\n",
+            origin.addr
+        )
+    };
+    let mount =
+        |auth: &str| format!("GET /m/x HTTP/1.1\r\nHost: p\r\n{auth}Connection: close\r\n\r\n");
+    let tunnel = |auth: &str| {
+        format!(
+            "CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n{auth}\r\n",
+            tunnel_end.addr
+        )
+    };
+    for (mode, build) in [
+        ("forward", &forward as &dyn Fn(&str) -> String),
+        ("mount", &mount),
+        ("CONNECT", &tunnel),
+    ] {
+        for auth in [
+            String::new(),
+            basic("app", "wrong"),
+            basic("nobody", "app-pw-1"),
+            basic("ops", "app-pw-1"),
+            "Proxy-Authorization: Bearer app-pw-1\r\n".to_string(),
+        ] {
+            let res = crate::raw::send(proxy.addr, &build(&auth)).await;
+            assert!(res.starts_with("HTTP/1.1 407"), "{mode} {auth}: {res}");
+            assert!(
+                res.to_ascii_lowercase()
+                    .contains("proxy-authenticate: basic realm=\"authrelay\""),
+                "{mode}: {res}"
+            );
+            assert!(res.contains("proxy_auth_required"), "{mode}: {res}");
+            assert!(!res.contains("app-pw-1"), "{mode}: {res}");
+        }
+    }
+    assert_eq!(origin.count(), 0, "no refused request reached the upstream");
+
+    for (user, password) in [("app", "app-pw-1"), ("ops", "ops-pw-2")] {
+        for request in [
+            forward(&basic(user, password)),
+            mount(&basic(user, password)),
+        ] {
+            let res = crate::raw::send(proxy.addr, &request).await;
+            assert!(res.starts_with("HTTP/1.1 200"), "{user}: {res}");
+            let seen = origin.last();
+            assert_eq!(seen.header("authorization"), CREDENTIAL);
+            assert!(
+                !seen.headers.contains_key("proxy-authorization"),
+                "Proxy-Authorization reached the upstream"
+            );
+        }
+    }
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(tunnel(&basic("app", "app-pw-1")).as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_route_serves_only_the_clients_it_names() {
+    let origin = server::echo_origin().await;
+    let yaml = format!(
+        r#"clients:
+  users:
+    billing:
+      password: b-pw
+    reports:
+      password: r-pw
+credentials:
+  c:
+    type: static
+    value: "{CREDENTIAL}"
+routes:
+  - name: billing-only
+    host: "{0}"
+    path_prefix: /invoices/
+    credential: c
+    clients: [billing]
+  - name: mount-billing
+    mount: /billing
+    upstream: http://{0}
+    credential: c
+    clients: [billing]
+"#,
+        origin.addr
+    );
+    let proxy = support::proxy(&yaml).await;
+    let requests = |auth: String| {
+        [
+            format!(
+                "GET http://{0}/invoices/1 HTTP/1.1\r\nHost: {0}\r\n{auth}\r\n",
+                origin.addr
+            ),
+            format!("GET /billing/invoices/1 HTTP/1.1\r\nHost: p\r\n{auth}\r\n"),
+        ]
+    };
+    for request in requests(basic("reports", "r-pw")) {
+        let res = crate::raw::send(proxy.addr, &request).await;
+        assert!(res.starts_with("HTTP/1.1 403"), "{res}");
+        assert!(res.contains("client_not_allowed"), "{res}");
+    }
+    assert_eq!(origin.count(), 0, "the upstream was not contacted");
+    for request in requests(basic("billing", "b-pw")) {
+        let res = crate::raw::send(proxy.addr, &request).await;
+        assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+        assert_eq!(origin.last().header("authorization"), CREDENTIAL);
+    }
+    assert_eq!(origin.count(), 2);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn unmatched_deny_ranges_are_never_reached() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let internal = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let yaml = format!(
+        "unmatched_deny: [127.0.0.2/32, 10.0.0.0/8]\nconnect:\n  allowed_ports: [{}]\n",
+        internal.port()
+    );
+    let proxy = support::proxy(&yaml).await;
+    for request in [
+        format!("GET http://{internal}/ HTTP/1.1\r\nHost: {internal}\r\n\r\n"),
+        format!("CONNECT {internal} HTTP/1.1\r\nHost: {internal}\r\n\r\n"),
+    ] {
+        let res = crate::raw::send(proxy.addr, &request).await;
+        assert!(res.starts_with("HTTP/1.1 403"), "{res}");
+        assert!(res.contains("destination_denied"), "{res}");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn admin_answers_only_its_own_host_names_and_caps_connections() {
+    let proxy = support::proxy("admin: 127.0.0.1:0\nadmin_hosts: [authrelay.internal]\n").await;
+    let admin = proxy.running.as_ref().unwrap().admin_addr.unwrap();
+    let get =
+        |host: &str| format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    for refused in [
+        "attacker.example",
+        "attacker.example:80",
+        "localhost.attacker.example",
+    ] {
+        let res = crate::raw::send(admin, &get(refused)).await;
+        assert!(res.starts_with("HTTP/1.1 403"), "{refused}: {res}");
+    }
+    for allowed in [
+        admin.to_string(),
+        format!("localhost:{}", admin.port()),
+        "[::1]".to_string(),
+        "authrelay.internal".to_string(),
+        "AuthRelay.Internal:9901".to_string(),
+    ] {
+        let res = crate::raw::send(admin, &get(&allowed)).await;
+        assert!(res.starts_with("HTTP/1.1 200"), "{allowed}: {res}");
+    }
+
+    // Connections beyond the cap are closed unanswered; a freed slot serves again.
+    let cap = authrelay::admin::MAX_CONNECTIONS;
+    let mut held = Vec::new();
+    for _ in 0..cap {
+        held.push(TcpStream::connect(admin).await.unwrap());
+    }
+    // The held connections are counted once the admin task has accepted them all.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let over = loop {
+        let res = send_on(TcpStream::connect(admin).await.unwrap(), &get("localhost")).await;
+        if res.is_empty() || tokio::time::Instant::now() > deadline {
+            break res;
+        }
+    };
+    assert_eq!(over, "", "a connection over the cap is closed");
+    held.pop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let again = loop {
+        let res = send_on(TcpStream::connect(admin).await.unwrap(), &get("localhost")).await;
+        if !res.is_empty() || tokio::time::Instant::now() > deadline {
+            break res;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+    proxy.stop().await;
+}
+
+#[test]
+fn access_settings_are_validated_with_every_problem_listed() {
+    let yaml = r#"
+clients:
+  allow_from: [10.0.0.0/33, "::1"]
+  users:
+    app:
+      password: ""
+    "a:b":
+      password: x
+unmatched_deny: [not-a-range]
+credentials:
+  c:
+    type: static
+    value: v
+routes:
+  - name: r
+    host: api.example.com
+    credential: c
+    clients: [nobody]
+  - name: clear
+    host: api.example.com
+    upstream: http://api.example.com
+    credential: c
+  - name: clear-allowed
+    host: api.example.com
+    upstream: http://api.example.com
+    credential: c
+    allow_cleartext: true
+  - name: loopback
+    host: api.example.com
+    upstream: http://127.0.0.1:9000
+    credential: c
+"#;
+    let env = std::collections::HashMap::<String, String>::new();
+    let err = authrelay::Config::from_yaml(yaml, Path::new("routes.yaml"), &env)
+        .unwrap_err()
+        .to_string();
+    for expected in [
+        "clients.allow_from: `10.0.0.0/33`",
+        "clients.users.app.password: must not be empty",
+        "`a:b`",
+        "unmatched_deny: `not-a-range`",
+        "routes[0] (r).clients: `nobody` is not defined under `clients.users`",
+        "routes[1] (clear).upstream: `http://api.example.com` would send the credential in clear",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    assert!(!err.contains("clear-allowed"), "{err}");
+    assert!(!err.contains("(loopback)"), "{err}");
+}
+
+/// Log output captured in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_access_log_names_the_client_never_its_password() {
+    support::route_logs_to_thread_subscribers();
+    let logs = Captured::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    // The test runtime runs every task on this thread, so they all log here.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let origin = server::echo_origin().await;
+    let yaml = format!(
+        "clients:\n  users:\n    billing:\n      password: pw-never-logged-9\ncredentials:\n  c:\n    type: static\n    value: \"{CREDENTIAL}\"\nroutes:\n  - name: r\n    host: \"{}\"\n    credential: c\n",
+        origin.addr
+    );
+    let proxy = support::proxy(&yaml).await;
+    let ok = format!(
+        "GET http://{0}/x HTTP/1.1\r\nHost: {0}\r\n{1}\r\n",
+        origin.addr,
+        basic("billing", "pw-never-logged-9")
+    );
+    assert!(crate::raw::send(proxy.addr, &ok)
+        .await
+        .starts_with("HTTP/1.1 200"));
+    let refused = format!(
+        "GET http://{0}/x HTTP/1.1\r\nHost: {0}\r\n{1}\r\n",
+        origin.addr,
+        basic("billing", "wrong-pw-also-secret")
+    );
+    assert!(crate::raw::send(proxy.addr, &refused)
+        .await
+        .starts_with("HTTP/1.1 407"));
+    proxy.stop().await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let access = text
+        .lines()
+        .find(|l| l.contains("route=\"r\"") || l.contains("route=r"))
+        .unwrap_or_else(|| panic!("no access line in:\n{text}"));
+    assert!(
+        access.contains("user=\"billing\"") || access.contains("user=billing"),
+        "{access}"
+    );
+    assert!(access.contains("client=127.0.0.1"), "{access}");
+    assert!(text.contains("proxy authentication failed"), "{text}");
+    for secret in [
+        "pw-never-logged-9",
+        "wrong-pw-also-secret",
+        "route-secret-51",
+    ] {
+        assert!(!text.contains(secret), "{secret} logged:\n{text}");
+    }
+}
