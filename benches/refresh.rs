@@ -22,8 +22,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use authrelay::config::{CredentialConfig, TokenSettings};
 use authrelay::credentials::{CredentialError, FetchFuture, Token, TokenSource};
 use authrelay::metrics::Metrics;
-use authrelay::secret::Secret;
 use authrelay::token_store::CredentialSlot;
+use authrelay::vocab::secret::Secret;
 use authrelay::Config;
 
 /// Lifetime of the one fast token: refresh becomes due after half of it (5 s) and the token

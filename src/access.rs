@@ -17,7 +17,7 @@ use base64::Engine;
 use http::header::{HeaderMap, PROXY_AUTHORIZATION};
 use ipnet::IpNet;
 
-use crate::secret::Secret;
+use crate::vocab::secret::Secret;
 
 /// The `Proxy-Authenticate` challenge sent with every 407.
 pub const PROXY_AUTHENTICATE_CHALLENGE: &str = "Basic realm=\"authrelay\"";

@@ -354,7 +354,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, mut shutdown: watch
                     continue;
                 }
             },
-            _ = crate::shutdown_requested(&mut shutdown) => break,
+            _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => break,
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             tracing::warn!(
@@ -379,7 +379,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, mut shutdown: watch
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = crate::shutdown_requested(&mut shutdown) => {
+                _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }

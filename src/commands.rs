@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 use http::HeaderName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::secret::Secret;
 use crate::state::State;
+use crate::vocab::secret::Secret;
 
 /// The result of obtaining one credential's token once.
 #[derive(Debug)]

@@ -18,14 +18,13 @@ pub mod expiry;
 pub mod intercept;
 pub mod metrics;
 pub mod proxy;
-pub mod redact;
 pub mod reload;
 pub mod routes;
-pub mod secret;
 pub mod state;
 pub mod telemetry;
 pub mod token_store;
 pub mod upstream;
+pub mod vocab;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -137,10 +136,4 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError>
     let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
     Ok((listener, local))
-}
-
-/// Resolves once `signal` turns true (or its sender is gone). Used by every task that must
-/// stop on shutdown.
-pub async fn shutdown_requested(signal: &mut watch::Receiver<bool>) {
-    let _ = signal.wait_for(|stop| *stop).await;
 }

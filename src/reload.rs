@@ -83,7 +83,7 @@ pub fn spawn(state: Arc<State>, mut shutdown: watch::Receiver<bool>) -> ReloadHa
                         tracing::info!("SIGHUP: reloading config");
                         let _ = tx.send(());
                     }
-                    _ = crate::shutdown_requested(&mut hup_shutdown) => break,
+                    _ = crate::vocab::shutdown::shutdown_requested(&mut hup_shutdown) => break,
                 }
             }
         });
@@ -103,7 +103,7 @@ pub fn spawn(state: Arc<State>, mut shutdown: watch::Receiver<bool>) -> ReloadHa
                         watch_files(w, &relevant, &path, &state.snapshot().config.files);
                     }
                 }
-                _ = crate::shutdown_requested(&mut shutdown) => break,
+                _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => break,
             }
         }
     });

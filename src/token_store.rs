@@ -801,7 +801,7 @@ mod tests {
     #[test]
     fn absurd_expiries_do_not_panic() {
         let token = Token {
-            value: crate::secret::Secret::new("Bearer x"),
+            value: crate::vocab::secret::Secret::new("Bearer x"),
             expires_at: SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(u64::MAX / 4)),
             refresh: None,
         };

@@ -3,7 +3,6 @@
 
 pub mod raw;
 pub mod validate;
-pub mod values;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,14 +12,14 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 use ipnet::IpNet;
 
+pub use crate::vocab::validate_ctx::ValidateCtx;
+pub use crate::vocab::values::{self as values, Environment, ProcessEnv};
 pub use raw::{OnUnauthorized, Unmatched};
-pub use validate::ValidateCtx;
-pub use values::{Environment, ProcessEnv};
 
 use crate::access::ClientPolicy;
 use crate::credentials::CredentialKind;
-use crate::routes::{HostPattern, UpstreamTarget};
-use crate::secret::Secret;
+use crate::vocab::hosts::{HostPattern, UpstreamTarget};
+use crate::vocab::secret::Secret;
 
 /// Why a config file was refused. Each variant's message names the file; parse errors carry
 /// the line and column that serde_yaml reports.
@@ -155,7 +154,7 @@ pub struct CredentialConfig {
     pub kind: CredentialKind,
     /// The `${VAR}` values used in its secret fields, each hidden on its own in vendor answers
     /// (the whole resolved secrets are hidden by the source itself).
-    pub secret_parts: Vec<crate::secret::Secret>,
+    pub secret_parts: Vec<crate::vocab::secret::Secret>,
 }
 
 /// One validated route.

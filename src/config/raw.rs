@@ -4,8 +4,8 @@
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-use super::values::{ByteSize, ConfigDuration};
 use crate::credentials;
+use crate::vocab::values::{ByteSize, ConfigDuration};
 
 /// The top level of `routes.yaml`.
 #[derive(Debug, Deserialize)]

@@ -3,20 +3,20 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use http::{HeaderName, Method};
+use http::Method;
 
 use super::raw::{RawClients, RawConfig, RawCredential, RawRoute};
-use super::values::{interpolate, interpolate_with_values, read_secret_file, Environment};
 use super::{
     Config, ConnectSettings, CredentialConfig, InterceptCaSettings, RefreshOn, RetrySettings,
     RouteConfig, Timeouts, TlsSettings, TokenSettings,
 };
 use crate::access::{ClientPolicy, User};
-use crate::routes::{HostPattern, UpstreamTarget};
-use crate::secret::Secret;
+use crate::vocab::hosts::{HostPattern, UpstreamTarget};
+use crate::vocab::validate_ctx::ValidateCtx;
+use crate::vocab::values::Environment;
 
 /// Default proxy listener.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
@@ -30,193 +30,6 @@ pub const RESERVED_ROUTE_NAME: &str = "unmatched";
 /// tenth or `refresh_before` exceeds 5 s.
 fn contradictory_timing(tokens: &TokenSettings) -> bool {
     tokens.refresh_at_fraction >= 0.9 && tokens.refresh_before <= Duration::from_secs(5)
-}
-
-/// What a credential's validation needs: the environment for `${VAR}`, the config file's
-/// folder for relative `*_file` paths, and a list to record problems in.
-pub struct ValidateCtx<'a> {
-    env: &'a dyn Environment,
-    base_dir: PathBuf,
-    problems: Vec<String>,
-    scope: String,
-    /// Every file read for the config (secrets, keys, CAs): watched for rotation.
-    files: Vec<PathBuf>,
-    /// The `${VAR}` values used in secret fields of the credential being validated.
-    secret_parts: Vec<Secret>,
-}
-
-impl<'a> ValidateCtx<'a> {
-    /// A context that resolves variables from `env` and files relative to `base_dir`.
-    pub fn new(env: &'a dyn Environment, base_dir: PathBuf) -> Self {
-        Self {
-            env,
-            base_dir,
-            problems: Vec::new(),
-            scope: String::new(),
-            files: Vec::new(),
-            secret_parts: Vec::new(),
-        }
-    }
-
-    /// Sets the prefix (`credentials.NAME`, `routes[3] (NAME)`) that problems are reported under.
-    pub fn scope(&mut self, scope: impl Into<String>) {
-        self.scope = scope.into();
-    }
-
-    /// Records a problem with `field` of the current scope.
-    pub fn problem(&mut self, field: &str, message: impl std::fmt::Display) {
-        let where_ = match (self.scope.is_empty(), field.is_empty()) {
-            (true, _) => field.to_string(),
-            (false, true) => self.scope.clone(),
-            (false, false) => format!("{}.{field}", self.scope),
-        };
-        self.problems.push(format!("{where_}: {message}"));
-    }
-
-    /// The problems found so far.
-    pub fn into_problems(self) -> Vec<String> {
-        self.problems
-    }
-
-    /// Resolves `${VAR}` in a plain (non-secret) value.
-    pub fn text(&mut self, field: &str, raw: &str) -> Option<String> {
-        match interpolate(raw, self.env) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.problem(field, e);
-                None
-            }
-        }
-    }
-
-    /// Resolves a required plain value.
-    pub fn required_text(&mut self, field: &str, raw: Option<&str>) -> Option<String> {
-        match raw {
-            Some(r) => self.text(field, r),
-            None => {
-                self.problem(field, "is required");
-                None
-            }
-        }
-    }
-
-    /// Resolves a secret given either inline (`field`, with `${VAR}`) or as a file
-    /// (`field_file`). Exactly one may be set; `None` with no problem when neither is.
-    pub fn optional_secret(
-        &mut self,
-        field: &str,
-        inline: Option<&str>,
-        file: Option<&str>,
-    ) -> Option<Secret> {
-        match (inline, file) {
-            (Some(_), Some(_)) => {
-                self.problem(
-                    field,
-                    format!("set either `{field}` or `{field}_file`, not both"),
-                );
-                None
-            }
-            (Some(raw), None) => match interpolate_with_values(raw, self.env) {
-                Ok((value, parts)) => {
-                    self.secret_parts.extend(parts.into_iter().map(Secret::new));
-                    Some(Secret::new(value))
-                }
-                Err(e) => {
-                    self.problem(field, e);
-                    None
-                }
-            },
-            (None, Some(path)) => {
-                let path = self.text(&format!("{field}_file"), path)?;
-                self.files.push(self.base_dir.join(&path));
-                match read_secret_file(&self.base_dir, &path) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        self.problem(&format!("{field}_file"), e);
-                        None
-                    }
-                }
-            }
-            (None, None) => None,
-        }
-    }
-
-    /// Like [`Self::optional_secret`] but one of the two forms must be present.
-    pub fn required_secret(
-        &mut self,
-        field: &str,
-        inline: Option<&str>,
-        file: Option<&str>,
-    ) -> Option<Secret> {
-        if inline.is_none() && file.is_none() {
-            self.problem(
-                field,
-                format!("is required (inline with ${{VAR}} or as `{field}_file`)"),
-            );
-            return None;
-        }
-        self.optional_secret(field, inline, file)
-    }
-
-    /// An absolute http(s) URL.
-    pub fn url(&mut self, field: &str, raw: &str) -> Option<reqwest::Url> {
-        let text = self.text(field, raw)?;
-        match reqwest::Url::parse(&text) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
-            Ok(_) => {
-                self.problem(
-                    field,
-                    format!("`{text}` must be an http:// or https:// URL"),
-                );
-                None
-            }
-            Err(e) => {
-                self.problem(field, format!("`{text}` is not a valid URL: {e}"));
-                None
-            }
-        }
-    }
-
-    /// A header name (default `Authorization`).
-    pub fn header_name(&mut self, field: &str, raw: Option<&str>) -> Option<HeaderName> {
-        let raw = raw.unwrap_or("Authorization");
-        match HeaderName::from_bytes(raw.as_bytes()) {
-            Ok(h) if is_hop_by_hop_name(&h) => {
-                self.problem(
-                    field,
-                    format!("`{raw}` is a hop-by-hop header and cannot carry a credential"),
-                );
-                None
-            }
-            Ok(h) => Some(h),
-            Err(_) => {
-                self.problem(field, format!("`{raw}` is not a valid header name"));
-                None
-            }
-        }
-    }
-
-    /// A path to a file that must exist, relative to the config file's folder.
-    pub fn existing_file(&mut self, field: &str, raw: &str) -> Option<PathBuf> {
-        let text = self.text(field, raw)?;
-        let path = self.base_dir.join(text);
-        self.files.push(path.clone());
-        if path.is_file() {
-            Some(path)
-        } else {
-            self.problem(field, format!("file {} does not exist", path.display()));
-            None
-        }
-    }
-
-    /// The config file's folder.
-    pub fn base_dir(&self) -> &Path {
-        &self.base_dir
-    }
-}
-
-fn is_hop_by_hop_name(h: &HeaderName) -> bool {
-    crate::proxy::headers::is_hop_by_hop(h)
 }
 
 fn validate_credential(
@@ -234,7 +47,7 @@ fn validate_credential(
             "credential names may use letters, digits, `_`, `-` and `.` only",
         );
     }
-    ctx.secret_parts.clear();
+    ctx.take_secret_parts();
     let v = match raw {
         RawCredential::Static(spec) => spec.validate(ctx),
         RawCredential::OAuth2(spec) => spec.validate(ctx),
@@ -248,7 +61,7 @@ fn validate_credential(
         header: v.header,
         prefetch: v.prefetch,
         kind: v.kind,
-        secret_parts: std::mem::take(&mut ctx.secret_parts),
+        secret_parts: ctx.take_secret_parts(),
     })
 }
 
@@ -499,7 +312,7 @@ fn socket_addr(ctx: &mut ValidateCtx<'_>, field: &str, raw: &str) -> Option<Sock
     }
 }
 
-fn dur(v: Option<super::values::ConfigDuration>, default: Duration) -> Duration {
+fn dur(v: Option<crate::vocab::values::ConfigDuration>, default: Duration) -> Duration {
     v.map(|d| d.0).unwrap_or(default)
 }
 
@@ -653,7 +466,7 @@ pub fn validate(
         }
     }
     ctx.scope("");
-    let mut files = std::mem::take(&mut ctx.files);
+    let mut files = ctx.take_files();
     files.sort();
     files.dedup();
     let problems = ctx.into_problems();

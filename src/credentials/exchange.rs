@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use super::CredentialError;
-use crate::redact::Redactor;
+use crate::vocab::redact::Redactor;
 
 /// A token endpoint's successful answer.
 pub struct EndpointAnswer {
@@ -60,7 +60,7 @@ pub async fn send(
 ) -> Result<EndpointAnswer, CredentialError> {
     receive(request, redactor)
         .await
-        .map_err(|e| redactor.scrub(e))
+        .map_err(|e| e.redacted(redactor))
 }
 
 async fn receive(
@@ -180,7 +180,7 @@ fn describe_transport(e: reqwest::Error) -> String {
 /// The vendor's error message from an answer body, fit to show: JSON fields `Message`,
 /// `ErrorMessage`, `error_description`, `message`, `error`, JSON:API `errors[0].detail|title`,
 /// or an excerpt of a plain-text body — redacted (with any token or secret the answer itself
-/// carries) and cut to [`crate::redact::DETAIL_MAX_CHARS`]. The one place a vendor's words
+/// carries) and cut to [`crate::vocab::redact::DETAIL_MAX_CHARS`]. The one place a vendor's words
 /// become an error detail.
 pub fn vendor_detail(body: &[u8], redactor: &Redactor) -> String {
     match serde_json::from_slice::<Value>(body) {

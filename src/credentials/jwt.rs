@@ -16,8 +16,8 @@ use super::{
     common_fields, CredentialError, CredentialKind, FetchFuture, Token, TokenFormat, TokenSource,
     ValidatedCredential,
 };
-use crate::config::values::ConfigDuration;
-use crate::config::ValidateCtx;
+use crate::vocab::validate_ctx::ValidateCtx;
+use crate::vocab::values::ConfigDuration;
 
 /// Claims authrelay sets itself; `claims:` may not override them.
 const RESERVED_CLAIMS: [&str; 4] = ["iat", "exp", "iss", "jti"];

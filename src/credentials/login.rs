@@ -18,10 +18,10 @@ use super::{
     common_fields, CredentialError, CredentialKind, FetchFuture, RefreshGrant, Token, TokenFormat,
     TokenSource, ValidatedCredential,
 };
-use crate::config::ValidateCtx;
 use crate::expiry::{self, Stated};
-use crate::redact::Redactor;
-use crate::secret::Secret;
+use crate::vocab::redact::Redactor;
+use crate::vocab::secret::Secret;
+use crate::vocab::validate_ctx::ValidateCtx;
 
 /// The config section as written. `Debug` hides the password.
 #[derive(Deserialize)]
@@ -326,7 +326,8 @@ impl LoginSource {
     }
 
     async fn obtain(&self, previous: Option<&Token>) -> Result<Token, CredentialError> {
-        let redactor = self.redactor.with_token(previous);
+        let redactor =
+            previous.map_or_else(|| self.redactor.clone(), |t| t.redactor(&self.redactor));
         let grant = previous
             .and_then(|t| t.refresh.as_ref())
             .filter(|g| g.usable_at(SystemTime::now()) && !self.was_refused(g));

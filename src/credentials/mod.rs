@@ -18,9 +18,9 @@ use std::time::SystemTime;
 
 use http::HeaderName;
 
-use crate::config::ValidateCtx;
-use crate::redact::Redactor;
-use crate::secret::Secret;
+use crate::vocab::redact::Redactor;
+use crate::vocab::secret::Secret;
+use crate::vocab::validate_ctx::ValidateCtx;
 
 /// A freshly obtained credential.
 #[derive(Debug, Clone)]
@@ -31,6 +31,18 @@ pub struct Token {
     pub expires_at: Option<SystemTime>,
     /// A grant that can get the next token without the primary secret (refresh tokens).
     pub refresh: Option<RefreshGrant>,
+}
+
+impl Token {
+    /// `base` plus this token's header value, the bare token after its scheme, and its
+    /// refresh grant: the tokens a source holds while it fetches the next one.
+    pub fn redactor(&self, base: &Redactor) -> Redactor {
+        let token = self;
+        let value = token.value.expose();
+        let bare = value.split_once(' ').map(|(_, t)| t);
+        let refresh = token.refresh.as_ref().map(|g| g.token.expose());
+        base.with([Some(value), bare, refresh].into_iter().flatten())
+    }
 }
 
 /// A refresh token and its own expiry.
@@ -77,6 +89,28 @@ pub enum CredentialError {
 }
 
 impl CredentialError {
+    /// The same error with every text in it passed through [`Redactor::detail`].
+    pub fn redacted(self, redactor: &Redactor) -> Self {
+        match self {
+            CredentialError::Unreachable(m) => CredentialError::Unreachable(redactor.detail(&m)),
+            CredentialError::Rejected { status, detail } => CredentialError::Rejected {
+                status,
+                detail: redactor.detail(&detail),
+            },
+            CredentialError::Refused {
+                status,
+                vendor_error,
+                detail,
+            } => CredentialError::Refused {
+                status,
+                vendor_error,
+                detail: redactor.detail(&detail),
+            },
+            CredentialError::BadResponse(m) => CredentialError::BadResponse(redactor.detail(&m)),
+            CredentialError::Other(m) => CredentialError::Other(redactor.detail(&m)),
+        }
+    }
+
     /// Whether the endpoint refused the grant that was presented (a refresh token, a cached
     /// access token) rather than being in trouble: the caller should fall back to the
     /// primary secret instead of backing off. `success: false` answers come as `Rejected`
@@ -234,7 +268,7 @@ impl TokenSource for Guard {
         Box::pin(async move {
             let mut task = task;
             match (&mut task.0).await {
-                Ok(result) => result.map_err(|e| self.redactor.scrub(e)),
+                Ok(result) => result.map_err(|e| e.redacted(&self.redactor)),
                 Err(_) => Err(CredentialError::Other(
                     "the token fetch failed unexpectedly (internal error)".into(),
                 )),
@@ -344,5 +378,22 @@ mod panic_guard_tests {
             let e = guarded.fetch(None).await.unwrap_err();
             assert!(matches!(e, CredentialError::Other(_)), "{e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_errors_hide_tokens_from_answers() {
+        let doc = serde_json::json!({"data": {"accessToken": "at-secret-1"}});
+        let r = Redactor::default().with_answer_secrets(&doc);
+        let e = CredentialError::Rejected {
+            status: 400,
+            detail: "at-secret-1".into(),
+        }
+        .redacted(&r);
+        assert!(!e.to_string().contains("at-secret-1"), "{e}");
     }
 }

@@ -14,11 +14,11 @@ use super::{
     common_fields, CredentialError, CredentialKind, FetchFuture, RefreshGrant, Token, TokenFormat,
     TokenSource, ValidatedCredential,
 };
-use crate::config::values::ConfigDuration;
-use crate::config::ValidateCtx;
 use crate::expiry::{self, Stated};
-use crate::redact::{form_urlencode, Redactor};
-use crate::secret::Secret;
+use crate::vocab::redact::{form_urlencode, Redactor};
+use crate::vocab::secret::Secret;
+use crate::vocab::validate_ctx::ValidateCtx;
+use crate::vocab::values::ConfigDuration;
 
 /// An access token kept for the next JWT exchange must stay valid at least this much longer,
 /// so that it does not expire between being chosen and reaching the JWT endpoint.
@@ -294,7 +294,8 @@ impl OAuth2Source {
 
     async fn fetch_token(&self, previous: Option<&Token>) -> Result<Token, CredentialError> {
         let s = &self.settings;
-        let redactor = self.redactor.with_token(previous);
+        let redactor =
+            previous.map_or_else(|| self.redactor.clone(), |t| t.redactor(&self.redactor));
         let Some(x) = &s.jwt_exchange else {
             let (access_token, expires_at) = self.client_credentials(&redactor).await?;
             return Ok(Token {

@@ -13,9 +13,9 @@ use super::{
     common_fields, CredentialError, CredentialKind, FetchFuture, Token, TokenFormat, TokenSource,
     ValidatedCredential,
 };
-use crate::config::ValidateCtx;
 use crate::expiry::{self, Stated};
-use crate::redact::Redactor;
+use crate::vocab::redact::Redactor;
+use crate::vocab::validate_ctx::ValidateCtx;
 
 /// The vendor's API.
 pub const DEFAULT_BASE_URL: &str = "https://api.outreach.io";

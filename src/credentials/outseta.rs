@@ -21,10 +21,10 @@ use super::{
     common_fields, CredentialError, CredentialKind, FetchFuture, Token, TokenFormat, TokenSource,
     ValidatedCredential,
 };
-use crate::config::ValidateCtx;
 use crate::expiry::{self, Stated};
-use crate::redact::Redactor;
-use crate::secret::Secret;
+use crate::vocab::redact::Redactor;
+use crate::vocab::secret::Secret;
+use crate::vocab::validate_ctx::ValidateCtx;
 
 /// Page size asked of the subscriptions list (the server may answer with fewer).
 const SUBSCRIPTIONS_PAGE: usize = 100;

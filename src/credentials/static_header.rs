@@ -4,8 +4,8 @@
 use serde::Deserialize;
 
 use super::{CredentialKind, FetchFuture, Token, TokenSource, ValidatedCredential};
-use crate::config::ValidateCtx;
-use crate::secret::Secret;
+use crate::vocab::secret::Secret;
+use crate::vocab::validate_ctx::ValidateCtx;
 
 /// The config section as written.
 #[derive(Debug, Deserialize)]

@@ -3,22 +3,7 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
-/// Headers that describe one connection, not the message.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-];
-
-/// Whether `name` is hop-by-hop (including `Transfer-Encoding`, which hyper manages).
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(name)
-}
+pub use crate::vocab::hop_by_hop::{is_hop_by_hop, HOP_BY_HOP};
 
 /// Removes hop-by-hop headers and every header listed in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {

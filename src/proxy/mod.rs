@@ -272,7 +272,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = crate::shutdown_requested(&mut shutdown) => break,
+            _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => break,
         };
         if !state.snapshot().config.clients.admits(peer.ip()) {
             // Closed before a byte is read: a client outside `clients.allow_from` learns
@@ -315,7 +315,7 @@ pub async fn serve(
                         tracing::debug!(error = %e, "client connection ended with an error");
                     }
                 }
-                _ = crate::shutdown_requested(&mut shutdown) => {
+                _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use authrelay::credentials::{CredentialError, FetchFuture, Token, TokenSource};
-use authrelay::secret::Secret;
+use authrelay::vocab::secret::Secret;
 use authrelay::{Config, Running, StartOptions};
 
 use crate::support::lifecycle::TEST_TOKENS_YAML;

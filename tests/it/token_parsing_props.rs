@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use authrelay::credentials::exchange::{self, EndpointAnswer};
 use authrelay::expiry::{self, Stated, MAX_LIFETIME};
-use authrelay::redact::{Redactor, DETAIL_MAX_CHARS};
+use authrelay::vocab::redact::{Redactor, DETAIL_MAX_CHARS};
 use base64::Engine;
 use proptest::prelude::*;
 

@@ -5,7 +5,7 @@ use serde::{Deserialize, Deserializer};
 use std::fmt;
 use std::path::Path;
 
-use crate::secret::Secret;
+use super::secret::Secret;
 
 /// A duration written as `500ms`, `30s`, `5m`, `1h` (or a bare number of seconds).
 #[derive(Clone, Copy, PartialEq, Eq)]

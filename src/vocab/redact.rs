@@ -8,8 +8,6 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::credentials::{CredentialError, Token};
-
 /// What replaces a secret.
 pub const MASK: &str = "***";
 
@@ -59,18 +57,6 @@ impl Redactor {
         }
     }
 
-    /// This redactor plus a token's header value, the bare token after its scheme, and its
-    /// refresh grant: the tokens a source holds while it fetches the next one.
-    pub fn with_token(&self, token: Option<&Token>) -> Self {
-        let Some(token) = token else {
-            return self.clone();
-        };
-        let value = token.value.expose();
-        let bare = value.split_once(' ').map(|(_, t)| t);
-        let refresh = token.refresh.as_ref().map(|g| g.token.expose());
-        self.with([Some(value), bare, refresh].into_iter().flatten())
-    }
-
     /// This redactor plus every string in `doc` under a key that names a token or secret
     /// (`access_token`, `refreshToken`, `jwt`, `client_secret`, …): a vendor answer that
     /// carries a token beside an error message must not show it through the message.
@@ -102,28 +88,6 @@ impl Redactor {
             .collect();
         clean.truncate(clean.trim_end().len());
         clean
-    }
-
-    /// The same error with every text in it passed through [`Self::detail`].
-    pub fn scrub(&self, error: CredentialError) -> CredentialError {
-        match error {
-            CredentialError::Unreachable(m) => CredentialError::Unreachable(self.detail(&m)),
-            CredentialError::Rejected { status, detail } => CredentialError::Rejected {
-                status,
-                detail: self.detail(&detail),
-            },
-            CredentialError::Refused {
-                status,
-                vendor_error,
-                detail,
-            } => CredentialError::Refused {
-                status,
-                vendor_error,
-                detail: self.detail(&detail),
-            },
-            CredentialError::BadResponse(m) => CredentialError::BadResponse(self.detail(&m)),
-            CredentialError::Other(m) => CredentialError::Other(self.detail(&m)),
-        }
     }
 }
 
@@ -210,10 +174,5 @@ mod tests {
         let doc = serde_json::json!({"data": {"accessToken": "at-secret-1"}, "message": "x"});
         let r = Redactor::default().with_answer_secrets(&doc);
         assert_eq!(r.redact("bad at-secret-1"), "bad ***");
-        let e = r.scrub(CredentialError::Rejected {
-            status: 400,
-            detail: "at-secret-1".into(),
-        });
-        assert!(!e.to_string().contains("at-secret-1"), "{e}");
     }
 }
