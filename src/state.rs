@@ -301,7 +301,7 @@ fn build_snapshot(
             CredentialSlot::new(
                 cred.clone(),
                 config.tokens.clone(),
-                build_credential_source(cred, deps),
+                build_credential_source(&cred.kind, &cred.secret_parts, deps),
                 Arc::clone(metrics),
             )
         });

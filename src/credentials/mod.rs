@@ -221,12 +221,13 @@ pub fn build_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSo
 /// Like [`build_source`] for a whole credential: its errors also hide each `${VAR}` value used
 /// in its secret fields.
 pub fn build_credential_source(
-    credential: &crate::config::CredentialConfig,
+    kind: &CredentialKind,
+    secret_parts: &[Secret],
     deps: &SourceDeps,
 ) -> Arc<dyn TokenSource> {
     Arc::new(Guard {
-        inner: unguarded_source(&credential.kind, deps),
-        redactor: Redactor::new(credential.secret_parts.iter().map(Secret::expose)),
+        inner: unguarded_source(kind, deps),
+        redactor: Redactor::new(secret_parts.iter().map(Secret::expose)),
     })
 }
 
