@@ -65,10 +65,11 @@ fn interception(
 /// Runs one tunnel after the 200: decrypted and proxied request by request, or spliced.
 async fn tunnel(
     state: Arc<State>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     authority: Authority,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) {
+    let shutdown = request.extensions_mut().remove::<super::ShutdownSignal>();
     let upgraded = match hyper::upgrade::on(request).await {
         Ok(u) => TokioIo::new(u),
         Err(e) => {
@@ -79,7 +80,7 @@ async fn tunnel(
     let tunnels = state.metrics.tunnels.clone();
     tunnels.inc();
     match tls {
-        Some(tls) => intercepted::serve(state, upgraded, authority, tls).await,
+        Some(tls) => intercepted::serve(state, upgraded, authority, tls, shutdown).await,
         None => {
             let idle = state.snapshot().config.connect.idle_timeout;
             plain(upgraded, &authority, idle).await;

@@ -46,9 +46,9 @@ pub async fn forward(
         .as_ref()
         .is_some_and(|r| r.refreshes_on_unauthorized());
     let mut body = if may_retry {
-        replay::prepare(body, &parts.headers, config.retry.max_body_bytes).await?
+        replay::prepare(body, &parts.headers, config, upstream.replay_budget()).await?
     } else {
-        PreparedBody::Streaming(replay::streaming(body))
+        PreparedBody::Streaming(replay::streaming(body, config))
     };
     let keep_headers = may_retry && body.replayable();
     let headers = if keep_headers {

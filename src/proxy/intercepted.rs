@@ -2,36 +2,33 @@
 //! tunnel's host (ALPN h2 or http/1.1), then handle each request exactly like a forward-proxy
 //! request for `https://host:port` — route match, injection, refresh-and-retry, TLS upstream.
 //! A tunnel with no request in flight for `timeouts.client_idle` is closed (HTTP/2: GOAWAY),
-//! as the plain listener closes idle keep-alive connections.
+//! as the plain listener closes idle keep-alive connections; on shutdown its requests in
+//! flight finish first.
 
 use std::convert::Infallible;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
 use http::uri::Authority;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
-use super::target;
+use super::{target, Activity, ShutdownSignal};
 use crate::state::State;
-use crate::upstream::{BoxError, ProxyBody};
+use crate::upstream::ProxyBody;
 
-/// Serves the decrypted tunnel until the client closes it.
+/// Serves the decrypted tunnel until the client closes it, it is idle too long, or shutdown
+/// (then after its requests in flight).
 pub async fn serve(
     state: Arc<State>,
     client: TokioIo<Upgraded>,
     authority: Authority,
     tls: Arc<rustls::ServerConfig>,
+    shutdown: Option<ShutdownSignal>,
 ) {
     let stream = match tokio_rustls::TlsAcceptor::from(tls).accept(client).await {
         Ok(s) => s,
@@ -48,16 +45,11 @@ pub async fn serve(
     let service = service_fn(move |request| {
         let state = Arc::clone(&state);
         let authority = Arc::clone(&authority);
+        let activity = Arc::clone(&requests);
         let in_flight = requests.begin();
         async move {
             let response = handle(&state, &authority, request).await;
-            Ok::<_, Infallible>(response.map(|body| {
-                InFlightBody {
-                    body,
-                    _in_flight: in_flight,
-                }
-                .boxed()
-            }))
+            Ok::<_, Infallible>(activity.track_response(in_flight, response))
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -69,9 +61,18 @@ pub async fn serve(
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let mut check = tokio::time::interval((client_idle / 4).max(Duration::from_millis(10)));
+    let mut shutdown = shutdown.map(|s| s.0);
     let ended = loop {
         tokio::select! {
             ended = connection.as_mut() => break ended,
+            _ = async { match &mut shutdown {
+                Some(signal) => crate::shutdown_requested(signal).await,
+                None => std::future::pending().await,
+            } } => {
+                tracing::debug!(host = %host.host(), "shutdown: closing an intercepted connection once its requests are done");
+                connection.as_mut().graceful_shutdown();
+                break connection.as_mut().await;
+            },
             _ = check.tick() => if activity.idle_for() >= client_idle {
                 tracing::debug!(host = %host.host(), "closing an idle intercepted connection");
                 connection.as_mut().graceful_shutdown();
@@ -92,78 +93,4 @@ async fn handle(
     let snapshot = state.snapshot();
     let target = target::tunnel_target(&snapshot, request.method(), request.uri(), authority);
     super::dispatch(state, &snapshot, target, request).await
-}
-
-/// Requests in flight on one connection (from the request head until its response body has
-/// been sent or dropped), and since when there has been none.
-struct Activity {
-    in_flight: AtomicUsize,
-    idle_since: Mutex<Instant>,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            in_flight: AtomicUsize::new(0),
-            idle_since: Mutex::new(Instant::now()),
-        }
-    }
-
-    fn begin(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(Arc::clone(self))
-    }
-
-    /// How long the connection has had no request in flight (zero while one is).
-    fn idle_for(&self) -> Duration {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return Duration::ZERO;
-        }
-        self.idle_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .elapsed()
-    }
-}
-
-/// One request in flight; dropping it ends the request.
-struct InFlight(Arc<Activity>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let mut idle_since = self
-            .0
-            .idle_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *idle_since = Instant::now();
-        }
-    }
-}
-
-/// A response body that keeps its request counted as in flight until it is done with.
-struct InFlightBody {
-    body: ProxyBody,
-    _in_flight: InFlight,
-}
-
-impl Body for InFlightBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
 }

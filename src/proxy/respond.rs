@@ -37,6 +37,10 @@ pub enum ProxyError {
     /// The upstream did not answer in time (504).
     #[error("upstream did not answer within {0}")]
     UpstreamTimeout(String),
+    /// The client's request body sent nothing for `timeouts.client_body` (408; the
+    /// connection is closed, as the rest of the body can no longer be framed).
+    #[error("the request body sent nothing for {}", humantime::format_duration(*.0))]
+    ClientBodyTimeout(std::time::Duration),
 }
 
 impl From<UpstreamError> for ProxyError {
@@ -46,6 +50,7 @@ impl From<UpstreamError> for ProxyError {
                 ProxyError::UpstreamTimeout(humantime::format_duration(d).to_string())
             }
             UpstreamError::Failed(detail) => ProxyError::Upstream(detail),
+            UpstreamError::ClientBodyStalled(idle) => ProxyError::ClientBodyTimeout(idle),
         }
     }
 }
@@ -61,6 +66,7 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -75,6 +81,7 @@ impl ProxyError {
             ProxyError::Credential(_) => "credential_unavailable",
             ProxyError::Upstream(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::ClientBodyTimeout(_) => "client_body_timeout",
         }
     }
 
@@ -99,6 +106,11 @@ impl ProxyError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if status == StatusCode::REQUEST_TIMEOUT {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

@@ -2,6 +2,7 @@
 //! connections driven by the request itself (`plain`), https by rustls with webpki roots plus
 //! an optional private CA, and HTTP/2 when an https upstream offers it.
 
+pub mod idle;
 pub mod plain;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use self::plain::PlainPool;
 use crate::config::{Timeouts, TlsSettings};
+use crate::proxy::replay::ReplayBudget;
 
 /// Errors boxed for bodies that mix sources.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -35,6 +37,22 @@ pub enum UpstreamError {
     /// Connect, TLS or protocol failure; the text is safe to show (no URL query).
     #[error("{0}")]
     Failed(String),
+    /// The client's request body, streamed upstream, sent nothing for this long.
+    #[error("the request body sent nothing for {0:?}")]
+    ClientBodyStalled(Duration),
+}
+
+impl UpstreamError {
+    /// The error for a failed exchange: a stalled client body is the client's fault (408),
+    /// anything else the upstream's.
+    fn from_exchange(e: &(dyn std::error::Error + 'static)) -> Self {
+        match idle::Stalled::find(e) {
+            Some(stalled) if stalled.side == idle::Side::Client => {
+                UpstreamError::ClientBodyStalled(stalled.idle)
+            }
+            _ => UpstreamError::Failed(describe(e)),
+        }
+    }
 }
 
 /// Builds the rustls client config shared by upstream requests and token endpoints (ALPN is
@@ -81,6 +99,7 @@ pub fn install_crypto_provider() {
 pub struct UpstreamClient {
     plain: PlainPool,
     tls: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    replay_budget: Arc<ReplayBudget>,
 }
 
 impl UpstreamClient {
@@ -106,7 +125,14 @@ impl UpstreamClient {
         Self {
             plain: PlainPool::new(timeouts.connect, timeouts.pool_idle),
             tls,
+            replay_budget: Arc::default(),
         }
+    }
+
+    /// The bytes held for replay by all requests together (`retry.max_buffered_total`). It
+    /// lives here because this client is the one object every forwarded request shares.
+    pub fn replay_budget(&self) -> &Arc<ReplayBudget> {
+        &self.replay_budget
     }
 
     /// Sends `request` (absolute URI) and waits for the response head at most `timeout`.
@@ -121,7 +147,7 @@ impl UpstreamClient {
             }
             match self.tls.request(request).await {
                 Ok(response) => Ok(response.map(|body| body.map_err(BoxError::from).boxed())),
-                Err(e) => Err(UpstreamError::Failed(describe(&e))),
+                Err(e) => Err(UpstreamError::from_exchange(&e)),
             }
         };
         tokio::time::timeout(timeout, exchange)
