@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use super::respond::ProxyError;
 use crate::config::Config;
 use crate::upstream::idle::{IdleTimeout, Side, Stalled};
-use crate::upstream::{BoxError, ProxyBody};
+use crate::upstream::{BoxError, ClientBodyError, ProxyBody};
 
 /// A request body ready to send.
 pub enum PreparedBody {
@@ -135,7 +135,8 @@ pub fn streaming(body: Incoming, config: &Config) -> ProxyBody {
 }
 
 fn guarded(body: Incoming, idle: Duration) -> ProxyBody {
-    IdleTimeout::wrap(body.map_err(BoxError::from).boxed(), Side::Client, idle)
+    let body = body.map_err(|e| BoxError::from(ClientBodyError(e)));
+    IdleTimeout::wrap(body.boxed(), Side::Client, idle)
 }
 
 /// Reads the body into memory if it fits in `retry.max_body_bytes` and in what is left of
@@ -165,7 +166,7 @@ pub async fn prepare(
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| match Stalled::find(&*e) {
             Some(stalled) => ProxyError::ClientBodyTimeout(stalled.idle),
-            None => ProxyError::BadRequest(format!("request body could not be read: {e}")),
+            None => ProxyError::BadRequest(e.to_string()),
         })?;
         match frame.into_data() {
             Ok(data) => {

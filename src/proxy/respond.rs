@@ -51,6 +51,7 @@ impl From<UpstreamError> for ProxyError {
             }
             UpstreamError::Failed(detail) => ProxyError::Upstream(detail),
             UpstreamError::ClientBodyStalled(idle) => ProxyError::ClientBodyTimeout(idle),
+            UpstreamError::ClientBody(detail) => ProxyError::BadRequest(detail),
         }
     }
 }

@@ -39,14 +39,7 @@ pub struct Stalled {
 impl Stalled {
     /// The `Stalled` error among `error` and its causes, if there is one.
     pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a Stalled> {
-        let mut current = Some(error);
-        while let Some(e) = current {
-            if let Some(stalled) = e.downcast_ref::<Stalled>() {
-                return Some(stalled);
-            }
-            current = e.source();
-        }
-        None
+        super::find(error)
     }
 }
 

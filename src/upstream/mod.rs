@@ -40,7 +40,17 @@ pub enum UpstreamError {
     /// The client's request body, streamed upstream, sent nothing for this long.
     #[error("the request body sent nothing for {0:?}")]
     ClientBodyStalled(Duration),
+    /// The client's request body, streamed upstream, could not be read (bad chunk framing,
+    /// the client went away).
+    #[error("{0}")]
+    ClientBody(String),
 }
+
+/// A client's request body could not be read while it was being sent: the client's fault,
+/// not the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("request body could not be read: {0}")]
+pub struct ClientBodyError(#[source] pub hyper::Error);
 
 impl UpstreamError {
     /// The error for a failed exchange: a stalled client body is the client's fault (408),
@@ -50,7 +60,10 @@ impl UpstreamError {
             Some(stalled) if stalled.side == idle::Side::Client => {
                 UpstreamError::ClientBodyStalled(stalled.idle)
             }
-            _ => UpstreamError::Failed(describe(e)),
+            _ => match find::<ClientBodyError>(e) {
+                Some(client) => UpstreamError::ClientBody(client.to_string()),
+                None => UpstreamError::Failed(describe(e)),
+            },
         }
     }
 }
@@ -159,6 +172,20 @@ impl UpstreamClient {
     pub fn idle_plain_connections(&self) -> usize {
         self.plain.idle_connections()
     }
+}
+
+/// The error of type `T` among `e` and its causes.
+fn find<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(e);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
 }
 
 /// The error and its causes on one line; certificate problems read as such.

@@ -11,6 +11,7 @@ mod credentials_login;
 mod credentials_oauth2;
 mod credentials_outreach;
 mod credentials_outseta;
+mod hostile;
 mod https;
 mod proxy_basics;
 mod raw;
