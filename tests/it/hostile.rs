@@ -564,3 +564,62 @@ async fn the_replay_budget_is_shared_and_given_back() {
     );
     assert_eq!(budget.used(), 0);
 }
+
+/// SIGTERM-style shutdown waits for a CONNECT tunnel too: a response still on its way
+/// through the tunnel arrives before shutdown completes, and shutdown completes once the
+/// client closes the tunnel.
+#[tokio::test]
+async fn shutdown_waits_for_requests_inside_a_tunnel() {
+    let origin = server::serve(|_seen| async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server::respond(200, "slow")
+    })
+    .await;
+    let port = origin.addr.port();
+    let mut proxy = support::proxy(&format!(
+        "connect:\n  allowed_ports: [{port}]\ntimeouts:\n  drain: 10s\n"
+    ))
+    .await;
+    let mut tunnel = TcpStream::connect(proxy.addr).await.unwrap();
+    tunnel
+        .write_all(
+            format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let established = read_head(&mut tunnel).await;
+    assert!(established.starts_with("HTTP/1.1 200"), "{established}");
+    tunnel
+        .write_all(
+            format!("GET /slow HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let arrived = tokio::time::timeout(BOUND, async {
+        while origin.count() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(arrived.is_ok(), "the request went through the tunnel");
+
+    let running = proxy.running.take().unwrap();
+    let stopping = tokio::spawn(running.shutdown());
+    let mut answer = Vec::new();
+    tokio::time::timeout(BOUND, tunnel.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&answer).ends_with("slow"));
+    assert!(
+        !stopping.is_finished(),
+        "shutdown did not complete while the tunnel was open"
+    );
+    drop(tunnel);
+    tokio::time::timeout(BOUND, stopping)
+        .await
+        .expect("shutdown completes once the tunnel is closed")
+        .unwrap();
+}
