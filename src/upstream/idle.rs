@@ -47,7 +47,8 @@ impl Stalled {
 pub struct IdleTimeout {
     inner: ProxyBody,
     stalled: Stalled,
-    deadline: Pin<Box<Sleep>>,
+    /// Made on the first wait, so that a body whose frames are always ready costs no timer.
+    deadline: Option<Pin<Box<Sleep>>>,
     waiting: bool,
     failed: bool,
 }
@@ -62,7 +63,7 @@ impl IdleTimeout {
         IdleTimeout {
             inner,
             stalled: Stalled { side, idle },
-            deadline: Box::pin(tokio::time::sleep(idle)),
+            deadline: None,
             waiting: false,
             failed: false,
         }
@@ -82,29 +83,22 @@ impl Body for IdleTimeout {
         if this.failed {
             return Poll::Ready(None);
         }
-        if !this.waiting {
-            this.waiting = true;
-            let at = Instant::now() + this.stalled.idle;
-            this.deadline.as_mut().reset(at);
-        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.waiting = false;
                 Poll::Ready(frame)
             }
-            Poll::Pending => match this.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    this.failed = true;
-                    if this.stalled.side == Side::Upstream {
-                        tracing::warn!(idle = ?this.stalled.idle, "the upstream stopped sending its response body; closing the client connection");
-                    }
-                    Poll::Ready(Some(Err(Box::new(Stalled {
-                        side: this.stalled.side,
-                        idle: this.stalled.idle,
-                    }))))
+            Poll::Pending => {
+                let idle = this.stalled.idle;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if !this.waiting {
+                    this.waiting = true;
+                    deadline.as_mut().reset(Instant::now() + idle);
                 }
-                Poll::Pending => Poll::Pending,
-            },
+                this.poll_deadline(cx)
+            }
         }
     }
 
@@ -114,5 +108,30 @@ impl Body for IdleTimeout {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl IdleTimeout {
+    /// Pending until the deadline passes, then the [`Stalled`] error.
+    fn poll_deadline(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(deadline) = self.deadline.as_mut() else {
+            return Poll::Pending;
+        };
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.failed = true;
+                if self.stalled.side == Side::Upstream {
+                    tracing::warn!(idle = ?self.stalled.idle, "the upstream stopped sending its response body; closing the client connection");
+                }
+                Poll::Ready(Some(Err(Box::new(Stalled {
+                    side: self.stalled.side,
+                    idle: self.stalled.idle,
+                }))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }

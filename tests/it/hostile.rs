@@ -623,3 +623,89 @@ async fn shutdown_waits_for_requests_inside_a_tunnel() {
         .expect("shutdown completes once the tunnel is closed")
         .unwrap();
 }
+
+/// Shutdown drains an intercepted tunnel: its request in flight finishes with its answer,
+/// then the proxy itself closes the HTTP/2 connection (GOAWAY) and shutdown completes —
+/// without waiting for the client to go away.
+#[tokio::test]
+async fn shutdown_drains_requests_inside_an_intercepted_tunnel() {
+    use crate::support::tls::{https_origin, TestCa};
+    let upstream_ca = TestCa::new();
+    let origin = https_origin(&upstream_ca, &["127.0.0.1"], &["h2", "http/1.1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = authrelay::intercept::init_ca(&dir.path().join("ca"), false).unwrap();
+    let yaml = format!(
+        "timeouts:\n  drain: 10s\ntls:\n  ca_file: {}\nintercept_ca:\n  cert_file: {}\n  key_file: {}\n\
+         credentials:\n  key:\n    type: static\n    value: \"Bearer intercepted\"\n\
+         routes:\n  - name: api\n    host: api.test\n    upstream: {}\n    credential: key\n    intercept: true\n",
+        upstream_ca.write(dir.path(), "upstream-ca.pem").display(),
+        ca.cert.display(),
+        ca.key.display(),
+        origin.url()
+    );
+    let mut proxy = support::proxy(&yaml).await;
+
+    let mut tunnel = TcpStream::connect(proxy.addr).await.unwrap();
+    tunnel
+        .write_all(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_head(&mut tunnel).await.starts_with("HTTP/1.1 200"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut std::fs::read(&ca.cert).unwrap().as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("api.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tunnel)
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let closed = tokio::spawn(connection);
+
+    let request = http::Request::get("https://api.test/slow/2000")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    // A second handle keeps the client side of the connection open: only the proxy may end it.
+    let _keep_open = sender.clone();
+    let in_flight = tokio::spawn(async move {
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        (status, body)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = tokio::spawn(proxy.running.take().unwrap().shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !stopping.is_finished(),
+        "shutdown waits for the request in the intercepted tunnel"
+    );
+    let (status, body) = tokio::time::timeout(BOUND, in_flight)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"secure ok"[..]));
+    assert_eq!(origin.last().headers["authorization"], "Bearer intercepted");
+    assert!(
+        tokio::time::timeout(BOUND, closed).await.is_ok(),
+        "the proxy closed the drained HTTP/2 connection"
+    );
+    assert!(tokio::time::timeout(BOUND, stopping).await.is_ok());
+}
