@@ -523,3 +523,48 @@ pub async fn serve(
         tracing::warn!(drain = ?drain, "requests still in flight after the drain timeout; closing");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_event_is_logged_once_a_second_with_the_count_left_out() {
+        let mut throttle = Throttle::new();
+        assert_eq!(throttle.ready(), Some(0));
+        assert_eq!(throttle.ready(), None);
+        assert_eq!(throttle.ready(), None);
+        throttle.last = Instant::now().checked_sub(Duration::from_secs(2));
+        assert_eq!(throttle.ready(), Some(2));
+        assert_eq!(throttle.ready(), None);
+    }
+
+    #[test]
+    fn the_connection_idle_the_longest_is_evicted_never_a_busy_one() {
+        let tracker = Arc::new(ConnectionTracker::default());
+        let (_busy_guard, busy) = tracker.track();
+        let _request = busy.begin();
+        assert!(
+            !tracker.evict_idle(),
+            "a connection with a request in flight stays"
+        );
+        let (_old_guard, old) = tracker.track();
+        *old.idle_since.lock().unwrap() -= Duration::from_secs(5);
+        let (_new_guard, new) = tracker.track();
+        assert_eq!(tracker.open(), 3);
+        assert!(tracker.evict_idle());
+        let evicted = |a: &Activity| {
+            let mut notified = std::pin::pin!(a.evict.notified());
+            std::future::Future::poll(
+                notified.as_mut(),
+                &mut Context::from_waker(std::task::Waker::noop()),
+            )
+            .is_ready()
+        };
+        assert!(evicted(&old), "the one idle the longest");
+        assert!(!evicted(&new));
+        assert!(tracker.evict_idle(), "then the next idle one");
+        assert!(evicted(&new));
+        assert!(!tracker.evict_idle());
+    }
+}

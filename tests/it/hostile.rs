@@ -709,3 +709,27 @@ async fn shutdown_drains_requests_inside_an_intercepted_tunnel() {
     );
     assert!(tokio::time::timeout(BOUND, stopping).await.is_ok());
 }
+
+/// The new limits have their documented defaults, and values that would disable them are
+/// config errors.
+#[test]
+fn limits_have_defaults_and_zero_is_refused() {
+    let env: std::collections::HashMap<String, String> = Default::default();
+    let path = std::path::Path::new("limits.yaml");
+    let config = authrelay::Config::from_yaml("listen: 127.0.0.1:0\n", path, &env).unwrap();
+    assert_eq!(config.timeouts.client_body, Duration::from_secs(30));
+    assert_eq!(config.timeouts.upstream_body_idle, Duration::from_secs(60));
+    assert_eq!(config.retry.max_buffered_total, 64 << 20);
+    assert_eq!(config.max_connections, None);
+    let bad = "listen: 127.0.0.1:0\nmax_connections: 0\ntimeouts:\n  client_body: 0s\n  upstream_body_idle: 0s\n";
+    let error = authrelay::Config::from_yaml(bad, path, &env)
+        .unwrap_err()
+        .to_string();
+    for key in [
+        "max_connections",
+        "timeouts.client_body",
+        "timeouts.upstream_body_idle",
+    ] {
+        assert!(error.contains(key), "{key} named in: {error}");
+    }
+}

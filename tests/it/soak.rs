@@ -246,34 +246,55 @@ fn soak_config(token_server: &Origin, api: std::net::SocketAddr, extra_route: bo
 
 async fn soak(load_for: Duration) {
     let book = TokenBook::new();
-    let token_server =
-        vendor::start(Arc::clone(&book), OAuth2Vendor::new("soak", "soak-secret")).await;
+    // Hour-long tokens: every new token comes from a revocation being cured. (With short
+    // tokens, a proactive refresh just before a revocation leaves requests in flight with the
+    // older token; their 401 is answered with the newer one, revoked as well — a replay that
+    // fails, as documented: the proxy drops only the token a request carried.)
+    let mut settings = OAuth2Vendor::new("soak", "soak-secret");
+    settings.access_lifetime = Duration::from_secs(3600);
+    let token_server = vendor::start(Arc::clone(&book), settings).await;
     let mut api = RestartableApi::start(Arc::clone(&book)).await;
     let dir = tempfile::tempdir().unwrap();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin = format!("admin: 127.0.0.1:{admin_port}\n");
     let yaml = soak_config(&token_server, api.origin_addr, false);
-    let proxy = Binary::start(dir.path(), &yaml, "").await;
+    let proxy = Binary::start(dir.path(), &format!("{admin}{yaml}"), "").await;
     let config_path = dir.path().join("routes.yaml");
-    let listen = format!("listen: 127.0.0.1:{}\n", proxy.port);
+    let listen = format!("listen: 127.0.0.1:{}\n{admin}", proxy.port);
 
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let failures: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     let url = format!("http://{}/soak", api.origin_addr);
     let workers: Vec<_> = (0..8)
         .map(|w| {
             let (client, url) = (proxy.client(), url.clone());
             let (stop, sent, failed) = (Arc::clone(&stop), Arc::clone(&sent), Arc::clone(&failed));
+            let failures = Arc::clone(&failures);
             tokio::spawn(async move {
                 let mut n = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     n += 1;
                     let body = format!("worker {w} request {n}");
-                    let ok = match client.post(&url).body(body.clone()).send().await {
-                        Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t == body),
-                        _ => false,
+                    let outcome = match client.post(&url).body(body.clone()).send().await {
+                        Ok(r) => {
+                            let status = r.status();
+                            match r.text().await {
+                                Ok(t) if status == 200 && t == body => Ok(()),
+                                Ok(t) => Err(format!("{status}: {t}")),
+                                Err(e) => Err(format!("{status}, body: {e}")),
+                            }
+                        }
+                        Err(e) => Err(format!("{e:?}")),
                     };
                     sent.fetch_add(1, Ordering::SeqCst);
-                    if !ok {
+                    if let Err(why) = outcome {
                         failed.fetch_add(1, Ordering::SeqCst);
+                        failures.lock().unwrap().push(why);
                     }
                 }
             })
@@ -290,14 +311,14 @@ async fn soak(load_for: Duration) {
         step += 1;
         match step % 4 {
             0 => book.revoke_all(),
-            1 => std::fs::write(
-                &config_path,
-                format!(
-                    "{listen}{}",
-                    soak_config(&token_server, api.origin_addr, step % 8 == 1)
-                ),
-            )
-            .unwrap(),
+            1 => {
+                // Written aside and renamed into place, as deployment tools do: a reader
+                // never sees half a file.
+                let staged = dir.path().join("routes.yaml.new");
+                let yaml = soak_config(&token_server, api.origin_addr, step % 8 == 1);
+                std::fs::write(&staged, format!("{listen}{yaml}")).unwrap();
+                std::fs::rename(&staged, &config_path).unwrap();
+            }
             2 => api.restart(),
             _ => {}
         }
@@ -317,8 +338,26 @@ async fn soak(load_for: Duration) {
     assert_eq!(
         failed,
         0,
-        "{failed} of {sent} client requests failed\n{}",
+        "{failed} of {sent} client requests failed: {:?}\n{}",
+        failures.lock().unwrap(),
         proxy.log_text()
+    );
+    let metrics = crate::support::direct_client()
+        .get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let reloads: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("authrelay_config_reloads_total") && l.contains("success"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        reloads >= 1.0,
+        "the config was reloaded under load:\n{metrics}"
     );
     assert!(
         token_calls > 1 && api_rejections > 0,
