@@ -45,11 +45,10 @@ pub async fn serve(
     let service = service_fn(move |request| {
         let state = Arc::clone(&state);
         let authority = Arc::clone(&authority);
-        let activity = Arc::clone(&requests);
         let in_flight = requests.begin();
         async move {
             let response = handle(&state, &authority, request).await;
-            Ok::<_, Infallible>(activity.track_response(in_flight, response))
+            Ok::<_, Infallible>(in_flight.until_sent(response))
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -246,21 +246,6 @@ impl Activity {
             .unwrap_or_else(PoisonError::into_inner)
             .elapsed()
     }
-
-    /// The response with its body counted as in flight until it has been sent or dropped.
-    pub fn track_response(
-        self: &Arc<Self>,
-        in_flight: InFlight,
-        response: Response<ProxyBody>,
-    ) -> Response<ProxyBody> {
-        response.map(|body| {
-            InFlightBody {
-                body,
-                _in_flight: in_flight,
-            }
-            .boxed()
-        })
-    }
 }
 
 impl Default for Activity {
@@ -271,6 +256,20 @@ impl Default for Activity {
 
 /// One request in flight; dropping it ends the request.
 pub struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    /// The response, with its request counted as in flight until its body has been sent or
+    /// dropped.
+    pub fn until_sent(self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+        response.map(|body| {
+            InFlightBody {
+                body,
+                _in_flight: self,
+            }
+            .boxed()
+        })
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -475,15 +474,14 @@ pub async fn serve(
             // memory per idle keep-alive connection.
             let service = service_fn(move |mut req: Request<Incoming>| {
                 let state = Arc::clone(&service_state);
-                let activity = Arc::clone(&service_activity);
-                let in_flight = activity.begin();
+                let in_flight = service_activity.begin();
                 if req.method() == Method::CONNECT {
                     req.extensions_mut()
                         .insert(ShutdownSignal(service_shutdown.clone()));
                 }
                 let answer: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
                     let response = handle(state, req).await;
-                    Ok::<_, Infallible>(activity.track_response(in_flight, response))
+                    Ok::<_, Infallible>(in_flight.until_sent(response))
                 });
                 answer
             });
