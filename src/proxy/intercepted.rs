@@ -55,6 +55,7 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
+        .max_buf_size(super::CONNECTION_BUFFER)
         .header_read_timeout(client_idle);
     builder.http2().timer(TokioTimer::new());
     let connection = builder.serve_connection(TokioIo::new(stream), service);

@@ -391,6 +391,11 @@ impl Throttle {
     }
 }
 
+/// Most bytes hyper buffers per client connection (and so the longest request head: 431
+/// beyond it). hyper's default, about 400 KiB, would let every streaming upload hold that
+/// much; nginx allows 32 KiB of headers by default.
+pub const CONNECTION_BUFFER: usize = 64 * 1024;
+
 /// Longest pause after failed accepts (out of descriptors); doubles from 10 ms up to it.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -487,6 +492,7 @@ pub async fn serve(
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
+                .max_buf_size(CONNECTION_BUFFER)
                 .header_read_timeout(client_idle)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)

@@ -162,7 +162,9 @@ pub async fn prepare(
     if declared.is_some_and(|len| len > limit || !reserved.grow_to(len, cap)) {
         return Ok(PreparedBody::Streaming(body));
     }
-    let mut buffer = BytesMut::new();
+    // Sized once from the declared length (already within the budget): growing by doubling
+    // would briefly hold up to twice the body.
+    let mut buffer = BytesMut::with_capacity(declared.map_or(0, |len| len as usize));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| match Stalled::find(&*e) {
             Some(stalled) => ProxyError::ClientBodyTimeout(stalled.idle),

@@ -266,6 +266,7 @@ impl PoolInner {
         let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         let (sender, driver) = http1::Builder::new()
+            .max_buf_size(crate::proxy::CONNECTION_BUFFER)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::Failed(describe(&e)))?;

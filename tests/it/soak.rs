@@ -385,3 +385,64 @@ async fn soak_for_minutes() {
         .unwrap_or(180);
     soak(Duration::from_secs(secs)).await;
 }
+
+/// 100 clients each send all but one byte of a 1 MiB body to a route that keeps bodies for
+/// replay, and stop. The replay budget bounds what the proxy holds (the rest stream), and
+/// `timeouts.client_body` answers every one of them 408.
+#[tokio::test]
+async fn stalled_uploads_are_bounded_by_the_replay_budget_and_answered_408() {
+    const CLIENTS: usize = 100;
+    const BODY: usize = 1 << 20;
+    let book = TokenBook::new();
+    let token_server = vendor::start(
+        Arc::clone(&book),
+        OAuth2Vendor::new("stall", "stall-secret"),
+    )
+    .await;
+    let api = server::echo_origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "timeouts:\n  client_body: 1s\nretry:\n  max_body_bytes: 1MiB\n  max_buffered_total: 16MiB\n\
+         credentials:\n  cred:\n    type: oauth2_client_credentials\n    token_url: {}/v1/oauth/access_token\n    client_id: stall\n    client_secret: stall-secret\n\
+         routes:\n  - name: api\n    host: \"{}\"\n    credential: cred\n",
+        token_server.url(),
+        api.addr
+    );
+    let proxy = Binary::start(dir.path(), &yaml, "").await;
+    let baseline = proxy.rss_kib();
+    let part = vec![b'x'; BODY - 1];
+    let uploads = (0..CLIENTS).map(|_| {
+        let part = part.clone();
+        let (port, api) = (proxy.port, api.addr);
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let head = format!(
+                "POST http://{api}/upload HTTP/1.1\r\nHost: {api}\r\nContent-Length: {BODY}\r\n\r\n"
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            let _ = s.write_all(&part).await;
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(BOUND, s.read_to_end(&mut answer)).await;
+            String::from_utf8_lossy(&answer).into_owned()
+        })
+    });
+    let mut answered_408 = 0;
+    for upload in uploads.collect::<Vec<_>>() {
+        if upload.await.unwrap().starts_with("HTTP/1.1 408") {
+            answered_408 += 1;
+        }
+    }
+    let peak_kib = proxy
+        .proc_file("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap();
+    println!("stalled uploads: {answered_408} of {CLIENTS} answered 408; RSS {baseline} KiB at start, peak {peak_kib} KiB");
+    assert_eq!(answered_408, CLIENTS, "every stalled upload gets 408");
+    assert!(
+        peak_kib < baseline + 56 * 1024,
+        "{CLIENTS} stalled 1 MiB uploads under a 16 MiB budget: peak RSS {peak_kib} KiB (start {baseline} KiB)"
+    );
+}
