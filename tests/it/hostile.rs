@@ -210,8 +210,11 @@ async fn hostile_upstreams_get_their_expected_answer_and_the_proxy_keeps_serving
                     Err(_) => Expect::Cut,
                     Ok(response) => {
                         let status = response.status().as_u16();
-                        match response.bytes().await {
-                            Ok(_) => Expect::Status(status),
+                        match response.text().await {
+                            Ok(text) => {
+                                assert!(!leaks_a_secret(&text), "`{}` answer: {text}", case.name);
+                                Expect::Status(status)
+                            }
                             Err(_) => Expect::Cut,
                         }
                     }
@@ -247,6 +250,13 @@ impl UpstreamCase {
 struct RawSeen {
     statuses: Vec<u16>,
     closed: bool,
+    /// Everything the proxy sent, for the secret scan.
+    text: String,
+}
+
+/// Whether `text` shows the client secret or an issued access token.
+fn leaks_a_secret(text: &str) -> bool {
+    text.contains(CLIENT_SECRET) || text.contains("itsyou-access")
 }
 
 /// Writes `bytes` to the proxy, keeps the connection open (a client that stalls), and reads
@@ -266,6 +276,7 @@ async fn raw(addr: SocketAddr, bytes: &[u8]) -> RawSeen {
     RawSeen {
         statuses: statuses(&buf),
         closed,
+        text: String::from_utf8_lossy(&buf).into_owned(),
     }
 }
 
@@ -398,6 +409,12 @@ async fn hostile_clients_get_their_expected_answer_and_the_proxy_keeps_serving()
         let h = &h;
         async move {
             let seen = raw(h.proxy.addr, case.request.as_bytes()).await;
+            assert!(
+                !leaks_a_secret(&seen.text),
+                "`{}` answer: {}",
+                case.name,
+                seen.text
+            );
             h.assert_good_route(case.name).await;
             (seen.statuses != case.statuses || seen.closed != case.closed).then(|| {
                 format!(

@@ -342,6 +342,11 @@ async fn soak(load_for: Duration) {
         failures.lock().unwrap(),
         proxy.log_text()
     );
+    let log = proxy.log_text();
+    assert!(
+        !log.contains("soak-secret") && !log.contains("itsyou-access"),
+        "no secret or token in the log:\n{log}"
+    );
     let metrics = crate::support::direct_client()
         .get(format!("http://127.0.0.1:{admin_port}/metrics"))
         .send()
