@@ -473,7 +473,7 @@ async fn idle_connections_cannot_starve_requests_at_max_connections() {
         async move {
             let mut byte = [0u8; 1];
             if let Ok(Ok(0)) =
-                tokio::time::timeout(Duration::from_millis(500), s.read(&mut byte)).await
+                tokio::time::timeout(Duration::from_millis(1500), s.read(&mut byte)).await
             {
                 closed.fetch_add(1, Ordering::SeqCst);
             }
