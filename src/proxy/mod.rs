@@ -5,26 +5,33 @@ pub mod connect;
 pub mod forward;
 pub mod headers;
 pub mod intercepted;
+pub mod limits;
 pub mod location;
 pub mod replay;
 pub mod respond;
 pub mod target;
 pub mod upgrade;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
@@ -32,7 +39,8 @@ use self::respond::ProxyError;
 use self::target::Target;
 use crate::access::{Client, DestinationError, DestinationPolicy};
 use crate::state::State;
-use crate::upstream::ProxyBody;
+use crate::upstream::idle::{IdleTimeout, Side};
+use crate::upstream::{BoxError, ProxyBody};
 
 /// Answers one request received on the proxy listener from a client at `peer`. With
 /// `clients.users` set, every request (forward, mount and CONNECT) must name its user in
@@ -181,7 +189,11 @@ pub async fn dispatch(
                 if let Some(rewrite) = &redirects {
                     rewrite.apply(f.response.headers_mut());
                 }
-                (f.response, f.retried)
+                let idle = snapshot.config.timeouts.upstream_body_idle;
+                let response = f
+                    .response
+                    .map(|body| IdleTimeout::wrap(body, Side::Upstream, idle));
+                (response, f.retried)
             }
             Err(ProxyError::Upstream(detail)) if route.is_none() => {
                 tracing::debug!(error = %detail, "unmatched request: upstream unreachable");
@@ -216,21 +228,69 @@ pub async fn dispatch(
     .await
 }
 
-/// Counts open connections so that shutdown can wait for them.
+/// Open client connections: counted so that shutdown can wait for them (upgraded ones,
+/// CONNECT tunnels included, until their tunnel ends) and listed with their activity so that
+/// an idle one can be closed to make room under `max_connections`.
 #[derive(Default)]
 pub struct ConnectionTracker {
     open: AtomicUsize,
     idle: Notify,
+    next_id: AtomicU64,
+    listed: Mutex<HashMap<u64, Arc<Activity>>>,
 }
 
-/// Held by a connection task; its drop marks the connection closed.
-pub struct ConnectionGuard(Arc<ConnectionTracker>);
+/// Held by a connection's socket (so also by the tunnel an upgrade hands it to); its drop
+/// marks the connection closed.
+pub struct ConnectionGuard {
+    tracker: Arc<ConnectionTracker>,
+    id: u64,
+}
 
 impl ConnectionTracker {
-    /// Registers a new connection.
-    pub fn track(self: &Arc<Self>) -> ConnectionGuard {
+    /// Registers a new connection; its activity decides whether it may be closed for room.
+    pub fn track(self: &Arc<Self>) -> (ConnectionGuard, Arc<Activity>) {
         self.open.fetch_add(1, Ordering::AcqRel);
-        ConnectionGuard(Arc::clone(self))
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let activity = Arc::new(Activity::new());
+        self.lock().insert(id, Arc::clone(&activity));
+        let guard = ConnectionGuard {
+            tracker: Arc::clone(self),
+            id,
+        };
+        (guard, activity)
+    }
+
+    /// Connections open now, tunnels included.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Asks the connection idle the longest (no request in flight) to close; false when
+    /// every connection is busy.
+    pub fn evict_idle(&self) -> bool {
+        let mut listed = self.lock();
+        let oldest = listed
+            .iter()
+            .filter(|(_, a)| !a.busy())
+            .max_by_key(|(_, a)| a.idle_for())
+            .map(|(id, _)| *id);
+        match oldest.and_then(|id| listed.remove(&id)) {
+            Some(activity) => {
+                activity.evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes a connection off the eviction list (its HTTP part ended: it closed, or it
+    /// became a tunnel, which is never evicted).
+    fn unlist(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<Activity>>> {
+        self.listed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Waits until no connection is open.
@@ -247,14 +307,209 @@ impl ConnectionTracker {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
+        self.tracker.unlist(self.id);
+        if self.tracker.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.tracker.idle.notify_waiters();
         }
     }
 }
 
+/// Requests in flight on one connection (from the request head until its response body has
+/// been sent or dropped), and since when there has been none.
+pub struct Activity {
+    in_flight: AtomicUsize,
+    idle_since: Mutex<Instant>,
+    evict: Notify,
+}
+
+impl Activity {
+    /// A connection with nothing in flight yet.
+    pub fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            evict: Notify::new(),
+        }
+    }
+
+    /// Marks a request in flight until the returned value is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(self))
+    }
+
+    /// Whether a request is in flight.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// How long the connection has had no request in flight (zero while one is).
+    pub fn idle_for(&self) -> Duration {
+        if self.busy() {
+            return Duration::ZERO;
+        }
+        self.idle_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed()
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One request in flight; dropping it ends the request.
+pub struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    /// The response, with its request counted as in flight until its body has been sent or
+    /// dropped.
+    pub fn until_sent(self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+        response.map(|body| {
+            InFlightBody {
+                body,
+                _in_flight: self,
+            }
+            .boxed()
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut idle_since = self
+            .0
+            .idle_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *idle_since = Instant::now();
+        }
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is done with.
+struct InFlightBody {
+    body: ProxyBody,
+    _in_flight: InFlight,
+}
+
+impl Body for InFlightBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A client socket that holds its connection's [`ConnectionGuard`]: the connection counts
+/// as open until the socket is closed, also after an upgrade hands it to a tunnel.
+struct TrackedStream {
+    stream: TcpStream,
+    _guard: ConnectionGuard,
+}
+
+impl AsyncRead for TrackedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TrackedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The shutdown signal, handed to a CONNECT request so that its tunnel can drain on
+/// shutdown (an intercepted tunnel finishes its requests in flight, then closes).
+#[derive(Clone)]
+pub struct ShutdownSignal(pub watch::Receiver<bool>);
+
+/// Allows one log line per second for a repeated event and counts the ones left out, so a
+/// flood of accept errors cannot flood the log.
+struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    fn new() -> Self {
+        Self {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(events left out since the last line)` when a line may be logged now.
+    fn ready(&mut self) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Most bytes hyper buffers per client connection (and so the longest request head: 431
+/// beyond it). hyper's default, about 400 KiB, would let every streaming upload hold that
+/// much; nginx allows 32 KiB of headers by default.
+pub const CONNECTION_BUFFER: usize = 64 * 1024;
+
+/// Longest pause after failed accepts (out of descriptors); doubles from 10 ms up to it.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
 /// Accepts connections until `shutdown` turns true, then stops accepting, lets requests in
-/// flight finish for at most `drain`, and returns.
+/// flight finish for at most `drain`, and returns. At `max_connections` open connections, a
+/// new one replaces the connection idle the longest (or is closed when all are busy); failed
+/// accepts back off and are logged at most once a second.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<State>,
@@ -262,14 +517,30 @@ pub async fn serve(
     drain: Duration,
 ) {
     let tracker = Arc::new(ConnectionTracker::default());
+    let max_connections = state
+        .snapshot()
+        .config
+        .max_connections
+        .unwrap_or_else(|| limits::default_max_connections(limits::fd_limit()));
+    tracing::debug!(max_connections, "connection limit");
+    let mut backoff = Duration::ZERO;
+    let (mut accept_log, mut limit_log) = (Throttle::new(), Throttle::new());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), MAX_ACCEPT_BACKOFF);
+                    let freed = rustix::io::Errno::from_io_error(&e)
+                        .is_some_and(|n| n == rustix::io::Errno::MFILE || n == rustix::io::Errno::NFILE)
+                        && tracker.evict_idle();
+                    if let Some(suppressed) = accept_log.ready() {
+                        tracing::warn!(error = %e, suppressed, closed_an_idle_connection = freed, backoff = ?backoff, "accept failed; backing off");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => continue,
+                        _ = crate::shutdown_requested(&mut shutdown) => break,
+                    }
                 }
             },
             _ = crate::shutdown_requested(&mut shutdown) => break,
@@ -282,28 +553,62 @@ pub async fn serve(
             drop(stream);
             continue;
         }
+        backoff = Duration::ZERO;
+        if tracker.open() >= max_connections {
+            let evicted = tracker.evict_idle();
+            if let Some(suppressed) = limit_log.ready() {
+                tracing::warn!(
+                    max_connections,
+                    suppressed,
+                    "connection limit reached: {}",
+                    if evicted {
+                        "closing the connection idle the longest"
+                    } else {
+                        "every connection is busy; refusing the new one"
+                    }
+                );
+            }
+            if !evicted {
+                continue;
+            }
+        }
         let _ = stream.set_nodelay(true);
-        let guard = tracker.track();
+        let (guard, activity) = tracker.track();
+        let id = guard.id;
+        let stream = TrackedStream {
+            stream,
+            _guard: guard,
+        };
         let state = Arc::clone(&state);
+        let tracker = Arc::clone(&tracker);
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let _guard = guard;
             let gauge = state.metrics.client_connections.clone();
             gauge.inc();
             let client_idle = state.snapshot().config.timeouts.client_idle;
             let service_state = Arc::clone(&state);
+            let service_activity = Arc::clone(&activity);
+            let service_shutdown = shutdown.clone();
             // The request future is boxed: hyper keeps room for one in-flight future in
             // every connection, and an unboxed `handle` future (~3 KB) would cost that much
             // memory per idle keep-alive connection.
             let peer = peer.ip();
-            let service = service_fn(move |req| {
+            let service = service_fn(move |mut req: Request<Incoming>| {
                 let state = Arc::clone(&service_state);
-                let answer: Pin<Box<dyn Future<Output = _> + Send>> =
-                    Box::pin(async move { Ok::<_, Infallible>(handle(state, peer, req).await) });
+                let in_flight = service_activity.begin();
+                if req.method() == Method::CONNECT {
+                    req.extensions_mut()
+                        .insert(ShutdownSignal(service_shutdown.clone()));
+                }
+                let answer: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+                    let response = handle(state, peer, req).await;
+                    Ok::<_, Infallible>(in_flight.until_sent(response))
+                });
                 answer
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
+                .max_buf_size(CONNECTION_BUFFER)
                 .header_read_timeout(client_idle)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
@@ -315,11 +620,18 @@ pub async fn serve(
                         tracing::debug!(error = %e, "client connection ended with an error");
                     }
                 }
+                _ = activity.evict.notified() => {
+                    if activity.busy() {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
                 _ = crate::shutdown_requested(&mut shutdown) => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
             }
+            tracker.unlist(id);
             gauge.dec();
         });
     }
@@ -329,5 +641,50 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!(drain = ?drain, "requests still in flight after the drain timeout; closing");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_event_is_logged_once_a_second_with_the_count_left_out() {
+        let mut throttle = Throttle::new();
+        assert_eq!(throttle.ready(), Some(0));
+        assert_eq!(throttle.ready(), None);
+        assert_eq!(throttle.ready(), None);
+        throttle.last = Instant::now().checked_sub(Duration::from_secs(2));
+        assert_eq!(throttle.ready(), Some(2));
+        assert_eq!(throttle.ready(), None);
+    }
+
+    #[test]
+    fn the_connection_idle_the_longest_is_evicted_never_a_busy_one() {
+        let tracker = Arc::new(ConnectionTracker::default());
+        let (_busy_guard, busy) = tracker.track();
+        let _request = busy.begin();
+        assert!(
+            !tracker.evict_idle(),
+            "a connection with a request in flight stays"
+        );
+        let (_old_guard, old) = tracker.track();
+        *old.idle_since.lock().unwrap() -= Duration::from_secs(5);
+        let (_new_guard, new) = tracker.track();
+        assert_eq!(tracker.open(), 3);
+        assert!(tracker.evict_idle());
+        let evicted = |a: &Activity| {
+            let mut notified = std::pin::pin!(a.evict.notified());
+            std::future::Future::poll(
+                notified.as_mut(),
+                &mut Context::from_waker(std::task::Waker::noop()),
+            )
+            .is_ready()
+        };
+        assert!(evicted(&old), "the one idle the longest");
+        assert!(!evicted(&new));
+        assert!(tracker.evict_idle(), "then the next idle one");
+        assert!(evicted(&new));
+        assert!(!tracker.evict_idle());
     }
 }
