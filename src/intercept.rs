@@ -1,6 +1,7 @@
 //! TLS interception for CONNECT tunnels to hosts a route names with `intercept: true`: the
-//! local CA (`intercept_ca`), leaf certificates made per host and cached, the TLS server
-//! config offered to the client, and `ca init`, which creates the CA.
+//! local CA (`intercept_ca`), leaf certificates made per host and cached (and made again
+//! before they expire), the TLS server config offered to the client, and `ca init`, which
+//! creates the CA.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -18,6 +19,11 @@ use crate::config::InterceptCaSettings;
 /// Leaf certificates are kept at most for this many hosts; the cache is cleared beyond it
 /// (hosts come from route rules, so only wildcard routes can make it grow).
 const MAX_CACHED_HOSTS: usize = 1024;
+/// How long a leaf certificate is valid (from a day back, for clocks that lag).
+const LEAF_LIFETIME: time::Duration = time::Duration::days(90);
+/// A cached leaf is replaced once it has less than this left, so that a proxy running for
+/// months never presents an expired certificate.
+const LEAF_RENEW_BEFORE: time::Duration = time::Duration::days(30);
 
 /// Why the CA could not be loaded or a certificate made.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +47,13 @@ pub enum CaError {
 pub struct CertAuthority {
     issuer: Issuer<'static, KeyPair>,
     ca_der: CertificateDer<'static>,
-    leaves: Mutex<HashMap<String, Arc<rustls::ServerConfig>>>,
+    leaves: Mutex<HashMap<String, Leaf>>,
+}
+
+/// A cached leaf's server config and when to make a new one.
+struct Leaf {
+    config: Arc<rustls::ServerConfig>,
+    renew_at: time::OffsetDateTime,
 }
 
 impl std::fmt::Debug for CertAuthority {
@@ -82,26 +94,44 @@ impl CertAuthority {
     }
 
     /// The TLS server config presented to a client that tunnels to `host`: a leaf for that
-    /// host, ALPN h2 and http/1.1. Made on first use and cached.
+    /// host, ALPN h2 and http/1.1. Made on first use and cached until
+    /// [`LEAF_RENEW_BEFORE`] its expiry.
     pub fn server_config(&self, host: &str) -> Result<Arc<rustls::ServerConfig>, CaError> {
+        self.server_config_at(host, time::OffsetDateTime::now_utc())
+    }
+
+    /// [`Self::server_config`] as of `now`.
+    fn server_config_at(
+        &self,
+        host: &str,
+        now: time::OffsetDateTime,
+    ) -> Result<Arc<rustls::ServerConfig>, CaError> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(c) = self.lock().get(&host) {
-            return Ok(Arc::clone(c));
+        if let Some(leaf) = self.lock().get(&host).filter(|l| now < l.renew_at) {
+            return Ok(Arc::clone(&leaf.config));
         }
-        let config = Arc::new(self.make_server_config(&host)?);
+        let config = Arc::new(self.make_server_config(&host, now)?);
         let mut leaves = self.lock();
         if leaves.len() >= MAX_CACHED_HOSTS {
             leaves.clear();
         }
-        leaves.insert(host, Arc::clone(&config));
+        let leaf = Leaf {
+            config: Arc::clone(&config),
+            renew_at: now + LEAF_LIFETIME - LEAF_RENEW_BEFORE,
+        };
+        leaves.insert(host, leaf);
         Ok(config)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<rustls::ServerConfig>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Leaf>> {
         self.leaves.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn make_server_config(&self, host: &str) -> Result<rustls::ServerConfig, CaError> {
+    fn make_server_config(
+        &self,
+        host: &str,
+        now: time::OffsetDateTime,
+    ) -> Result<rustls::ServerConfig, CaError> {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let mut params = CertificateParams::new(vec![bare.to_string()]).map_err(|e| {
             CaError::Invalid(format!("cannot make a certificate for `{host}`: {e}"))
@@ -114,9 +144,8 @@ impl CertAuthority {
             KeyUsagePurpose::KeyEncipherment,
         ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(1);
-        params.not_after = now + time::Duration::days(90);
+        params.not_after = now + LEAF_LIFETIME;
         let key = KeyPair::generate().map_err(|e| CaError::Invalid(e.to_string()))?;
         let leaf = params.signed_by(&key, &self.issuer).map_err(|e| {
             CaError::Invalid(format!("cannot sign a certificate for `{host}`: {e}"))
@@ -239,6 +268,29 @@ mod tests {
         let b = ca.server_config("api.test").unwrap();
         assert!(Arc::ptr_eq(&a, &b));
         assert!(!Arc::ptr_eq(&a, &ca.server_config("other.test").unwrap()));
+    }
+
+    #[test]
+    fn leaves_are_made_again_before_they_expire() {
+        let (cert, key) = new_ca_pem().unwrap();
+        let ca = CertAuthority::from_pem(&cert, &key).unwrap();
+        let start = time::OffsetDateTime::now_utc();
+        let first = ca.server_config_at("api.test", start).unwrap();
+        let later = start + time::Duration::days(59);
+        assert!(Arc::ptr_eq(
+            &first,
+            &ca.server_config_at("api.test", later).unwrap()
+        ));
+        let near_expiry = start + LEAF_LIFETIME - LEAF_RENEW_BEFORE + time::Duration::hours(1);
+        let renewed = ca.server_config_at("api.test", near_expiry).unwrap();
+        assert!(
+            !Arc::ptr_eq(&first, &renewed),
+            "a leaf near its expiry is replaced"
+        );
+        assert!(Arc::ptr_eq(
+            &renewed,
+            &ca.server_config_at("api.test", near_expiry).unwrap()
+        ));
     }
 
     #[test]

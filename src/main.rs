@@ -263,6 +263,10 @@ async fn demo(
 }
 
 async fn run(path: PathBuf, config: Config) -> ExitCode {
+    // Idle client sockets must not be what runs the process out of descriptors: use all the
+    // hard limit allows (as nginx's `worker_rlimit_nofile`); `max_connections` derives from it.
+    let fd_limit = authrelay::proxy::limits::raise_fd_limit();
+    tracing::info!(fd_limit, "file-descriptor limit");
     let options = StartOptions {
         config_path: Some(path),
         env: Arc::new(ProcessEnv),

@@ -52,6 +52,9 @@ pub struct Config {
     /// The bearer token admin actions that change state require (needed for them when the
     /// admin listener is not on loopback).
     pub admin_token: Option<Secret>,
+    /// Client connections held open at once (`None`: derived from the file-descriptor limit
+    /// at start, see `proxy::limits`), so that idle sockets cannot use up every descriptor.
+    pub max_connections: Option<usize>,
     /// Policy for requests no route matches.
     pub unmatched: Unmatched,
     pub timeouts: Timeouts,
@@ -92,6 +95,12 @@ pub struct Timeouts {
     pub client_idle: Duration,
     /// On shutdown, how long requests in flight may take to finish.
     pub drain: Duration,
+    /// A request body that sends nothing for this long is answered 408 and its connection
+    /// closed, so that a stalled upload cannot hold memory or an upstream connection.
+    pub client_body: Duration,
+    /// An upstream response body that sends nothing for this long is cut (the client's
+    /// connection is closed), so that a stalled upstream cannot hold a client forever.
+    pub upstream_body_idle: Duration,
 }
 
 /// Replay of requests after a 401/403.
@@ -99,6 +108,9 @@ pub struct Timeouts {
 pub struct RetrySettings {
     /// Bodies up to this size are kept so that they can be replayed.
     pub max_body_bytes: u64,
+    /// Bytes all requests together may hold for replay; beyond it a request streams
+    /// without replay, so that many large uploads cannot exhaust memory.
+    pub max_buffered_total: u64,
 }
 
 /// Token refresh timing and failure backoff, shared by every credential.

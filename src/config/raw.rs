@@ -19,6 +19,8 @@ pub struct RawConfig {
     pub admin_token: Option<String>,
     /// `admin_token` read from a file.
     pub admin_token_file: Option<String>,
+    /// Client connections held open at once; derived from the file-descriptor limit when absent.
+    pub max_connections: Option<usize>,
     /// What to do with requests no route matches.
     #[serde(default)]
     pub unmatched: Unmatched,
@@ -100,12 +102,15 @@ pub struct RawTimeouts {
     pub pool_idle: Option<ConfigDuration>,
     pub client_idle: Option<ConfigDuration>,
     pub drain: Option<ConfigDuration>,
+    pub client_body: Option<ConfigDuration>,
+    pub upstream_body_idle: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
     pub max_body_bytes: Option<ByteSize>,
+    pub max_buffered_total: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -345,10 +345,28 @@ pub fn validate(
         pool_idle: dur(raw.timeouts.pool_idle, Duration::from_secs(90)),
         client_idle: dur(raw.timeouts.client_idle, Duration::from_secs(120)),
         drain: dur(raw.timeouts.drain, Duration::from_secs(30)),
+        client_body: dur(raw.timeouts.client_body, Duration::from_secs(30)),
+        upstream_body_idle: dur(raw.timeouts.upstream_body_idle, Duration::from_secs(60)),
     };
+    for (field, value) in [
+        ("timeouts.client_body", timeouts.client_body),
+        ("timeouts.upstream_body_idle", timeouts.upstream_body_idle),
+    ] {
+        if value.is_zero() {
+            ctx.problem(field, "must be greater than 0");
+        }
+    }
     let retry = RetrySettings {
         max_body_bytes: raw.retry.max_body_bytes.map(|b| b.0).unwrap_or(1 << 20),
+        max_buffered_total: raw
+            .retry
+            .max_buffered_total
+            .map(|b| b.0)
+            .unwrap_or(64 << 20),
     };
+    if raw.max_connections == Some(0) {
+        ctx.problem("max_connections", "must be at least 1");
+    }
     let tokens = TokenSettings {
         refresh_before: dur(raw.tokens.refresh_before, Duration::from_secs(60)),
         refresh_at_fraction: raw.tokens.refresh_at_fraction.unwrap_or(0.8),
@@ -475,6 +493,7 @@ pub fn validate(
             listen,
             admin,
             admin_token,
+            max_connections: raw.max_connections,
             unmatched: raw.unmatched,
             timeouts,
             retry,

@@ -108,7 +108,7 @@ async fn connect_upstream(state: &State, authority: &Authority) -> Result<TcpStr
     } else {
         &snapshot.config.unmatched_deny
     };
-    let addrs = super::allowed_destination(state, host, port, deny).await?;
+    let addrs = super::dispatch::allowed_destination(state, host, port, deny).await?;
     let timed_out = || ProxyError::UpstreamTimeout(humantime::format_duration(timeout).to_string());
     let attempt = async {
         let mut last = None;
@@ -139,10 +139,11 @@ async fn connect_upstream(state: &State, authority: &Authority) -> Result<TcpStr
 async fn tunnel(
     state: Arc<State>,
     client: Client,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     authority: Authority,
     upstream: Upstream,
 ) {
+    let shutdown = request.extensions_mut().remove::<super::activity::ShutdownSignal>();
     let upgraded = match hyper::upgrade::on(request).await {
         Ok(u) => TokioIo::new(u),
         Err(e) => {
@@ -168,10 +169,11 @@ async fn tunnel(
         other => match (sniff(upgraded, client_idle).await, other) {
             (None, _) => {}
             (Some((FirstBytes::Http, io)), _) => {
-                intercepted::serve_requests(state, client, io, authority, Scheme::HTTP).await
+                intercepted::serve_requests(state, client, io, authority, Scheme::HTTP, shutdown)
+                    .await
             }
             (Some((FirstBytes::Tls, io)), Upstream::Intercepted(tls)) => {
-                intercepted::serve(state, client, io, authority, tls).await
+                intercepted::serve(state, client, io, authority, tls, shutdown).await
             }
             (Some((_, io)), Upstream::Plain { stream, .. }) => {
                 if let Err(e) = splice(io, stream, idle).await {

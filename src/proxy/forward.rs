@@ -62,7 +62,13 @@ pub async fn forward(
         Some((r, slot))
     }) else {
         let headers = std::mem::take(&mut parts.headers);
-        let request = build(&parts.method, &uri, headers, None, replay::streaming(body));
+        let request = build(
+            &parts.method,
+            &uri,
+            headers,
+            None,
+            replay::streaming(body, config),
+        );
         let response = send(upstream, config, None, request).await?;
         return Ok(Forwarded {
             response: finish(response),
@@ -72,9 +78,9 @@ pub async fn forward(
 
     let token = slot.get().await?;
     let mut body = if route.refreshes_on_unauthorized() {
-        replay::prepare(body, &parts.headers, config.retry.max_body_bytes).await?
+        replay::prepare(body, &parts.headers, config, upstream.replay_budget()).await?
     } else {
-        PreparedBody::Streaming(replay::streaming(body))
+        PreparedBody::Streaming(replay::streaming(body, config))
     };
     // Headers are kept for a replay only when the body can be replayed too.
     let headers = if body.replayable() {

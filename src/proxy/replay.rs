@@ -1,9 +1,14 @@
 //! Request bodies that can be sent twice. A body is kept in memory only when a replay after
-//! 401/403 is possible and it is no larger than `retry.max_body_bytes`; anything larger
-//! streams through (its prefix first) and cannot be replayed.
+//! 401/403 is possible, it is no larger than `retry.max_body_bytes`, and all bodies kept
+//! together stay within `retry.max_buffered_total`; anything else streams through (its
+//! prefix first) and cannot be replayed. A body that sends nothing for `timeouts.client_body`
+//! fails, whether it is being kept or streamed.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
@@ -12,33 +17,103 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 
 use super::respond::ProxyError;
-use crate::upstream::{BoxError, ProxyBody};
+use crate::config::Config;
+use crate::upstream::idle::{IdleTimeout, Side, Stalled};
+use crate::upstream::{BoxError, ClientBodyError, ProxyBody};
 
 /// A request body ready to send.
 pub enum PreparedBody {
-    /// The whole body, in memory: can be sent again.
-    Replayable(Bytes),
+    /// The whole body, in memory: can be sent again. Its bytes count against the replay
+    /// budget until this value is dropped.
+    Replayable(Bytes, Reservation),
     /// A body too large (or with trailers) to keep: sent once.
     Streaming(ProxyBody),
+    /// A streaming body that has been sent: there is nothing to send again, and a replay
+    /// must never go out with an empty body in its place.
+    Spent,
 }
 
 impl PreparedBody {
     /// A body for one send; for `Replayable` the bytes are shared, not copied.
     pub fn take(&mut self) -> ProxyBody {
         match self {
-            PreparedBody::Replayable(bytes) => full(bytes.clone()),
-            PreparedBody::Streaming(_) => {
-                match std::mem::replace(self, PreparedBody::Replayable(Bytes::new())) {
-                    PreparedBody::Streaming(body) => body,
-                    PreparedBody::Replayable(_) => empty(),
-                }
-            }
+            PreparedBody::Replayable(bytes, _) => full(bytes.clone()),
+            PreparedBody::Streaming(_) => match std::mem::replace(self, PreparedBody::Spent) {
+                PreparedBody::Streaming(body) => body,
+                _ => empty(),
+            },
+            PreparedBody::Spent => empty(),
         }
     }
 
-    /// Whether another send is possible.
+    /// Whether another send is possible (true for kept bytes only, before or after `take`).
     pub fn replayable(&self) -> bool {
-        matches!(self, PreparedBody::Replayable(_))
+        matches!(self, PreparedBody::Replayable(..))
+    }
+}
+
+/// The bytes all requests together hold for replay, so that many large uploads at once
+/// cannot exhaust memory (`retry.max_buffered_total`).
+#[derive(Debug, Default)]
+pub struct ReplayBudget {
+    used: AtomicU64,
+}
+
+impl ReplayBudget {
+    /// Bytes held for replay now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// Bytes taken from a [`ReplayBudget`]; given back when dropped (when the request ends).
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Option<Arc<ReplayBudget>>,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// A reservation of nothing.
+    pub fn none() -> Self {
+        Self {
+            budget: None,
+            bytes: 0,
+        }
+    }
+
+    fn new(budget: &Arc<ReplayBudget>) -> Self {
+        Self {
+            budget: Some(Arc::clone(budget)),
+            bytes: 0,
+        }
+    }
+
+    /// Grows the reservation to `total` bytes if the budget allows `cap` in all; false (and
+    /// unchanged) if it does not.
+    fn grow_to(&mut self, total: u64, cap: u64) -> bool {
+        let Some(budget) = &self.budget else {
+            return false;
+        };
+        let extra = total.saturating_sub(self.bytes);
+        let granted = budget
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(extra).filter(|sum| *sum <= cap)
+            })
+            .is_ok();
+        if granted {
+            self.bytes += extra;
+        }
+        granted
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        }
     }
 }
 
@@ -52,36 +127,53 @@ pub fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
-/// The client's body, streamed as is.
-pub fn streaming(body: Incoming) -> ProxyBody {
-    body.map_err(BoxError::from).boxed()
+/// The client's body, streamed as is; it fails when the client sends nothing for
+/// `timeouts.client_body`.
+pub fn streaming(body: Incoming, config: &Config) -> ProxyBody {
+    guarded(body, config.timeouts.client_body)
 }
 
-/// Reads the body into memory if it fits in `limit` bytes, otherwise returns a streaming body
-/// that starts with what was already read.
+fn guarded(body: Incoming, idle: Duration) -> ProxyBody {
+    let body = body.map_err(|e| BoxError::from(ClientBodyError(e)));
+    IdleTimeout::wrap(body.boxed(), Side::Client, idle)
+}
+
+/// Reads the body into memory if it fits in `retry.max_body_bytes` and in what is left of
+/// `budget`, otherwise returns a streaming body that starts with what was already read. A
+/// client that stops sending for `timeouts.client_body` gets [`ProxyError::ClientBodyTimeout`].
 pub async fn prepare(
-    mut body: Incoming,
+    body: Incoming,
     headers: &HeaderMap,
-    limit: u64,
+    config: &Config,
+    budget: &Arc<ReplayBudget>,
 ) -> Result<PreparedBody, ProxyError> {
+    let limit = config.retry.max_body_bytes;
+    let cap = config.retry.max_buffered_total;
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        return Ok(PreparedBody::Streaming(streaming(body)));
-    }
     if body.is_end_stream() {
-        return Ok(PreparedBody::Replayable(Bytes::new()));
+        return Ok(PreparedBody::Replayable(Bytes::new(), Reservation::none()));
     }
-    let mut buffer = BytesMut::new();
+    let mut body = guarded(body, config.timeouts.client_body);
+    let mut reserved = Reservation::new(budget);
+    if declared.is_some_and(|len| len > limit || !reserved.grow_to(len, cap)) {
+        return Ok(PreparedBody::Streaming(body));
+    }
+    // Sized once from the declared length (already within the budget): growing by doubling
+    // would briefly hold up to twice the body.
+    let mut buffer = BytesMut::with_capacity(declared.map_or(0, |len| len as usize));
     while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| ProxyError::BadRequest(format!("request body could not be read: {e}")))?;
+        let frame = frame.map_err(|e| match Stalled::find(&*e) {
+            Some(stalled) => ProxyError::ClientBodyTimeout(stalled.idle),
+            None => ProxyError::BadRequest(e.to_string()),
+        })?;
         match frame.into_data() {
             Ok(data) => {
                 buffer.extend_from_slice(&data);
-                if buffer.len() as u64 > limit {
+                let total = buffer.len() as u64;
+                if total > limit || !reserved.grow_to(total, cap) {
                     return Ok(PreparedBody::Streaming(
                         PrefixedBody {
                             prefix: Some(buffer.freeze()),
@@ -104,14 +196,14 @@ pub async fn prepare(
             }
         }
     }
-    Ok(PreparedBody::Replayable(buffer.freeze()))
+    Ok(PreparedBody::Replayable(buffer.freeze(), reserved))
 }
 
 /// What was read ahead, then the rest of the client's body.
 struct PrefixedBody {
     prefix: Option<Bytes>,
     pending: Option<Frame<Bytes>>,
-    rest: Incoming,
+    rest: ProxyBody,
 }
 
 impl Body for PrefixedBody {
@@ -130,9 +222,7 @@ impl Body for PrefixedBody {
         if let Some(frame) = self.pending.take() {
             return Poll::Ready(Some(Ok(frame)));
         }
-        Pin::new(&mut self.rest)
-            .poll_frame(cx)
-            .map(|f| f.map(|r| r.map_err(BoxError::from)))
+        Pin::new(&mut self.rest).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -147,5 +237,21 @@ impl Body for PrefixedBody {
             hint.set_upper(upper + extra);
         }
         hint
+    }
+}
+
+#[cfg(test)]
+mod spent_tests {
+    use super::*;
+
+    #[test]
+    fn a_sent_streaming_body_is_never_replayable() {
+        let mut body = PreparedBody::Streaming(full(Bytes::from_static(b"upload")));
+        assert!(!body.replayable());
+        let _sent = body.take();
+        assert!(
+            !body.replayable(),
+            "a replay would go out with an empty body"
+        );
     }
 }

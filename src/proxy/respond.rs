@@ -57,6 +57,10 @@ pub enum ProxyError {
     /// one. The cause goes to the debug log.
     #[error("upstream unreachable")]
     Unreachable,
+    /// The client's request body sent nothing for `timeouts.client_body` (408; the
+    /// connection is closed, as the rest of the body can no longer be framed).
+    #[error("the request body sent nothing for {}", humantime::format_duration(*.0))]
+    ClientBodyTimeout(std::time::Duration),
 }
 
 impl From<UpstreamError> for ProxyError {
@@ -66,6 +70,8 @@ impl From<UpstreamError> for ProxyError {
                 ProxyError::UpstreamTimeout(humantime::format_duration(d).to_string())
             }
             UpstreamError::Failed(detail) => ProxyError::Upstream(detail),
+            UpstreamError::ClientBodyStalled(idle) => ProxyError::ClientBodyTimeout(idle),
+            UpstreamError::ClientBody(detail) => ProxyError::BadRequest(detail),
         }
     }
 }
@@ -88,6 +94,7 @@ impl ProxyError {
             | ProxyError::Unreachable
             | ProxyError::Interception(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -107,6 +114,7 @@ impl ProxyError {
             ProxyError::DestinationDenied(_) => "destination_denied",
             ProxyError::CleartextRefused(_) => "cleartext_refused",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
+            ProxyError::ClientBodyTimeout(_) => "client_body_timeout",
         }
     }
 
@@ -143,6 +151,11 @@ impl ProxyError {
                     header::ALLOW,
                     HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
                 );
+            }
+            ProxyError::ClientBodyTimeout(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }

@@ -2,6 +2,7 @@
 //! connections driven by the request itself (`plain`), https by rustls with webpki roots plus
 //! an optional private CA, and HTTP/2 when an https upstream offers it.
 
+pub mod idle;
 pub mod plain;
 pub mod upgrade;
 
@@ -21,6 +22,12 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use self::plain::PlainPool;
 use self::upgrade::UpgradeConnector;
 use crate::config::{Timeouts, TlsSettings};
+use crate::proxy::replay::ReplayBudget;
+
+/// Most bytes hyper buffers per connection, client or upstream (and so the longest request head: 431
+/// beyond it). hyper's default, about 400 KiB, would let every streaming upload hold that
+/// much; nginx allows 32 KiB of headers by default.
+pub const CONNECTION_BUFFER: usize = 64 * 1024;
 
 /// Errors boxed for bodies that mix sources.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -37,6 +44,35 @@ pub enum UpstreamError {
     /// Connect, TLS or protocol failure; the text is safe to show (no URL query).
     #[error("{0}")]
     Failed(String),
+    /// The client's request body, streamed upstream, sent nothing for this long.
+    #[error("the request body sent nothing for {0:?}")]
+    ClientBodyStalled(Duration),
+    /// The client's request body, streamed upstream, could not be read (bad chunk framing,
+    /// the client went away).
+    #[error("{0}")]
+    ClientBody(String),
+}
+
+/// A client's request body could not be read while it was being sent: the client's fault,
+/// not the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("request body could not be read: {0}")]
+pub struct ClientBodyError(#[source] pub hyper::Error);
+
+impl UpstreamError {
+    /// The error for a failed exchange: a stalled client body is the client's fault (408),
+    /// anything else the upstream's.
+    fn from_exchange(e: &(dyn std::error::Error + 'static)) -> Self {
+        match idle::Stalled::find(e) {
+            Some(stalled) if stalled.side == idle::Side::Client => {
+                UpstreamError::ClientBodyStalled(stalled.idle)
+            }
+            _ => match find::<ClientBodyError>(e) {
+                Some(client) => UpstreamError::ClientBody(client.to_string()),
+                None => UpstreamError::Failed(describe(e)),
+            },
+        }
+    }
 }
 
 /// Builds the rustls client config shared by upstream requests and token endpoints (ALPN is
@@ -84,6 +120,7 @@ pub struct UpstreamClient {
     plain: PlainPool,
     tls: Client<HttpsConnector<HttpConnector>, ProxyBody>,
     upgrades: UpgradeConnector,
+    replay_budget: Arc<ReplayBudget>,
 }
 
 impl UpstreamClient {
@@ -111,6 +148,7 @@ impl UpstreamClient {
             plain: PlainPool::new(timeouts.connect, timeouts.pool_idle),
             tls,
             upgrades,
+            replay_budget: Arc::default(),
         }
     }
 
@@ -122,6 +160,12 @@ impl UpstreamClient {
         timeout: Duration,
     ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
         self.upgrades.send(request, timeout).await
+    }
+
+    /// The bytes held for replay by all requests together (`retry.max_buffered_total`). It
+    /// lives here because this client is the one object every forwarded request shares.
+    pub fn replay_budget(&self) -> &Arc<ReplayBudget> {
+        &self.replay_budget
     }
 
     /// Sends `request` (absolute URI) and waits for the response head at most `timeout`.
@@ -136,7 +180,7 @@ impl UpstreamClient {
             }
             match self.tls.request(request).await {
                 Ok(response) => Ok(response.map(|body| body.map_err(BoxError::from).boxed())),
-                Err(e) => Err(UpstreamError::Failed(describe(&e))),
+                Err(e) => Err(UpstreamError::from_exchange(&e)),
             }
         };
         tokio::time::timeout(timeout, exchange)
@@ -148,6 +192,20 @@ impl UpstreamClient {
     pub fn idle_plain_connections(&self) -> usize {
         self.plain.idle_connections()
     }
+}
+
+/// The error of type `T` among `e` and its causes.
+fn find<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(e);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
 }
 
 /// The error and its causes on one line; certificate problems read as such.

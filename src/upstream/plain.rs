@@ -32,6 +32,10 @@ use super::{describe, BoxError, ProxyBody, UpstreamError};
 
 /// Idle connections kept per upstream host and port; more are closed when they come back.
 const MAX_IDLE_PER_ORIGIN: usize = 1024;
+/// Origins with idle connections kept at once: clients name any origin they like through an
+/// `unmatched: pass` proxy, so the pool must not grow with every one of them. A connection to
+/// one more origin is closed instead of kept.
+const MAX_IDLE_ORIGINS: usize = 1024;
 /// TCP keep-alive probes on upstream connections, so that a dead peer is noticed.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// A pooled connection idle at least this long may be closed by the upstream (its keep-alive
@@ -76,6 +80,7 @@ struct PoolInner {
     idle: Mutex<HashMap<Box<str>, Vec<IdleConn>>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    max_origins: usize,
     sweeper_started: AtomicBool,
 }
 
@@ -89,11 +94,16 @@ impl PlainPool {
     /// A pool connecting within `connect_timeout` and closing connections idle longer than
     /// `idle_timeout`.
     pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        Self::with_max_origins(connect_timeout, idle_timeout, MAX_IDLE_ORIGINS)
+    }
+
+    fn with_max_origins(connect_timeout: Duration, idle_timeout: Duration, max: usize) -> Self {
         Self {
             inner: Arc::new(PoolInner {
                 idle: Mutex::new(HashMap::new()),
                 connect_timeout,
                 idle_timeout,
+                max_origins: max,
                 sweeper_started: AtomicBool::new(false),
             }),
         }
@@ -150,7 +160,7 @@ impl PlainPool {
                         request = copy;
                         pooled_ok = false;
                     }
-                    _ => return Err(UpstreamError::Failed(describe(&failed.into_error()))),
+                    _ => return Err(UpstreamError::from_exchange(&failed.into_error())),
                 },
             }
         }
@@ -159,6 +169,11 @@ impl PlainPool {
     /// Idle connections held now, for tests and diagnostics.
     pub fn idle_connections(&self) -> usize {
         self.inner.lock().values().map(Vec::len).sum()
+    }
+
+    /// Origins with an entry in the idle map, for tests and diagnostics.
+    pub fn idle_origins(&self) -> usize {
+        self.inner.lock().len()
     }
 }
 
@@ -171,7 +186,15 @@ impl PoolInner {
     /// how long it was idle.
     fn checkout(&self, origin: &str) -> Option<(Conn, Duration)> {
         loop {
-            let mut entry = self.lock().get_mut(origin)?.pop()?;
+            let mut entry = {
+                let mut idle = self.lock();
+                let list = idle.get_mut(origin)?;
+                let entry = list.pop();
+                if list.is_empty() {
+                    idle.remove(origin);
+                }
+                entry?
+            };
             let idle = entry.since.elapsed();
             if idle < self.idle_timeout && entry.conn.reusable() {
                 return Some((entry.conn, idle));
@@ -185,9 +208,11 @@ impl PoolInner {
             conn,
             since: Instant::now(),
         };
+        let full = idle.len() >= self.max_origins;
         match idle.get_mut(origin.as_str()) {
             Some(list) if list.len() >= MAX_IDLE_PER_ORIGIN => return,
             Some(list) => list.push(entry),
+            None if full => return,
             None => {
                 idle.insert(origin.as_str().into(), vec![entry]);
             }
@@ -241,6 +266,7 @@ impl PoolInner {
         let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         let (sender, driver) = http1::Builder::new()
+            .max_buf_size(crate::upstream::CONNECTION_BUFFER)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::Failed(describe(&e)))?;
@@ -385,5 +411,64 @@ impl Drop for PooledBody {
         if let Some(pool) = self.pool.upgrade() {
             pool.checkin(&self.origin, conn);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+    use tokio::net::TcpListener;
+
+    /// An origin on 127.0.0.1 that answers every request `200 ok` on keep-alive connections.
+    async fn origin() -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                            "ok",
+                        ))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn get(pool: &PlainPool, addr: std::net::SocketAddr) {
+        let request = Request::get(format!("http://{addr}/"))
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap();
+        let response = pool.send(request).await.unwrap();
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "ok"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_idle_map_holds_only_origins_with_idle_connections_up_to_a_cap() {
+        let pool = PlainPool::with_max_origins(Duration::from_secs(5), Duration::from_secs(60), 2);
+        let origins = [origin().await, origin().await, origin().await];
+        for addr in origins {
+            get(&pool, addr).await;
+        }
+        assert_eq!(pool.idle_origins(), 2, "a third origin is not kept");
+        assert_eq!(pool.idle_connections(), 2);
+
+        // Taking the only idle connection of an origin removes its entry.
+        let request = Request::get(format!("http://{}/", origins[0]))
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap();
+        let response = pool.send(request).await.unwrap();
+        assert_eq!(pool.idle_origins(), 1, "the emptied origin's entry is gone");
+        drop(response.into_body().collect().await.unwrap());
+        assert_eq!(pool.idle_origins(), 2);
     }
 }

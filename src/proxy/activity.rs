@@ -1,0 +1,275 @@
+//! What the listener knows about its connections: how many are open (for shutdown and
+//! `max_connections`), which requests are in flight on each (so an idle one can be closed to
+//! make room), and the shutdown signal handed to tunnels so they can drain.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+use tracing::Instrument;
+
+use super::respond::ProxyError;
+use super::target::Target;
+use crate::access::{Client, DestinationError, DestinationPolicy};
+use crate::state::State;
+use crate::upstream::idle::{IdleTimeout, Side};
+use crate::upstream::{BoxError, ProxyBody};
+
+/// Open client connections: counted so that shutdown can wait for them (upgraded ones,
+/// CONNECT tunnels included, until their tunnel ends) and listed with their activity so that
+/// an idle one can be closed to make room under `max_connections`.
+#[derive(Default)]
+pub struct ConnectionTracker {
+    open: AtomicUsize,
+    idle: Notify,
+    next_id: AtomicU64,
+    listed: Mutex<HashMap<u64, Arc<Activity>>>,
+}
+
+/// Held by a connection's socket (so also by the tunnel an upgrade hands it to); its drop
+/// marks the connection closed.
+pub struct ConnectionGuard {
+    tracker: Arc<ConnectionTracker>,
+    pub(super) id: u64,
+}
+
+impl ConnectionTracker {
+    /// Registers a new connection; its activity decides whether it may be closed for room.
+    pub fn track(self: &Arc<Self>) -> (ConnectionGuard, Arc<Activity>) {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let activity = Arc::new(Activity::new());
+        self.lock().insert(id, Arc::clone(&activity));
+        let guard = ConnectionGuard {
+            tracker: Arc::clone(self),
+            id,
+        };
+        (guard, activity)
+    }
+
+    /// Connections open now, tunnels included.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Asks the connection idle the longest (no request in flight) to close; false when
+    /// every connection is busy.
+    pub fn evict_idle(&self) -> bool {
+        let mut listed = self.lock();
+        let oldest = listed
+            .iter()
+            .filter(|(_, a)| !a.busy())
+            .max_by_key(|(_, a)| a.idle_for())
+            .map(|(id, _)| *id);
+        match oldest.and_then(|id| listed.remove(&id)) {
+            Some(activity) => {
+                activity.evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes a connection off the eviction list (its HTTP part ended: it closed, or it
+    /// became a tunnel, which is never evicted).
+    pub(super) fn unlist(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<Activity>>> {
+        self.listed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until no connection is open.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.tracker.unlist(self.id);
+        if self.tracker.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.tracker.idle.notify_waiters();
+        }
+    }
+}
+
+/// Requests in flight on one connection (from the request head until its response body has
+/// been sent or dropped), and since when there has been none.
+pub struct Activity {
+    in_flight: AtomicUsize,
+    pub(super) idle_since: Mutex<Instant>,
+    pub(super) evict: Notify,
+}
+
+impl Activity {
+    /// A connection with nothing in flight yet.
+    pub fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            evict: Notify::new(),
+        }
+    }
+
+    /// Marks a request in flight until the returned value is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(self))
+    }
+
+    /// Whether a request is in flight.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// How long the connection has had no request in flight (zero while one is).
+    pub fn idle_for(&self) -> Duration {
+        if self.busy() {
+            return Duration::ZERO;
+        }
+        self.idle_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed()
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One request in flight; dropping it ends the request.
+pub struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    /// The response, with its request counted as in flight until its body has been sent or
+    /// dropped.
+    pub fn until_sent(self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+        response.map(|body| {
+            InFlightBody {
+                body,
+                _in_flight: self,
+            }
+            .boxed()
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut idle_since = self
+            .0
+            .idle_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *idle_since = Instant::now();
+        }
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is done with.
+struct InFlightBody {
+    body: ProxyBody,
+    _in_flight: InFlight,
+}
+
+impl Body for InFlightBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A client socket that holds its connection's [`ConnectionGuard`]: the connection counts
+/// as open until the socket is closed, also after an upgrade hands it to a tunnel.
+pub(super) struct TrackedStream {
+    pub(super) stream: TcpStream,
+    pub(super) _guard: ConnectionGuard,
+}
+
+impl AsyncRead for TrackedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TrackedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The shutdown signal, handed to a CONNECT request so that its tunnel can drain on
+/// shutdown (an intercepted tunnel finishes its requests in flight, then closes).
+#[derive(Clone)]
+pub struct ShutdownSignal(pub watch::Receiver<bool>);
+

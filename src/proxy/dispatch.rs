@@ -1,0 +1,198 @@
+//! One routed request, from admission to the access-log line: the route's own checks (or,
+//! for unmatched traffic, where it may go), forwarding (or an upgrade), redirect rewriting
+//! and the upstream-body idle limit. Forward-proxy, mount and in-tunnel requests all pass
+//! through here.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+use tracing::Instrument;
+
+use super::respond::ProxyError;
+use super::target::Target;
+use crate::access::{Client, DestinationError, DestinationPolicy};
+use crate::state::State;
+use crate::upstream::idle::{IdleTimeout, Side};
+use crate::upstream::{BoxError, ProxyBody};
+use super::{forward, location, target, upgrade};
+
+/// Checks a routed request against its route (clients, methods, paths) or, for unmatched
+/// traffic, its destination against the proxy's own addresses, link-local ranges and
+/// `unmatched_deny` — before anything is sent.
+async fn admit(
+    state: &State,
+    snapshot: &crate::state::Snapshot,
+    client: &Client,
+    target: &Target,
+    request: &Request<Incoming>,
+) -> Result<(), ProxyError> {
+    if let Some(route) = &target.route {
+        return target::check_routed(
+            route,
+            client.user.as_deref(),
+            request.method(),
+            request.uri(),
+            request.headers(),
+        );
+    }
+    let host = target.uri.host().unwrap_or_default();
+    let default_port = if target.uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    let port = target.uri.port_u16().unwrap_or(default_port);
+    allowed_destination(state, host, port, &snapshot.config.unmatched_deny)
+        .await
+        .map(drop)
+}
+
+/// Resolves `host:port` for traffic no route claims (within `timeouts.connect`) and returns
+/// its addresses once every one is allowed: never the proxy's own listen or admin address,
+/// link-local or unspecified addresses, or the `deny` ranges.
+pub async fn allowed_destination(
+    state: &State,
+    host: &str,
+    port: u16,
+    deny: &[ipnet::IpNet],
+) -> Result<Vec<std::net::SocketAddr>, ProxyError> {
+    let timeout = state.snapshot().config.timeouts.connect;
+    let policy = DestinationPolicy {
+        own: state.own_addresses.get().map_or(&[], Vec::as_slice),
+        deny,
+    };
+    policy
+        .resolve(host, port, timeout)
+        .await
+        .map_err(|e| match e {
+            DestinationError::Denied => ProxyError::DestinationDenied(host.to_string()),
+            DestinationError::Unreachable => ProxyError::Unreachable,
+            DestinationError::Timeout(d) => {
+                ProxyError::UpstreamTimeout(humantime::format_duration(d).to_string())
+            }
+        })
+}
+
+/// Forwards a routed request (or answers its routing error), with a span and an access-log
+/// line naming client, route, credential, method, the host the client asked for, the
+/// upstream it went to, status, latency and whether it was replayed.
+pub async fn dispatch(
+    state: &State,
+    snapshot: &crate::state::Snapshot,
+    client: &Client,
+    target: Result<Target, ProxyError>,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let checked = match target {
+        Ok(t) => admit(state, snapshot, client, &t, &request)
+            .await
+            .map(|()| t),
+        Err(e) => Err(e),
+    };
+    let target = match checked {
+        Ok(t) => t,
+        Err(e) => {
+            let route = match &e {
+                ProxyError::ClientNotAllowed(r) | ProxyError::CleartextRefused(r) => {
+                    Some(r.clone())
+                }
+                _ => None,
+            };
+            let response = e.into_response(route.as_deref());
+            snapshot
+                .unmatched_metrics
+                .answered(response.status().as_u16());
+            tracing::info!(client = %client.addr, user = client.user.as_deref().unwrap_or("-"), %method, status = response.status().as_u16(), "request refused by the proxy");
+            return response;
+        }
+    };
+    let route = target.route.clone();
+    let route_name = route.as_ref().map_or("-", |r| &*r.name);
+    let credential = route
+        .as_ref()
+        .and_then(|r| r.credential.as_ref())
+        .map_or("-", |c| &**c.name());
+    let span = tracing::info_span!(
+        "request",
+        client = %client.addr,
+        user = client.user.as_deref().unwrap_or("-"),
+        route = route_name,
+        credential,
+        %method,
+        host = target
+            .client_origin
+            .as_ref()
+            .map_or_else(|| target.uri.host().unwrap_or("-"), |(_, a)| a.host()),
+        upstream = target.uri.authority().map_or("-", |a| a.as_str())
+    );
+    async {
+        let redirects = location::Rewrite::for_target(&target);
+        let forwarded = if upgrade::is_upgrade(request.headers()) {
+            upgrade::forward(&state.upstream, &snapshot.config, target, request).await
+        } else {
+            forward::forward(&state.upstream, &snapshot.config, target, request).await
+        };
+        let (response, retried) = match forwarded {
+            Ok(mut f) => {
+                if let Some(rewrite) = &redirects {
+                    rewrite.apply(f.response.headers_mut());
+                }
+                let idle = snapshot.config.timeouts.upstream_body_idle;
+                let response = f
+                    .response
+                    .map(|body| IdleTimeout::wrap(body, Side::Upstream, idle));
+                (response, f.retried)
+            }
+            Err(ProxyError::Upstream(detail)) if route.is_none() => {
+                tracing::debug!(error = %detail, "unmatched request: upstream unreachable");
+                (ProxyError::Unreachable.into_response(None), false)
+            }
+            Err(e) => {
+                if matches!(
+                    e,
+                    ProxyError::Credential(_)
+                        | ProxyError::Upstream(_)
+                        | ProxyError::UpstreamTimeout(_)
+                ) {
+                    tracing::warn!(error = %e, "request failed");
+                }
+                (e.into_response(route.as_ref().map(|r| &*r.name)), false)
+            }
+        };
+        let status = response.status().as_u16();
+        match &route {
+            Some(r) => r.metrics.answered(status),
+            None => snapshot.unmatched_metrics.answered(status),
+        }
+        tracing::info!(
+            status,
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            retried,
+            "request"
+        );
+        response
+    }
+    .instrument(span)
+    .await
+}
+

@@ -1,0 +1,58 @@
+//! How many client connections the proxy holds at once, derived from the file-descriptor
+//! limit, and raising that limit at start (as nginx's `worker_rlimit_nofile` does), so that
+//! idle sockets cannot use up every descriptor and starve upstream and token connections.
+
+use rustix::process::{getrlimit, setrlimit, Resource};
+
+/// Descriptors kept for everything that is not a client or upstream connection: listeners,
+/// the config watcher, token endpoint calls, log and config files.
+const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the soft limit now in force
+/// (`None` when it is unlimited or cannot be read).
+pub fn raise_fd_limit() -> Option<u64> {
+    let mut limit = getrlimit(Resource::Nofile);
+    if let (Some(current), Some(hard)) = (limit.current, limit.maximum) {
+        if current < hard {
+            limit.current = Some(hard);
+            match setrlimit(Resource::Nofile, limit) {
+                Ok(()) => tracing::debug!(
+                    from = current,
+                    to = hard,
+                    "raised the file-descriptor limit"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, limit = current, "cannot raise the file-descriptor limit")
+                }
+            }
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
+/// The soft file-descriptor limit in force.
+pub fn fd_limit() -> Option<u64> {
+    getrlimit(Resource::Nofile).current
+}
+
+/// `max_connections` when the config does not set it: half of the descriptors left after
+/// [`RESERVED_DESCRIPTORS`], since every client connection in flight may hold an upstream
+/// connection too. Unlimited descriptors give a generous fixed number.
+pub fn default_max_connections(fd_limit: Option<u64>) -> usize {
+    let fds = fd_limit.unwrap_or(1 << 20);
+    let usable = fds.saturating_sub(RESERVED_DESCRIPTORS) / 2;
+    usize::try_from(usable).unwrap_or(usize::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_leaves_room_for_upstream_connections() {
+        assert_eq!(default_max_connections(Some(256)), 96);
+        assert_eq!(default_max_connections(Some(65_536)), 32_736);
+        assert_eq!(default_max_connections(Some(10)), 1);
+        assert!(default_max_connections(None) > 100_000);
+    }
+}

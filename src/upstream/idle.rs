@@ -1,0 +1,137 @@
+//! A body that fails once its sender has sent nothing for a while: a stalled client upload
+//! (`timeouts.client_body`) or a stalled upstream response (`timeouts.upstream_body_idle`)
+//! must not hold memory, a connection or the other side forever.
+//!
+//! The clock runs only while the body is being waited for: a reader that is itself slow
+//! (back-pressure from the other side) does not count against the sender.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+use super::{BoxError, ProxyBody};
+
+/// Which side stopped sending; decides the answer (408 for the client, a cut connection for
+/// the upstream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client's request body.
+    Client,
+    /// The upstream's response body.
+    Upstream,
+}
+
+/// The error a stalled body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("{} body sent nothing for {}", match .side { Side::Client => "request", Side::Upstream => "upstream response" }, humantime::format_duration(*.idle))]
+pub struct Stalled {
+    /// Who stopped sending.
+    pub side: Side,
+    /// The configured idle limit.
+    pub idle: Duration,
+}
+
+impl Stalled {
+    /// The `Stalled` error among `error` and its causes, if there is one.
+    pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a Stalled> {
+        super::find(error)
+    }
+}
+
+/// `inner`, failing with [`Stalled`] when no frame arrives for `idle` while it is polled.
+pub struct IdleTimeout {
+    inner: ProxyBody,
+    stalled: Stalled,
+    /// Made on the first wait, so that a body whose frames are always ready costs no timer.
+    deadline: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
+    failed: bool,
+}
+
+impl IdleTimeout {
+    /// Wraps `inner`; boxed, as every body the proxy sends.
+    pub fn wrap(inner: ProxyBody, side: Side, idle: Duration) -> ProxyBody {
+        use http_body_util::BodyExt;
+        if inner.is_end_stream() {
+            return inner;
+        }
+        IdleTimeout {
+            inner,
+            stalled: Stalled { side, idle },
+            deadline: None,
+            waiting: false,
+            failed: false,
+        }
+        .boxed()
+    }
+}
+
+impl Body for IdleTimeout {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.waiting = false;
+                Poll::Ready(frame)
+            }
+            Poll::Pending => {
+                let idle = this.stalled.idle;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if !this.waiting {
+                    this.waiting = true;
+                    deadline.as_mut().reset(Instant::now() + idle);
+                }
+                this.poll_deadline(cx)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl IdleTimeout {
+    /// Pending until the deadline passes, then the [`Stalled`] error.
+    fn poll_deadline(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(deadline) = self.deadline.as_mut() else {
+            return Poll::Pending;
+        };
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.failed = true;
+                if self.stalled.side == Side::Upstream {
+                    tracing::warn!(idle = ?self.stalled.idle, "the upstream stopped sending its response body; closing the client connection");
+                }
+                Poll::Ready(Some(Err(Box::new(Stalled {
+                    side: self.stalled.side,
+                    idle: self.stalled.idle,
+                }))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
