@@ -3,9 +3,6 @@
 //! make room), and the shutdown signal handed to tunnels so they can drain.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -13,23 +10,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request, Response};
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
-use tracing::Instrument;
 
-use super::respond::ProxyError;
-use super::target::Target;
-use crate::access::{Client, DestinationError, DestinationPolicy};
-use crate::state::State;
-use crate::upstream::idle::{IdleTimeout, Side};
 use crate::upstream::{BoxError, ProxyBody};
 
 /// Open client connections: counted so that shutdown can wait for them (upgraded ones,
@@ -272,4 +259,3 @@ impl AsyncWrite for TrackedStream {
 /// shutdown (an intercepted tunnel finishes its requests in flight, then closes).
 #[derive(Clone)]
 pub struct ShutdownSignal(pub watch::Receiver<bool>);
-

@@ -3,36 +3,20 @@
 //! and the upstream-body idle limit. Forward-proxy, mount and in-tunnel requests all pass
 //! through here.
 
-use std::collections::HashMap;
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::IpAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use bytes::Bytes;
-use http::{Method, Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
+use http::{Request, Response};
+
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
 use super::respond::ProxyError;
 use super::target::Target;
+use super::{forward, location, target, upgrade};
 use crate::access::{Client, DestinationError, DestinationPolicy};
 use crate::state::State;
 use crate::upstream::idle::{IdleTimeout, Side};
-use crate::upstream::{BoxError, ProxyBody};
-use super::{forward, location, target, upgrade};
+use crate::upstream::ProxyBody;
 
 /// Checks a routed request against its route (clients, methods, paths) or, for unmatched
 /// traffic, its destination against the proxy's own addresses, link-local ranges and
@@ -195,4 +179,3 @@ pub async fn dispatch(
     .instrument(span)
     .await
 }
-

@@ -24,6 +24,10 @@ use crate::access::Client;
 use crate::state::State;
 use crate::upstream::ProxyBody;
 
+/// Concurrent HTTP/2 requests one tunnel may have in flight (like nginx's
+/// `http2_max_concurrent_streams`, but lower: every stream can hold an upstream socket).
+pub const MAX_STREAMS_PER_TUNNEL: u32 = 32;
+
 /// Decrypts the tunnel and serves its requests as `https://authority` until the client
 /// closes it, it is idle too long, or shutdown (then after its requests in flight).
 pub async fn serve<T>(
@@ -81,7 +85,12 @@ pub async fn serve_requests<S>(
         .timer(TokioTimer::new())
         .max_buf_size(crate::upstream::CONNECTION_BUFFER)
         .header_read_timeout(client_idle);
-    builder.http2().timer(TokioTimer::new());
+    // Each stream may open its own upstream connection: hyper's default of 200 streams per
+    // tunnel would let a few tunnels use up the descriptors `max_connections` was sized for.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_TUNNEL);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let mut check = tokio::time::interval((client_idle / 4).max(Duration::from_millis(10)));

@@ -70,22 +70,43 @@ impl Rewrite {
 
     /// The client's view of `url`, or `None` when it stays as it is.
     fn map(&self, upstream: &UpstreamTarget, url: &str) -> Option<String> {
-        let (named_upstream, path) = if url.starts_with("//") {
-            return None;
-        } else if url.starts_with('/') {
-            (false, url)
-        } else {
-            let rest = strip_origin(url, upstream)?;
-            (true, rest)
-        };
-        let rest = under_base(path, &upstream.base_path)?;
-        match (&self.route.mount, &self.client_origin) {
-            (Some(mount), _) => Some(format!("{mount}{rest}")),
-            (None, Some((scheme, authority))) if named_upstream => {
-                Some(format!("{scheme}://{authority}{rest}"))
-            }
-            (None, _) => Some(rest.to_string()),
+        map_url(
+            self.route.mount.as_deref(),
+            self.client_origin.as_ref(),
+            upstream,
+            url,
+        )
+    }
+}
+
+/// `url` from `upstream` as the client should see it: under `mount` in base-URL mode, on
+/// `client_origin` in forward and tunnel mode; `None` when it stays as it is.
+fn map_url(
+    mount: Option<&str>,
+    client_origin: Option<&(Scheme, Authority)>,
+    upstream: &UpstreamTarget,
+    url: &str,
+) -> Option<String> {
+    let (named_upstream, path) = if url.starts_with("//") {
+        return None;
+    } else if url.starts_with('/') {
+        (false, url)
+    } else {
+        let rest = strip_origin(url, upstream)?;
+        (true, rest)
+    };
+    let rest = under_base(path, &upstream.base_path)?;
+    // `/base//evil.example/x` would become a protocol-relative redirect off-site once the
+    // base is stripped: such a URL is left as the upstream sent it.
+    if rest.starts_with("//") {
+        return None;
+    }
+    match (mount, client_origin) {
+        (Some(mount), _) => Some(format!("{mount}{rest}")),
+        (None, Some((scheme, authority))) if named_upstream => {
+            Some(format!("{scheme}://{authority}{rest}"))
         }
+        (None, _) => Some(rest.to_string()),
     }
 }
 
@@ -149,6 +170,35 @@ mod tests {
         ] {
             assert_eq!(strip_origin(other, &up), None, "{other}");
         }
+    }
+
+    #[test]
+    fn a_path_that_would_leave_the_site_is_left_alone() {
+        let up = upstream("https://vendor.test/base");
+        let origin = (Scheme::HTTPS, Authority::from_static("api.test"));
+        for mount in [None, Some("/m")] {
+            assert_eq!(
+                map_url(mount, Some(&origin), &up, "/base//evil.example/x"),
+                None
+            );
+            assert_eq!(
+                map_url(
+                    mount,
+                    Some(&origin),
+                    &up,
+                    "https://vendor.test/base//evil.example"
+                ),
+                None
+            );
+        }
+        assert_eq!(
+            map_url(None, Some(&origin), &up, "/base/next").as_deref(),
+            Some("/next")
+        );
+        assert_eq!(
+            map_url(Some("/m"), None, &up, "https://vendor.test/base/next").as_deref(),
+            Some("/m/next")
+        );
     }
 
     #[test]

@@ -11,39 +11,30 @@ pub mod limits;
 pub mod location;
 pub mod replay;
 pub mod respond;
+pub mod splice;
 pub mod target;
 pub mod upgrade;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Method, Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
-use tracing::Instrument;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
-use self::activity::{Activity, ConnectionTracker, ShutdownSignal, TrackedStream};
+use self::activity::{ConnectionTracker, ShutdownSignal, TrackedStream};
 use self::respond::ProxyError;
-use self::target::Target;
-use crate::access::{Client, DestinationError, DestinationPolicy};
+use crate::access::Client;
 use crate::state::State;
-use crate::upstream::idle::{IdleTimeout, Side};
-use crate::upstream::{BoxError, ProxyBody};
+use crate::upstream::ProxyBody;
 
 /// Answers one request received on the proxy listener from a client at `peer`. With
 /// `clients.users` set, every request (forward, mount and CONNECT) must name its user in
@@ -242,6 +233,9 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::Context;
+
+    use self::activity::Activity;
 
     #[test]
     fn a_repeated_event_is_logged_once_a_second_with_the_count_left_out() {

@@ -16,11 +16,11 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use super::connect::splice;
 use super::forward::{inject, verdict, Forwarded, TokenVerdict};
 use super::headers::strip_hop_by_hop;
 use super::replay;
 use super::respond::ProxyError;
+use super::splice::splice;
 use super::target::Target;
 use crate::config::Config;
 use crate::metrics::RetryOutcome;

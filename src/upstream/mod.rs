@@ -2,6 +2,7 @@
 //! connections driven by the request itself (`plain`), https by rustls with webpki roots plus
 //! an optional private CA, and HTTP/2 when an https upstream offers it.
 
+pub mod budget;
 pub mod idle;
 pub mod plain;
 pub mod upgrade;
@@ -19,10 +20,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use self::budget::ReplayBudget;
 use self::plain::PlainPool;
 use self::upgrade::UpgradeConnector;
 use crate::config::{Timeouts, TlsSettings};
-use crate::proxy::replay::ReplayBudget;
 
 /// Most bytes hyper buffers per connection, client or upstream (and so the longest request head: 431
 /// beyond it). hyper's default, about 400 KiB, would let every streaming upload hold that
