@@ -147,18 +147,19 @@ pub struct RawInterceptCa {
     pub key_file: Option<String>,
 }
 
-/// One credential; `type` selects the token source.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum RawCredential {
-    Static(credentials::static_header::StaticSpec),
-    #[serde(rename = "oauth2_client_credentials")]
-    OAuth2(credentials::oauth2::OAuth2Spec),
-    #[serde(rename = "outreach_s2s")]
-    OutreachS2s(credentials::outreach::OutreachSpec),
-    Jwt(credentials::jwt::JwtSpec),
-    Outseta(credentials::outseta::OutsetaSpec),
-    Login(credentials::login::LoginSpec),
+/// One credential section. `type` selects the type in the registry (`credentials/mod.rs`),
+/// which reads the shared `header`, `scheme`, `prefetch` once and the rest with the type's own
+/// spec (unknown keys refused).
+#[derive(Debug)]
+pub struct RawCredential(pub credentials::ParsedCredential);
+
+impl<'de> Deserialize<'de> for RawCredential {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let fields = serde_yaml::Mapping::deserialize(d)?;
+        credentials::parse_credential(fields)
+            .map(RawCredential)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// One route rule.

@@ -48,14 +48,7 @@ fn validate_credential(
         );
     }
     ctx.take_secret_parts();
-    let v = match raw {
-        RawCredential::Static(spec) => spec.validate(ctx),
-        RawCredential::OAuth2(spec) => spec.validate(ctx),
-        RawCredential::OutreachS2s(spec) => spec.validate(ctx),
-        RawCredential::Jwt(spec) => spec.validate(ctx),
-        RawCredential::Outseta(spec) => spec.validate(ctx),
-        RawCredential::Login(spec) => spec.validate(ctx),
-    }?;
+    let v = raw.0.validate(ctx)?;
     Some(CredentialConfig {
         name: name.to_string(),
         header: v.header,

@@ -12,10 +12,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{
-    common_fields, CredentialError, CredentialKind, FetchFuture, Token, TokenFormat, TokenSource,
-    ValidatedCredential,
-};
+use super::{CredentialError, CredentialType, FetchFuture, SourceDeps, Token, TokenFormat, TokenSource};
 use crate::vocab::validate_ctx::ValidateCtx;
 use crate::vocab::values::ConfigDuration;
 
@@ -134,13 +131,6 @@ pub fn sign_app_token(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtSpec {
-    /// Header to set (default `Authorization`).
-    pub header: Option<String>,
-    /// Scheme before the token (default `Bearer`; empty for the bare token).
-    pub scheme: Option<String>,
-    /// Sign a token at start instead of on first use.
-    #[serde(default)]
-    pub prefetch: bool,
     /// The `iss` claim (Outreach: the app's S2S GUID).
     pub issuer: Option<String>,
     /// Outreach's name for the issuer; same as `issuer`.
@@ -164,16 +154,24 @@ pub struct JwtSettings {
     format: TokenFormat,
 }
 
-impl JwtSpec {
-    /// Checks the section; problems go to `ctx`.
-    pub fn validate(self, ctx: &mut ValidateCtx<'_>) -> Option<ValidatedCredential> {
-        let common = common_fields(
-            ctx,
-            self.header.as_deref(),
-            self.scheme.as_deref(),
-            "Bearer",
-        );
-        let issuer = match (self.issuer.as_deref(), self.s2s_guid.as_deref()) {
+/// `type: jwt`.
+pub struct AppJwt;
+
+impl CredentialType for AppJwt {
+    const NAME: &'static str = "jwt";
+    type Spec = JwtSpec;
+    type Settings = JwtSettings;
+
+    fn default_scheme(_: &JwtSpec) -> Option<&'static str> {
+        Some("Bearer")
+    }
+
+    fn validate(
+        spec: JwtSpec,
+        format: TokenFormat,
+        ctx: &mut ValidateCtx<'_>,
+    ) -> Option<JwtSettings> {
+                let issuer = match (spec.issuer.as_deref(), spec.s2s_guid.as_deref()) {
             (Some(_), Some(_)) => {
                 ctx.problem("issuer", "set either `issuer` or `s2s_guid`, not both");
                 None
@@ -185,14 +183,14 @@ impl JwtSpec {
                 None
             }
         };
-        let key = match self.private_key_file.as_deref() {
+        let key = match spec.private_key_file.as_deref() {
             Some(raw) => RsaSigningKey::load(ctx, "private_key_file", raw),
             None => {
                 ctx.problem("private_key_file", "is required");
                 None
             }
         };
-        let lifetime = self.lifetime.map_or(DEFAULT_APP_TOKEN_LIFETIME, |d| d.0);
+        let lifetime = spec.lifetime.map_or(DEFAULT_APP_TOKEN_LIFETIME, |d| d.0);
         let mut ok = true;
         if lifetime < Duration::from_secs(1) {
             ctx.problem("lifetime", "must be at least 1s");
@@ -206,24 +204,23 @@ impl JwtSpec {
             ok = false;
         }
         for name in RESERVED_CLAIMS {
-            if self.claims.contains_key(name) {
+            if spec.claims.contains_key(name) {
                 ctx.problem("claims", format!("`{name}` is set by authrelay"));
                 ok = false;
             }
         }
-        let (header, format) = common?;
         let settings = JwtSettings {
             issuer: issuer?,
             key: key?,
             lifetime,
-            claims: self.claims,
+            claims: spec.claims,
             format,
         };
-        ok.then_some(ValidatedCredential {
-            header,
-            prefetch: self.prefetch,
-            kind: CredentialKind::Jwt(settings),
-        })
+        ok.then_some(settings)
+    }
+
+    fn source(settings: &JwtSettings, _deps: &SourceDeps) -> Arc<dyn TokenSource> {
+        Arc::new(JwtSource::new(settings.clone()))
     }
 }
 
@@ -264,10 +261,9 @@ mod tests {
 
     #[test]
     fn lifetimes_beyond_the_policy_maximum_are_refused() {
-        let problems = crate::credentials::validate_for_test(
+        let problems = crate::credentials::validate_for_test::<AppJwt>(
             "issuer: app\nprivate_key_file: missing.pem\nlifetime: 100000h\n",
             &[],
-            JwtSpec::validate,
         )
         .unwrap_err();
         assert!(

@@ -7,6 +7,7 @@
 //! refresh is refused, or its grant has expired, the same fetch logs in again. Field names
 //! can be overridden for APIs that follow the pattern under other names.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use reqwest::Url;
@@ -14,17 +15,14 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::exchange::{self, EndpointAnswer};
-use super::{
-    common_fields, CredentialError, CredentialKind, FetchFuture, RefreshGrant, Token, TokenFormat,
-    TokenSource, ValidatedCredential,
-};
+use super::{CredentialError, CredentialType, FetchFuture, RefreshGrant, SourceDeps, Token, TokenFormat, TokenSource};
 use crate::expiry::{self, Stated};
 use crate::vocab::redact::Redactor;
 use crate::vocab::secret::Secret;
 use crate::vocab::validate_ctx::ValidateCtx;
 
 /// The config section as written. `Debug` hides the password.
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoginSpec {
     /// Where to log in (`https://api.teletracker.net/auth/login`).
@@ -32,7 +30,7 @@ pub struct LoginSpec {
     /// The login name.
     pub username: Option<String>,
     /// The password (usually `${VAR}`).
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// The password read from this file instead.
     pub password_file: Option<String>,
     /// Which account to log in to, for users with several (sent as an integer).
@@ -44,31 +42,6 @@ pub struct LoginSpec {
     /// Field names for look-alike APIs.
     #[serde(default)]
     pub fields: FieldsSpec,
-    /// Header to set (default `Authorization`).
-    pub header: Option<String>,
-    /// Scheme before the token (default `Bearer`; empty for the bare token).
-    pub scheme: Option<String>,
-    /// Obtain the token at start and keep it fresh.
-    #[serde(default)]
-    pub prefetch: bool,
-}
-
-impl std::fmt::Debug for LoginSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoginSpec")
-            .field("login_url", &self.login_url)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "***"))
-            .field("password_file", &self.password_file)
-            .field("account_id", &self.account_id)
-            .field("refresh_url", &self.refresh_url)
-            .field("body", &self.body)
-            .field("fields", &self.fields)
-            .field("header", &self.header)
-            .field("scheme", &self.scheme)
-            .field("prefetch", &self.prefetch)
-            .finish()
-    }
 }
 
 /// How the login and refresh bodies are encoded.
@@ -161,32 +134,40 @@ pub struct LoginSettings {
     format: TokenFormat,
 }
 
-impl LoginSpec {
-    /// Checks the section; problems go to `ctx`.
-    pub fn validate(self, ctx: &mut ValidateCtx<'_>) -> Option<ValidatedCredential> {
-        let common = common_fields(
-            ctx,
-            self.header.as_deref(),
-            self.scheme.as_deref(),
-            "Bearer",
-        );
-        let login_url = match self.login_url.as_deref() {
+/// `type: login`.
+pub struct Login;
+
+impl CredentialType for Login {
+    const NAME: &'static str = "login";
+    type Spec = LoginSpec;
+    type Settings = LoginSettings;
+
+    fn default_scheme(_: &LoginSpec) -> Option<&'static str> {
+        Some("Bearer")
+    }
+
+    fn validate(
+        spec: LoginSpec,
+        format: TokenFormat,
+        ctx: &mut ValidateCtx<'_>,
+    ) -> Option<LoginSettings> {
+                let login_url = match spec.login_url.as_deref() {
             Some(raw) => ctx.url("login_url", raw),
             None => {
                 ctx.problem("login_url", "is required");
                 None
             }
         };
-        let refresh_url = match self.refresh_url.as_deref() {
+        let refresh_url = match spec.refresh_url.as_deref() {
             Some(raw) => ctx.url("refresh_url", raw).map(Some),
             None => Some(None),
         };
-        let username = ctx.required_text("username", self.username.as_deref());
+        let username = ctx.required_text("username", spec.username.as_deref());
         let password = ctx
             .required_secret(
                 "password",
-                self.password.as_deref(),
-                self.password_file.as_deref(),
+                spec.password.as_ref().map(Secret::expose),
+                spec.password_file.as_deref(),
             )
             .filter(|p| {
                 if p.is_empty() {
@@ -194,24 +175,23 @@ impl LoginSpec {
                 }
                 !p.is_empty()
             });
-        let request = request_fields(ctx, &self.fields.request);
-        let response = response_fields(ctx, &self.fields.response);
-        let (header, format) = common?;
-        Some(ValidatedCredential {
-            header,
-            prefetch: self.prefetch,
-            kind: CredentialKind::Login(Box::new(LoginSettings {
+        let request = request_fields(ctx, &spec.fields.request);
+        let response = response_fields(ctx, &spec.fields.response);
+        Some(LoginSettings {
                 login_url: login_url?,
                 refresh_url: refresh_url?,
                 username: username?,
                 password: password?,
-                account_id: self.account_id,
-                encoding: self.body.unwrap_or_default(),
+                account_id: spec.account_id,
+                encoding: spec.body.unwrap_or_default(),
                 request: request?,
                 response: response?,
                 format,
-            })),
-        })
+            })
+    }
+
+    fn source(settings: &LoginSettings, deps: &SourceDeps) -> Arc<dyn TokenSource> {
+        Arc::new(LoginSource::new(settings.clone(), deps.http.clone()))
     }
 }
 
@@ -455,10 +435,7 @@ mod tests {
     use super::*;
 
     fn validate(yaml: &str, env: &[(&str, &str)]) -> Result<LoginSettings, Vec<String>> {
-        match crate::credentials::validate_for_test(yaml, env, LoginSpec::validate)? {
-            CredentialKind::Login(s) => Ok(*s),
-            other => Err(vec![format!("unexpected kind {}", other.type_name())]),
-        }
+        crate::credentials::validate_for_test::<Login>(yaml, env)
     }
 
     #[test]

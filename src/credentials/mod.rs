@@ -4,12 +4,6 @@
 //! by every source in `token_store.rs`.
 
 pub mod exchange;
-pub mod jwt;
-pub mod login;
-pub mod oauth2;
-pub mod outreach;
-pub mod outseta;
-pub mod static_header;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -169,33 +163,119 @@ pub trait TokenSource: Send + Sync + 'static {
     }
 }
 
-/// The settings of one credential, by type. Compared on reload: a credential whose settings
-/// are unchanged keeps its cached token.
-#[derive(Debug, Clone, PartialEq)]
-pub enum CredentialKind {
-    Static(static_header::StaticSettings),
-    OAuth2(oauth2::OAuth2Settings),
-    OutreachS2s(outreach::OutreachSettings),
-    Jwt(jwt::JwtSettings),
-    Outseta(Box<outseta::OutsetaSettings>),
-    Login(Box<login::LoginSettings>),
+/// One credential type: the `type:` name YAML selects it by, its own fields, how they are
+/// checked, and the token source they make. Adding a type is one new file with an
+/// implementation of this trait, plus one line in the [`credential_types!`] list below; YAML
+/// reaches a type only through that list. `header`, `scheme` and `prefetch` are read once for
+/// every type ([`CommonSpec`]).
+pub trait CredentialType: 'static {
+    /// The `type:` value in the config.
+    const NAME: &'static str;
+    /// Whether `prefetch: true` applies (false for values that are never fetched).
+    const PREFETCH: bool = true;
+    /// The type's own fields as written (serde, `deny_unknown_fields`; secrets as `Secret`).
+    type Spec: serde::de::DeserializeOwned;
+    /// The validated settings. Compared on reload: a credential whose settings are unchanged
+    /// keeps its cached token. `Debug` must not show a secret (hold them as `Secret`).
+    type Settings: Clone + PartialEq + std::fmt::Debug + Send + Sync + 'static;
+
+    /// The scheme written before the token when `scheme` is not set; `None` when the type
+    /// takes no `scheme` (its value is the whole header, as with `static`).
+    fn default_scheme(spec: &Self::Spec) -> Option<&'static str>;
+
+    /// Checks the type's own fields; problems go to `ctx`. `format` is the validated scheme.
+    fn validate(
+        spec: Self::Spec,
+        format: TokenFormat,
+        ctx: &mut ValidateCtx<'_>,
+    ) -> Option<Self::Settings>;
+
+    /// The runtime source for validated settings.
+    fn source(settings: &Self::Settings, deps: &SourceDeps) -> Arc<dyn TokenSource>;
 }
+
+/// The fields every credential type shares, as written.
+#[derive(Debug, Default)]
+pub struct CommonSpec {
+    /// Header to set (default `Authorization`).
+    pub header: Option<String>,
+    /// The word before the token (`""` sends the bare token); default per type.
+    pub scheme: Option<String>,
+    /// Fetch a token at start and keep it fresh in the background.
+    pub prefetch: Option<bool>,
+}
+
+/// The validated settings of one credential, of whichever type. Compared on reload.
+#[derive(Clone)]
+pub struct CredentialKind(Arc<dyn Definition>);
 
 impl CredentialKind {
     /// The type name as written in the config, for logs and the admin endpoint.
     pub fn type_name(&self) -> &'static str {
-        match self {
-            CredentialKind::Static(_) => "static",
-            CredentialKind::OAuth2(_) => "oauth2_client_credentials",
-            CredentialKind::OutreachS2s(_) => "outreach_s2s",
-            CredentialKind::Jwt(_) => "jwt",
-            CredentialKind::Outseta(_) => "outseta",
-            CredentialKind::Login(_) => "login",
-        }
+        self.0.type_name()
+    }
+
+    /// The settings, when they are of type `T` (for tests and embedders).
+    pub fn settings<T: CredentialType>(&self) -> Option<&T::Settings> {
+        self.0
+            .as_any()
+            .downcast_ref::<Defined<T>>()
+            .map(|d| &d.settings)
     }
 }
 
-/// What every source's `validate` returns.
+impl PartialEq for CredentialKind {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.same(other.0.as_ref())
+    }
+}
+
+impl std::fmt::Debug for CredentialKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt_settings(f)
+    }
+}
+
+/// Object-safe face of a type's settings.
+trait Definition: Send + Sync {
+    fn type_name(&self) -> &'static str;
+    fn source(&self, deps: &SourceDeps) -> Arc<dyn TokenSource>;
+    fn as_any(&self) -> &dyn std::any::Any;
+    fn same(&self, other: &dyn Definition) -> bool;
+    fn fmt_settings(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result;
+}
+
+struct Defined<T: CredentialType> {
+    settings: T::Settings,
+}
+
+impl<T: CredentialType> Definition for Defined<T> {
+    fn type_name(&self) -> &'static str {
+        T::NAME
+    }
+
+    fn source(&self, deps: &SourceDeps) -> Arc<dyn TokenSource> {
+        T::source(&self.settings, deps)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn same(&self, other: &dyn Definition) -> bool {
+        other
+            .as_any()
+            .downcast_ref::<Self>()
+            .is_some_and(|o| o.settings == self.settings)
+    }
+
+    fn fmt_settings(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.settings, f)
+    }
+}
+
+/// What validating one credential section gives.
+#[derive(Debug)]
 pub struct ValidatedCredential {
     pub header: HeaderName,
     pub prefetch: bool,
@@ -213,7 +293,7 @@ pub struct SourceDeps {
 /// becomes an ordinary failure (with backoff and a 502) instead of a stuck credential.
 pub fn build_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSource> {
     Arc::new(Guard {
-        inner: unguarded_source(kind, deps),
+        inner: kind.0.source(deps),
         redactor: Redactor::default(),
     })
 }
@@ -226,29 +306,177 @@ pub fn build_credential_source(
     deps: &SourceDeps,
 ) -> Arc<dyn TokenSource> {
     Arc::new(Guard {
-        inner: unguarded_source(kind, deps),
+        inner: kind.0.source(deps),
         redactor: Redactor::new(secret_parts.iter().map(Secret::expose)),
     })
 }
 
-fn unguarded_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSource> {
-    match kind {
-        CredentialKind::Static(s) => Arc::new(static_header::StaticSource::new(s.clone())),
-        CredentialKind::OAuth2(s) => {
-            Arc::new(oauth2::OAuth2Source::new(s.clone(), deps.http.clone()))
-        }
-        CredentialKind::OutreachS2s(s) => {
-            Arc::new(outreach::OutreachSource::new(s.clone(), deps.http.clone()))
-        }
-        CredentialKind::Jwt(s) => Arc::new(jwt::JwtSource::new(s.clone())),
-        CredentialKind::Outseta(s) => Arc::new(outseta::OutsetaSource::new(
-            (**s).clone(),
-            deps.http.clone(),
-        )),
-        CredentialKind::Login(s) => {
-            Arc::new(login::LoginSource::new((**s).clone(), deps.http.clone()))
-        }
+/// Validation of one section, its type-specific fields already read.
+type PendingValidation =
+    Box<dyn FnOnce(&CommonSpec, &mut ValidateCtx<'_>) -> Option<ValidatedCredential>>;
+
+/// A credential section whose type-specific fields have been read and await validation.
+pub struct ParsedCredential {
+    type_name: &'static str,
+    common: CommonSpec,
+    validate: PendingValidation,
+}
+
+impl std::fmt::Debug for ParsedCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParsedCredential")
+            .field("type", &self.type_name)
+            .field("common", &self.common)
+            .finish_non_exhaustive()
     }
+}
+
+impl ParsedCredential {
+    /// Checks the section (shared fields, then the type's own); problems go to `ctx`.
+    pub fn validate(self, ctx: &mut ValidateCtx<'_>) -> Option<ValidatedCredential> {
+        (self.validate)(&self.common, ctx)
+    }
+}
+
+/// One entry of the registry: a type's name and how to read its section.
+struct Registration {
+    name: &'static str,
+    parse: fn(serde_yaml::Mapping, CommonSpec) -> Result<ParsedCredential, serde_yaml::Error>,
+}
+
+const fn register<T: CredentialType>() -> Registration {
+    Registration {
+        name: T::NAME,
+        parse: parse_section::<T>,
+    }
+}
+
+fn parse_section<T: CredentialType>(
+    fields: serde_yaml::Mapping,
+    common: CommonSpec,
+) -> Result<ParsedCredential, serde_yaml::Error> {
+    let spec: T::Spec = serde_yaml::from_value(serde_yaml::Value::Mapping(fields))?;
+    Ok(ParsedCredential {
+        type_name: T::NAME,
+        common,
+        validate: Box::new(move |common, ctx| validate_section::<T>(spec, common, ctx)),
+    })
+}
+
+/// The shared fields, checked once for every type, then the type's own.
+fn validate_section<T: CredentialType>(
+    spec: T::Spec,
+    common: &CommonSpec,
+    ctx: &mut ValidateCtx<'_>,
+) -> Option<ValidatedCredential> {
+    let header = ctx.header_name("header", common.header.as_deref());
+    let format = match (T::default_scheme(&spec), common.scheme.as_deref()) {
+        (None, Some(_)) => {
+            ctx.problem(
+                "scheme",
+                format!(
+                    "does not apply to `type: {}`: its value is the whole header",
+                    T::NAME
+                ),
+            );
+            None
+        }
+        (None, None) => Some(TokenFormat::new(None, "")),
+        (Some(default), scheme) => scheme_format(ctx, scheme, default),
+    };
+    let prefetch = common.prefetch.unwrap_or(false);
+    if prefetch && !T::PREFETCH {
+        ctx.problem(
+            "prefetch",
+            format!("does not apply to `type: {}`: it is never fetched", T::NAME),
+        );
+    }
+    let settings = T::validate(spec, format.clone()?, ctx)?;
+    Some(ValidatedCredential {
+        header: header?,
+        prefetch,
+        kind: CredentialKind(Arc::new(Defined::<T> { settings })),
+    })
+}
+
+/// Declares the credential modules and the registry YAML reaches them through: one line per
+/// type, `module::Type`.
+macro_rules! credential_types {
+    ($($module:ident :: $ty:ident),+ $(,)?) => {
+        $(pub mod $module;)+
+        static REGISTRY: &[Registration] = &[$(register::<$module::$ty>()),+];
+    };
+}
+
+credential_types! {
+    static_header::StaticHeader,
+    oauth2::OAuth2ClientCredentials,
+    outreach::OutreachS2s,
+    jwt::AppJwt,
+    outseta::Outseta,
+    login::Login,
+}
+
+/// Every `type:` name YAML accepts, in registry order.
+pub fn type_names() -> Vec<&'static str> {
+    REGISTRY.iter().map(|r| r.name).collect()
+}
+
+/// Reads one credential section (a YAML mapping with `type:`): the shared fields once, the
+/// rest by the registered type.
+pub fn parse_credential(mut fields: serde_yaml::Mapping) -> Result<ParsedCredential, String> {
+    let type_name = match fields.remove("type") {
+        Some(serde_yaml::Value::String(t)) => t,
+        Some(_) => return Err("`type` must be a string".into()),
+        None => {
+            return Err(format!(
+                "missing field `type` (one of {})",
+                quoted(&type_names())
+            ))
+        }
+    };
+    let registration = REGISTRY
+        .iter()
+        .find(|r| r.name == type_name)
+        .ok_or_else(|| {
+            format!(
+                "type: unknown variant `{type_name}`, expected one of {}",
+                quoted(&type_names())
+            )
+        })?;
+    let common = CommonSpec {
+        header: take_string(&mut fields, "header")?,
+        scheme: take_string(&mut fields, "scheme")?,
+        prefetch: match fields.remove("prefetch") {
+            None => None,
+            Some(serde_yaml::Value::Bool(b)) => Some(b),
+            Some(_) => return Err("prefetch: expected true or false".into()),
+        },
+    };
+    (registration.parse)(fields, common).map_err(|e| {
+        let text = e.to_string();
+        if text.contains("unknown field") {
+            format!("{text} (or the shared `header`, `scheme`, `prefetch`)")
+        } else {
+            text
+        }
+    })
+}
+
+fn take_string(fields: &mut serde_yaml::Mapping, key: &str) -> Result<Option<String>, String> {
+    match fields.remove(key) {
+        None => Ok(None),
+        Some(serde_yaml::Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(format!("{key}: expected a string")),
+    }
+}
+
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Runs each fetch of the wrapped source in its own task, so that a panic (a bug, or a vendor
@@ -315,14 +543,12 @@ impl TokenFormat {
     }
 }
 
-/// Validates the fields every credential type shares: `header`, `scheme`, `prefetch`.
-pub fn common_fields(
+/// Validates `scheme` (a single word, or `""` for the bare token).
+fn scheme_format(
     ctx: &mut ValidateCtx<'_>,
-    header: Option<&str>,
     scheme: Option<&str>,
     default_scheme: &str,
-) -> Option<(HeaderName, TokenFormat)> {
-    let header = ctx.header_name("header", header)?;
+) -> Option<TokenFormat> {
     if let Some(s) = scheme {
         if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
             ctx.problem(
@@ -332,27 +558,33 @@ pub fn common_fields(
             return None;
         }
     }
-    Some((header, TokenFormat::new(scheme, default_scheme)))
+    Some(TokenFormat::new(scheme, default_scheme))
 }
 
-/// Unit-test helper shared by the credential files: validates one YAML section with the
-/// given variables and returns the settings or every problem found.
+/// Unit-test helper shared by the credential files: validates one YAML section (without
+/// `type:`) as type `T` with the given variables and returns its settings or every problem.
 #[cfg(test)]
-pub(crate) fn validate_for_test<S: serde::de::DeserializeOwned>(
+pub(crate) fn validate_for_test<T: CredentialType>(
     yaml: &str,
     env: &[(&str, &str)],
-    validate: impl FnOnce(S, &mut ValidateCtx<'_>) -> Option<ValidatedCredential>,
-) -> Result<CredentialKind, Vec<String>> {
-    let spec: S = serde_yaml::from_str(yaml).map_err(|e| vec![e.to_string()])?;
+) -> Result<T::Settings, Vec<String>> {
+    let mut fields: serde_yaml::Mapping =
+        serde_yaml::from_str(yaml).map_err(|e| vec![e.to_string()])?;
+    fields.insert("type".into(), T::NAME.into());
+    let parsed = parse_credential(fields).map_err(|e| vec![e])?;
     let env: std::collections::HashMap<String, String> = env
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let mut ctx = ValidateCtx::new(&env, std::env::temp_dir());
-    let validated = validate(spec, &mut ctx);
+    let validated = parsed.validate(&mut ctx);
     let problems = ctx.into_problems();
     match validated {
-        Some(v) if problems.is_empty() => Ok(v.kind),
+        Some(v) if problems.is_empty() => v
+            .kind
+            .settings::<T>()
+            .cloned()
+            .ok_or_else(|| vec!["settings of another type".to_string()]),
         _ => Err(problems),
     }
 }
@@ -385,6 +617,81 @@ mod panic_guard_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A credential type that is implemented but not listed in `credential_types!` could not
+    /// be reached from YAML: every `impl CredentialType for X` in this folder must be listed.
+    #[test]
+    fn every_credential_type_is_registered() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/credentials");
+        let registry = include_str!("mod.rs");
+        let list = &registry[registry.find("\ncredential_types! {").unwrap()..];
+        let list = &list[..list.find('}').unwrap()];
+        let mut found = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let module = path.file_stem().unwrap().to_str().unwrap().to_string();
+            let text = std::fs::read_to_string(&path).unwrap();
+            for line in text.lines() {
+                if let Some(rest) = line.strip_prefix("impl CredentialType for ") {
+                    let ty = rest.trim_end_matches(" {").trim();
+                    assert!(
+                        list.contains(&format!("{module}::{ty},")),
+                        "{module}::{ty} implements CredentialType but is not in credential_types!"
+                    );
+                    found += 1;
+                }
+            }
+        }
+        assert_eq!(found, type_names().len(), "{:?}", type_names());
+        let mut names = type_names();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), REGISTRY.len(), "type names are unique");
+    }
+
+    #[test]
+    fn shared_fields_are_read_once_and_checked_per_type() {
+        let parse = |yaml: &str| {
+            let fields: serde_yaml::Mapping = serde_yaml::from_str(yaml).unwrap();
+            let env = std::collections::HashMap::<String, String>::new();
+            let mut ctx = ValidateCtx::new(&env, std::env::temp_dir());
+            let parsed = parse_credential(fields)?;
+            let validated = parsed.validate(&mut ctx);
+            let problems = ctx.into_problems();
+            match validated {
+                Some(v) if problems.is_empty() => Ok(v),
+                _ => Err(problems.join("; ")),
+            }
+        };
+        let v = parse("type: static\nvalue: k\nheader: X-Api-Key\n").unwrap();
+        assert_eq!(v.header.as_str(), "x-api-key");
+        assert_eq!(v.kind.type_name(), "static");
+        let e = parse("type: static\nvalue: k\nscheme: Bearer\n").unwrap_err();
+        assert!(e.contains("scheme") && e.contains("does not apply"), "{e}");
+        let e = parse("type: static\nvalue: k\nprefetch: true\n").unwrap_err();
+        assert!(e.contains("prefetch"), "{e}");
+        let e = parse("type: static\nvalue: k\nbogus: 1\n").unwrap_err();
+        assert!(
+            e.contains("unknown field `bogus`") && e.contains("`header`"),
+            "{e}"
+        );
+        let e = parse("type: nope\n").unwrap_err();
+        assert!(
+            e.contains("unknown variant `nope`") && e.contains("`login`"),
+            "{e}"
+        );
+        let v = parse(
+            "type: oauth2_client_credentials\ntoken_url: https://a.test/t\nclient_id: c\n\
+             client_secret: s\nprefetch: true\nscheme: Token\n",
+        )
+        .unwrap();
+        assert!(v.prefetch);
+        let secret_free = format!("{:?}", v.kind);
+        assert!(
+            !secret_free.contains("client_secret: \"s\""),
+            "{secret_free}"
+        );
+    }
 
     #[test]
     fn redacted_errors_hide_tokens_from_answers() {

@@ -4,16 +4,14 @@
 //! what gets injected; the access token (ItsYou's live 24 h) travels with the JWT as its
 //! refresh grant, so the next JWT is had with one call and without sending the client secret.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use serde::Deserialize;
 
 use super::exchange::{self, EndpointAnswer};
-use super::{
-    common_fields, CredentialError, CredentialKind, FetchFuture, RefreshGrant, Token, TokenFormat,
-    TokenSource, ValidatedCredential,
-};
+use super::{CredentialError, CredentialType, FetchFuture, RefreshGrant, SourceDeps, Token, TokenFormat, TokenSource};
 use crate::expiry::{self, Stated};
 use crate::vocab::redact::{form_urlencode, Redactor};
 use crate::vocab::secret::Secret;
@@ -39,19 +37,12 @@ pub enum ClientAuth {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuth2Spec {
-    /// Header to set (default `Authorization`).
-    pub header: Option<String>,
-    /// Scheme before the token (default `Bearer`; `bearer` with `jwt_exchange`).
-    pub scheme: Option<String>,
-    /// Fetch a token at start instead of on first use.
-    #[serde(default)]
-    pub prefetch: bool,
     /// The token endpoint.
     pub token_url: Option<String>,
     /// The client id.
     pub client_id: Option<String>,
     /// The client secret, inline with `${VAR}`.
-    pub client_secret: Option<String>,
+    pub client_secret: Option<Secret>,
     /// The client secret read from a file instead.
     pub client_secret_file: Option<String>,
     /// Space-separated scopes to ask for.
@@ -98,22 +89,29 @@ pub struct JwtExchange {
     validity: Option<Duration>,
 }
 
-impl OAuth2Spec {
-    /// Checks the section; problems go to `ctx`.
-    pub fn validate(self, ctx: &mut ValidateCtx<'_>) -> Option<ValidatedCredential> {
+/// `type: oauth2_client_credentials`.
+pub struct OAuth2ClientCredentials;
+
+impl CredentialType for OAuth2ClientCredentials {
+    const NAME: &'static str = "oauth2_client_credentials";
+    type Spec = OAuth2Spec;
+    type Settings = OAuth2Settings;
+
+    fn default_scheme(spec: &OAuth2Spec) -> Option<&'static str> {
         // ItsYou.online documents API calls with a lower-case `bearer`.
-        let default_scheme = if self.jwt_exchange.is_some() {
+        Some(if spec.jwt_exchange.is_some() {
             "bearer"
         } else {
             "Bearer"
-        };
-        let common = common_fields(
-            ctx,
-            self.header.as_deref(),
-            self.scheme.as_deref(),
-            default_scheme,
-        );
-        let token_url = match self.token_url.as_deref() {
+        })
+    }
+
+    fn validate(
+        spec: OAuth2Spec,
+        format: TokenFormat,
+        ctx: &mut ValidateCtx<'_>,
+    ) -> Option<OAuth2Settings> {
+                let token_url = match spec.token_url.as_deref() {
             Some(raw) => ctx.url("token_url", raw),
             None => {
                 ctx.problem("token_url", "is required");
@@ -121,7 +119,7 @@ impl OAuth2Spec {
             }
         };
         let client_id = ctx
-            .required_text("client_id", self.client_id.as_deref())
+            .required_text("client_id", spec.client_id.as_deref())
             .filter(|id| {
                 let ok = !id.is_empty();
                 if !ok {
@@ -131,29 +129,28 @@ impl OAuth2Spec {
             });
         let client_secret = ctx.required_secret(
             "client_secret",
-            self.client_secret.as_deref(),
-            self.client_secret_file.as_deref(),
+            spec.client_secret.as_ref().map(Secret::expose),
+            spec.client_secret_file.as_deref(),
         );
         // Outer `None`: a problem was recorded; keep going to collect the others.
-        let scope = optional_text(ctx, "scope", self.scope.as_deref());
-        let jwt_exchange = match self.jwt_exchange {
+        let scope = optional_text(ctx, "scope", spec.scope.as_deref());
+        let jwt_exchange = match spec.jwt_exchange {
             Some(x) => x.validate(ctx).map(Some),
             None => Some(None),
         };
-        let (header, format) = common?;
-        Some(ValidatedCredential {
-            header,
-            prefetch: self.prefetch,
-            kind: CredentialKind::OAuth2(OAuth2Settings {
+        Some(OAuth2Settings {
                 token_url: token_url?,
                 client_id: client_id?,
                 client_secret: client_secret?,
                 scope: scope?,
-                auth: self.auth,
+                auth: spec.auth,
                 jwt_exchange: jwt_exchange?,
                 format,
-            }),
-        })
+            })
+    }
+
+    fn source(settings: &OAuth2Settings, deps: &SourceDeps) -> Arc<dyn TokenSource> {
+        Arc::new(OAuth2Source::new(settings.clone(), deps.http.clone()))
     }
 }
 

@@ -2,6 +2,7 @@
 //! private key, trade it at `POST /api/app/installs/{install_id}/actions/accessToken` for an
 //! access token (a JSON:API document, token at `data.meta.accessToken`), inject that.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Deserialize;
@@ -9,10 +10,7 @@ use serde_json::Value;
 
 use super::exchange;
 use super::jwt::{sign_app_token, RsaSigningKey, DEFAULT_APP_TOKEN_LIFETIME};
-use super::{
-    common_fields, CredentialError, CredentialKind, FetchFuture, Token, TokenFormat, TokenSource,
-    ValidatedCredential,
-};
+use super::{CredentialError, CredentialType, FetchFuture, SourceDeps, Token, TokenFormat, TokenSource};
 use crate::expiry::{self, Stated};
 use crate::vocab::redact::Redactor;
 use crate::vocab::validate_ctx::ValidateCtx;
@@ -24,13 +22,6 @@ pub const DEFAULT_BASE_URL: &str = "https://api.outreach.io";
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutreachSpec {
-    /// Header to set (default `Authorization`).
-    pub header: Option<String>,
-    /// Scheme before the token (default `Bearer`).
-    pub scheme: Option<String>,
-    /// Fetch a token at start instead of on first use.
-    #[serde(default)]
-    pub prefetch: bool,
     /// The app's S2S GUID (the app token's `iss`).
     pub s2s_guid: Option<String>,
     /// The app's PEM RSA private key.
@@ -50,17 +41,25 @@ pub struct OutreachSettings {
     format: TokenFormat,
 }
 
-impl OutreachSpec {
-    /// Checks the section; problems go to `ctx`.
-    pub fn validate(self, ctx: &mut ValidateCtx<'_>) -> Option<ValidatedCredential> {
-        let common = common_fields(
-            ctx,
-            self.header.as_deref(),
-            self.scheme.as_deref(),
-            "Bearer",
-        );
-        let s2s_guid = ctx.required_text("s2s_guid", self.s2s_guid.as_deref());
-        let key = match self.private_key_file.as_deref() {
+/// `type: outreach_s2s`.
+pub struct OutreachS2s;
+
+impl CredentialType for OutreachS2s {
+    const NAME: &'static str = "outreach_s2s";
+    type Spec = OutreachSpec;
+    type Settings = OutreachSettings;
+
+    fn default_scheme(_: &OutreachSpec) -> Option<&'static str> {
+        Some("Bearer")
+    }
+
+    fn validate(
+        spec: OutreachSpec,
+        format: TokenFormat,
+        ctx: &mut ValidateCtx<'_>,
+    ) -> Option<OutreachSettings> {
+                let s2s_guid = ctx.required_text("s2s_guid", spec.s2s_guid.as_deref());
+        let key = match spec.private_key_file.as_deref() {
             Some(raw) => RsaSigningKey::load(ctx, "private_key_file", raw),
             None => {
                 ctx.problem("private_key_file", "is required");
@@ -68,7 +67,7 @@ impl OutreachSpec {
             }
         };
         let install_id = ctx
-            .required_text("install_id", self.install_id.as_deref())
+            .required_text("install_id", spec.install_id.as_deref())
             .filter(|id| {
                 let ok = !id.is_empty() && !id.contains(['/', '?', '#']);
                 if !ok {
@@ -78,23 +77,22 @@ impl OutreachSpec {
             });
         let base_url = ctx.url(
             "base_url",
-            self.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL),
+            spec.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL),
         );
         let access_token_url = match (base_url, install_id) {
             (Some(base), Some(id)) => access_token_url(ctx, base, &id),
             _ => None,
         };
-        let (header, format) = common?;
-        Some(ValidatedCredential {
-            header,
-            prefetch: self.prefetch,
-            kind: CredentialKind::OutreachS2s(OutreachSettings {
+        Some(OutreachSettings {
                 s2s_guid: s2s_guid?,
                 key: key?,
                 access_token_url: access_token_url?,
                 format,
-            }),
-        })
+            })
+    }
+
+    fn source(settings: &OutreachSettings, deps: &SourceDeps) -> Arc<dyn TokenSource> {
+        Arc::new(OutreachSource::new(settings.clone(), deps.http.clone()))
     }
 }
 

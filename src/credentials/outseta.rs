@@ -8,7 +8,7 @@
 //! subscription; later refreshes ask for that subscription's token directly. Expiry comes
 //! from the JWT's `exp` (or `expires_in`).
 
-use std::fmt;
+use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use http::HeaderValue;
@@ -17,10 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::exchange::{self, EndpointAnswer};
-use super::{
-    common_fields, CredentialError, CredentialKind, FetchFuture, Token, TokenFormat, TokenSource,
-    ValidatedCredential,
-};
+use super::{CredentialError, CredentialType, FetchFuture, SourceDeps, Token, TokenFormat, TokenSource};
 use crate::expiry::{self, Stated};
 use crate::vocab::redact::Redactor;
 use crate::vocab::secret::Secret;
@@ -32,7 +29,7 @@ const SUBSCRIPTIONS_PAGE: usize = 100;
 const MAX_SUBSCRIPTION_PAGES: usize = 50;
 
 /// The config section as written. `Debug` hides every secret field.
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutsetaSpec {
     /// `https://<subdomain>.outseta.com`.
@@ -40,49 +37,21 @@ pub struct OutsetaSpec {
     /// The person whose token is wanted (email), for both forms.
     pub username: Option<String>,
     /// The person's password (person login).
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// `password` read from this file instead.
     pub password_file: Option<String>,
     /// The API key (server-side form).
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// `api_key` read from this file instead.
     pub api_key_file: Option<String>,
     /// The API secret (server-side form).
-    pub api_secret: Option<String>,
+    pub api_secret: Option<Secret>,
     /// `api_secret` read from this file instead.
     pub api_secret_file: Option<String>,
     /// Ask directly for the token of this subscription.
     pub subscription_uid: Option<String>,
     /// Find the subscription of this account, then ask for its token.
     pub account_uid: Option<String>,
-    /// Header to set (default `Authorization`).
-    pub header: Option<String>,
-    /// Scheme before the token (default `Bearer`; empty for the bare token).
-    pub scheme: Option<String>,
-    /// Obtain the token at start and keep it fresh.
-    #[serde(default)]
-    pub prefetch: bool,
-}
-
-impl fmt::Debug for OutsetaSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hidden = |v: &Option<String>| v.as_ref().map(|_| "***");
-        f.debug_struct("OutsetaSpec")
-            .field("base_url", &self.base_url)
-            .field("username", &self.username)
-            .field("password", &hidden(&self.password))
-            .field("password_file", &self.password_file)
-            .field("api_key", &hidden(&self.api_key))
-            .field("api_key_file", &self.api_key_file)
-            .field("api_secret", &hidden(&self.api_secret))
-            .field("api_secret_file", &self.api_secret_file)
-            .field("subscription_uid", &self.subscription_uid)
-            .field("account_uid", &self.account_uid)
-            .field("header", &self.header)
-            .field("scheme", &self.scheme)
-            .field("prefetch", &self.prefetch)
-            .finish()
-    }
 }
 
 /// How authrelay proves who it is to the token endpoint.
@@ -116,16 +85,24 @@ pub struct OutsetaSettings {
     format: TokenFormat,
 }
 
-impl OutsetaSpec {
-    /// Checks the section; problems go to `ctx`.
-    pub fn validate(self, ctx: &mut ValidateCtx<'_>) -> Option<ValidatedCredential> {
-        let common = common_fields(
-            ctx,
-            self.header.as_deref(),
-            self.scheme.as_deref(),
-            "Bearer",
-        );
-        let base = match self.base_url.as_deref() {
+/// `type: outseta`.
+pub struct Outseta;
+
+impl CredentialType for Outseta {
+    const NAME: &'static str = "outseta";
+    type Spec = OutsetaSpec;
+    type Settings = OutsetaSettings;
+
+    fn default_scheme(_: &OutsetaSpec) -> Option<&'static str> {
+        Some("Bearer")
+    }
+
+    fn validate(
+        spec: OutsetaSpec,
+        format: TokenFormat,
+        ctx: &mut ValidateCtx<'_>,
+    ) -> Option<OutsetaSettings> {
+                let base = match spec.base_url.as_deref() {
             Some(raw) => ctx.url("base_url", raw),
             None => {
                 ctx.problem(
@@ -137,7 +114,7 @@ impl OutsetaSpec {
         };
         let urls = base.and_then(|base| endpoint_urls(ctx, &base));
         let username = ctx
-            .required_text("username", self.username.as_deref())
+            .required_text("username", spec.username.as_deref())
             .filter(|u| {
                 let ok = !u.trim().is_empty();
                 if !ok {
@@ -145,23 +122,25 @@ impl OutsetaSpec {
                 }
                 ok
             });
-        let login = self.login(ctx);
-        let account = self.account(ctx);
-        let (header, format) = common?;
+        let login = spec.login(ctx);
+        let account = spec.account(ctx);
         let (token_url, subscriptions_url) = urls?;
-        Some(ValidatedCredential {
-            header,
-            prefetch: self.prefetch,
-            kind: CredentialKind::Outseta(Box::new(OutsetaSettings {
+        Some(OutsetaSettings {
                 token_url,
                 subscriptions_url,
                 username: username?,
                 login: login?,
                 account: account?,
                 format,
-            })),
-        })
+            })
     }
+
+    fn source(settings: &OutsetaSettings, deps: &SourceDeps) -> Arc<dyn TokenSource> {
+        Arc::new(OutsetaSource::new(settings.clone(), deps.http.clone()))
+    }
+}
+
+impl OutsetaSpec {
 
     fn login(&self, ctx: &mut ValidateCtx<'_>) -> Option<Login> {
         let has_password = self.password.is_some() || self.password_file.is_some();
@@ -186,7 +165,7 @@ impl OutsetaSpec {
             (true, false) => {
                 let password = ctx.required_secret(
                     "password",
-                    self.password.as_deref(),
+                    self.password.as_ref().map(Secret::expose),
                     self.password_file.as_deref(),
                 )?;
                 if password.is_empty() {
@@ -198,12 +177,12 @@ impl OutsetaSpec {
             (false, true) => {
                 let key = ctx.required_secret(
                     "api_key",
-                    self.api_key.as_deref(),
+                    self.api_key.as_ref().map(Secret::expose),
                     self.api_key_file.as_deref(),
                 );
                 let secret = ctx.required_secret(
                     "api_secret",
-                    self.api_secret.as_deref(),
+                    self.api_secret.as_ref().map(Secret::expose),
                     self.api_secret_file.as_deref(),
                 );
                 let (key, secret) = (key?, secret?);
@@ -453,10 +432,7 @@ mod tests {
     use super::*;
 
     fn validate(yaml: &str, env: &[(&str, &str)]) -> Result<OutsetaSettings, Vec<String>> {
-        match crate::credentials::validate_for_test(yaml, env, OutsetaSpec::validate)? {
-            CredentialKind::Outseta(s) => Ok(*s),
-            other => Err(vec![format!("unexpected kind {}", other.type_name())]),
-        }
+        crate::credentials::validate_for_test::<Outseta>(yaml, env)
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 use serde::Deserialize;
 
-use super::{CredentialKind, FetchFuture, Token, TokenSource, ValidatedCredential};
+use std::sync::Arc;
+
+use super::{CredentialType, FetchFuture, SourceDeps, Token, TokenFormat, TokenSource};
 use crate::vocab::secret::Secret;
 use crate::vocab::validate_ctx::ValidateCtx;
 
@@ -11,10 +13,8 @@ use crate::vocab::validate_ctx::ValidateCtx;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StaticSpec {
-    /// Header to set (default `Authorization`).
-    pub header: Option<String>,
     /// The full header value, usually built from `${VAR}` references.
-    pub value: Option<String>,
+    pub value: Option<Secret>,
     /// The value read from a file instead.
     pub value_file: Option<String>,
 }
@@ -25,11 +25,29 @@ pub struct StaticSettings {
     value: Secret,
 }
 
-impl StaticSpec {
-    /// Checks the section; problems go to `ctx`.
-    pub fn validate(self, ctx: &mut ValidateCtx<'_>) -> Option<ValidatedCredential> {
-        let header = ctx.header_name("header", self.header.as_deref());
-        let value = ctx.required_secret("value", self.value.as_deref(), self.value_file.as_deref());
+/// `type: static`.
+pub struct StaticHeader;
+
+impl CredentialType for StaticHeader {
+    const NAME: &'static str = "static";
+    const PREFETCH: bool = false;
+    type Spec = StaticSpec;
+    type Settings = StaticSettings;
+
+    fn default_scheme(_: &StaticSpec) -> Option<&'static str> {
+        None
+    }
+
+    fn validate(
+        spec: StaticSpec,
+        _format: TokenFormat,
+        ctx: &mut ValidateCtx<'_>,
+    ) -> Option<StaticSettings> {
+        let value = ctx.required_secret(
+            "value",
+            spec.value.as_ref().map(Secret::expose),
+            spec.value_file.as_deref(),
+        );
         let value = value.filter(|v| {
             let ok = http::HeaderValue::from_str(v.expose()).is_ok() && !v.is_empty();
             if !ok {
@@ -40,11 +58,11 @@ impl StaticSpec {
             }
             ok
         })?;
-        Some(ValidatedCredential {
-            header: header?,
-            prefetch: false,
-            kind: CredentialKind::Static(StaticSettings { value }),
-        })
+        Some(StaticSettings { value })
+    }
+
+    fn source(settings: &StaticSettings, _deps: &SourceDeps) -> Arc<dyn TokenSource> {
+        Arc::new(StaticSource::new(settings.clone()))
     }
 }
 

@@ -37,6 +37,14 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Config files carry secrets (or `${VAR}` references to them): specs hold them as `Secret`
+/// so that a spec printed with `Debug` shows `***`.
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self)
+    }
+}
+
 impl From<String> for Secret {
     fn from(value: String) -> Self {
         Self(value)
