@@ -1,9 +1,15 @@
-//! The bytes all forwarded requests together may hold in memory for a replay after a 401
-//! (`retry.max_buffered_total`). It lives with the upstream client because that client is the
-//! one object every forwarded request shares.
+//! Memory the proxy allows itself: the bytes all forwarded requests together may hold for a
+//! replay after a 401 (`retry.max_buffered_total`; it lives with the upstream client because
+//! that client is the one object every forwarded request shares), and hyper's buffer per
+//! connection.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// Most bytes hyper buffers per connection, client or upstream (and so the longest request head:
+/// 431 beyond it). hyper's default, about 400 KiB, would let every streaming upload hold that
+/// much; nginx allows 32 KiB of headers by default.
+pub const CONNECTION_BUFFER: usize = 64 * 1024;
 
 /// The bytes all requests together hold for replay, so that many large uploads at once
 /// cannot exhaust memory (`retry.max_buffered_total`).

@@ -14,7 +14,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use super::{BoxError, ProxyBody};
+use super::body::{BoxError, ProxyBody};
+use super::error::{describe, find, ClientBodyError, UpstreamError};
 
 /// Which side stopped sending; decides the answer (408 for the client, a cut connection for
 /// the upstream).
@@ -39,7 +40,7 @@ pub struct Stalled {
 impl Stalled {
     /// The `Stalled` error among `error` and its causes, if there is one.
     pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a Stalled> {
-        super::find(error)
+        find(error)
     }
 }
 
@@ -133,5 +134,19 @@ impl IdleTimeout {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// The error for a failed exchange: a stalled client body is the client's fault (408),
+/// anything else the upstream's.
+pub fn exchange_error(e: &(dyn std::error::Error + 'static)) -> UpstreamError {
+    match Stalled::find(e) {
+        Some(stalled) if stalled.side == Side::Client => {
+            UpstreamError::ClientBodyStalled(stalled.idle)
+        }
+        _ => match find::<ClientBodyError>(e) {
+            Some(client) => UpstreamError::ClientBody(client.to_string()),
+            None => UpstreamError::Failed(describe(e)),
+        },
     }
 }

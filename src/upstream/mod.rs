@@ -2,7 +2,9 @@
 //! connections driven by the request itself (`plain`), https by rustls with webpki roots plus
 //! an optional private CA, and HTTP/2 when an https upstream offers it.
 
+pub mod body;
 pub mod budget;
+pub mod error;
 pub mod idle;
 pub mod plain;
 pub mod upgrade;
@@ -10,71 +12,21 @@ pub mod upgrade;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::uri::Scheme;
 use http::{Request, Response};
-use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+pub use self::body::{BoxError, ProxyBody};
 use self::budget::ReplayBudget;
+pub use self::budget::CONNECTION_BUFFER;
+pub use self::error::{ClientBodyError, UpstreamError};
 use self::plain::PlainPool;
 use self::upgrade::UpgradeConnector;
 use crate::config::{Timeouts, TlsSettings};
-
-/// Most bytes hyper buffers per connection, client or upstream (and so the longest request head: 431
-/// beyond it). hyper's default, about 400 KiB, would let every streaming upload hold that
-/// much; nginx allows 32 KiB of headers by default.
-pub const CONNECTION_BUFFER: usize = 64 * 1024;
-
-/// Errors boxed for bodies that mix sources.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The body type of every request sent upstream and every response sent to a client.
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
-
-/// Why an upstream exchange failed.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// No response head within the configured time.
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    /// Connect, TLS or protocol failure; the text is safe to show (no URL query).
-    #[error("{0}")]
-    Failed(String),
-    /// The client's request body, streamed upstream, sent nothing for this long.
-    #[error("the request body sent nothing for {0:?}")]
-    ClientBodyStalled(Duration),
-    /// The client's request body, streamed upstream, could not be read (bad chunk framing,
-    /// the client went away).
-    #[error("{0}")]
-    ClientBody(String),
-}
-
-/// A client's request body could not be read while it was being sent: the client's fault,
-/// not the upstream's.
-#[derive(Debug, thiserror::Error)]
-#[error("request body could not be read: {0}")]
-pub struct ClientBodyError(#[source] pub hyper::Error);
-
-impl UpstreamError {
-    /// The error for a failed exchange: a stalled client body is the client's fault (408),
-    /// anything else the upstream's.
-    fn from_exchange(e: &(dyn std::error::Error + 'static)) -> Self {
-        match idle::Stalled::find(e) {
-            Some(stalled) if stalled.side == idle::Side::Client => {
-                UpstreamError::ClientBodyStalled(stalled.idle)
-            }
-            _ => match find::<ClientBodyError>(e) {
-                Some(client) => UpstreamError::ClientBody(client.to_string()),
-                None => UpstreamError::Failed(describe(e)),
-            },
-        }
-    }
-}
 
 /// Builds the rustls client config shared by upstream requests and token endpoints (ALPN is
 /// left to each client: hyper-rustls offers h2 and http/1.1).
@@ -181,7 +133,7 @@ impl UpstreamClient {
             }
             match self.tls.request(request).await {
                 Ok(response) => Ok(response.map(|body| body.map_err(BoxError::from).boxed())),
-                Err(e) => Err(UpstreamError::from_exchange(&e)),
+                Err(e) => Err(idle::exchange_error(&e)),
             }
         };
         tokio::time::timeout(timeout, exchange)
@@ -193,35 +145,4 @@ impl UpstreamClient {
     pub fn idle_plain_connections(&self) -> usize {
         self.plain.idle_connections()
     }
-}
-
-/// The error of type `T` among `e` and its causes.
-fn find<'a, T: std::error::Error + 'static>(
-    e: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a T> {
-    let mut current = Some(e);
-    while let Some(e) = current {
-        if let Some(found) = e.downcast_ref::<T>() {
-            return Some(found);
-        }
-        current = e.source();
-    }
-    None
-}
-
-/// The error and its causes on one line; certificate problems read as such.
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = Vec::new();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !parts.contains(&text) {
-            parts.push(text);
-        }
-        source = s.source();
-    }
-    if parts.is_empty() {
-        parts.push(e.to_string());
-    }
-    parts.join(": ")
 }

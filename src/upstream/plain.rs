@@ -28,7 +28,8 @@ use hyper::client::conn::{http1, TrySendError};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::{describe, BoxError, ProxyBody, UpstreamError};
+use super::body::{BoxError, ProxyBody};
+use super::error::{describe, UpstreamError};
 
 /// Idle connections kept per upstream host and port; more are closed when they come back.
 const MAX_IDLE_PER_ORIGIN: usize = 1024;
@@ -160,7 +161,7 @@ impl PlainPool {
                         request = copy;
                         pooled_ok = false;
                     }
-                    _ => return Err(UpstreamError::from_exchange(&failed.into_error())),
+                    _ => return Err(super::idle::exchange_error(&failed.into_error())),
                 },
             }
         }
@@ -266,7 +267,7 @@ impl PoolInner {
         let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         let (sender, driver) = http1::Builder::new()
-            .max_buf_size(crate::upstream::CONNECTION_BUFFER)
+            .max_buf_size(super::budget::CONNECTION_BUFFER)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::Failed(describe(&e)))?;

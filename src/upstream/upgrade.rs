@@ -14,7 +14,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::{describe, ProxyBody, UpstreamError};
+use super::body::ProxyBody;
+use super::error::{describe, UpstreamError};
 
 /// Opens upgrade connections. Cheap to clone.
 #[derive(Clone)]

@@ -18,6 +18,7 @@ mod credentials_outseta;
 mod hostile;
 mod hostile_vendors;
 mod https;
+mod layers;
 mod props;
 mod proxy_basics;
 mod raw;

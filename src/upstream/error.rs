@@ -1,0 +1,59 @@
+//! Why an exchange with an upstream failed, and how an error chain is read: described on one
+//! line without a URL, or searched for a cause of a given type.
+
+use std::time::Duration;
+
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No response head within the configured time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Connect, TLS or protocol failure; the text is safe to show (no URL query).
+    #[error("{0}")]
+    Failed(String),
+    /// The client's request body, streamed upstream, sent nothing for this long.
+    #[error("the request body sent nothing for {0:?}")]
+    ClientBodyStalled(Duration),
+    /// The client's request body, streamed upstream, could not be read (bad chunk framing,
+    /// the client went away).
+    #[error("{0}")]
+    ClientBody(String),
+}
+
+/// A client's request body could not be read while it was being sent: the client's fault,
+/// not the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("request body could not be read: {0}")]
+pub struct ClientBodyError(#[source] pub hyper::Error);
+
+/// The error of type `T` among `e` and its causes.
+pub fn find<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(e);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// The error and its causes on one line; certificate problems read as such.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = Vec::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.contains(&text) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    if parts.is_empty() {
+        parts.push(e.to_string());
+    }
+    parts.join(": ")
+}
