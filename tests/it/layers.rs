@@ -65,18 +65,8 @@ fn references(module: &[String], text: &str) -> Vec<Vec<String>> {
             }
             let mut path = base.clone();
             let mut tail = rest;
-            if tail.starts_with('{') {
-                let end = tail.find('}').unwrap_or(tail.len());
-                for item in tail[1..end].split(',') {
-                    let mut p = path.clone();
-                    p.extend(
-                        item.trim()
-                            .split("::")
-                            .take_while(|s| !s.is_empty() && !s.contains(['{', ' ']))
-                            .map(str::to_string),
-                    );
-                    refs.push(p);
-                }
+            if let Some(group) = tail.strip_prefix('{') {
+                refs.extend(grouped(&path, group));
                 continue;
             }
             while let Some(end) = tail.find(|c: char| !(c.is_alphanumeric() || c == '_')) {
@@ -84,19 +74,8 @@ fn references(module: &[String], text: &str) -> Vec<Vec<String>> {
                 if tail[end..].starts_with("::") && !tail[end + 2..].starts_with('{') {
                     tail = &tail[end + 2..];
                 } else {
-                    if tail[end..].starts_with("::{") {
-                        let inner = &tail[end + 3..];
-                        let close = inner.find('}').unwrap_or(inner.len());
-                        for item in inner[..close].split(',') {
-                            let mut p = path.clone();
-                            p.extend(
-                                item.trim()
-                                    .split("::")
-                                    .take_while(|s| !s.is_empty() && !s.contains(['{', ' ']))
-                                    .map(str::to_string),
-                            );
-                            refs.push(p);
-                        }
+                    if let Some(group) = tail[end..].strip_prefix("::{") {
+                        refs.extend(grouped(&path, group));
                     }
                     break;
                 }
@@ -105,6 +84,24 @@ fn references(module: &[String], text: &str) -> Vec<Vec<String>> {
         }
     }
     refs
+}
+
+/// The paths of a `{a, b::c}` group (text after its `{`) under `path`.
+fn grouped(path: &[String], group: &str) -> Vec<Vec<String>> {
+    let close = group.find('}').unwrap_or(group.len());
+    group[..close]
+        .split(',')
+        .map(|item| {
+            let mut p = path.to_vec();
+            p.extend(
+                item.trim()
+                    .split("::")
+                    .take_while(|s| !s.is_empty() && !s.contains(['{', ' ']))
+                    .map(str::to_string),
+            );
+            p
+        })
+        .collect()
 }
 
 /// The deepest known module a path names.
