@@ -16,7 +16,7 @@ use super::{forward, location, target, upgrade};
 use crate::access::{Client, DestinationError, DestinationPolicy};
 use crate::state::State;
 use crate::upstream::idle::{IdleTimeout, Side};
-use crate::upstream::ProxyBody;
+use crate::upstream::{PinnedAddrs, ProxyBody};
 
 /// Checks a routed request against its route (clients, methods, paths) or, for unmatched
 /// traffic, its destination against the proxy's own addresses, link-local ranges and
@@ -27,7 +27,7 @@ async fn admit(
     client: &Client,
     target: &Target,
     request: &Request<Incoming>,
-) -> Result<(), ProxyError> {
+) -> Result<Option<PinnedAddrs>, ProxyError> {
     if let Some(route) = &target.route {
         return target::check_routed(
             route,
@@ -35,7 +35,8 @@ async fn admit(
             request.method(),
             request.uri(),
             request.headers(),
-        );
+        )
+        .map(|()| None);
     }
     let host = target.uri.host().unwrap_or_default();
     let default_port = if target.uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
@@ -46,7 +47,7 @@ async fn admit(
     let port = target.uri.port_u16().unwrap_or(default_port);
     allowed_destination(state, host, port, &snapshot.config.unmatched_deny)
         .await
-        .map(drop)
+        .map(|addrs| Some(PinnedAddrs(addrs.into())))
 }
 
 /// Resolves `host:port` for traffic no route claims (within `timeouts.connect`) and returns
@@ -83,14 +84,19 @@ pub async fn dispatch(
     snapshot: &crate::state::Snapshot,
     client: &Client,
     target: Result<Target, ProxyError>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let method = request.method().clone();
     let checked = match target {
         Ok(t) => admit(state, snapshot, client, &t, &request)
             .await
-            .map(|()| t),
+            .map(|pinned| {
+                if let Some(pinned) = pinned {
+                    request.extensions_mut().insert(pinned);
+                }
+                t
+            }),
         Err(e) => Err(e),
     };
     let target = match checked {

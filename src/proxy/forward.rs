@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::metrics::RetryOutcome;
 use crate::routes::Route;
 use crate::token_store::{CredentialSlot, IssuedToken};
-use crate::upstream::{ProxyBody, UpstreamClient};
+use crate::upstream::{PinnedAddrs, ProxyBody, UpstreamClient};
 
 /// What happened to a forwarded request, for the access log.
 pub struct Forwarded {
@@ -62,13 +62,16 @@ pub async fn forward(
         Some((r, slot))
     }) else {
         let headers = std::mem::take(&mut parts.headers);
-        let request = build(
+        let mut request = build(
             &parts.method,
             &uri,
             headers,
             None,
             replay::streaming(body, config),
         );
+        if let Some(pinned) = parts.extensions.remove::<PinnedAddrs>() {
+            request.extensions_mut().insert(pinned);
+        }
         let response = send(upstream, config, None, request).await?;
         return Ok(Forwarded {
             response: finish(response),

@@ -25,7 +25,7 @@ use super::target::Target;
 use crate::config::Config;
 use crate::metrics::RetryOutcome;
 use crate::token_store::IssuedToken;
-use crate::upstream::{BoxError, ProxyBody, UpstreamClient};
+use crate::upstream::{BoxError, PinnedAddrs, ProxyBody, UpstreamClient};
 
 /// Whether `headers` ask for a protocol upgrade: an `Upgrade` header and the `upgrade` token
 /// in `Connection` (RFC 9110 §7.8).
@@ -56,6 +56,7 @@ pub async fn forward(
     let client_side = parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
         ProxyError::BadRequest("this connection cannot be upgraded (HTTP/2?)".into())
     })?;
+    let pinned = parts.extensions.remove::<PinnedAddrs>();
     let protocol = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
@@ -84,6 +85,9 @@ pub async fn forward(
         *handshake.method_mut() = parts.method.clone();
         *handshake.uri_mut() = uri.clone();
         *handshake.headers_mut() = headers;
+        if let Some(pinned) = &pinned {
+            handshake.extensions_mut().insert(pinned.clone());
+        }
         let started = Instant::now();
         let response = upstream
             .send_upgrade(handshake, config.timeouts.upstream)

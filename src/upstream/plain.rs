@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 
 use super::body::{BoxError, ProxyBody};
 use super::error::{describe, UpstreamError};
+use super::PinnedAddrs;
 
 /// Idle connections kept per upstream host and port; more are closed when they come back.
 const MAX_IDLE_PER_ORIGIN: usize = 1024;
@@ -122,6 +123,7 @@ impl PlainPool {
         &self,
         request: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let pinned = request.extensions().get::<PinnedAddrs>().cloned();
         let (mut request, origin) = origin_form(request)?;
         let mut pooled_ok = true;
         loop {
@@ -132,7 +134,7 @@ impl PlainPool {
             };
             let (mut conn, idle) = match pooled {
                 Some((conn, idle)) => (conn, Some(idle)),
-                None => (self.inner.connect(&origin).await?, None),
+                None => (self.inner.connect(&origin, pinned.as_ref()).await?, None),
             };
             let copy = idle
                 .filter(|idle| *idle >= STALE_RISK_AFTER)
@@ -245,15 +247,21 @@ impl PoolInner {
         idle.retain(|_, list| !list.is_empty());
     }
 
-    async fn connect(&self, origin: &Authority) -> Result<Conn, UpstreamError> {
+    /// A new connection to `origin`, or to the addresses its host was checked at.
+    async fn connect(
+        &self,
+        origin: &Authority,
+        pinned: Option<&PinnedAddrs>,
+    ) -> Result<Conn, UpstreamError> {
         let host = origin.host().trim_start_matches('[').trim_end_matches(']');
         let port = origin.port_u16().unwrap_or(80);
-        let stream = match tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect((host, port)),
-        )
-        .await
-        {
+        let connecting = async {
+            match pinned {
+                Some(pinned) => TcpStream::connect(&pinned.0[..]).await,
+                None => TcpStream::connect((host, port)).await,
+            }
+        };
+        let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
             Err(_) => {
                 return Err(UpstreamError::Failed(format!(
                     "tcp connect error: no connection within {:?}",
@@ -447,6 +455,34 @@ mod tests {
             .body(Empty::new().map_err(|never| match never {}).boxed())
             .unwrap();
         let response = pool.send(request).await.unwrap();
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "ok"
+        );
+    }
+
+    /// A request carrying the addresses its host was checked at connects there, not to what
+    /// DNS says now: `pinned.invalid` resolves to nothing, yet the request reaches the origin.
+    #[tokio::test]
+    async fn a_pinned_request_connects_to_the_checked_address_not_a_new_dns_answer() {
+        let addr = origin().await;
+        let pool = PlainPool::new(Duration::from_secs(5), Duration::from_secs(60));
+        let request = |pinned: bool| {
+            let mut request = Request::get(format!("http://pinned.invalid:{}/", addr.port()))
+                .body(Empty::new().map_err(|never| match never {}).boxed())
+                .unwrap();
+            if pinned {
+                request
+                    .extensions_mut()
+                    .insert(PinnedAddrs(vec![addr].into()));
+            }
+            request
+        };
+        assert!(
+            pool.send(request(false)).await.is_err(),
+            "the name resolves to nothing"
+        );
+        let response = pool.send(request(true)).await.unwrap();
         assert_eq!(
             response.into_body().collect().await.unwrap().to_bytes(),
             "ok"

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::error::{describe, UpstreamError};
+use super::PinnedAddrs;
 
 /// Opens upgrade connections. Cheap to clone.
 #[derive(Clone)]
@@ -42,9 +43,10 @@ impl UpgradeConnector {
         request: Request<ProxyBody>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        let pinned = request.extensions().get::<PinnedAddrs>().cloned();
         let (request, origin, scheme) = origin_form(request)?;
         let exchange = async {
-            let stream = self.tcp(&origin, &scheme).await?;
+            let stream = self.tcp(&origin, &scheme, pinned.as_ref()).await?;
             if scheme == Scheme::HTTPS {
                 let name = rustls::pki_types::ServerName::try_from(
                     origin
@@ -68,11 +70,23 @@ impl UpgradeConnector {
             .unwrap_or(Err(UpstreamError::Timeout(timeout)))
     }
 
-    async fn tcp(&self, origin: &Authority, scheme: &Scheme) -> Result<TcpStream, UpstreamError> {
+    /// A connection to `origin`, or to the addresses its host was checked at.
+    async fn tcp(
+        &self,
+        origin: &Authority,
+        scheme: &Scheme,
+        pinned: Option<&PinnedAddrs>,
+    ) -> Result<TcpStream, UpstreamError> {
         let host = origin.host().trim_start_matches('[').trim_end_matches(']');
         let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
         let port = origin.port_u16().unwrap_or(default_port);
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect((host, port)))
+        let connecting = async {
+            match pinned {
+                Some(pinned) => TcpStream::connect(&pinned.0[..]).await,
+                None => TcpStream::connect((host, port)).await,
+            }
+        };
+        let stream = tokio::time::timeout(self.connect_timeout, connecting)
             .await
             .map_err(|_| {
                 UpstreamError::Failed(format!(
