@@ -168,6 +168,78 @@ pub trait TokenSource: Send + Sync + 'static {
 /// implementation of this trait, plus one line in the [`credential_types!`] list below; YAML
 /// reaches a type only through that list. `header`, `scheme` and `prefetch` are read once for
 /// every type ([`CommonSpec`]).
+///
+/// A whole new type, as `src/credentials/greeting.rs` would hold it (this example is compiled
+/// and run by `cargo test`); registering it is the line `greeting::Greeting,`:
+///
+/// ```
+/// use std::sync::Arc;
+///
+/// use authrelay::credentials::{
+///     CredentialType, FetchFuture, SourceDeps, Token, TokenFormat, TokenSource,
+/// };
+/// use authrelay::vocab::secret::Secret;
+/// use authrelay::vocab::validate_ctx::ValidateCtx;
+///
+/// /// `type: greeting` — a fixed token, sent with the configured scheme.
+/// pub struct Greeting;
+///
+/// #[derive(Debug, serde::Deserialize)]
+/// #[serde(deny_unknown_fields)]
+/// pub struct GreetingSpec {
+///     token: Option<Secret>,
+/// }
+///
+/// #[derive(Debug, Clone, PartialEq)]
+/// pub struct GreetingSettings {
+///     value: Secret,
+/// }
+///
+/// impl CredentialType for Greeting {
+///     const NAME: &'static str = "greeting";
+///     type Spec = GreetingSpec;
+///     type Settings = GreetingSettings;
+///
+///     fn default_scheme(_: &GreetingSpec) -> Option<&'static str> {
+///         Some("Bearer")
+///     }
+///
+///     fn validate(
+///         spec: GreetingSpec,
+///         format: TokenFormat,
+///         ctx: &mut ValidateCtx<'_>,
+///     ) -> Option<GreetingSettings> {
+///         let token = ctx.required_secret("token", spec.token.as_ref().map(Secret::expose), None)?;
+///         Some(GreetingSettings { value: format.header_value(token.expose()) })
+///     }
+///
+///     fn source(settings: &GreetingSettings, _deps: &SourceDeps) -> Arc<dyn TokenSource> {
+///         Arc::new(Fixed(settings.value.clone()))
+///     }
+/// }
+///
+/// struct Fixed(Secret);
+///
+/// impl TokenSource for Fixed {
+///     fn fetch<'a>(&'a self, _previous: Option<&'a Token>) -> FetchFuture<'a> {
+///         let token = Token { value: self.0.clone(), expires_at: None, refresh: None };
+///         Box::pin(async move { Ok(token) })
+///     }
+///
+///     fn refreshable(&self) -> bool {
+///         false
+///     }
+/// }
+///
+/// // What the registry does with it: read the section, validate it, build the source.
+/// let env = std::collections::HashMap::<String, String>::new();
+/// let mut ctx = ValidateCtx::new(&env, std::env::temp_dir());
+/// let spec: GreetingSpec = serde_yaml::from_str("token: hello").unwrap();
+/// let format = TokenFormat::new(None, "Bearer");
+/// let settings = Greeting::validate(spec, format, &mut ctx).unwrap();
+/// assert_eq!(settings.value.expose(), "Bearer hello");
+/// assert_eq!(format!("{settings:?}"), "GreetingSettings { value: *** }");
+/// ```
 pub trait CredentialType: 'static {
     /// The `type:` value in the config.
     const NAME: &'static str;
