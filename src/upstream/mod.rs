@@ -6,6 +6,7 @@ pub mod body;
 pub mod budget;
 pub mod error;
 pub mod idle;
+pub mod pinned;
 pub mod plain;
 pub mod upgrade;
 
@@ -25,11 +26,7 @@ use self::budget::ReplayBudget;
 pub use self::budget::CONNECTION_BUFFER;
 pub use self::error::{ClientBodyError, UpstreamError};
 
-/// The addresses an unmatched request's host was checked at (`access.rs`: never the proxy
-/// itself, link-local or `unmatched_deny`). Carried as a request extension, it makes the
-/// connection go to one of them, never to a second, different DNS answer.
-#[derive(Debug, Clone)]
-pub struct PinnedAddrs(pub Arc<[std::net::SocketAddr]>);
+pub use self::pinned::PinnedAddrs;
 use self::plain::PlainPool;
 use self::upgrade::UpgradeConnector;
 use crate::config::{Timeouts, TlsSettings};

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 
 use super::body::{BoxError, ProxyBody};
 use super::error::{describe, UpstreamError};
-use super::PinnedAddrs;
+use super::pinned::PinnedAddrs;
 
 /// Idle connections kept per upstream host and port; more are closed when they come back.
 const MAX_IDLE_PER_ORIGIN: usize = 1024;

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::error::{describe, UpstreamError};
-use super::PinnedAddrs;
+use super::pinned::PinnedAddrs;
 
 /// Opens upgrade connections. Cheap to clone.
 #[derive(Clone)]
