@@ -11,27 +11,10 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::support;
 use crate::support::lifecycle::TEST_TOKENS_YAML;
 use crate::support::vendor::{protected_api, TokenBook};
 use crate::support::vendors::oauth2::{self, OAuth2Vendor};
-use crate::support::{self, Proxy};
-
-/// Sends `CONNECT authority` and returns the stream and the response head.
-async fn connect(proxy: &Proxy, authority: &str) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte).await.unwrap() == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    (s, String::from_utf8(head).unwrap())
-}
 
 /// An HTTP/1.1 client speaking through an open tunnel.
 async fn http_through(stream: TcpStream) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
@@ -79,7 +62,7 @@ async fn plain_http_in_a_tunnel_to_a_routed_host_gets_the_credential_and_the_rep
     let proxy = support::proxy(&yaml).await;
 
     // Port 80 is not in the default allowed_ports ([443]), but the route names the host.
-    let (stream, head) = connect(&proxy, "api.test:80").await;
+    let (stream, head) = support::connect_tunnel(&proxy, "api.test:80").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let mut sender = http_through(stream).await;
     let (status, body) = send(&mut sender, "GET", "/v1/me", "").await;
@@ -109,7 +92,7 @@ async fn a_routed_port_outside_allowed_ports_carries_only_http() {
     let proxy = support::proxy(&yaml).await;
 
     // Bytes that are neither HTTP nor TLS to a port only the route opens: closed, not tunnelled.
-    let (mut stream, head) = connect(&proxy, "api.test:80").await;
+    let (mut stream, head) = support::connect_tunnel(&proxy, "api.test:80").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     stream.write_all(b"\x00\x01binary").await.unwrap();
     let mut buf = [0u8; 16];
@@ -120,7 +103,7 @@ async fn a_routed_port_outside_allowed_ports_carries_only_http() {
     assert_eq!(n, 0, "nothing comes back through the tunnel");
 
     // TLS to that port, where no route intercepts: closed too (no blind tunnel).
-    let (mut stream, _) = connect(&proxy, "api.test:80").await;
+    let (mut stream, _) = support::connect_tunnel(&proxy, "api.test:80").await;
     stream
         .write_all(b"\x16\x03\x01\x00\x05hello")
         .await
@@ -133,7 +116,7 @@ async fn a_routed_port_outside_allowed_ports_carries_only_http() {
     assert_eq!(origin.count(), 0, "nothing reached the upstream");
 
     // An unrouted host on port 80 keeps the allowed_ports rule.
-    let (_s, head) = connect(&proxy, "other.test:80").await;
+    let (_s, head) = support::connect_tunnel(&proxy, "other.test:80").await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     proxy.stop().await;
 }

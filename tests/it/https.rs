@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use http::Version;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::support::tls::{https_origin, TestCa};
 use crate::support::{self, Proxy};
@@ -143,29 +143,12 @@ async fn tcp_echo() -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
     (addr, received)
 }
 
-/// Sends `CONNECT authority` and returns the stream and the response head.
-async fn connect(proxy: &Proxy, authority: &str) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte).await.unwrap() == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    (s, String::from_utf8(head).unwrap())
-}
-
 #[tokio::test]
 async fn connect_to_unnamed_host_is_a_byte_tunnel_without_credential() {
     let (echo, received) = tcp_echo().await;
     let top = format!("connect:\n  allowed_ports: [443, {}]", echo.port());
     let proxy = start(&routes(&top, "https://127.0.0.1:9", false)).await;
-    let (mut s, head) = connect(&proxy, &echo.to_string()).await;
+    let (mut s, head) = support::connect_tunnel(&proxy, &echo.to_string()).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let payload: Vec<u8> = b"GET /x HTTP/1.1\r\nHost: api.test\r\n\r\n\x00\xff\x16\x03\x01"
         .iter()
@@ -188,7 +171,7 @@ async fn connect_to_unnamed_host_is_a_byte_tunnel_without_credential() {
 async fn connect_to_a_port_not_allowed_is_refused() {
     let (echo, received) = tcp_echo().await;
     let proxy = start(&routes("", "https://127.0.0.1:9", false)).await;
-    let (_s, head) = connect(&proxy, &echo.to_string()).await;
+    let (_s, head) = support::connect_tunnel(&proxy, &echo.to_string()).await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     assert!(received.lock().unwrap().is_empty());
     proxy.stop().await;
@@ -202,7 +185,7 @@ async fn connect_to_unnamed_host_with_unmatched_deny_is_refused() {
         echo.port()
     );
     let proxy = start(&routes(&top, "https://127.0.0.1:9", false)).await;
-    let (_s, head) = connect(&proxy, &echo.to_string()).await;
+    let (_s, head) = support::connect_tunnel(&proxy, &echo.to_string()).await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     proxy.stop().await;
 }
@@ -272,7 +255,7 @@ async fn idle_intercepted_h2_connections_are_closed_but_not_while_a_request_runs
     let (yaml, authrelay_ca) = intercepting_config(dir.path(), &upstream_ca, &origin.url());
     let proxy = start(&format!("timeouts:\n  client_idle: 400ms\n{yaml}")).await;
 
-    let (tunnel, head) = connect(&proxy, "api.test:443").await;
+    let (tunnel, head) = support::connect_tunnel(&proxy, "api.test:443").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut authrelay_ca.as_bytes()) {
@@ -438,7 +421,7 @@ async fn connect_to_a_named_host_without_intercept_is_not_decrypted() {
     let yaml =
         routes(&top, "https://127.0.0.1:9", false).replace("host: api.test", "host: 127.0.0.1");
     let proxy = start(&yaml).await;
-    let (mut s, head) = connect(&proxy, &echo.to_string()).await;
+    let (mut s, head) = support::connect_tunnel(&proxy, &echo.to_string()).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let hello = b"\x16\x03\x01\x00\x05hello";
     s.write_all(hello).await.unwrap();

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -76,27 +76,11 @@ where
     ws.close(None).await.unwrap();
 }
 
-/// Sends `CONNECT authority` and returns the stream once the 200 head is read.
+/// Opens a tunnel through the proxy; the proxy must answer 200.
 async fn connect(proxy: &Proxy, authority: &str) -> TcpStream {
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await;
+    let (s, head) = support::connect_tunnel(proxy, authority).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     s
-}
-
-async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte).await.unwrap() == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    String::from_utf8(head).unwrap()
 }
 
 struct Scene {
@@ -165,7 +149,7 @@ async fn websockets_get_the_credential_in_every_mode() {
         )
         .await
         .unwrap();
-    let head = read_head(&mut stream).await;
+    let head = support::read_head(&mut stream).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(
         head.to_ascii_lowercase()
