@@ -361,17 +361,9 @@ pub struct SourceDeps {
     pub http: reqwest::Client,
 }
 
-/// Builds the runtime source for validated settings, guarded so that a panic inside a fetch
-/// becomes an ordinary failure (with backoff and a 502) instead of a stuck credential.
-pub fn build_source(kind: &CredentialKind, deps: &SourceDeps) -> Arc<dyn TokenSource> {
-    Arc::new(Guard {
-        inner: kind.0.source(deps),
-        redactor: Redactor::default(),
-    })
-}
-
-/// Like [`build_source`] for a whole credential: its errors also hide each `${VAR}` value used
-/// in its secret fields.
+/// Builds the runtime source of a validated credential, guarded so that a panic inside a
+/// fetch becomes an ordinary failure (with backoff and a 502) instead of a stuck credential,
+/// and so that its errors also hide each `${VAR}` value used in its secret fields.
 pub fn build_credential_source(
     kind: &CredentialKind,
     secret_parts: &[Secret],
