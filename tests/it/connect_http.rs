@@ -83,39 +83,54 @@ async fn plain_http_in_a_tunnel_to_a_routed_host_gets_the_credential_and_the_rep
 
 #[tokio::test]
 async fn a_routed_port_outside_allowed_ports_carries_only_http() {
-    let origin = crate::support::server::echo_origin().await;
+    // The routed host:port is a raw TCP echo: a blind tunnel to it would echo the bytes back.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    let received: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
+    let record = Arc::clone(&received);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    record.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
     let yaml = format!(
         "credentials:\n  key:\n    type: static\n    value: \"Bearer k\"\n\
-         routes:\n  - name: api\n    host: api.test\n    upstream: {}\n    credential: key\n",
-        origin.url()
+         routes:\n  - name: api\n    host: \"{echo_addr}\"\n    credential: key\n"
     );
     let proxy = support::proxy(&yaml).await;
+    let authority = echo_addr.to_string();
 
-    // Bytes that are neither HTTP nor TLS to a port only the route opens: closed, not tunnelled.
-    let (mut stream, head) = support::connect_tunnel(&proxy, "api.test:80").await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    stream.write_all(b"\x00\x01binary").await.unwrap();
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
-        .await
-        .expect("the proxy closes the tunnel")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "nothing comes back through the tunnel");
+    // Bytes that are neither HTTP nor TLS to a port only the route opens (not in
+    // `allowed_ports`): the tunnel is closed, nothing is relayed.
+    for first in [&b"\x00\x01binary"[..], &b"\x16\x03\x01\x00\x05hello"[..]] {
+        let (mut stream, head) = support::connect_tunnel(&proxy, &authority).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        stream.write_all(first).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("the proxy closes the tunnel")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "nothing comes back through the tunnel");
+    }
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "nothing reached the routed port"
+    );
 
-    // TLS to that port, where no route intercepts: closed too (no blind tunnel).
-    let (mut stream, _) = support::connect_tunnel(&proxy, "api.test:80").await;
-    stream
-        .write_all(b"\x16\x03\x01\x00\x05hello")
-        .await
-        .unwrap();
-    let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
-        .await
-        .expect("the proxy closes the tunnel")
-        .unwrap_or(0);
-    assert_eq!(n, 0);
-    assert_eq!(origin.count(), 0, "nothing reached the upstream");
-
-    // An unrouted host on port 80 keeps the allowed_ports rule.
+    // An unrouted host on a port outside allowed_ports keeps the old rule.
     let (_s, head) = support::connect_tunnel(&proxy, "other.test:80").await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     proxy.stop().await;
