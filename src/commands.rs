@@ -18,6 +18,8 @@ pub struct FetchReport {
     /// When the token expires (`None` inside `Ok` for values that never expire), or why no
     /// token could be obtained (never contains a secret).
     pub outcome: Result<Option<SystemTime>, String>,
+    /// Where the token came from: `fetched` or `redis` (the shared cache held it).
+    pub origin: Option<&'static str>,
 }
 
 impl std::fmt::Display for FetchReport {
@@ -28,9 +30,13 @@ impl std::fmt::Display for FetchReport {
                 "{}: ok, expires {}",
                 self.name,
                 humantime::format_rfc3339_seconds(*exp)
-            ),
-            Ok(None) => write!(f, "{}: ok, does not expire", self.name),
-            Err(e) => write!(f, "{}: FAILED: {e}", self.name),
+            )?,
+            Ok(None) => write!(f, "{}: ok, does not expire", self.name)?,
+            Err(e) => return write!(f, "{}: FAILED: {e}", self.name),
+        }
+        match self.origin {
+            Some("redis") => write!(f, " (read from the shared token cache)"),
+            _ => Ok(()),
         }
     }
 }
@@ -53,9 +59,23 @@ pub async fn fetch_all(state: &State) -> Vec<FetchReport> {
         reports.push(FetchReport {
             name: name.clone(),
             outcome,
+            origin: slot.status().origin,
         });
     }
     reports
+}
+
+/// For `check --fetch` with `token_cache: type: redis`: whether Redis answers and this
+/// replica's `encryption_key` opens what the others sealed. `None` for the memory cache.
+pub async fn check_token_cache(state: &State) -> Option<Result<String, String>> {
+    let cache = state.snapshot().token_cache.clone()?;
+    let url = cache.status().url.unwrap_or_default();
+    Some(match cache.verify().await {
+        Ok(()) => Ok(format!(
+            "token_cache: ok, {url} answers and the encryption key matches"
+        )),
+        Err(e) => Err(format!("token_cache: FAILED ({url}): {e}")),
+    })
 }
 
 /// Why `token NAME` printed no value.

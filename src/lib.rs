@@ -22,6 +22,7 @@ pub mod reload;
 pub mod routes;
 pub mod state;
 pub mod telemetry;
+pub mod token_cache;
 pub mod token_store;
 pub mod upstream;
 pub mod vocab;

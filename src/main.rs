@@ -188,11 +188,22 @@ async fn async_main(cli: Cli) -> ExitCode {
             let Some(state) = offline_state(config) else {
                 return ExitCode::from(EXIT_START_FAILED);
             };
+            let cache_ok = match commands::check_token_cache(&state).await {
+                None => true,
+                Some(Ok(line)) => {
+                    println!("{line}");
+                    true
+                }
+                Some(Err(line)) => {
+                    println!("{line}");
+                    false
+                }
+            };
             let reports = commands::fetch_all(&state).await;
             for report in &reports {
                 println!("{report}");
             }
-            if reports.iter().all(|r| r.outcome.is_ok()) {
+            if cache_ok && reports.iter().all(|r| r.outcome.is_ok()) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(EXIT_FAILED)

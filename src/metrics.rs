@@ -98,6 +98,10 @@ pub struct Metrics {
     pub tunnels: Gauge,
     /// Connections closed unread because the client's address is outside `clients.allow_from`.
     pub refused_clients: Counter,
+    /// 1 while the token cache is usable (always for `memory`), 0 while Redis is unreachable.
+    pub token_cache_up: Gauge,
+    /// Token fetches this replica made without the shared cache because Redis was down or slow.
+    pub token_cache_fallbacks: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -214,7 +218,22 @@ impl Metrics {
             "Connections closed unread because the client address is outside clients.allow_from",
             refused_clients.clone(),
         );
+        let token_cache_up = Gauge::default();
+        token_cache_up.set(1);
+        registry.register(
+            "token_cache_up",
+            "1 while the token cache is usable, 0 while its Redis is unreachable",
+            token_cache_up.clone(),
+        );
+        let token_cache_fallbacks = Counter::default();
+        registry.register(
+            "token_cache_fallbacks",
+            "Token fetches made without the shared cache because Redis was down or slow",
+            token_cache_fallbacks.clone(),
+        );
         Self {
+            token_cache_up,
+            token_cache_fallbacks,
             registry,
             requests,
             upstream_latency,

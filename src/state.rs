@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::config::{Config, ConfigError, Environment};
+use crate::config::{Config, ConfigError, Environment, TokenCacheSettings};
 use crate::credentials::{build_credential_source, SourceDeps};
 use crate::intercept::CertAuthority;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routes::RouteTable;
+use crate::token_cache::RedisCache;
 use crate::token_store::CredentialSlot;
 use crate::upstream::{tls_config, UpstreamClient};
 
@@ -26,6 +27,8 @@ pub struct Snapshot {
     pub slots: HashMap<String, Arc<CredentialSlot>>,
     /// Metric handles for traffic no route matches.
     pub unmatched_metrics: RouteMetrics,
+    /// The shared token cache (`token_cache: type: redis`), if configured.
+    pub token_cache: Option<Arc<RedisCache>>,
 }
 
 /// Why the proxy could not start.
@@ -37,6 +40,9 @@ pub enum StartError {
     /// TLS trust roots could not be loaded.
     #[error("{0}")]
     Tls(String),
+    /// The shared token cache could not be set up.
+    #[error("{0}")]
+    TokenCache(String),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -92,7 +98,13 @@ impl State {
         };
         let metrics = Arc::new(Metrics::new());
         let deps = SourceDeps { http };
-        let snapshot = build_snapshot(config, None, &deps, &metrics);
+        let token_cache = match &config.token_cache {
+            TokenCacheSettings::Memory => None,
+            TokenCacheSettings::Redis(settings) => Some(
+                RedisCache::new(settings, Arc::clone(&metrics)).map_err(StartError::TokenCache)?,
+            ),
+        };
+        let snapshot = build_snapshot(config, None, token_cache, &deps, &metrics);
         Ok(Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             upstream,
@@ -109,6 +121,35 @@ impl State {
     /// The current snapshot. Hold the `Arc` for the whole request.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    /// The token cache for a reloaded `config`: the running one while its settings are
+    /// unchanged (slots keep their tokens), a new one when they changed. A cache that cannot
+    /// be built leaves the running one in force.
+    fn reload_token_cache(&self, previous: &Snapshot, config: &Config) -> Option<Arc<RedisCache>> {
+        let running = previous.token_cache.clone();
+        match &config.token_cache {
+            TokenCacheSettings::Memory => {
+                if running.is_some() {
+                    tracing::info!("token_cache: now memory only; tokens are no longer shared");
+                    self.metrics.token_cache_up.set(1);
+                }
+                None
+            }
+            TokenCacheSettings::Redis(settings) => match running {
+                Some(cache) if cache.same_settings(settings) => Some(cache),
+                _ => match RedisCache::new(settings, Arc::clone(&self.metrics)) {
+                    Ok(cache) => {
+                        tracing::info!(cache = %settings.display_url, "token_cache: now shared through redis");
+                        Some(cache)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "token_cache not changed");
+                        running
+                    }
+                },
+            },
+        }
     }
 
     /// The interception CA, if one is configured.
@@ -138,7 +179,14 @@ impl State {
         if previous.config.intercept_ca != config.intercept_ca {
             self.reload_intercept_ca(&config);
         }
-        let next = build_snapshot(config, Some(&previous), &self.deps, &self.metrics);
+        let token_cache = self.reload_token_cache(&previous, &config);
+        let next = build_snapshot(
+            config,
+            Some(&previous),
+            token_cache,
+            &self.deps,
+            &self.metrics,
+        );
         drop_removed_series(&previous.config, &next.config, &self.metrics);
         self.snapshot.store(Arc::new(next));
     }
@@ -153,11 +201,12 @@ impl State {
         let Some(cred) = current.config.credentials.get(name) else {
             return false;
         };
-        let slot = CredentialSlot::new(
+        let slot = CredentialSlot::with_cache(
             cred.clone(),
             current.config.tokens.clone(),
             source,
             Arc::clone(&self.metrics),
+            current.token_cache.as_ref().map(|c| c.slot(cred)),
         );
         if cred.prefetch {
             slot.start_keeper();
@@ -170,6 +219,7 @@ impl State {
             routes,
             slots,
             unmatched_metrics: current.unmatched_metrics.clone(),
+            token_cache: current.token_cache.clone(),
         }));
         true
     }
@@ -283,26 +333,31 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
 fn build_snapshot(
     config: Config,
     previous: Option<&Snapshot>,
+    token_cache: Option<Arc<RedisCache>>,
     deps: &SourceDeps,
     metrics: &Arc<Metrics>,
 ) -> Snapshot {
+    if let Some(cache) = &token_cache {
+        cache.start();
+    }
     let mut slots = HashMap::new();
     for (name, cred) in &config.credentials {
         // Only the credential's own definition decides: `tokens:` timing changes apply to
         // the kept slot's next fetch, and its cached token stays.
         let kept = previous
             .and_then(|p| p.slots.get(name))
-            .filter(|s| s.same_definition(cred))
+            .filter(|s| s.same_definition(cred) && s.uses_cache(token_cache.as_ref()))
             .cloned();
         if let Some(slot) = &kept {
             slot.use_settings(&config.tokens);
         }
         let slot = kept.unwrap_or_else(|| {
-            CredentialSlot::new(
+            CredentialSlot::with_cache(
                 cred.clone(),
                 config.tokens.clone(),
                 build_credential_source(&cred.kind, &cred.secret_parts, deps),
                 Arc::clone(metrics),
+                token_cache.as_ref().map(|c| c.slot(cred)),
             )
         });
         if cred.prefetch {
@@ -316,5 +371,6 @@ fn build_snapshot(
         routes,
         slots,
         unmatched_metrics: metrics.for_route("unmatched"),
+        token_cache,
     }
 }

@@ -23,11 +23,34 @@ use tokio::sync::{oneshot, watch};
 use crate::config::{CredentialConfig, TokenSettings};
 use crate::credentials::{CredentialError, Token, TokenSource};
 use crate::metrics::{CredentialGauges, Metrics};
+use crate::token_cache::{CacheStatus, Obtained, RedisCache, SharedSlot, SharedToken};
 
 /// First quiet period of a route whose refresh after a 401/403 did not help.
 pub const QUIET_INITIAL: Duration = Duration::from_secs(5);
 /// Longest quiet period (the period doubles per useless refresh up to this).
 pub const QUIET_MAX: Duration = Duration::from_secs(300);
+
+/// How much longer than the fetch timeout a replica's lease on a credential lasts in the
+/// shared cache: a lease outlives any fetch its holder can still be making.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+/// Where a slot's token came from (shown by the admin endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This replica called the token endpoint.
+    Fetched,
+    /// Another replica (or an earlier run) stored it in the shared cache.
+    SharedCache,
+}
+
+impl Origin {
+    fn as_str(self) -> &'static str {
+        match self {
+            Origin::Fetched => "fetched",
+            Origin::SharedCache => "redis",
+        }
+    }
+}
 
 /// A token ready to inject: the header value is built once per token, never per request.
 pub struct IssuedToken {
@@ -36,6 +59,9 @@ pub struct IssuedToken {
     refresh_at: Option<Instant>,
     expires_at_wall: Option<SystemTime>,
     token: Token,
+    origin: Origin,
+    /// The record as the shared cache holds it, for compare-and-delete.
+    sealed: Option<Arc<[u8]>>,
 }
 
 impl std::fmt::Debug for IssuedToken {
@@ -47,28 +73,50 @@ impl std::fmt::Debug for IssuedToken {
     }
 }
 
+/// Where a token issued at `issued_at` stands now: how long it may still be sent and how
+/// long until it is due for renewal (`None`: it never expires). Every replica computes the
+/// same answer for a shared token, however late it read it.
+fn standing(
+    expires_at: Option<SystemTime>,
+    issued_at: SystemTime,
+    settings: &TokenSettings,
+) -> Option<(Duration, Duration)> {
+    let exp = expires_at?;
+    let lifetime = exp.duration_since(issued_at).unwrap_or(Duration::ZERO);
+    let elapsed = SystemTime::now()
+        .duration_since(issued_at)
+        .unwrap_or(Duration::ZERO);
+    let timing = refresh_timing(lifetime, settings);
+    Some((
+        timing.usable_for.saturating_sub(elapsed),
+        timing.refresh_after.saturating_sub(elapsed),
+    ))
+}
+
 impl IssuedToken {
     /// Checked arithmetic only: a vendor's absurd expiry (year 9999) must not panic here. A
     /// deadline beyond what `Instant` can hold is treated as "never".
-    fn new(token: Token, settings: &TokenSettings) -> Result<Self, CredentialError> {
+    fn new(
+        token: Token,
+        issued_at: SystemTime,
+        origin: Origin,
+        sealed: Option<Vec<u8>>,
+        settings: &TokenSettings,
+    ) -> Result<Self, CredentialError> {
         let mut header_value = HeaderValue::from_str(token.value.expose()).map_err(|_| {
             CredentialError::BadResponse("token is not a valid header value".into())
         })?;
         header_value.set_sensitive(true);
+        if token.expires_at.is_some_and(|exp| exp <= SystemTime::now()) {
+            return Err(CredentialError::BadResponse(
+                "token endpoint issued an already expired token".into(),
+            ));
+        }
         let now = Instant::now();
-        let (usable_until, refresh_at) = match token.expires_at {
+        let (usable_until, refresh_at) = match standing(token.expires_at, issued_at, settings) {
             None => (None, None),
-            Some(exp) => {
-                let lifetime = exp.duration_since(SystemTime::now()).map_err(|_| {
-                    CredentialError::BadResponse(
-                        "token endpoint issued an already expired token".into(),
-                    )
-                })?;
-                let timing = refresh_timing(lifetime, settings);
-                (
-                    now.checked_add(timing.usable_for),
-                    now.checked_add(timing.refresh_after),
-                )
+            Some((usable_left, refresh_in)) => {
+                (now.checked_add(usable_left), now.checked_add(refresh_in))
             }
         };
         Ok(Self {
@@ -77,6 +125,8 @@ impl IssuedToken {
             refresh_at,
             expires_at_wall: token.expires_at,
             token,
+            origin,
+            sealed: sealed.map(Arc::from),
         })
     }
 
@@ -167,6 +217,11 @@ pub struct SlotStatus {
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
     pub fetches: u64,
+    /// Where the current token came from: `fetched` (by this replica) or `redis` (stored by
+    /// another replica or an earlier run).
+    pub origin: Option<&'static str>,
+    /// The token cache this credential uses and its state.
+    pub cache: CacheStatus,
     /// Routes that pass 401/403 through without refreshing for now, because a fresh token
     /// was refused there too (sorted).
     pub quiet_routes: Vec<String>,
@@ -183,6 +238,34 @@ enum Trigger {
     Rejected(Arc<IssuedToken>),
     /// An operator asked for a fetch now: ignores both the cached token and the backoff.
     Operator,
+}
+
+impl Trigger {
+    /// Whether a token found in the shared cache answers this trigger, so that no vendor
+    /// call is needed: it must be usable, not the one just refused or dropped, and for a
+    /// renewal not due itself. An operator's fetch never takes a stored token.
+    fn accepts(
+        &self,
+        found: &SharedToken,
+        dropped: Option<&IssuedToken>,
+        settings: &TokenSettings,
+    ) -> bool {
+        let value = found.token.value.expose();
+        let is = |t: &IssuedToken| t.token.value.expose() == value;
+        if dropped.is_some_and(is) {
+            return false;
+        }
+        let (usable, due) = match standing(found.token.expires_at, found.issued_at, settings) {
+            None => (true, false),
+            Some((usable_left, refresh_in)) => (!usable_left.is_zero(), refresh_in.is_zero()),
+        };
+        match self {
+            Trigger::Missing => usable,
+            Trigger::Due => usable && !due,
+            Trigger::Rejected(rejected) => usable && !is(rejected),
+            Trigger::Operator => false,
+        }
+    }
 }
 
 /// The outcome of one fetch, shared by everyone who waited for it.
@@ -227,6 +310,8 @@ struct Inner {
     failure: Option<Failure>,
     fetches: u64,
     rejections: HashMap<Arc<str>, RouteRejections>,
+    /// The token an operator dropped: never taken back from the shared cache.
+    dropped: Option<Arc<IssuedToken>>,
 }
 
 /// What [`CredentialSlot::begin`] decided.
@@ -246,6 +331,8 @@ pub struct CredentialSlot {
     source: Arc<dyn TokenSource>,
     refreshable: bool,
     metrics: Arc<Metrics>,
+    /// This credential's place in the shared token cache (`token_cache: type: redis`).
+    shared: Option<SharedSlot>,
     /// The token requests inject, read without a lock.
     current: ArcSwapOption<IssuedToken>,
     inner: Mutex<Inner>,
@@ -287,21 +374,35 @@ impl Drop for FlightGuard {
     fn drop(&mut self) {
         if let Some(tx) = self.publish.take() {
             let error = CredentialError::Other("the token fetch ended abnormally".into());
-            let outcome = self.slot.settle(Err(error), Duration::ZERO);
+            let outcome = self.slot.settle(Err(error), false, Duration::ZERO);
             tx.send_replace(Some(outcome));
         }
     }
 }
 
 impl CredentialSlot {
-    /// A slot with no token yet.
+    /// A slot with no token yet, kept in this process only.
     pub fn new(
         config: CredentialConfig,
         settings: TokenSettings,
         source: Arc<dyn TokenSource>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        Self::with_cache(config, settings, source, metrics, None)
+    }
+
+    /// A slot with no token yet whose fetches go through the shared cache, when `shared` is
+    /// given and the credential is refreshable (a fixed value has nothing to share).
+    pub fn with_cache(
+        config: CredentialConfig,
+        settings: TokenSettings,
+        source: Arc<dyn TokenSource>,
+        metrics: Arc<Metrics>,
+        shared: Option<SharedSlot>,
+    ) -> Arc<Self> {
+        let shared = shared.filter(|_| source.refreshable());
         Arc::new(Self {
+            shared,
             name: Arc::from(config.name.as_str()),
             refreshable: source.refreshable(),
             config,
@@ -316,6 +417,7 @@ impl CredentialSlot {
                 failure: None,
                 fetches: 0,
                 rejections: HashMap::new(),
+                dropped: None,
             }),
             routes_with_rejections: AtomicUsize::new(0),
             fetch_running: AtomicBool::new(false),
@@ -344,6 +446,17 @@ impl CredentialSlot {
     /// [`Self::use_settings`]).
     pub fn same_definition(&self, config: &CredentialConfig) -> bool {
         &self.config == config
+    }
+
+    /// Whether this slot uses the shared cache `cache` (`None`: memory only); a reload that
+    /// changes `token_cache` builds new slots.
+    pub fn uses_cache(&self, cache: Option<&Arc<RedisCache>>) -> bool {
+        match (&self.shared, cache) {
+            (None, None) => true,
+            (Some(s), Some(c)) => s.is_in(c),
+            (None, Some(_)) => !self.refreshable,
+            (Some(_), None) => false,
+        }
     }
 
     /// Applies reloaded `tokens:` settings without dropping the cached token: the next fetch
@@ -476,7 +589,14 @@ impl CredentialSlot {
     /// The refresh grant of the last token is kept, and any backoff is lifted.
     pub fn invalidate(&self) {
         let mut inner = self.lock();
-        self.current.store(None);
+        let dropped = self.current.swap(None);
+        if let (Some(shared), Some(sealed)) = (
+            &self.shared,
+            dropped.as_ref().and_then(|t| t.sealed.as_ref()),
+        ) {
+            shared.forget(sealed.to_vec());
+        }
+        inner.dropped = dropped;
         inner.failure = None;
         tracing::info!(credential = %self.name, "cached token dropped by an operator");
     }
@@ -538,38 +658,90 @@ impl CredentialSlot {
                 });
             }
         }
-        Begin::Wait(self.start_fetch(&mut inner))
+        Begin::Wait(self.start_fetch(&mut inner, trigger))
     }
 
     /// Starts the fetch task. It owns the fetch: callers only wait for its outcome.
-    fn start_fetch(self: &Arc<Self>, inner: &mut Inner) -> Flight {
+    fn start_fetch(self: &Arc<Self>, inner: &mut Inner, trigger: Trigger) -> Flight {
         let (publish, flight) = watch::channel(None);
         inner.phase = Phase::Fetching(flight.clone());
         self.fetch_running.store(true, Ordering::Release);
         let previous = inner.last_issued.as_ref().map(|t| t.token.clone());
         let settings = inner.settings.clone();
+        let dropped = inner.dropped.clone();
         let guard = FlightGuard {
             slot: Arc::clone(self),
             publish: Some(publish),
         };
         tokio::spawn(async move {
             let started = Instant::now();
-            let fetched = fetch(&guard.slot.source, previous, settings.fetch_timeout).await;
-            let issued = fetched.and_then(|t| IssuedToken::new(t, &settings));
-            let outcome = guard.slot.settle(issued, started.elapsed());
+            let (issued, called_vendor) = guard
+                .slot
+                .obtain(trigger, previous, dropped, &settings)
+                .await;
+            let outcome = guard.slot.settle(issued, called_vendor, started.elapsed());
             guard.finish(outcome);
         });
         flight
     }
 
+    /// Gets the next token: from the token endpoint, or through the shared cache when one
+    /// is configured (which may hold a token another replica fetched). Says whether the
+    /// token endpoint was called.
+    async fn obtain(
+        &self,
+        trigger: Trigger,
+        previous: Option<Token>,
+        dropped: Option<Arc<IssuedToken>>,
+        settings: &TokenSettings,
+    ) -> (Result<IssuedToken, CredentialError>, bool) {
+        let source = Arc::clone(&self.source);
+        let timeout = settings.fetch_timeout;
+        let call = move |previous: Option<Token>| fetch(source, previous, timeout);
+        let Some(shared) = &self.shared else {
+            let issued = call(previous).await.and_then(|t| {
+                IssuedToken::new(t, SystemTime::now(), Origin::Fetched, None, settings)
+            });
+            return (issued, true);
+        };
+        let accept_settings = settings.clone();
+        let accept =
+            move |found: &SharedToken| trigger.accepts(found, dropped.as_deref(), &accept_settings);
+        let lease = settings.fetch_timeout.saturating_add(LEASE_MARGIN);
+        match shared.obtain(&accept, previous, lease, call).await {
+            Ok(Obtained::Shared { token, sealed }) => (
+                IssuedToken::new(
+                    token.token,
+                    token.issued_at,
+                    Origin::SharedCache,
+                    Some(sealed),
+                    settings,
+                ),
+                false,
+            ),
+            Ok(Obtained::Fetched { token, sealed }) => (
+                IssuedToken::new(token, SystemTime::now(), Origin::Fetched, sealed, settings),
+                true,
+            ),
+            Err(error) => (Err(error), true),
+        }
+    }
+
     /// Records a fetch's result: the new token, or the failure and the backoff it earns.
     /// Returns the slot to idle.
-    fn settle(&self, issued: Result<IssuedToken, CredentialError>, took: Duration) -> Outcome {
+    fn settle(
+        &self,
+        issued: Result<IssuedToken, CredentialError>,
+        called_vendor: bool,
+        took: Duration,
+    ) -> Outcome {
         let mut inner = self.lock();
         inner.phase = Phase::Idle;
         self.fetch_running.store(false, Ordering::Release);
-        inner.fetches += 1;
-        self.metrics.token_fetch(&self.name, issued.is_ok(), took);
+        if called_vendor {
+            inner.fetches += 1;
+            self.metrics.token_fetch(&self.name, issued.is_ok(), took);
+        }
         match issued {
             Ok(token) => {
                 let token = Arc::new(token);
@@ -577,11 +749,13 @@ impl CredentialSlot {
                 inner.last_issued = Some(Arc::clone(&token));
                 inner.last_success = Some((SystemTime::now(), Instant::now()));
                 inner.failure = None;
+                inner.dropped = None;
                 let expires_at = token
                     .expires_at_wall
                     .map(|t| humantime::format_rfc3339_seconds(t).to_string())
                     .unwrap_or_else(|| "never".into());
-                tracing::info!(credential = %self.name, %expires_at, "token obtained");
+                let from = token.origin.as_str();
+                tracing::info!(credential = %self.name, %expires_at, from, "token obtained");
                 Ok(token)
             }
             Err(error) => {
@@ -685,6 +859,11 @@ impl CredentialSlot {
             last_error: inner.failure.as_ref().map(|f| f.error.to_string()),
             consecutive_failures: inner.failure.as_ref().map_or(0, |f| f.consecutive),
             fetches: inner.fetches,
+            origin: current.as_ref().map(|t| t.origin.as_str()),
+            cache: self
+                .shared
+                .as_ref()
+                .map_or_else(CacheStatus::memory, SharedSlot::status),
             quiet_routes,
         }
     }
@@ -717,11 +896,10 @@ impl CredentialSlot {
 /// becomes an ordinary failure (with backoff) instead of taking the slot down, and a fetch
 /// past `timeout` is abandoned.
 async fn fetch(
-    source: &Arc<dyn TokenSource>,
+    source: Arc<dyn TokenSource>,
     previous: Option<Token>,
     timeout: Duration,
 ) -> Result<Token, CredentialError> {
-    let source = Arc::clone(source);
     let mut task = tokio::spawn(async move { source.fetch(previous.as_ref()).await });
     match tokio::time::timeout(timeout, &mut task).await {
         Ok(Ok(result)) => result,
@@ -805,7 +983,8 @@ mod tests {
             expires_at: SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(u64::MAX / 4)),
             refresh: None,
         };
-        let issued = IssuedToken::new(token, &settings()).unwrap();
+        let issued =
+            IssuedToken::new(token, SystemTime::now(), Origin::Fetched, None, &settings()).unwrap();
         assert!(issued.usable_at(Instant::now()));
     }
 }

@@ -80,6 +80,47 @@ pub struct Config {
     pub unmatched_deny: Vec<IpNet>,
     /// Host names (lower-case) the admin endpoint answers besides IP literals and `localhost`.
     pub admin_hosts: Vec<String>,
+    /// Where tokens are kept: this process only, or shared with other replicas via Redis.
+    pub token_cache: TokenCacheSettings,
+}
+
+/// Where tokens are kept.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum TokenCacheSettings {
+    /// In this process only: every replica fetches its own tokens.
+    #[default]
+    Memory,
+    /// Shared through Redis by every replica with the same settings.
+    Redis(RedisCacheSettings),
+}
+
+/// A validated `token_cache: type: redis`. `Debug` shows no password and no key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisCacheSettings {
+    /// The full URL (it may carry a password, hence a secret).
+    pub url: Secret,
+    /// The URL without user information, for logs and the admin endpoint.
+    pub display_url: String,
+    /// The password when given apart from the URL.
+    pub password: Option<Secret>,
+    /// Prefix of every key written.
+    pub key_prefix: String,
+    /// 32 bytes that seal stored tokens.
+    pub encryption_key: EncryptionKey,
+    /// Longest wait for one Redis command before the replica falls back to memory.
+    pub timeout: Duration,
+    /// Extra PEM root for `rediss://`.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The token cache's 32-byte key. `Debug` prints `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EncryptionKey(pub [u8; 32]);
+
+impl std::fmt::Debug for EncryptionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// Timeouts applied by the proxy.

@@ -51,6 +51,41 @@ pub struct RawConfig {
     /// Host names the admin endpoint answers besides IP literals and `localhost`.
     #[serde(default)]
     pub admin_hosts: Vec<String>,
+    /// Where tokens are kept: in this process only (default) or shared through Redis.
+    #[serde(default)]
+    pub token_cache: RawTokenCache,
+}
+
+/// Which token cache to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenCacheType {
+    /// Each process keeps its own tokens (no network dependency).
+    #[default]
+    Memory,
+    /// Replicas share tokens, leases and refresh tokens through Redis.
+    Redis,
+}
+
+/// The `token_cache:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenCache {
+    #[serde(rename = "type", default)]
+    pub kind: TokenCacheType,
+    /// `redis://host:port/db` or `rediss://` (TLS).
+    pub url: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<String>,
+    /// Prefix of every key authrelay writes (default `authrelay:`).
+    pub key_prefix: Option<String>,
+    /// 32 random bytes, base64 or hex, that seal every stored token.
+    pub encryption_key: Option<String>,
+    pub encryption_key_file: Option<String>,
+    /// Longest wait for one Redis command before falling back to memory.
+    pub timeout: Option<ConfigDuration>,
+    /// Extra PEM root for a `rediss://` server with a private CA.
+    pub ca_file: Option<String>,
 }
 
 /// The `clients:` section: which addresses may connect and which users may authenticate.

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use http::Method;
 
-use super::raw::{RawClients, RawConfig, RawCredential, RawRoute};
+use super::raw::{RawClients, RawConfig, RawCredential, RawRoute, RawTokenCache, TokenCacheType};
 use super::{
-    Config, ConnectSettings, CredentialConfig, InterceptCaSettings, RefreshOn, RetrySettings,
-    RouteConfig, Timeouts, TlsSettings, TokenSettings,
+    Config, ConnectSettings, CredentialConfig, EncryptionKey, InterceptCaSettings,
+    RedisCacheSettings, RefreshOn, RetrySettings, RouteConfig, Timeouts, TlsSettings,
+    TokenCacheSettings, TokenSettings,
 };
 use crate::access::{ClientPolicy, User};
 use crate::vocab::hosts::{HostPattern, UpstreamTarget};
@@ -305,6 +306,168 @@ fn socket_addr(ctx: &mut ValidateCtx<'_>, field: &str, raw: &str) -> Option<Sock
     }
 }
 
+/// `token_cache:`. Nothing here ever prints a URL's password or the key.
+fn validate_token_cache(
+    raw: &RawTokenCache,
+    ctx: &mut ValidateCtx<'_>,
+) -> Option<TokenCacheSettings> {
+    if raw.kind == TokenCacheType::Memory {
+        let set = [
+            ("url", raw.url.is_some()),
+            (
+                "password",
+                raw.password.is_some() || raw.password_file.is_some(),
+            ),
+            ("key_prefix", raw.key_prefix.is_some()),
+            (
+                "encryption_key",
+                raw.encryption_key.is_some() || raw.encryption_key_file.is_some(),
+            ),
+            ("timeout", raw.timeout.is_some()),
+            ("ca_file", raw.ca_file.is_some()),
+        ];
+        for (field, _) in set.iter().filter(|(_, present)| *present) {
+            ctx.problem(
+                &format!("token_cache.{field}"),
+                "applies only to `type: redis` (the memory cache has no settings)",
+            );
+        }
+        return Some(TokenCacheSettings::Memory);
+    }
+    let url_text = match raw.url.as_deref() {
+        Some(u) => interpolated_secret(ctx, "token_cache.url", u),
+        None => {
+            ctx.problem("token_cache.url", "is required for `type: redis`");
+            None
+        }
+    };
+    let url = url_text.and_then(|text| match reqwest::Url::parse(text.expose()) {
+        Ok(u) if matches!(u.scheme(), "redis" | "rediss") && u.host().is_some() => Some((text, u)),
+        Ok(u) => {
+            ctx.problem(
+                "token_cache.url",
+                format!(
+                    "must be a redis:// or rediss:// URL with a host (scheme `{}`)",
+                    u.scheme()
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            ctx.problem("token_cache.url", format!("is not a valid URL: {e}"));
+            None
+        }
+    });
+    let password = ctx.optional_secret(
+        "token_cache.password",
+        raw.password.as_deref(),
+        raw.password_file.as_deref(),
+    );
+    if let (Some((_, u)), Some(_)) = (&url, &password) {
+        if u.password().is_some() {
+            ctx.problem(
+                "token_cache.password",
+                "the url already carries a password; give it in one place only",
+            );
+        }
+    }
+    let key = ctx
+        .optional_secret(
+            "token_cache.encryption_key",
+            raw.encryption_key.as_deref(),
+            raw.encryption_key_file.as_deref(),
+        )
+        .and_then(|k| match decode_key(k.expose().trim()) {
+            Some(bytes) => Some(EncryptionKey(bytes)),
+            None => {
+                ctx.problem(
+                    "token_cache.encryption_key",
+                    "must be 32 random bytes written as base64 (44 characters) or hex (64); \
+                     create one with `openssl rand -base64 32`",
+                );
+                None
+            }
+        });
+    if raw.encryption_key.is_none() && raw.encryption_key_file.is_none() {
+        ctx.problem(
+            "token_cache.encryption_key",
+            "is required for `type: redis` (tokens are stored sealed with it; \
+             `openssl rand -base64 32` makes one; inline with ${VAR} or as `encryption_key_file`)",
+        );
+    }
+    let key_prefix = raw
+        .key_prefix
+        .clone()
+        .unwrap_or_else(|| "authrelay:".into());
+    if key_prefix.is_empty()
+        || key_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        ctx.problem(
+            "token_cache.key_prefix",
+            "must be non-empty, without spaces or control characters",
+        );
+    }
+    let timeout = dur(raw.timeout, Duration::from_millis(500));
+    if !(Duration::from_millis(10)..=Duration::from_secs(10)).contains(&timeout) {
+        ctx.problem("token_cache.timeout", "must be between 10ms and 10s");
+    }
+    let ca_file = raw
+        .ca_file
+        .as_deref()
+        .and_then(|f| ctx.existing_file("token_cache.ca_file", f));
+    let (url, parsed) = url?;
+    let display_url = format!(
+        "{}://{}:{}{}",
+        parsed.scheme(),
+        parsed.host_str().unwrap_or_default(),
+        parsed.port().unwrap_or(6379),
+        parsed.path()
+    );
+    Some(TokenCacheSettings::Redis(RedisCacheSettings {
+        url,
+        display_url,
+        password,
+        key_prefix,
+        encryption_key: key?,
+        timeout,
+        ca_file,
+    }))
+}
+
+/// A `${VAR}`-interpolated value that may hold a secret (a URL with a password): problems
+/// name the field, never the value.
+fn interpolated_secret(
+    ctx: &mut ValidateCtx<'_>,
+    field: &str,
+    raw: &str,
+) -> Option<crate::vocab::secret::Secret> {
+    ctx.optional_secret(field, Some(raw), None)
+}
+
+/// 32 bytes from base64 (standard or URL-safe, padded or not) or 64 hex digits.
+fn decode_key(text: &str) -> Option<[u8; 32]> {
+    use base64::Engine;
+    let hex = || -> Option<Vec<u8>> {
+        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        (0..32)
+            .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok())
+            .collect()
+    };
+    let engines = [
+        base64::engine::general_purpose::STANDARD,
+        base64::engine::general_purpose::STANDARD_NO_PAD,
+        base64::engine::general_purpose::URL_SAFE,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    hex()
+        .or_else(|| engines.iter().find_map(|e| e.decode(text).ok()))
+        .and_then(|bytes| bytes.try_into().ok())
+}
+
 fn dur(v: Option<crate::vocab::values::ConfigDuration>, default: Duration) -> Duration {
     v.map(|d| d.0).unwrap_or(default)
 }
@@ -434,6 +597,7 @@ pub fn validate(
         );
     }
 
+    let token_cache = validate_token_cache(&raw.token_cache, &mut ctx);
     let clients = validate_clients(&raw.clients, &mut ctx);
     let unmatched_deny = nets(&mut ctx, "unmatched_deny", &raw.unmatched_deny);
     let admin_hosts = raw
@@ -501,6 +665,7 @@ pub fn validate(
             clients,
             unmatched_deny,
             admin_hosts,
+            token_cache: token_cache.unwrap_or_default(),
         }),
         _ => Err(problems),
     }

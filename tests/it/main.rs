@@ -24,6 +24,7 @@ mod proxy_basics;
 mod raw;
 mod redirects;
 mod reload;
+mod replicas;
 mod soak;
 mod streaming;
 mod token_admin;

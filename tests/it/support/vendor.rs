@@ -17,6 +17,8 @@ pub struct TokenBook {
 #[derive(Default)]
 struct BookState {
     tokens: HashMap<String, Instant>,
+    /// Every token ever issued or registered, for scans that must find none of them.
+    issued: Vec<String>,
     next_id: u64,
     token_calls: Vec<Instant>,
     fail_next: usize,
@@ -48,16 +50,21 @@ impl TokenBook {
         s.next_id += 1;
         let token = format!("{prefix}-{}-{}", s.next_id, rand::random::<u32>());
         s.tokens.insert(token.clone(), Instant::now() + lifetime);
+        s.issued.push(token.clone());
         token
     }
 
     /// Registers a token minted elsewhere (a JWT) as valid for `lifetime`.
     pub fn register(&self, token: &str, lifetime: Duration) {
-        self.inner
-            .lock()
-            .unwrap()
-            .tokens
+        let mut s = self.inner.lock().unwrap();
+        s.tokens
             .insert(token.to_string(), Instant::now() + lifetime);
+        s.issued.push(token.to_string());
+    }
+
+    /// Every token issued so far, revoked and expired ones included.
+    pub fn issued(&self) -> Vec<String> {
+        self.inner.lock().unwrap().issued.clone()
     }
 
     /// Whether `token` was issued, is not revoked and has not expired.

@@ -89,6 +89,10 @@ pub struct Counts {
     pub refused_logins: AtomicUsize,
     /// Logins still to be answered with 503 (an outage of the login endpoint only).
     pub failing_logins: AtomicUsize,
+    /// Refresh tokens presented again after they were used once.
+    pub reused_refreshes: AtomicUsize,
+    /// Refresh tokens used so far.
+    pub used_refresh_tokens: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A running login API.
@@ -122,6 +126,11 @@ impl LoginServer {
     /// Successful refreshes so far.
     pub fn refreshes(&self) -> usize {
         self.counts.refreshes.load(Ordering::SeqCst)
+    }
+
+    /// Refresh tokens presented a second time (a single-use token used twice).
+    pub fn reused_refreshes(&self) -> usize {
+        self.counts.reused_refreshes.load(Ordering::SeqCst)
     }
 
     /// Refresh attempts refused so far.
@@ -207,6 +216,14 @@ pub async fn start(options: LoginOptions) -> LoginServer {
                             .get(n.refresh_request)
                             .and_then(Value::as_str)
                             .unwrap_or("");
+                        if !counts
+                            .used_refresh_tokens
+                            .lock()
+                            .unwrap()
+                            .insert(presented.to_string())
+                        {
+                            counts.reused_refreshes.fetch_add(1, Ordering::SeqCst);
+                        }
                         if !refresh_book.consume(presented) {
                             counts.refused_refreshes.fetch_add(1, Ordering::SeqCst);
                             return refuse(&options, 401, "Invalid or expired refresh token");

@@ -1,0 +1,530 @@
+//! The shared token cache (`token_cache: type: redis`): how replicas share one token per
+//! credential, with one vendor call per token across all of them.
+//!
+//! Each replica still keeps its own slot and its own lock-free copy of the token (the token
+//! store); this module only changes what a slot's fetch does. A fetch first reads Redis; a
+//! token there that the slot can use is taken as is. Otherwise the replica takes the
+//! credential's lease (`SET NX PX`) and is the only one to call the vendor — using the refresh
+//! grant stored in Redis, so a single-use refresh token is used exactly once — and writes the
+//! result with a compare-and-swap fenced by the lease; the others wait for it (pub/sub, with
+//! polling as a fallback). A lease holder that dies releases by expiry.
+//!
+//! Redis is never a single point of failure: any error or slow answer marks the cache down,
+//! the replica fetches by itself as without Redis (logged once, `authrelay_token_cache_up 0`,
+//! a fallback counted), and a probe brings it back.
+//!
+//! Records are sealed ([`seal`]), keyed by a keyed fingerprint of the credential's whole
+//! definition, and carry no secret in clear.
+
+pub mod redis_store;
+pub mod seal;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::config::{CredentialConfig, RedisCacheSettings};
+use crate::credentials::{CredentialError, Token};
+use crate::metrics::Metrics;
+use redis_store::{RedisStore, StoreError};
+pub use seal::{Sealer, SharedToken};
+
+/// Longest a record is kept (a token or refresh grant that never expires is still dropped
+/// after this, and re-fetched).
+const MAX_RECORD_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often a waiter looks at Redis when no wake-up arrives.
+const POLL: Duration = Duration::from_millis(50);
+/// How often a healthy cache is checked (so the gauge tells the truth between fetches)...
+const CHECK_EVERY: Duration = Duration::from_secs(2);
+/// ...and how often an unreachable one is probed.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// A known plaintext sealed under `{prefix}keycheck`: the first replica writes it, every
+/// other replica checks it opens, so two replicas with different keys are noticed.
+const KEYCHECK: &str = "authrelay token-cache keycheck";
+
+/// The Redis token cache shared by every slot of one replica.
+pub struct RedisCache {
+    store: Arc<RedisStore>,
+    sealer: Sealer,
+    settings: RedisCacheSettings,
+    metrics: Arc<Metrics>,
+    /// False while Redis is known to be unreachable: fetches skip it.
+    up: AtomicBool,
+    started: AtomicBool,
+    /// Dropped with the cache: stops its background tasks.
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for RedisCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCache")
+            .field("url", &self.settings.display_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the admin endpoint shows of the cache.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CacheStatus {
+    /// `memory` or `redis`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The Redis URL without user information.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `up` or `down` (Redis unreachable: each replica uses its own tokens).
+    pub state: &'static str,
+}
+
+impl CacheStatus {
+    /// The in-process cache, always up.
+    pub fn memory() -> Self {
+        Self {
+            kind: "memory",
+            url: None,
+            state: "up",
+        }
+    }
+}
+
+/// One credential's place in the cache.
+#[derive(Clone)]
+pub struct SharedSlot {
+    cache: Arc<RedisCache>,
+    key: String,
+    lease_key: String,
+    aad: String,
+}
+
+/// Where a fetch's token came from.
+#[derive(Debug)]
+pub enum Obtained {
+    /// Another replica (or an earlier run) stored it: no vendor call.
+    Shared { token: SharedToken, sealed: Vec<u8> },
+    /// This replica called the vendor; `sealed` is what it stored (`None`: not stored,
+    /// Redis being down or another replica's newer token standing).
+    Fetched {
+        token: Token,
+        sealed: Option<Vec<u8>>,
+    },
+}
+
+impl RedisCache {
+    /// A cache for `settings`. Nothing connects until [`Self::start`].
+    pub fn new(settings: &RedisCacheSettings, metrics: Arc<Metrics>) -> Result<Arc<Self>, String> {
+        let store = RedisStore::new(settings)?;
+        metrics.token_cache_up.set(0);
+        Ok(Arc::new(Self {
+            store: Arc::new(store),
+            sealer: Sealer::new(&settings.encryption_key),
+            settings: settings.clone(),
+            metrics,
+            up: AtomicBool::new(true),
+            started: AtomicBool::new(false),
+            stop: tokio::sync::watch::channel(false).0,
+        }))
+    }
+
+    /// Whether this cache was built from `settings` (a reload keeps it then).
+    pub fn same_settings(&self, settings: &RedisCacheSettings) -> bool {
+        &self.settings == settings
+    }
+
+    /// Connects, subscribes and keeps checking health in the background (once; must run
+    /// inside a tokio runtime). The tasks end when the cache is dropped.
+    pub fn start(self: &Arc<Self>) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(Arc::clone(&self.store).listen(self.stop.subscribe()));
+        let weak: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                let Some(cache) = weak.upgrade() else { return };
+                match cache.store.ping().await {
+                    Ok(()) if first || !cache.is_up() => cache.mark_up(first).await,
+                    Ok(()) => {}
+                    Err(e) => cache.mark_down(&e),
+                }
+                first = false;
+                let wait = if cache.is_up() {
+                    CHECK_EVERY
+                } else {
+                    PROBE_EVERY
+                };
+                drop(cache);
+                tokio::time::sleep(wait).await;
+            }
+        });
+    }
+
+    async fn mark_up(&self, first: bool) {
+        self.up.store(true, Ordering::Release);
+        self.metrics.token_cache_up.set(1);
+        if first {
+            tracing::info!(cache = %self.settings.display_url, "token cache connected");
+        } else {
+            tracing::info!(cache = %self.settings.display_url, "token cache reachable again; tokens are shared again");
+        }
+        self.check_key().await;
+    }
+
+    /// Warns when the key check sealed by another replica does not open with this key.
+    async fn check_key(&self) {
+        if let Err(message) = self.verify_key().await {
+            tracing::error!(cache = %self.settings.display_url, "{message}");
+        }
+    }
+
+    async fn verify_key(&self) -> Result<(), String> {
+        let key = format!("{}keycheck", self.settings.key_prefix);
+        let probe = SharedToken {
+            token: Token {
+                value: crate::vocab::secret::Secret::new(KEYCHECK),
+                expires_at: None,
+                refresh: None,
+            },
+            issued_at: SystemTime::UNIX_EPOCH,
+        };
+        let sealed = self
+            .sealer
+            .seal(KEYCHECK, &probe)
+            .ok_or("cannot seal the key check")?;
+        let stored = self
+            .store
+            .set_once(&key, &sealed)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the key check vanished right after it was written")?;
+        match self.sealer.open(KEYCHECK, &stored) {
+            Some(t) if t.token.value.expose() == KEYCHECK => Ok(()),
+            _ => Err(format!(
+                "token_cache.encryption_key differs from the one that wrote `{key}` (another \
+                 replica or an earlier run): replicas with different keys do not share tokens. \
+                 Give every replica the same key, or delete `{key}` after rotating the key"
+            )),
+        }
+    }
+
+    /// For `check --fetch`: Redis answers, and this key opens what other replicas sealed.
+    pub async fn verify(&self) -> Result<(), String> {
+        self.store.ping().await.map_err(|e| e.to_string())?;
+        self.verify_key().await
+    }
+
+    /// The cache's place for one credential (its keys depend on the whole definition).
+    pub fn slot(self: &Arc<Self>, config: &CredentialConfig) -> SharedSlot {
+        let fingerprint = self.sealer.fingerprint(config);
+        let prefix = &self.settings.key_prefix;
+        SharedSlot {
+            cache: Arc::clone(self),
+            key: format!("{prefix}token:{}:{fingerprint}", config.name),
+            lease_key: format!("{prefix}lease:{}:{fingerprint}", config.name),
+            aad: format!("authrelay token v1\0{}\0{fingerprint}", config.name),
+        }
+    }
+
+    /// The admin view.
+    pub fn status(&self) -> CacheStatus {
+        CacheStatus {
+            kind: "redis",
+            url: Some(self.settings.display_url.clone()),
+            state: if self.up.load(Ordering::Acquire) {
+                "up"
+            } else {
+                "down"
+            },
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Redis failed: fetch without it until the health check reaches it again. Logged
+    /// once per outage.
+    fn mark_down(&self, error: &StoreError) {
+        self.metrics.token_cache_up.set(0);
+        if self.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                cache = %self.settings.display_url,
+                %error,
+                "token cache unavailable: this replica fetches its own tokens until it is back"
+            );
+        }
+    }
+}
+
+impl Drop for RedisCache {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl std::fmt::Debug for SharedSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedSlot")
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+/// What one look at Redis found.
+enum Step {
+    Take(SharedToken, Vec<u8>),
+    Leased(Option<(SharedToken, Vec<u8>)>),
+    Wait,
+}
+
+fn fence() -> String {
+    let mut bytes = [0u8; 16];
+    let _ = SystemRandom::new().fill(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How long Redis keeps a record: as long as its token or its refresh grant can be used.
+fn record_ttl(token: &Token, now: SystemTime) -> Duration {
+    let grant_end = token.refresh.as_ref().map(|g| g.expires_at);
+    let end = match (token.expires_at, grant_end) {
+        (None, _) | (_, Some(None)) => None,
+        (Some(exp), None) => Some(exp),
+        (Some(exp), Some(Some(grant))) => Some(exp.max(grant)),
+    };
+    end.map(|e| e.duration_since(now).unwrap_or(Duration::ZERO))
+        .unwrap_or(MAX_RECORD_TTL)
+        .clamp(Duration::from_secs(1), MAX_RECORD_TTL)
+}
+
+impl SharedSlot {
+    /// The state of the cache this place is in.
+    pub fn status(&self) -> CacheStatus {
+        self.cache.status()
+    }
+
+    /// Whether this place belongs to `cache`.
+    pub fn is_in(&self, cache: &Arc<RedisCache>) -> bool {
+        Arc::ptr_eq(&self.cache, cache)
+    }
+
+    /// Obtains a token through the cache: one that `accept` takes from Redis, or one this
+    /// replica fetches with `fetch` under the credential's lease. `fetch` runs at most once,
+    /// with the refresh grant stored in Redis (or `local_previous` when Redis has none or is
+    /// down). `lease_ttl` must exceed the longest fetch.
+    pub async fn obtain<F, Fut>(
+        &self,
+        accept: &(dyn Fn(&SharedToken) -> bool + Send + Sync),
+        local_previous: Option<Token>,
+        lease_ttl: Duration,
+        fetch: F,
+    ) -> Result<Obtained, CredentialError>
+    where
+        F: FnOnce(Option<Token>) -> Fut,
+        Fut: Future<Output = Result<Token, CredentialError>>,
+    {
+        let cache = &self.cache;
+        if !cache.is_up() {
+            cache.metrics.token_cache_fallbacks.inc();
+            return fetch_alone(fetch, local_previous).await;
+        }
+        let fence = fence();
+        let deadline = Instant::now() + lease_ttl * 2;
+        let waiter = cache.store.waiter(&self.key);
+        loop {
+            let woken = waiter.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            match self.step(accept, &fence, lease_ttl).await {
+                Err(e) => {
+                    cache.mark_down(&e);
+                    cache.metrics.token_cache_fallbacks.inc();
+                    return fetch_alone(fetch, local_previous).await;
+                }
+                Ok(Step::Take(token, sealed)) => return Ok(Obtained::Shared { token, sealed }),
+                Ok(Step::Leased(current)) => {
+                    return self
+                        .fetch_under_lease(current, &fence, local_previous, fetch)
+                        .await
+                }
+                Ok(Step::Wait) if Instant::now() >= deadline => {
+                    tracing::warn!(key = %self.key, "another replica held the token lease too long; fetching alone");
+                    cache.metrics.token_cache_fallbacks.inc();
+                    return fetch_alone(fetch, local_previous).await;
+                }
+                Ok(Step::Wait) => {
+                    tokio::select! {
+                        _ = woken => {}
+                        _ = tokio::time::sleep(POLL) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One look at Redis: a token to take, the lease (with the record as it stands under
+    /// it), or someone else's lease to wait for.
+    async fn step(
+        &self,
+        accept: &(dyn Fn(&SharedToken) -> bool + Send + Sync),
+        fence: &str,
+        lease_ttl: Duration,
+    ) -> Result<Step, StoreError> {
+        let store = &self.cache.store;
+        store.connect().await?;
+        if let Some((token, sealed)) = self.read().await? {
+            if accept(&token) {
+                return Ok(Step::Take(token, sealed));
+            }
+        }
+        if !store.try_lease(&self.lease_key, fence, lease_ttl).await? {
+            return Ok(Step::Wait);
+        }
+        // Another replica may have written between the read and the lease.
+        match self.read().await? {
+            Some((token, sealed)) if accept(&token) => {
+                store.release(&self.key, &self.lease_key, fence).await?;
+                Ok(Step::Take(token, sealed))
+            }
+            current => Ok(Step::Leased(current)),
+        }
+    }
+
+    /// The record under this slot's key, opened; a record that does not open (another key,
+    /// another definition, tampering) counts as none.
+    async fn read(&self) -> Result<Option<(SharedToken, Vec<u8>)>, StoreError> {
+        let Some(sealed) = self.cache.store.get(&self.key).await? else {
+            return Ok(None);
+        };
+        Ok(self
+            .cache
+            .sealer
+            .open(&self.aad, &sealed)
+            .map(|token| (token, sealed)))
+    }
+
+    async fn fetch_under_lease<F, Fut>(
+        &self,
+        current: Option<(SharedToken, Vec<u8>)>,
+        fence: &str,
+        local_previous: Option<Token>,
+        fetch: F,
+    ) -> Result<Obtained, CredentialError>
+    where
+        F: FnOnce(Option<Token>) -> Fut,
+        Fut: Future<Output = Result<Token, CredentialError>>,
+    {
+        let cache = &self.cache;
+        let (previous, expected) = match current {
+            Some((shared, sealed)) => (Some(shared.token), sealed),
+            None => (local_previous, Vec::new()),
+        };
+        let token = match fetch(previous).await {
+            Ok(token) => token,
+            Err(error) => {
+                let _ = cache.store.release(&self.key, &self.lease_key, fence).await;
+                return Err(error);
+            }
+        };
+        let now = SystemTime::now();
+        let shared = SharedToken {
+            token,
+            issued_at: now,
+        };
+        let Some(sealed) = cache.sealer.seal(&self.aad, &shared) else {
+            let _ = cache.store.release(&self.key, &self.lease_key, fence).await;
+            return Ok(Obtained::Fetched {
+                token: shared.token,
+                sealed: None,
+            });
+        };
+        let ttl = record_ttl(&shared.token, now);
+        let written = cache
+            .store
+            .compare_and_write(&self.key, &self.lease_key, fence, &expected, &sealed, ttl)
+            .await;
+        match written {
+            Ok(true) => Ok(Obtained::Fetched {
+                token: shared.token,
+                sealed: Some(sealed),
+            }),
+            Ok(false) => {
+                tracing::warn!(key = %self.key, "the lease expired during the fetch and another replica stored a token; keeping the stored one");
+                let _ = cache.store.release(&self.key, &self.lease_key, fence).await;
+                match self.read().await {
+                    Ok(Some((token, sealed))) => Ok(Obtained::Shared { token, sealed }),
+                    _ => Ok(Obtained::Fetched {
+                        token: shared.token,
+                        sealed: None,
+                    }),
+                }
+            }
+            Err(e) => {
+                cache.mark_down(&e);
+                Ok(Obtained::Fetched {
+                    token: shared.token,
+                    sealed: None,
+                })
+            }
+        }
+    }
+
+    /// Deletes the stored token if it is still `sealed` (an operator dropped it).
+    pub fn forget(&self, sealed: Vec<u8>) {
+        let slot = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = slot.cache.store.forget(&slot.key, &sealed).await {
+                slot.cache.mark_down(&e);
+            }
+        });
+    }
+}
+
+async fn fetch_alone<F, Fut>(fetch: F, previous: Option<Token>) -> Result<Obtained, CredentialError>
+where
+    F: FnOnce(Option<Token>) -> Fut,
+    Fut: Future<Output = Result<Token, CredentialError>>,
+{
+    fetch(previous).await.map(|token| Obtained::Fetched {
+        token,
+        sealed: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credentials::RefreshGrant;
+    use crate::vocab::secret::Secret;
+
+    fn token(exp: Option<u64>, grant: Option<Option<u64>>) -> Token {
+        let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        Token {
+            value: Secret::new("Bearer t"),
+            expires_at: exp.map(at),
+            refresh: grant.map(|g| RefreshGrant {
+                token: Secret::new("r"),
+                expires_at: g.map(at),
+            }),
+        }
+    }
+
+    #[test]
+    fn records_live_as_long_as_their_token_or_grant() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let s = Duration::from_secs;
+        assert_eq!(record_ttl(&token(Some(1060), None), now), s(60));
+        assert_eq!(
+            record_ttl(&token(Some(1060), Some(Some(4600))), now),
+            s(3600)
+        );
+        assert_eq!(
+            record_ttl(&token(Some(1060), Some(None)), now),
+            MAX_RECORD_TTL
+        );
+        assert_eq!(record_ttl(&token(None, None), now), MAX_RECORD_TTL);
+        assert_eq!(record_ttl(&token(Some(900), None), now), s(1));
+    }
+}
