@@ -383,6 +383,76 @@ mod tests {
         assert!(e.contains("`upstreem`"), "{e}");
     }
 
+    fn load(yaml: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        let env: std::collections::HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_yaml(yaml, Path::new("/etc/authrelay/routes.yaml"), &env)
+            .map_err(|e| e.to_string())
+    }
+
+    const KEY_B64: &str = "q1n0yF7l3bqk2JXk1pXkq0m8mB7c2fQkA6yO0u1ZxWg=";
+
+    #[test]
+    fn token_cache_redis_is_checked_without_printing_a_secret() {
+        let e = load("token_cache:\n  type: redis\nroutes: []\n", &[]).unwrap_err();
+        assert!(e.contains("token_cache.url: is required"), "{e}");
+        assert!(e.contains("token_cache.encryption_key: is required"), "{e}");
+        let short = "c2hvcnQta2V5LW5vdC0zMi1ieXRlcw==";
+        let yaml = format!(
+            "token_cache:\n  type: redis\n  url: http://r:6379\n  encryption_key: {short}\n  timeout: 1ms\nroutes: []\n"
+        );
+        let e = load(&yaml, &[]).unwrap_err();
+        assert!(e.contains("must be a redis:// or rediss:// URL"), "{e}");
+        assert!(e.contains("must be 32 random bytes"), "{e}");
+        assert!(e.contains("token_cache.timeout"), "{e}");
+        assert!(!e.contains(short), "{e}");
+        let yaml = "token_cache:\n  type: redis\n  url: redis://:pw-in-url-9@r:6379/2\n  password: ${P}\n  encryption_key: ${K}\nroutes: []\n";
+        let e = load(yaml, &[("P", "pw-apart-9"), ("K", KEY_B64)]).unwrap_err();
+        assert!(e.contains("already carries a password"), "{e}");
+        assert!(
+            !e.contains("pw-in-url-9") && !e.contains("pw-apart-9"),
+            "{e}"
+        );
+        let e = load(
+            "token_cache:\n  url: redis://r\n  timeout: 1s\nroutes: []\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("token_cache.url: applies only to `type: redis`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn token_cache_redis_settings_hide_password_and_key() {
+        let yaml = "token_cache:\n  type: redis\n  url: rediss://:pw-in-url-9@r.internal/3\n  encryption_key: ${K}\n  key_prefix: \"relay:\"\nroutes: []\n";
+        let config = load(yaml, &[("K", KEY_B64)]).unwrap();
+        let TokenCacheSettings::Redis(redis) = &config.token_cache else {
+            panic!("redis expected")
+        };
+        assert_eq!(redis.display_url, "rediss://r.internal:6379/3");
+        assert_eq!(redis.key_prefix, "relay:");
+        assert_eq!(redis.timeout, Duration::from_millis(500));
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("pw-in-url-9") && !debug.contains(KEY_B64),
+            "{debug}"
+        );
+        let hex = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+        let config = load(yaml, &[("K", hex)]).unwrap();
+        let TokenCacheSettings::Redis(redis) = &config.token_cache else {
+            panic!("redis expected")
+        };
+        assert_eq!(redis.encryption_key.0[1], 0x11);
+        assert_eq!(
+            load("routes: []\n", &[]).unwrap().token_cache,
+            TokenCacheSettings::Memory
+        );
+    }
+
     #[test]
     fn empty_files_are_refused() {
         for yaml in ["", "\n  \n", "# only a comment\n---\n"] {

@@ -511,6 +511,35 @@ mod tests {
         }
     }
 
+    fn credential(password: &str) -> CredentialConfig {
+        let yaml = "credentials:\n  tt:\n    type: login\n    login_url: https://tt.example/auth/login\n    username: dispatch\n    password: ${PW}\nroutes: []\n";
+        let env: std::collections::HashMap<String, String> =
+            [("PW".to_string(), password.to_string())].into();
+        let config = crate::config::Config::from_yaml(
+            yaml,
+            std::path::Path::new("/etc/authrelay/routes.yaml"),
+            &env,
+        )
+        .unwrap();
+        config.credentials["tt"].clone()
+    }
+
+    #[test]
+    fn fingerprints_agree_across_loads_and_follow_every_secret() {
+        let sealer = Sealer::new(&crate::config::EncryptionKey([3; 32]));
+        let a = sealer.fingerprint(&credential("pw-one"));
+        assert_eq!(a, sealer.fingerprint(&credential("pw-one")), "stable");
+        assert_ne!(
+            a,
+            sealer.fingerprint(&credential("pw-two")),
+            "password counts"
+        );
+        let other_key = Sealer::new(&crate::config::EncryptionKey([4; 32]));
+        assert_ne!(a, other_key.fingerprint(&credential("pw-one")), "keyed");
+        assert!(!a.contains("pw-one"));
+        assert_eq!(a.len(), 32);
+    }
+
     #[test]
     fn records_live_as_long_as_their_token_or_grant() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);

@@ -455,3 +455,38 @@ fn check_fetch_reports_a_failing_credential_and_exits_non_zero() {
     assert!(broken.contains("unreachable"), "{broken}");
     assert!(!out.contains(&secret) && !err.contains(&secret));
 }
+
+#[test]
+fn check_fetch_verifies_the_shared_token_cache() {
+    let mut redis = crate::support::redis::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        &format!(
+            "token_cache:\n  type: redis\n  url: {}\n  encryption_key: ${{CACHE_KEY}}\n  timeout: 300ms\nroutes: []\n",
+            redis.url()
+        ),
+    );
+    let key = "q1n0yF7l3bqk2JXk1pXkq0m8mB7c2fQkA6yO0u1ZxWg=";
+    let (code, out, err) = run(
+        &["--config", &config, "check", "--fetch"],
+        &[("CACHE_KEY", key)],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("token_cache: ok"), "{out}");
+    let other = "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff";
+    let (code, out, err) = run(
+        &["--config", &config, "check", "--fetch"],
+        &[("CACHE_KEY", other)],
+    );
+    assert_ne!(code, 0);
+    assert!(out.contains("encryption_key differs"), "{out}");
+    assert!(!out.contains(other) && !err.contains(other) && !out.contains(key));
+    redis.stop();
+    let (code, out, _) = run(
+        &["--config", &config, "check", "--fetch"],
+        &[("CACHE_KEY", key)],
+    );
+    assert_ne!(code, 0);
+    assert!(out.contains("token_cache: FAILED"), "{out}");
+}
