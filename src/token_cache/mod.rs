@@ -44,6 +44,11 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// A known plaintext sealed under `{prefix}keycheck`: the first replica writes it, every
 /// other replica checks it opens, so two replicas with different keys are noticed.
 const KEYCHECK: &str = "authrelay token-cache keycheck";
+/// The key check lives this long unless a replica that can open it renews it, so after a
+/// key rotation the old one is gone within this time.
+const KEYCHECK_TTL: Duration = Duration::from_secs(600);
+/// Health checks between two key checks (about 30 s).
+const KEYCHECK_EVERY: u32 = 15;
 
 /// The Redis token cache shared by every slot of one replica.
 pub struct RedisCache {
@@ -54,6 +59,8 @@ pub struct RedisCache {
     /// False while Redis is known to be unreachable: fetches skip it.
     up: AtomicBool,
     started: AtomicBool,
+    /// Whether the last key check found another replica's key (logged on change only).
+    foreign_key: AtomicBool,
     /// Dropped with the cache: stops its background tasks.
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -124,6 +131,7 @@ impl RedisCache {
             metrics,
             up: AtomicBool::new(true),
             started: AtomicBool::new(false),
+            foreign_key: AtomicBool::new(false),
             stop: tokio::sync::watch::channel(false).0,
         }))
     }
@@ -143,14 +151,17 @@ impl RedisCache {
         let weak: Weak<Self> = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut first = true;
+            let mut checks: u32 = 0;
             loop {
                 let Some(cache) = weak.upgrade() else { return };
                 match cache.store.ping().await {
                     Ok(()) if first || !cache.is_up() => cache.mark_up(first).await,
+                    Ok(()) if checks % KEYCHECK_EVERY == 0 => cache.check_key().await,
                     Ok(()) => {}
                     Err(e) => cache.mark_down(&e),
                 }
                 first = false;
+                checks = checks.wrapping_add(1);
                 let wait = if cache.is_up() {
                     CHECK_EVERY
                 } else {
@@ -173,14 +184,25 @@ impl RedisCache {
         self.check_key().await;
     }
 
-    /// Warns when the key check sealed by another replica does not open with this key.
+    /// Says (once per change) when the key check sealed by another replica does not open
+    /// with this key, and renews it when it does.
     async fn check_key(&self) {
-        if let Err(message) = self.verify_key().await {
-            tracing::error!(cache = %self.settings.display_url, "{message}");
+        match self.verify_key().await {
+            Ok(()) => {
+                if self.foreign_key.swap(false, Ordering::AcqRel) {
+                    tracing::info!(cache = %self.settings.display_url, "token_cache.encryption_key now matches the other replicas'");
+                }
+            }
+            Err(KeyCheck::Foreign(message)) => {
+                if !self.foreign_key.swap(true, Ordering::AcqRel) {
+                    tracing::error!(cache = %self.settings.display_url, "{message}");
+                }
+            }
+            Err(KeyCheck::Unreachable(_)) => {}
         }
     }
 
-    async fn verify_key(&self) -> Result<(), String> {
+    async fn verify_key(&self) -> Result<(), KeyCheck> {
         let key = format!("{}keycheck", self.settings.key_prefix);
         let probe = SharedToken {
             token: Token {
@@ -190,30 +212,41 @@ impl RedisCache {
             },
             issued_at: SystemTime::UNIX_EPOCH,
         };
+        let unreachable = |e: StoreError| KeyCheck::Unreachable(e.to_string());
         let sealed = self
             .sealer
             .seal(KEYCHECK, &probe)
-            .ok_or("cannot seal the key check")?;
+            .ok_or_else(|| KeyCheck::Unreachable("cannot seal the key check".into()))?;
         let stored = self
             .store
-            .set_once(&key, &sealed)
+            .set_once(&key, &sealed, KEYCHECK_TTL)
             .await
-            .map_err(|e| e.to_string())?
-            .ok_or("the key check vanished right after it was written")?;
+            .map_err(unreachable)?
+            .ok_or_else(|| {
+                KeyCheck::Unreachable("the key check vanished right after it was written".into())
+            })?;
         match self.sealer.open(KEYCHECK, &stored) {
-            Some(t) if t.token.value.expose() == KEYCHECK => Ok(()),
-            _ => Err(format!(
+            Some(t) if t.token.value.expose() == KEYCHECK => self
+                .store
+                .expire(&key, KEYCHECK_TTL)
+                .await
+                .map_err(unreachable),
+            _ => Err(KeyCheck::Foreign(format!(
                 "token_cache.encryption_key differs from the one that wrote `{key}` (another \
                  replica or an earlier run): replicas with different keys do not share tokens. \
-                 Give every replica the same key, or delete `{key}` after rotating the key"
-            )),
+                 Give every replica the same key; after rotating the key everywhere, the \
+                 old check expires within {} minutes (or delete `{key}`)",
+                KEYCHECK_TTL.as_secs() / 60
+            ))),
         }
     }
 
     /// For `check --fetch`: Redis answers, and this key opens what other replicas sealed.
     pub async fn verify(&self) -> Result<(), String> {
         self.store.ping().await.map_err(|e| e.to_string())?;
-        self.verify_key().await
+        self.verify_key().await.map_err(|e| match e {
+            KeyCheck::Foreign(m) | KeyCheck::Unreachable(m) => m,
+        })
     }
 
     /// The cache's place for one credential (its keys depend on the whole definition).
@@ -271,6 +304,14 @@ impl std::fmt::Debug for SharedSlot {
             .field("key", &self.key)
             .finish()
     }
+}
+
+/// Why the key check failed.
+enum KeyCheck {
+    /// The check was sealed with another key.
+    Foreign(String),
+    /// Redis did not answer (the health check reports that).
+    Unreachable(String),
 }
 
 /// What one look at Redis found.

@@ -255,19 +255,36 @@ impl RedisStore {
             .map(drop)
     }
 
-    /// Sets `key` to `value` unless it exists; returns what `key` holds afterwards.
-    pub async fn set_once(&self, key: &str, value: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    /// Sets `key` to `value` for `ttl` unless it exists; returns what `key` holds afterwards.
+    pub async fn set_once(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let mut conn = self.connection()?;
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         self.bounded(async {
             let _: Option<String> = redis::cmd("SET")
                 .arg(key)
                 .arg(value)
                 .arg("NX")
+                .arg("PX")
+                .arg(ms)
                 .query_async(&mut conn)
                 .await?;
             conn.get::<_, Option<Vec<u8>>>(key).await
         })
         .await
+    }
+
+    /// Makes `key` live `ttl` from now.
+    pub async fn expire(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
+        let mut conn = self.connection()?;
+        let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        self.bounded(async { conn.pexpire::<_, i64>(key, ms).await })
+            .await
+            .map(drop)
     }
 
     /// The wake-up for changes of `key` (a write or a released lease).

@@ -431,3 +431,58 @@ async fn tls_redis_with_a_private_ca() {
     assert!(ok.is_ok(), "{ok:?}");
     drop(redis);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_while_redis_is_down_serves_and_joins_later() {
+    let mut c = cluster(Duration::from_secs(60), 0).await;
+    c.redis.stop();
+    let proxy = support::proxy_with_env(&c.yaml, &env(CACHE_KEY, "")).await;
+    let res = proxy.client().get(c.url()).send().await.unwrap();
+    assert_eq!(res.status(), 200, "no Redis, still served");
+    assert_eq!(Cluster::origin(&proxy), Some("fetched"));
+    c.replicas.push(proxy);
+    c.gauges_become(0.0).await;
+    c.redis.resume();
+    c.gauges_become(1.0).await;
+    assert!(c
+        .redis
+        .dump()
+        .await
+        .iter()
+        .any(|(k, _)| k == b"authrelay:keycheck"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_a_replica_from_memory_to_redis() {
+    let c = cluster(Duration::from_secs(60), 0).await;
+    let block = format!(
+        "token_cache:\n  type: redis\n  url: {}\n  encryption_key: ${{CACHE_KEY}}\n",
+        c.redis.url()
+    );
+    let memory = c.yaml.replace(&block, "");
+    assert_ne!(memory, c.yaml);
+    let a = support::proxy_with_env(&memory, &env(CACHE_KEY, "")).await;
+    let status = &authrelay::admin::credentials(a.state())[0];
+    assert_eq!(status.cache.kind, "memory");
+    assert_eq!(a.client().get(c.url()).send().await.unwrap().status(), 200);
+    assert_eq!(c.vendor.book.token_calls(), 1);
+    a.write_config(&support::with_test_listen(&c.yaml));
+    a.state().reload().expect("the redis config is accepted");
+    assert_eq!(
+        authrelay::admin::credentials(a.state())[0].cache.kind,
+        "redis"
+    );
+    assert_eq!(a.client().get(c.url()).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.vendor.book.token_calls(),
+        2,
+        "a new slot in the shared cache"
+    );
+    let b = support::proxy_with_env(&c.yaml, &env(CACHE_KEY, "")).await;
+    assert_eq!(b.client().get(c.url()).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.vendor.book.token_calls(),
+        2,
+        "the second replica shares it"
+    );
+}
