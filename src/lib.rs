@@ -4,7 +4,8 @@
 //! tokens itself.
 //!
 //! The modules follow a request's path: `config` → `routes` → `credentials` →
-//! `token_store` → `proxy` → `upstream`, plus `state` (the swapped snapshot), `reload`,
+//! `token_store` (with `token_cache` when replicas share tokens through Redis) → `proxy` →
+//! `upstream`, plus `state` (the swapped snapshot), `reload`,
 //! `metrics` and `telemetry`; `admin` serves health, metrics and credential status, and
 //! `commands` and `demo` hold what the CLI's `check --fetch`, `token`, `health` and `demo` do.
 

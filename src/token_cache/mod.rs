@@ -368,8 +368,7 @@ impl SharedSlot {
     {
         let cache = &self.cache;
         if !cache.is_up() {
-            cache.metrics.token_cache_fallbacks.inc();
-            return fetch_alone(fetch, local_previous).await;
+            return self.fetch_alone(fetch, local_previous).await;
         }
         let fence = fence();
         let deadline = Instant::now() + lease_ttl * 2;
@@ -381,8 +380,7 @@ impl SharedSlot {
             match self.step(accept, &fence, lease_ttl).await {
                 Err(e) => {
                     cache.mark_down(&e);
-                    cache.metrics.token_cache_fallbacks.inc();
-                    return fetch_alone(fetch, local_previous).await;
+                    return self.fetch_alone(fetch, local_previous).await;
                 }
                 Ok(Step::Take(token, sealed)) => return Ok(Obtained::Shared { token, sealed }),
                 Ok(Step::Leased(current)) => {
@@ -392,8 +390,7 @@ impl SharedSlot {
                 }
                 Ok(Step::Wait) if Instant::now() >= deadline => {
                     tracing::warn!(key = %self.key, "another replica held the token lease too long; fetching alone");
-                    cache.metrics.token_cache_fallbacks.inc();
-                    return fetch_alone(fetch, local_previous).await;
+                    return self.fetch_alone(fetch, local_previous).await;
                 }
                 Ok(Step::Wait) => {
                     tokio::select! {
@@ -431,6 +428,23 @@ impl SharedSlot {
             }
             current => Ok(Step::Leased(current)),
         }
+    }
+
+    /// Fetches without the shared cache (Redis down or a lease held too long), counted.
+    async fn fetch_alone<F, Fut>(
+        &self,
+        fetch: F,
+        previous: Option<Token>,
+    ) -> Result<Obtained, CredentialError>
+    where
+        F: FnOnce(Option<Token>) -> Fut,
+        Fut: Future<Output = Result<Token, CredentialError>>,
+    {
+        self.cache.metrics.token_cache_fallbacks.inc();
+        fetch(previous).await.map(|token| Obtained::Fetched {
+            token,
+            sealed: None,
+        })
     }
 
     /// The record under this slot's key, opened; a record that does not open (another key,
@@ -521,17 +535,6 @@ impl SharedSlot {
             }
         });
     }
-}
-
-async fn fetch_alone<F, Fut>(fetch: F, previous: Option<Token>) -> Result<Obtained, CredentialError>
-where
-    F: FnOnce(Option<Token>) -> Fut,
-    Fut: Future<Output = Result<Token, CredentialError>>,
-{
-    fetch(previous).await.map(|token| Obtained::Fetched {
-        token,
-        sealed: None,
-    })
 }
 
 #[cfg(test)]
