@@ -486,3 +486,41 @@ async fn a_reload_moves_a_replica_from_memory_to_redis() {
         "the second replica shares it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_left_by_a_dead_replica_expires() {
+    let c = cluster(Duration::from_secs(60), 1).await;
+    assert_all_ok(&c.burst(1).await);
+    let stored = c.redis.dump().await;
+    let token_key = stored
+        .iter()
+        .map(|(k, _)| String::from_utf8_lossy(k).to_string())
+        .find(|k| k.starts_with("authrelay:token:teletracker:"))
+        .expect("a stored token");
+    let lease_key = token_key.replace(":token:", ":lease:");
+    // A replica took the lease and died mid-fetch: its lease is there, no token.
+    c.redis.command(&["DEL", &token_key]).await;
+    c.redis
+        .command(&["SET", &lease_key, "dead-replica", "PX", "1500"])
+        .await;
+    let fresh = support::proxy_with_env(&c.yaml, &env(CACHE_KEY, "")).await;
+    let client = fresh.client();
+    let url = c.url();
+    let request = tokio::spawn(async move { client.get(&url).send().await.unwrap().status() });
+    // Causality, not time: while the dead replica's lease is there, nobody calls the vendor.
+    loop {
+        let calls = c.vendor.book.token_calls();
+        let lease = c.redis.command(&["GET", &lease_key]).await;
+        if lease != redis::Value::BulkString(b"dead-replica".to_vec()) {
+            break;
+        }
+        assert_eq!(
+            calls, 1,
+            "a vendor call while another replica held the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(request.await.unwrap(), 200);
+    assert_eq!(c.vendor.book.token_calls(), 2, "then it fetched, once");
+    assert_eq!(Cluster::origin(&fresh), Some("fetched"));
+}

@@ -150,6 +150,16 @@ impl RedisServer {
         all
     }
 
+    /// Runs one command (a test playing another replica or an operator).
+    pub async fn command(&self, args: &[&str]) -> redis::Value {
+        let mut conn = self.connection().await;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut conn).await.expect("command")
+    }
+
     /// Deletes every key (a flushed cache).
     pub async fn flush(&self) {
         let mut conn = self.connection().await;
