@@ -524,3 +524,30 @@ async fn a_lease_left_by_a_dead_replica_expires() {
     assert_eq!(c.vendor.book.token_calls(), 2, "then it fetched, once");
     assert_eq!(Cluster::origin(&fresh), Some("fetched"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_token_is_not_taken_back_from_redis() {
+    let c = cluster(Duration::from_secs(60), 2).await;
+    assert_all_ok(&c.burst(2).await);
+    assert_eq!(c.vendor.book.token_calls(), 1);
+    let slot = c.replicas[0].state().snapshot().slots["teletracker"].clone();
+    slot.invalidate();
+    let res = c.replicas[0].client().get(c.url()).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        c.vendor.book.token_calls(),
+        2,
+        "the dropped token was not re-read"
+    );
+    assert_eq!(Cluster::origin(&c.replicas[0]), Some("fetched"));
+    let later = support::proxy_with_env(&c.yaml, &env(CACHE_KEY, "")).await;
+    assert_eq!(
+        later.client().get(c.url()).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        c.vendor.book.token_calls(),
+        2,
+        "the new token is the shared one"
+    );
+}
