@@ -62,6 +62,9 @@ pub struct IssuedToken {
     origin: Origin,
     /// The record as the shared cache holds it, for compare-and-delete.
     sealed: Option<Arc<[u8]>>,
+    /// Fetched by this replica because the upstream refused the token before it: only such
+    /// a token, refused in turn, shows that refreshing does not help a route.
+    for_refusal: bool,
 }
 
 impl std::fmt::Debug for IssuedToken {
@@ -127,12 +130,20 @@ impl IssuedToken {
             token,
             origin,
             sealed: sealed.map(Arc::from),
+            for_refusal: false,
         })
     }
 
     /// The header value to inject (marked sensitive).
     pub fn header_value(&self) -> &HeaderValue {
         &self.header_value
+    }
+
+    /// Whether this token was fetched in answer to the upstream refusing the one before it.
+    /// A refused replay with a token that was not (one fetched early, by an operator, or by
+    /// another replica) earns one more refresh: it proves nothing about the route.
+    pub fn answers_a_refusal(&self) -> bool {
+        self.for_refusal
     }
 
     /// When the token expires (wall clock), if it does.
@@ -528,8 +539,10 @@ impl CredentialSlot {
             .refresh(Trigger::Rejected(Arc::clone(rejected)))
             .await?;
         let mut inner = self.lock();
-        let record = self.rejection_record(&mut inner, route);
-        record.probe = Some(Arc::downgrade(&fresh));
+        if fresh.for_refusal {
+            let record = self.rejection_record(&mut inner, route);
+            record.probe = Some(Arc::downgrade(&fresh));
+        }
         Ok(Some(fresh))
     }
 
@@ -695,6 +708,14 @@ impl CredentialSlot {
         dropped: Option<Arc<IssuedToken>>,
         settings: &TokenSettings,
     ) -> (Result<IssuedToken, CredentialError>, bool) {
+        let for_refusal = matches!(trigger, Trigger::Rejected(_));
+        let mark = move |issued: Result<IssuedToken, CredentialError>, called_vendor: bool| {
+            let issued = issued.map(|mut t| {
+                t.for_refusal = for_refusal && t.origin == Origin::Fetched;
+                t
+            });
+            (issued, called_vendor)
+        };
         let source = Arc::clone(&self.source);
         let timeout = settings.fetch_timeout;
         let call = move |previous: Option<Token>| fetch(source, previous, timeout);
@@ -702,14 +723,14 @@ impl CredentialSlot {
             let issued = call(previous).await.and_then(|t| {
                 IssuedToken::new(t, SystemTime::now(), Origin::Fetched, None, settings)
             });
-            return (issued, true);
+            return mark(issued, true);
         };
         let accept_settings = settings.clone();
         let accept =
             move |found: &SharedToken| trigger.accepts(found, dropped.as_deref(), &accept_settings);
         let lease = settings.fetch_timeout.saturating_add(LEASE_MARGIN);
         match shared.obtain(&accept, previous, lease, call).await {
-            Ok(Obtained::Shared { token, sealed }) => (
+            Ok(Obtained::Shared { token, sealed }) => mark(
                 IssuedToken::new(
                     token.token,
                     token.issued_at,
@@ -719,7 +740,7 @@ impl CredentialSlot {
                 ),
                 false,
             ),
-            Ok(Obtained::Fetched { token, sealed }) => (
+            Ok(Obtained::Fetched { token, sealed }) => mark(
                 IssuedToken::new(token, SystemTime::now(), Origin::Fetched, sealed, settings),
                 true,
             ),

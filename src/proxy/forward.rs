@@ -134,53 +134,71 @@ struct Replay<'a> {
 }
 
 impl Replay<'_> {
-    /// Refreshes after `rejected` was refused and replays once; passes `refused` on when
-    /// refreshing would not help on this route.
+    /// Refreshes after `rejected` was refused and replays; passes the refusal on when
+    /// refreshing would not help on this route. One replay, unless its token was not fetched
+    /// in answer to a refusal (fetched early, by an operator or by another replica) and is
+    /// refused too: that proves nothing about the route, so one more refresh and replay.
     async fn run(
         mut self,
         rejected: &Arc<IssuedToken>,
         refused: Response<ProxyBody>,
     ) -> Result<Forwarded, ProxyError> {
         let metrics = &self.route.metrics;
-        let fresh = match self
-            .slot
-            .refresh_after_rejection(&self.route.name, rejected)
-            .await
-        {
-            Ok(Some(fresh)) => fresh,
-            Ok(None) => {
-                return Ok(Forwarded {
-                    response: finish(refused),
-                    retried: false,
-                })
+        let mut rejected = Arc::clone(rejected);
+        let mut refused = refused;
+        let mut replays = 0;
+        loop {
+            let fresh = match self
+                .slot
+                .refresh_after_rejection(&self.route.name, &rejected)
+                .await
+            {
+                Ok(Some(fresh)) => fresh,
+                Ok(None) => {
+                    return Ok(Forwarded {
+                        response: finish(refused),
+                        retried: replays > 0,
+                    })
+                }
+                Err(unavailable) => {
+                    metrics.retried(RetryOutcome::Unavailable);
+                    return Err(unavailable.into());
+                }
+            };
+            drop(refused);
+            replays += 1;
+            let last = replays == 2 || fresh.answers_a_refusal();
+            tracing::info!(credential = %self.slot.name(), "upstream refused the token; replaying with a fresh one");
+            let headers = if last {
+                std::mem::take(&mut self.parts.headers)
+            } else {
+                self.parts.headers.clone()
+            };
+            let again = build(
+                &self.parts.method,
+                &self.uri,
+                headers,
+                Some((self.slot, &fresh)),
+                self.body.take(),
+            );
+            let response = send(self.upstream, self.config, Some(self.route), again).await?;
+            let verdict = verdict(self.route, &response);
+            if verdict == TokenVerdict::Accepted {
+                self.slot.upstream_accepted(&self.route.name);
+                metrics.retried(RetryOutcome::Success);
+            } else if last || verdict == TokenVerdict::NotTheToken {
+                self.slot.replay_refused(&self.route.name);
+                metrics.retried(RetryOutcome::Failed);
+            } else {
+                rejected = fresh;
+                refused = response;
+                continue;
             }
-            Err(unavailable) => {
-                metrics.retried(RetryOutcome::Unavailable);
-                return Err(unavailable.into());
-            }
-        };
-        drop(refused);
-        tracing::info!(credential = %self.slot.name(), "upstream refused the token; replaying with a fresh one");
-        let again = build(
-            &self.parts.method,
-            &self.uri,
-            std::mem::take(&mut self.parts.headers),
-            Some((self.slot, &fresh)),
-            self.body.take(),
-        );
-        let response = send(self.upstream, self.config, Some(self.route), again).await?;
-        let outcome = if verdict(self.route, &response) == TokenVerdict::Accepted {
-            self.slot.upstream_accepted(&self.route.name);
-            RetryOutcome::Success
-        } else {
-            self.slot.replay_refused(&self.route.name);
-            RetryOutcome::Failed
-        };
-        metrics.retried(outcome);
-        Ok(Forwarded {
-            response: finish(response),
-            retried: true,
-        })
+            return Ok(Forwarded {
+                response: finish(response),
+                retried: true,
+            });
+        }
     }
 }
 

@@ -329,3 +329,80 @@ fn removed_and_misused_settings_are_explained() {
         "{err}"
     );
 }
+
+/// The gap an early refresh leaves: a request sent with T1 is still in flight when T2 is
+/// fetched (proactively, or here by an operator), then the vendor revokes both. The 401 on
+/// T1 is replayed with T2, which is refused too — but T2 was never fetched in answer to a
+/// refusal, so that proves nothing about the route: one more refresh (T3), one more replay,
+/// and the client gets 200 with its body. One token call for this request.
+#[tokio::test]
+async fn a_request_refused_after_an_early_refresh_is_refreshed_once_more() {
+    let book = TokenBook::new();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let api = {
+        let (book, release, held) = (Arc::clone(&book), Arc::clone(&release), Arc::clone(&held));
+        server::serve(move |seen: Seen| {
+            let (book, release, held) =
+                (Arc::clone(&book), Arc::clone(&release), Arc::clone(&held));
+            async move {
+                // The first request to /slow is answered only once the test says so, and
+                // its token is judged then.
+                if seen.target.ends_with("/slow")
+                    && !held.swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    release.notified().await;
+                }
+                if valid_token(&book, &seen) {
+                    accepted(&seen)
+                } else {
+                    server::json(401, serde_json::json!({"Message": "Unauthorized"}))
+                }
+            }
+        })
+        .await
+    };
+    let (proxy, _vendor) = proxy_with(&book, &mount("api", &api, "")).await;
+    let client = support::direct_client();
+    let base = proxy.url();
+    assert_eq!(
+        client
+            .get(format!("{base}/api/warm"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let slow = tokio::spawn({
+        let client = client.clone();
+        let url = format!("{base}/api/slow");
+        async move { client.post(url).body("order-1").send().await.unwrap() }
+    });
+    while api.count() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let slot = proxy.state().snapshot().slots["itsyou"].clone();
+    slot.refresh_now().await.expect("T2");
+    book.revoke_all();
+    let before = book.token_calls();
+    release.notify_one();
+    let res = slow.await.unwrap();
+    assert_eq!(res.status(), 200, "the client never sees the 401");
+    let echoed: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(echoed["body"], "order-1");
+    assert_eq!(
+        book.token_calls() - before,
+        1,
+        "one refresh for this request"
+    );
+    let sent: Vec<String> = api
+        .requests()
+        .iter()
+        .filter(|s| s.target.ends_with("/slow"))
+        .map(|s| s.header("authorization"))
+        .collect();
+    assert_eq!(sent.len(), 3, "T1 refused, T2 refused, T3 accepted");
+    assert!(sent[0] != sent[1] && sent[1] != sent[2] && sent[0] != sent[2]);
+    proxy.stop().await;
+}
