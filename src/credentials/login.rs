@@ -334,7 +334,19 @@ impl LoginSource {
             body.insert(s.request.account_id.clone(), Value::from(id));
         }
         let answer = self.post(&s.login_url, body, redactor).await?;
-        self.token_from(&answer, redactor)
+        // `success: false` with a 2xx status on the password login is the vendor refusing the
+        // configured user or password: final (state `rejected`, slow retries), as a 401 is.
+        // The same answer to a refresh only refuses the grant (a login follows).
+        self.token_from(&answer, redactor).map_err(|e| match e {
+            CredentialError::Rejected { status, detail } if (200..300).contains(&status) => {
+                CredentialError::Refused {
+                    status,
+                    vendor_error: None,
+                    detail,
+                }
+            }
+            other => other,
+        })
     }
 
     async fn refresh(

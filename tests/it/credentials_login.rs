@@ -298,3 +298,27 @@ async fn a_refused_refresh_token_is_not_sent_again_while_login_fails() {
     assert_eq!(vendor.logins(), 2);
     s.proxy.stop().await;
 }
+
+#[tokio::test]
+async fn success_false_on_the_password_login_is_a_final_refusal() {
+    let options = LoginOptions {
+        soft_refusals: true,
+        password: "another-password".into(),
+        ..LoginOptions::default()
+    };
+    let (s, vendor) = setup_with(options, "").await;
+    let res = s.get().await;
+    assert_eq!(res.status(), 502);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["refused"], true, "{body}");
+    let status = &authrelay::admin::credentials(s.proxy.state())[0];
+    assert_eq!(status.state, "rejected");
+    assert_eq!(
+        vendor
+            .counts
+            .refused_logins
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    s.proxy.stop().await;
+}
