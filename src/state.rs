@@ -322,6 +322,9 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
     if old.listen != new.listen || old.admin != new.admin {
         tracing::warn!("`listen` and `admin` changes take effect at the next restart");
     }
+    if old.max_connections != new.max_connections {
+        tracing::warn!("`max_connections` changes take effect at the next restart");
+    }
     if old.tls != new.tls
         || old.timeouts.connect != new.timeouts.connect
         || old.timeouts.pool_idle != new.timeouts.pool_idle
