@@ -283,3 +283,39 @@ async fn reload_outcomes_are_counted() {
     );
     proxy.stop().await;
 }
+
+/// The admin endpoint's own limits: at most 32 connections at once (more are closed
+/// unanswered, and served again once others go), and a client that sends no request head is
+/// disconnected (after 10 s) instead of holding a connection forever.
+#[tokio::test]
+async fn admin_connections_are_capped_and_silent_clients_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let running = start("routes: []\n", &[], &[]).await;
+    let admin = running.admin_addr.unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..32 {
+        silent.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    // Let the admin loop accept all 32 before the 33rd arrives.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    let mut extra = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let _ = extra.write_all(request).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut answer)).await;
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("200"),
+        "the 33rd connection was served"
+    );
+    let mut first = silent.remove(0);
+    drop(silent);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _, _) = get(format!("http://{admin}/healthz")).await;
+    assert_eq!(status, 200, "served again once the others went");
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(30), first.read(&mut buf))
+        .await
+        .expect("a silent client is disconnected");
+    assert!(matches!(read, Ok(0) | Err(_)), "closed without an answer");
+    running.shutdown().await;
+}
