@@ -317,7 +317,8 @@ enum KeyCheck {
 /// What one look at Redis found.
 enum Step {
     Take(SharedToken, Vec<u8>),
-    Leased(Option<(SharedToken, Vec<u8>)>),
+    /// The lease is ours; the token key holds this (raw bytes, empty for nothing).
+    Leased(Option<SharedToken>, Vec<u8>),
     Wait,
 }
 
@@ -383,9 +384,9 @@ impl SharedSlot {
                     return self.fetch_alone(fetch, local_previous).await;
                 }
                 Ok(Step::Take(token, sealed)) => return Ok(Obtained::Shared { token, sealed }),
-                Ok(Step::Leased(current)) => {
+                Ok(Step::Leased(current, raw)) => {
                     return self
-                        .fetch_under_lease(current, &fence, local_previous, fetch)
+                        .fetch_under_lease(current, raw, &fence, local_previous, fetch)
                         .await
                 }
                 Ok(Step::Wait) if Instant::now() >= deadline => {
@@ -412,21 +413,20 @@ impl SharedSlot {
     ) -> Result<Step, StoreError> {
         let store = &self.cache.store;
         store.connect().await?;
-        if let Some((token, sealed)) = self.read().await? {
-            if accept(&token) {
-                return Ok(Step::Take(token, sealed));
-            }
+        let (token, raw) = self.read().await?;
+        if let Some(token) = token.filter(|t| accept(t)) {
+            return Ok(Step::Take(token, raw));
         }
         if !store.try_lease(&self.lease_key, fence, lease_ttl).await? {
             return Ok(Step::Wait);
         }
         // Another replica may have written between the read and the lease.
         match self.read().await? {
-            Some((token, sealed)) if accept(&token) => {
+            (Some(token), raw) if accept(&token) => {
                 store.release(&self.key, &self.lease_key, fence).await?;
-                Ok(Step::Take(token, sealed))
+                Ok(Step::Take(token, raw))
             }
-            current => Ok(Step::Leased(current)),
+            (token, raw) => Ok(Step::Leased(token, raw)),
         }
     }
 
@@ -447,22 +447,21 @@ impl SharedSlot {
         })
     }
 
-    /// The record under this slot's key, opened; a record that does not open (another key,
-    /// another definition, tampering) counts as none.
-    async fn read(&self) -> Result<Option<(SharedToken, Vec<u8>)>, StoreError> {
-        let Some(sealed) = self.cache.store.get(&self.key).await? else {
-            return Ok(None);
-        };
-        Ok(self
-            .cache
-            .sealer
-            .open(&self.aad, &sealed)
-            .map(|token| (token, sealed)))
+    /// The record under this slot's key, opened, and its raw bytes (empty when there is
+    /// none). A record that does not open (tampered with, or from a future format) gives no
+    /// token, but its bytes let the lease holder replace it.
+    async fn read(&self) -> Result<(Option<SharedToken>, Vec<u8>), StoreError> {
+        let raw = self.cache.store.get(&self.key).await?.unwrap_or_default();
+        let token = (!raw.is_empty())
+            .then(|| self.cache.sealer.open(&self.aad, &raw))
+            .flatten();
+        Ok((token, raw))
     }
 
     async fn fetch_under_lease<F, Fut>(
         &self,
-        current: Option<(SharedToken, Vec<u8>)>,
+        current: Option<SharedToken>,
+        expected: Vec<u8>,
         fence: &str,
         local_previous: Option<Token>,
         fetch: F,
@@ -472,10 +471,7 @@ impl SharedSlot {
         Fut: Future<Output = Result<Token, CredentialError>>,
     {
         let cache = &self.cache;
-        let (previous, expected) = match current {
-            Some((shared, sealed)) => (Some(shared.token), sealed),
-            None => (local_previous, Vec::new()),
-        };
+        let previous = current.map(|shared| shared.token).or(local_previous);
         let token = match fetch(previous).await {
             Ok(token) => token,
             Err(error) => {
@@ -509,7 +505,7 @@ impl SharedSlot {
                 tracing::warn!(key = %self.key, "the lease expired during the fetch and another replica stored a token; keeping the stored one");
                 let _ = cache.store.release(&self.key, &self.lease_key, fence).await;
                 match self.read().await {
-                    Ok(Some((token, sealed))) => Ok(Obtained::Shared { token, sealed }),
+                    Ok((Some(token), sealed)) => Ok(Obtained::Shared { token, sealed }),
                     _ => Ok(Obtained::Fetched {
                         token: shared.token,
                         sealed: None,

@@ -551,3 +551,45 @@ async fn an_invalidated_token_is_not_taken_back_from_redis() {
         "the new token is the shared one"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_is_replaced_not_obeyed() {
+    let c = cluster(Duration::from_secs(60), 1).await;
+    assert_all_ok(&c.burst(1).await);
+    let token_key = c
+        .redis
+        .dump()
+        .await
+        .iter()
+        .map(|(k, _)| String::from_utf8_lossy(k).to_string())
+        .find(|k| k.starts_with("authrelay:token:teletracker:"))
+        .expect("a stored token");
+    c.redis
+        .command(&["SET", &token_key, "\u{1}not a sealed record, Bearer forged"])
+        .await;
+    let second = support::proxy_with_env(&c.yaml, &env(CACHE_KEY, "")).await;
+    assert_eq!(
+        second.client().get(c.url()).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        c.vendor.book.token_calls(),
+        2,
+        "the corrupt record was not used"
+    );
+    let third = support::proxy_with_env(&c.yaml, &env(CACHE_KEY, "")).await;
+    assert_eq!(
+        third.client().get(c.url()).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        c.vendor.book.token_calls(),
+        2,
+        "the lease holder replaced it, and the next replica took the new token"
+    );
+    assert!(c
+        .api
+        .requests()
+        .iter()
+        .all(|r| !r.header("authorization").contains("forged")));
+}
