@@ -134,7 +134,12 @@ impl PlainPool {
             };
             let (mut conn, idle) = match pooled {
                 Some((conn, idle)) => (conn, Some(idle)),
-                None => (self.inner.connect(&origin, pinned.as_ref()).await?, None),
+                // Boxed: a new connection is the exception under load, and its future would
+                // otherwise be part of (and moved with) every request's.
+                None => (
+                    Box::pin(self.inner.connect(&origin, pinned.as_ref())).await?,
+                    None,
+                ),
             };
             let copy = idle
                 .filter(|idle| *idle >= STALE_RISK_AFTER)
