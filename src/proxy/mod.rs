@@ -26,7 +26,7 @@ use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -54,7 +54,8 @@ pub async fn handle(
     };
     let client = Client { addr: peer, user };
     if request.method() == Method::CONNECT {
-        return connect::handle(state, client, request).await;
+        // Boxed so that forward-proxy requests, the common case, do not carry its size.
+        return Box::pin(connect::handle(state, client, request)).await;
     }
     let target = target::resolve(&snapshot, request.method(), request.uri());
     dispatch::dispatch(&state, &snapshot, &client, target, request).await
@@ -192,29 +193,49 @@ pub async fn serve(
                 });
                 answer
             });
+            // No hyper header-read timer: hyper would allocate and arm one for every request
+            // head. `client_idle` is enforced below instead, by one timer per connection that
+            // is only re-armed when it fires.
             let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
                 .max_buf_size(crate::upstream::CONNECTION_BUFFER)
-                .header_read_timeout(client_idle)
+                .header_read_timeout(None)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "client connection ended with an error");
+            let idle = tokio::time::sleep(client_idle);
+            tokio::pin!(idle);
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "client connection ended with an error");
+                        }
+                        break;
                     }
-                }
-                _ = activity.evict.notified() => {
-                    if activity.busy() {
+                    _ = activity.evict.notified() => {
+                        if activity.busy() {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                        break;
+                    }
+                    _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => {
                         conn.as_mut().graceful_shutdown();
                         let _ = conn.await;
+                        break;
                     }
-                }
-                _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    () = idle.as_mut() => {
+                        // No request in flight for `client_idle` (none sent, or only part of
+                        // a head): closed, as a head-read timeout would.
+                        let idle_for = activity.idle_for();
+                        if idle_for >= client_idle {
+                            tracing::debug!(client = %peer, "closing an idle client connection");
+                            break;
+                        }
+                        idle.as_mut()
+                            .reset(tokio::time::Instant::now() + (client_idle - idle_for));
+                    }
                 }
             }
             tracker.unlist(id);
@@ -228,6 +249,8 @@ pub async fn serve(
     {
         tracing::warn!(drain = ?drain, "requests still in flight after the drain timeout; closing");
     }
+    // The access lines of the drained requests, written before the process goes on to exit.
+    crate::access_log::flush();
 }
 
 #[cfg(test)]
