@@ -31,18 +31,24 @@ trap cleanup EXIT
 wait_port() { for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing on $1" >&2; exit 1; }
 
 # AUTHRELAY=path profiles another build (e.g. a copy of the previous commit's binary).
-AUTHRELAY=${AUTHRELAY:-target/release/authrelay}
-cargo build --release --quiet --bin authrelay --example bench_upstream
+if [ -z "${AUTHRELAY:-}" ]; then
+    cargo build --release --quiet --bin authrelay --example bench_upstream
+    AUTHRELAY=target/release/authrelay
+fi
 if [ "$MODE" = https ]; then
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-        -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
-        -keyout "$OUT/up.key" -out "$OUT/up.pem" 2>/dev/null
+    # A CA (rustls refuses a self-signed leaf) and the upstream's certificate from it.
+    "$AUTHRELAY" ca init --out "$OUT/ca" >/dev/null 2>&1
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=upstream \
+        -keyout "$OUT/up.key" -out "$OUT/up.csr" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >"$OUT/up.ext"
+    openssl x509 -req -in "$OUT/up.csr" -CA "$OUT/ca/ca.pem" -CAkey "$OUT/ca/ca-key.pem" \
+        -CAcreateserial -days 2 -extfile "$OUT/up.ext" -out "$OUT/up.pem" 2>/dev/null
     BENCH_EXPECT="$TOKEN" BENCH_TLS_CERT="$OUT/up.pem" BENCH_TLS_KEY="$OUT/up.key" \
         taskset -c "$LOAD_CORE" target/release/examples/bench_upstream "127.0.0.1:$UPS_PORT" 2>/dev/null &
     PIDS+=($!); wait_port "$UPS_PORT"
     UPSTREAM="upstream: https://127.0.0.1:$UPS_PORT"
     TLS_CONF="tls:
-  ca_file: $OUT/up.pem"
+  ca_file: $OUT/ca/ca.pem"
 else
     BENCH_EXPECT="$TOKEN" taskset -c "$LOAD_CORE" target/release/examples/bench_upstream "127.0.0.1:$UP_PORT" 2>/dev/null &
     PIDS+=($!); wait_port "$UP_PORT"

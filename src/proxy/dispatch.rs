@@ -118,26 +118,34 @@ pub async fn dispatch(
         }
     };
     let route = target.route.clone();
+    // Off at `warn`: then nothing below names the request, and nothing is kept for it.
+    let line_on = tracing::enabled!(tracing::Level::INFO);
     // The target is consumed by forwarding; what the line names stays here (shared bytes).
-    let uri = target.uri.clone();
-    let origin = target.client_origin.as_ref().map(|(_, a)| a.clone());
-    let fields = access_fields(client, route.as_deref(), &method, &uri, origin.as_ref());
+    let kept = line_on.then(|| {
+        (
+            target.uri.clone(),
+            target.client_origin.as_ref().map(|(_, a)| a.clone()),
+        )
+    });
+    let fields = kept.as_ref().map(|(uri, origin)| {
+        access_fields(client, route.as_deref(), &method, uri, origin.as_ref())
+    });
     // With the binary's access log installed and the line on at `info` (and `debug` off),
     // the line is formatted here and written by the access-log thread, and the request gets
     // no `tracing` span: the span's fields are formatted once, into the line (a failure's
     // warning still gets the span). Otherwise (log capture in tests, a terminal, `debug`)
     // the request runs in a `request` span and the line is a `tracing` event, as documented
     // in docs/operations.md.
-    let fast = access_log::installed().filter(|_| {
-        tracing::enabled!(tracing::Level::INFO) && !tracing::enabled!(tracing::Level::DEBUG)
-    });
-    let (span, fast_span) = match fast {
-        Some(log) => (tracing::Span::none(), Some(fields.span(log.format()))),
-        None => (request_span(&fields), None),
+    let fast = access_log::installed()
+        .filter(|_| fields.is_some() && !tracing::enabled!(tracing::Level::DEBUG));
+    let (span, fast_span) = match (&fields, fast) {
+        (Some(f), Some(log)) => (tracing::Span::none(), Some(f.span(log.format()))),
+        (Some(f), None) => (request_span(f), None),
+        (None, _) => (tracing::Span::none(), None),
     };
-    let on_demand = || match &fast_span {
-        Some(_) => request_span(&fields),
-        None => span.clone(),
+    let on_demand = || match (&fast_span, &fields) {
+        (Some(_), Some(f)) => request_span(f),
+        _ => span.clone(),
     };
     let answer = async {
         let redirects = location::Rewrite::for_target(&target);

@@ -5,6 +5,7 @@ pub mod activity;
 pub mod connect;
 pub mod dispatch;
 pub mod forward;
+pub mod gate;
 pub mod headers;
 pub mod intercepted;
 pub mod limits;
@@ -31,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use self::activity::{ConnectionTracker, ShutdownSignal, TrackedStream};
+use self::gate::Gated;
 use self::respond::ProxyError;
 use crate::access::Client;
 use crate::state::State;
@@ -203,29 +205,32 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(conn);
-            let idle = tokio::time::sleep(client_idle);
-            tokio::pin!(idle);
+            // Polled only when they fire, not on each of the connection's wake-ups.
+            let mut evict = Gated::new(activity.evict.notified());
+            let mut stop = Gated::new(crate::vocab::shutdown::shutdown_requested(&mut shutdown));
+            let mut idle = Gated::new(tokio::time::sleep(client_idle));
             loop {
                 tokio::select! {
+                    biased;
                     result = conn.as_mut() => {
                         if let Err(e) = result {
                             tracing::debug!(error = %e, "client connection ended with an error");
                         }
                         break;
                     }
-                    _ = activity.evict.notified() => {
+                    () = &mut evict => {
                         if activity.busy() {
                             conn.as_mut().graceful_shutdown();
                             let _ = conn.await;
                         }
                         break;
                     }
-                    _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => {
+                    () = &mut stop => {
                         conn.as_mut().graceful_shutdown();
                         let _ = conn.await;
                         break;
                     }
-                    () = idle.as_mut() => {
+                    () = &mut idle => {
                         // No request in flight for `client_idle` (none sent, or only part of
                         // a head): closed, as a head-read timeout would.
                         let idle_for = activity.idle_for();
@@ -233,8 +238,8 @@ pub async fn serve(
                             tracing::debug!(client = %peer, "closing an idle client connection");
                             break;
                         }
-                        idle.as_mut()
-                            .reset(tokio::time::Instant::now() + (client_idle - idle_for));
+                        let deadline = tokio::time::Instant::now() + (client_idle - idle_for);
+                        idle.update(|sleep| sleep.reset(deadline));
                     }
                 }
             }
