@@ -6,7 +6,8 @@
 #
 #   benches/profile.sh                     # RUST_LOG=warn, 32 connections, 5 s
 #   LEVEL=info CONNS=256 benches/profile.sh
-#   MODE=https benches/profile.sh          # the upstream over TLS (keep-alive)
+#   MODE=https WARMUP=15 benches/profile.sh # the upstream over TLS (keep-alive; the warm-up
+#                                          # opens the pool: handshakes are slow under valgrind)
 #
 # Instruction counts are repeatable on a shared machine where timings are not; the kernel's
 # share (syscalls) is not counted.
@@ -74,7 +75,7 @@ RUST_LOG=$LEVEL taskset -c "$PROXY_CORE" valgrind --tool=callgrind --callgrind-o
     "$AUTHRELAY" --config "$OUT/routes.yaml" run 2>"$OUT/authrelay.log" >/dev/null &
 CG_PID=$!; PIDS+=("$CG_PID")
 wait_port "$CG_PORT"
-taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNS" -d2s -s "$OUT/forward.lua" "http://127.0.0.1:$CG_PORT/" >/dev/null
+taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNS" -d"${WARMUP:-2}s" -s "$OUT/forward.lua" "http://127.0.0.1:$CG_PORT/" >/dev/null
 callgrind_control -z "$CG_PID" >/dev/null
 out=$(taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNS" -d"${DURATION}s" --timeout 10s -s "$OUT/forward.lua" "http://127.0.0.1:$CG_PORT/")
 callgrind_control -d "$CG_PID" >/dev/null

@@ -76,12 +76,12 @@ fn forward_target(
             "user info in the request URL is not allowed".into(),
         ));
     }
-    let host = authority.host();
+    let (host, port) = crate::upstream::authority::host_and_port(authority.as_str());
     if host.is_empty() {
         return Err(ProxyError::BadRequest("empty host".into()));
     }
     check_path(uri.path())?;
-    let port = authority.port_u16().unwrap_or(default_port);
+    let port = port.unwrap_or(default_port);
     let route = snapshot
         .routes
         .find(host, port, default_port, uri.path(), method)
