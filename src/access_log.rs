@@ -87,7 +87,7 @@ impl RequestFields<'_> {
 
     fn text_span(&self, out: &mut String) {
         out.push_str("request{client=");
-        let _ = write!(out, "{}", self.client);
+        push_ip(self.client, out);
         out.push_str(" user=");
         debug_str(self.user, out);
         out.push_str(" route=");
@@ -106,7 +106,7 @@ impl RequestFields<'_> {
     /// The span object: its fields in name order (a JSON map), then `name`.
     fn json_span(&self, out: &mut String) {
         out.push_str("{\"client\":\"");
-        let _ = write!(out, "{}", self.client);
+        push_ip(self.client, out);
         out.push_str("\",\"credential\":");
         json_str(self.credential, out);
         out.push_str(",\"host\":");
@@ -204,6 +204,24 @@ fn timestamp(now: SystemTime, out: &mut String) {
         out.push(char::from(d));
     }
     out.push('Z');
+}
+
+/// An address as `Display` prints it; IPv4 without the formatting machinery (a tenth of the
+/// line's cost went to `Ipv4Addr`'s `Display`).
+fn push_ip(ip: IpAddr, out: &mut String) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_u16(u16::from(octet), out);
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
 }
 
 fn push_u16(n: u16, out: &mut String) {
@@ -558,6 +576,23 @@ mod tests {
                 assert_eq!(cut(&ours), cut(&expected), "json: {json}");
                 assert_eq!(ours.len(), expected.len(), "{ours}{expected}");
             }
+        }
+    }
+
+    #[test]
+    fn addresses_read_as_display_prints_them() {
+        for ip in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.20.3.104",
+            "::1",
+            "fe80::1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = String::new();
+            push_ip(ip, &mut out);
+            assert_eq!(out, ip.to_string());
         }
     }
 
