@@ -1,7 +1,8 @@
 //! A future that is polled only after it asked to be: `tokio::select!` polls every branch
 //! each time the task wakes, so a connection's rarely-firing branches (eviction, shutdown,
 //! idle timer) were polled on every request's every wake-up. Behind a [`Gated`] they are
-//! polled once to register, then again only when their own waker fires.
+//! polled once to register, then again only when their own waker fires. (One gate for all
+//! three: each gate is an allocation per connection.)
 
 use std::future::Future;
 use std::pin::Pin;
@@ -47,12 +48,6 @@ impl<F: Future> Gated<F> {
             waker: Waker::from(Arc::clone(&signal)),
             signal,
         }
-    }
-
-    /// Changes the inner future in place (a timer's deadline); it is polled at the next poll.
-    pub fn update(&mut self, change: impl FnOnce(Pin<&mut F>)) {
-        change(self.inner.as_mut());
-        self.signal.woken.store(true, Ordering::Release);
     }
 }
 

@@ -92,6 +92,16 @@ impl Throttle {
     }
 }
 
+/// What ends a client connection from outside its own traffic.
+enum Control {
+    /// Closed to make room under `max_connections` (after its request, if one is in flight).
+    Evict,
+    /// Shutdown: requests in flight finish first.
+    Stop,
+    /// Nothing in flight for `client_idle`.
+    Idle,
+}
+
 /// Longest pause after failed accepts (out of descriptors); doubles from 10 ms up to it.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -205,43 +215,53 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(conn);
-            // Polled only when they fire, not on each of the connection's wake-ups.
-            let mut evict = Gated::new(activity.evict.notified());
-            let mut stop = Gated::new(crate::vocab::shutdown::shutdown_requested(&mut shutdown));
-            let mut idle = Gated::new(tokio::time::sleep(client_idle));
-            loop {
-                tokio::select! {
-                    biased;
-                    result = conn.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!(error = %e, "client connection ended with an error");
+            // Eviction, shutdown and the idle limit, in one future that is polled only when
+            // one of them fires, not on each of the connection's wake-ups.
+            let control = Gated::new(async {
+                let evict = activity.evict.notified();
+                let stop = crate::vocab::shutdown::shutdown_requested(&mut shutdown);
+                let idle = tokio::time::sleep(client_idle);
+                tokio::pin!(evict, stop, idle);
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = &mut evict => return Control::Evict,
+                        () = &mut stop => return Control::Stop,
+                        () = &mut idle => {
+                            // No request in flight for `client_idle` (none sent, or only
+                            // part of a head): closed, as a head-read timeout would.
+                            let idle_for = activity.idle_for();
+                            if idle_for >= client_idle {
+                                return Control::Idle;
+                            }
+                            let deadline = tokio::time::Instant::now() + (client_idle - idle_for);
+                            idle.as_mut().reset(deadline);
                         }
-                        break;
                     }
-                    () = &mut evict => {
+                }
+            });
+            tokio::select! {
+                biased;
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "client connection ended with an error");
+                    }
+                }
+                control = control => match control {
+                    Control::Evict => {
                         if activity.busy() {
                             conn.as_mut().graceful_shutdown();
                             let _ = conn.await;
                         }
-                        break;
                     }
-                    () = &mut stop => {
+                    Control::Stop => {
                         conn.as_mut().graceful_shutdown();
                         let _ = conn.await;
-                        break;
                     }
-                    () = &mut idle => {
-                        // No request in flight for `client_idle` (none sent, or only part of
-                        // a head): closed, as a head-read timeout would.
-                        let idle_for = activity.idle_for();
-                        if idle_for >= client_idle {
-                            tracing::debug!(client = %peer, "closing an idle client connection");
-                            break;
-                        }
-                        let deadline = tokio::time::Instant::now() + (client_idle - idle_for);
-                        idle.update(|sleep| sleep.reset(deadline));
+                    Control::Idle => {
+                        tracing::debug!(client = %peer, "closing an idle client connection");
                     }
-                }
+                },
             }
             tracker.unlist(id);
             gauge.dec();
