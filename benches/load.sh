@@ -8,9 +8,12 @@
 #   1. builds authrelay and examples/bench_upstream in release mode;
 #   2. installs wrk and nginx from the OS packages when missing (apt-get);
 #   3. starts the upstream (answers 100 bytes only when `Authorization: Bearer bench-token`
-#      is present, else 401), authrelay (static credential, `unmatched: pass`, RUST_LOG=warn)
-#      and nginx (one worker, same header injection, keep-alive upstream pool, no access log);
-#   4. runs wrk against each target at each connection count, RUNS times (interleaved), and prints the
+#      is present, else 401) over plain HTTP and over TLS, authrelay (static credential,
+#      `unmatched: pass`, RUST_LOG=warn; a second one at RUST_LOG=info for the access-log
+#      runs) and nginx (one worker, same header injection, keep-alive upstream pools, no
+#      access log except on the access-log port);
+#   4. runs wrk (and, for TLS from the client, examples/bench_tls_client) against each target
+#      at each connection count, RUNS times (interleaved), and prints the
 #      medians of req/s, p50 and p99, the proxy's CPU time per request (user + system, from
 #      /proc/PID/stat), the proxies' peak RSS and the ratios;
 #   5. measures authrelay's (and nginx's) RSS idle and with IDLE_CONNS idle keep-alive clients;
@@ -34,6 +37,15 @@ CG_PORT=${CG_PORT:-18184}
 UP_PORT=${UP_PORT:-18181}
 AR_PORT=${AR_PORT:-18182}
 NGX_PORT=${NGX_PORT:-18183}
+UPS_PORT=${UPS_PORT:-18185}             # the upstream over TLS
+AR_LOG_PORT=${AR_LOG_PORT:-18186}       # authrelay with RUST_LOG=info (access log on)
+NGX_LOG_PORT=${NGX_LOG_PORT:-18187}     # nginx with its access log on
+NGX_HTTPS_PORT=${NGX_HTTPS_PORT:-18188} # nginx: plain HTTP in, TLS to the upstream
+NGX_TLS_PORT=${NGX_TLS_PORT:-18189}     # nginx: TLS in (as authrelay's intercepted CONNECT), TLS out
+# Which targets run (all by default); e.g. TARGETS="direct authrelay nginx".
+TARGETS=${TARGETS:-"direct authrelay authrelay-mount nginx authrelay-log nginx-log authrelay-https nginx-https authrelay-connect nginx-tls"}
+HTTPS_HOST=api.bench.test
+TLS_HOST=secure.bench.test
 TOKEN="Bearer bench-token"
 PATH_QS="/v1/items/42?fields=id"
 
@@ -67,9 +79,22 @@ install_if_missing nginx nginx-light nginx
 NGINX=$(command -v nginx)
 
 log "building (release)"
-cargo build --release --quiet --bin authrelay --example bench_upstream
+cargo build --release --quiet --bin authrelay --example bench_upstream --example bench_tls_client
 AUTHRELAY=target/release/authrelay
 UPSTREAM=target/release/examples/bench_upstream
+TLS_CLIENT=target/release/examples/bench_tls_client
+
+# --- certificates: authrelay's interception CA also signs the TLS upstream's and nginx's ---
+"$AUTHRELAY" ca init --out "$WORK/ca" >/dev/null 2>&1
+leaf() { # name san
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=$1" \
+        -keyout "$WORK/ca/$1-key.pem" -out "$WORK/ca/$1.csr" 2>/dev/null
+    printf 'subjectAltName=%s\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' "$2" >"$WORK/ca/$1.ext"
+    openssl x509 -req -in "$WORK/ca/$1.csr" -CA "$WORK/ca/ca.pem" -CAkey "$WORK/ca/ca-key.pem" \
+        -CAcreateserial -days 2 -extfile "$WORK/ca/$1.ext" -out "$WORK/ca/$1.pem" 2>/dev/null
+}
+leaf upstream "IP:127.0.0.1,DNS:localhost"
+leaf nginx "DNS:$TLS_HOST"
 
 wait_port() { # port: waits at most 10 s
     for _ in $(seq 100); do
@@ -87,11 +112,20 @@ status_of() { # pid field -> kB
 BENCH_EXPECT="$TOKEN" taskset -c "$LOAD_CORE" "$UPSTREAM" "127.0.0.1:$UP_PORT" 2>"$WORK/upstream.log" &
 UP_PID=$!; PIDS+=("$UP_PID")
 wait_port "$UP_PORT"
+BENCH_EXPECT="$TOKEN" BENCH_TLS_CERT="$WORK/ca/upstream.pem" BENCH_TLS_KEY="$WORK/ca/upstream-key.pem" \
+    taskset -c "$LOAD_CORE" "$UPSTREAM" "127.0.0.1:$UPS_PORT" 2>"$WORK/upstream-tls.log" &
+PIDS+=($!)
+wait_port "$UPS_PORT"
 
 # --- authrelay ----------------------------------------------------------------------------
 cat >"$WORK/routes.yaml" <<EOF
 listen: 127.0.0.1:$AR_PORT
 unmatched: pass
+tls:
+  ca_file: $WORK/ca/ca.pem
+intercept_ca:
+  cert_file: $WORK/ca/ca.pem
+  key_file: $WORK/ca/ca-key.pem
 credentials:
   bench:
     type: static
@@ -104,6 +138,15 @@ routes:
     mount: /m
     upstream: http://127.0.0.1:$UP_PORT
     credential: bench
+  - name: bench-https
+    host: $HTTPS_HOST
+    upstream: https://127.0.0.1:$UPS_PORT
+    credential: bench
+  - name: bench-intercept
+    host: $TLS_HOST
+    upstream: https://127.0.0.1:$UPS_PORT
+    credential: bench
+    intercept: true
 EOF
 start_authrelay() {
     RUST_LOG=warn taskset -c "$PROXY_CORE" "$AUTHRELAY" --config "$WORK/routes.yaml" run \
@@ -112,6 +155,12 @@ start_authrelay() {
     wait_port "$AR_PORT"
 }
 start_authrelay
+# The same proxy at the default `info` level: one access line per request, to a file.
+sed "s/^listen: .*/listen: 127.0.0.1:$AR_LOG_PORT/" "$WORK/routes.yaml" >"$WORK/routes-log.yaml"
+RUST_LOG=info taskset -c "$PROXY_CORE" "$AUTHRELAY" --config "$WORK/routes-log.yaml" run \
+    2>>"$WORK/authrelay-access.log" &
+AR_LOG_PID=$!; PIDS+=("$AR_LOG_PID")
+wait_port "$AR_LOG_PORT"
 
 # --- nginx ----------------------------------------------------------------------------------
 mkdir -p "$WORK/nginx"
@@ -137,6 +186,11 @@ http {
         keepalive 256;
         keepalive_requests 1000000;
     }
+    upstream bench_tls_up {
+        server 127.0.0.1:$UPS_PORT;
+        keepalive 256;
+        keepalive_requests 1000000;
+    }
     server {
         listen 127.0.0.1:$NGX_PORT backlog=4096;
         location / {
@@ -144,6 +198,38 @@ http {
             proxy_set_header Connection "";
             proxy_set_header Authorization "$TOKEN";
             proxy_pass http://bench_up;
+        }
+    }
+    server { # the access-log runs: nginx's default combined format, to a file
+        listen 127.0.0.1:$NGX_LOG_PORT backlog=4096;
+        access_log $WORK/nginx/access.log;
+        location / {
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "$TOKEN";
+            proxy_pass http://bench_up;
+        }
+    }
+    server { # plain HTTP in, TLS (kept alive) to the upstream
+        listen 127.0.0.1:$NGX_HTTPS_PORT backlog=4096;
+        location / {
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "$TOKEN";
+            proxy_ssl_session_reuse on;
+            proxy_pass https://bench_tls_up;
+        }
+    }
+    server { # TLS in, TLS out: what authrelay does for an intercepted CONNECT tunnel
+        listen 127.0.0.1:$NGX_TLS_PORT ssl backlog=4096;
+        ssl_certificate $WORK/ca/nginx.pem;
+        ssl_certificate_key $WORK/ca/nginx-key.pem;
+        location / {
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "$TOKEN";
+            proxy_ssl_session_reuse on;
+            proxy_pass https://bench_tls_up;
         }
     }
 }
@@ -164,6 +250,12 @@ check direct -H "Authorization: $TOKEN" "http://127.0.0.1:$UP_PORT$PATH_QS"
 check authrelay -x "http://127.0.0.1:$AR_PORT" "http://127.0.0.1:$UP_PORT$PATH_QS"
 check authrelay-mount "http://127.0.0.1:$AR_PORT/m$PATH_QS"
 check nginx -x "http://127.0.0.1:$NGX_PORT" "http://127.0.0.1:$UP_PORT$PATH_QS"
+check authrelay-log -x "http://127.0.0.1:$AR_LOG_PORT" "http://127.0.0.1:$UP_PORT$PATH_QS"
+check nginx-log -x "http://127.0.0.1:$NGX_LOG_PORT" "http://127.0.0.1:$UP_PORT$PATH_QS"
+check authrelay-https -x "http://127.0.0.1:$AR_PORT" "http://$HTTPS_HOST$PATH_QS"
+check nginx-https -x "http://127.0.0.1:$NGX_HTTPS_PORT" "http://$HTTPS_HOST$PATH_QS"
+check authrelay-connect --cacert "$WORK/ca/ca.pem" -x "http://127.0.0.1:$AR_PORT" "https://$TLS_HOST$PATH_QS"
+check nginx-tls --cacert "$WORK/ca/ca.pem" --resolve "$TLS_HOST:$NGX_TLS_PORT:127.0.0.1" "https://$TLS_HOST:$NGX_TLS_PORT$PATH_QS"
 code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -x "http://127.0.0.1:$NGX_PORT" -H 'Authorization: wrong' "http://127.0.0.1:$UP_PORT$PATH_QS")
 [ "$code" = 200 ] || { log "nginx did not replace the client's Authorization"; exit 1; }
 code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$UP_PORT$PATH_QS" -H 'Authorization: wrong')
@@ -175,6 +267,9 @@ NGX_IDLE_RSS=$(( $(status_of "$NGX_WORKER" VmRSS) + $(status_of "$NGX_MASTER" Vm
 # Absolute-form request line for the forward-proxy targets.
 cat >"$WORK/forward.lua" <<EOF
 wrk.path = "http://127.0.0.1:$UP_PORT$PATH_QS"
+EOF
+cat >"$WORK/forward-https.lua" <<EOF
+wrk.path = "http://$HTTPS_HOST$PATH_QS"
 EOF
 
 to_ms() { # wrk latency such as 812.00us, 1.23ms, 1.01s
@@ -210,21 +305,56 @@ run_once() { # name conns run url lua header [proxy-pid]
     BAD[$key]=$(( ${BAD[$key]:-0} + $(awk '/Non-2xx/ { s += $5 } /Socket errors/ { gsub(",", ""); s += $4 + $6 + $8 + $10 } END { print s + 0 }' "$out") ))
     log "  $name c=$conns run $run: $rps req/s p50 $p50 ms p99 $p99 ms"
 }
+run_tls_once() { # name conns run port proxy-pid [connect-authority]
+    local name=$1 conns=$2 run=$3 port=$4 pid=$5 connect=${6:-}
+    local key=$name/$conns out="$WORK/wrk-$name-$conns-$run.txt" ready="$WORK/ready-$name-$conns-$run" ticks rps p50 p99
+    taskset -c "$LOAD_CORE" timeout $((DURATION + 60)) "$TLS_CLIENT" --addr "127.0.0.1:$port" \
+        ${connect:+--connect "$connect"} --host "$TLS_HOST" --ca "$WORK/ca/ca.pem" --path "$PATH_QS" \
+        -c "$conns" -d "$DURATION" --ready "$ready" >"$out" &
+    local client=$!
+    for _ in $(seq 600); do [ -s "$ready" ] && break; sleep 0.05; done
+    # Counted from here: every connection is open and through CONNECT and TLS.
+    ticks=$(cpu_ticks "$pid")
+    wait "$client"
+    CPU[$key]+=" $(awk -v t=$(( $(cpu_ticks "$pid") - ticks )) -v hz="$CLK_TCK" \
+        '/ requests in / { printf "%.2f", t / hz * 1e6 / $1 }' "$out")"
+    rps=$(awk '/^Requests\/sec/ { print $2 }' "$out")
+    p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")
+    p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")
+    RPS[$key]+=" $rps"; P50[$key]+=" $p50"; P99[$key]+=" $p99"
+    BAD[$key]=$(( ${BAD[$key]:-0} + $(awk '/Non-2xx/ { s += $5 } /Socket errors/ { gsub(",", ""); s += $4 + $6 + $8 + $10 } END { print s + 0 }' "$out") ))
+    log "  $name c=$conns run $run: $rps req/s p50 $p50 ms p99 $p99 ms"
+}
+wanted() { [[ " $TARGETS " == *" $1 "* ]]; }
 median_of() { # "a b c" -> median, or - when empty
     if [ -z "${1// }" ]; then echo -; else printf '%s\n' $1 | median; fi
 }
 
 # Runs are interleaved (run 1 of every target, then run 2, ...) so that a noisy moment on
 # the shared machine hits all targets alike instead of one target's whole series.
+# The TLS upstream connections of both proxies are opened (and pooled) before the counted
+# runs, as the plain ones are after the first seconds of load.
+for c in $CONNS; do
+    if wanted authrelay-https; then taskset -c "$LOAD_CORE" wrk -t1 -c"$c" -d1s -s "$WORK/forward-https.lua" "http://127.0.0.1:$AR_PORT/" >/dev/null; fi
+    if wanted nginx-https; then taskset -c "$LOAD_CORE" wrk -t1 -c"$c" -d1s -s "$WORK/forward-https.lua" "http://127.0.0.1:$NGX_HTTPS_PORT/" >/dev/null; fi
+done
 log "load: ${RUNS} x ${DURATION}s per target and connection count"
 for c in $CONNS; do
     for run in $(seq "$RUNS"); do
-        run_once direct "$c" "$run" "http://127.0.0.1:$UP_PORT$PATH_QS" "" "Authorization: $TOKEN"
-        run_once authrelay "$c" "$run" "http://127.0.0.1:$AR_PORT/" "$WORK/forward.lua" "" "$AR_PID"
-        run_once authrelay-mount "$c" "$run" "http://127.0.0.1:$AR_PORT/m$PATH_QS" "" "" "$AR_PID"
-        run_once nginx "$c" "$run" "http://127.0.0.1:$NGX_PORT/" "$WORK/forward.lua" "" "$NGX_WORKER"
+        if wanted direct; then run_once direct "$c" "$run" "http://127.0.0.1:$UP_PORT$PATH_QS" "" "Authorization: $TOKEN"; fi
+        if wanted authrelay; then run_once authrelay "$c" "$run" "http://127.0.0.1:$AR_PORT/" "$WORK/forward.lua" "" "$AR_PID"; fi
+        if wanted authrelay-mount; then run_once authrelay-mount "$c" "$run" "http://127.0.0.1:$AR_PORT/m$PATH_QS" "" "" "$AR_PID"; fi
+        if wanted nginx; then run_once nginx "$c" "$run" "http://127.0.0.1:$NGX_PORT/" "$WORK/forward.lua" "" "$NGX_WORKER"; fi
+        if wanted authrelay-log; then run_once authrelay-log "$c" "$run" "http://127.0.0.1:$AR_LOG_PORT/" "$WORK/forward.lua" "" "$AR_LOG_PID"; fi
+        if wanted nginx-log; then run_once nginx-log "$c" "$run" "http://127.0.0.1:$NGX_LOG_PORT/" "$WORK/forward.lua" "" "$NGX_WORKER"; fi
+        if wanted authrelay-https; then run_once authrelay-https "$c" "$run" "http://127.0.0.1:$AR_PORT/" "$WORK/forward-https.lua" "" "$AR_PID"; fi
+        if wanted nginx-https; then run_once nginx-https "$c" "$run" "http://127.0.0.1:$NGX_HTTPS_PORT/" "$WORK/forward-https.lua" "" "$NGX_WORKER"; fi
+        if wanted authrelay-connect; then run_tls_once authrelay-connect "$c" "$run" "$AR_PORT" "$AR_PID" "$TLS_HOST:443"; fi
+        if wanted nginx-tls; then run_tls_once nginx-tls "$c" "$run" "$NGX_TLS_PORT" "$NGX_WORKER"; fi
     done
 done
+AR_LOG_LINES=$(grep -c ' request status=' "$WORK/authrelay-access.log" || true)
+NGX_LOG_LINES=$(wc -l <"$WORK/nginx/access.log" 2>/dev/null || echo 0)
 for key in "${!RPS[@]}"; do
     for table in RPS P50 P99 CPU; do
         declare -n samples=$table
@@ -314,25 +444,30 @@ sub_ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
 echo
 echo "authrelay load benchmark — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)), $(uname -r)"
 echo "wrk -t1, ${DURATION}s x ${RUNS} runs (medians); proxy on core $PROXY_CORE, wrk + upstream on core $LOAD_CORE; RUST_LOG=warn, nginx access_log off"
+echo "(authrelay-log / nginx-log: RUST_LOG=info and nginx's access_log, each to a file; -https: plain HTTP"
+echo " in, TLS kept alive to the upstream; authrelay-connect: CONNECT + TLS to the proxy (interception),"
+echo " nginx-tls: TLS to nginx; both TLS out; bench_tls_client instead of wrk, handshakes before the clock)"
 echo
-printf '%-16s %6s %12s %10s %10s %8s %14s\n' target conns 'req/s' 'p50 ms' 'p99 ms' errors 'proxy CPU us/req'
+printf '%-18s %6s %12s %10s %10s %8s %14s\n' target conns 'req/s' 'p50 ms' 'p99 ms' errors 'proxy CPU us/req'
 for c in $CONNS; do
-    for t in direct authrelay authrelay-mount nginx; do
-        printf '%-16s %6s %12s %10s %10s %8s %14s\n' "$t" "$c" "${RPS[$t/$c]}" "${P50[$t/$c]}" "${P99[$t/$c]}" "${BAD[$t/$c]}" "${CPU[$t/$c]}"
+    for t in $TARGETS; do
+        [ -n "${RPS[$t/$c]:-}" ] || continue
+        printf '%-18s %6s %12s %10s %10s %8s %14s\n' "$t" "$c" "${RPS[$t/$c]}" "${P50[$t/$c]}" "${P99[$t/$c]}" "${BAD[$t/$c]}" "${CPU[$t/$c]:--}"
     done
 done
 echo
-printf '%-6s %-16s %10s %10s %14s %16s %18s\n' conns via 'x direct' 'x nginx' 'CPU/req x nginx' 'added p99 ms' 'nginx added p99'
+printf '%-6s %-18s %-12s %10s %10s %10s %10s\n' conns authrelay 'vs nginx' 'req/s x' 'CPU/req x' 'p99 ms' 'nginx p99'
 for c in $CONNS; do
-    for t in authrelay authrelay-mount; do
-        printf '%-6s %-16s %10s %10s %14s %16s %18s\n' "$c" "$t" \
-            "$(ratio "${RPS[$t/$c]}" "${RPS[direct/$c]}")" "$(ratio "${RPS[$t/$c]}" "${RPS[nginx/$c]}")" \
-            "$(ratio "${CPU[$t/$c]}" "${CPU[nginx/$c]}")" \
-            "$(sub_ms "${P99[$t/$c]}" "${P99[direct/$c]}")" "$(sub_ms "${P99[nginx/$c]}" "${P99[direct/$c]}")"
+    for pair in authrelay:nginx authrelay-mount:nginx authrelay-log:nginx-log authrelay-https:nginx-https authrelay-connect:nginx-tls; do
+        a=${pair%%:*} n=${pair##*:}
+        [ -n "${RPS[$a/$c]:-}" ] && [ -n "${RPS[$n/$c]:-}" ] || continue
+        printf '%-6s %-18s %-12s %10s %10s %10s %10s\n' "$c" "$a" "$n" \
+            "$(ratio "${RPS[$a/$c]}" "${RPS[$n/$c]}")" "$(ratio "${CPU[$a/$c]}" "${CPU[$n/$c]}")" \
+            "${P99[$a/$c]}" "${P99[$n/$c]}"
     done
 done
-echo "(x direct, x nginx: throughput ratios; CPU/req x nginx: the proxy's CPU time per request"
-echo " relative to nginx's worker, below 1.00 means authrelay spends less per request)"
+echo "(req/s x, CPU/req x: authrelay relative to nginx doing the same; CPU/req below 1.00 means"
+echo " authrelay spends less CPU time per request; access lines written: authrelay $AR_LOG_LINES, nginx $NGX_LOG_LINES)"
 echo
 echo "memory (RSS, MB)            authrelay    nginx (master+worker)"
 printf 'idle, before load           %9s    %9s\n' "$(mb "$AR_IDLE_RSS")" "$(mb "$NGX_IDLE_RSS")"

@@ -3,7 +3,9 @@
 //! 401 otherwise, so that a benchmark run also proves the proxy injected the credential.
 //!
 //! Usage: `bench_upstream 127.0.0.1:PORT` (loopback addresses only). Runs on a single-threaded
-//! runtime so that it uses one core, like the other pinned processes of the benchmark.
+//! runtime so that it uses one core, like the other pinned processes of the benchmark. With
+//! `BENCH_TLS_CERT` and `BENCH_TLS_KEY` (PEM files) it serves HTTPS (HTTP/1.1 only, as most
+//! API vendors' edges answer a client that offers it) instead of plain HTTP.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,29 +37,71 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .into_bytes()
             .into_boxed_slice(),
     );
+    let tls = match (
+        std::env::var_os("BENCH_TLS_CERT"),
+        std::env::var_os("BENCH_TLS_KEY"),
+    ) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert.as_ref(), key.as_ref())?),
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(addr, expected))
+    runtime.block_on(serve(addr, expected, tls))
+}
+
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, Box<dyn std::error::Error>> {
+    let certs = rustls_pemfile::certs(&mut std::fs::read(cert)?.as_slice())
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = rustls_pemfile::private_key(&mut std::fs::read(key)?.as_slice())?
+        .ok_or("no private key in BENCH_TLS_KEY")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }
 
 async fn serve(
     addr: SocketAddr,
     expected: &'static [u8],
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind(addr).await?;
-    eprintln!("bench_upstream listening on {addr}");
+    eprintln!(
+        "bench_upstream listening on {addr}{}",
+        if tls.is_some() { " (TLS)" } else { "" }
+    );
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| async move {
                 Ok::<_, Infallible>(answer(&req, expected))
             });
-            let _ = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let mut builder = http1::Builder::new();
+            builder.keep_alive(true);
+            match tls {
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(stream).await {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+                None => {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+            }
         });
     }
 }

@@ -10,6 +10,7 @@
 //! `commands` and `demo` hold what the CLI's `check --fetch`, `token`, `health` and `demo` do.
 
 pub mod access;
+pub mod access_log;
 pub mod admin;
 pub mod commands;
 pub mod config;

@@ -14,6 +14,7 @@ use super::respond::ProxyError;
 use super::target::Target;
 use super::{forward, location, target, upgrade};
 use crate::access::{Client, DestinationError, DestinationPolicy};
+use crate::access_log::{self, Outcome, RequestFields as AccessFields};
 use crate::state::State;
 use crate::upstream::idle::{IdleTimeout, Side};
 use crate::upstream::{PinnedAddrs, ProxyBody};
@@ -117,32 +118,51 @@ pub async fn dispatch(
         }
     };
     let route = target.route.clone();
-    let route_name = route.as_ref().map_or("-", |r| &*r.name);
-    let credential = route
-        .as_ref()
-        .and_then(|r| r.credential.as_ref())
-        .map_or("-", |c| &**c.name());
-    let span = tracing::info_span!(
-        "request",
-        client = %client.addr,
-        user = client.user.as_deref().unwrap_or("-"),
-        route = route_name,
-        credential,
-        %method,
-        host = target
-            .client_origin
-            .as_ref()
-            .map_or_else(|| target.uri.host().unwrap_or("-"), |(_, a)| a.host()),
-        upstream = target.uri.authority().map_or("-", |a| a.as_str())
-    );
-    async {
+    // Off at `warn`: then nothing below names the request, and nothing is kept for it.
+    let line_on = tracing::enabled!(tracing::Level::INFO);
+    // The target is consumed by forwarding; what the line names stays here (shared bytes).
+    let kept = line_on.then(|| {
+        (
+            target.uri.clone(),
+            target.client_origin.as_ref().map(|(_, a)| a.clone()),
+        )
+    });
+    let fields = kept.as_ref().map(|(uri, origin)| {
+        access_fields(client, route.as_deref(), &method, uri, origin.as_ref())
+    });
+    // With the binary's access log installed and the line on at `info` (and `debug` off),
+    // the line is formatted here and written by the access-log thread, and the request gets
+    // no `tracing` span: the span's fields are formatted once, into the line (a failure's
+    // warning still gets the span). Otherwise (log capture in tests, a terminal, `debug`)
+    // the request runs in a `request` span and the line is a `tracing` event, as documented
+    // in docs/operations.md.
+    let fast = access_log::installed()
+        .filter(|_| fields.is_some() && !tracing::enabled!(tracing::Level::DEBUG));
+    let (span, fast_span) = match (&fields, fast) {
+        (Some(f), Some(log)) => (tracing::Span::none(), Some(f.span(log.format()))),
+        (Some(f), None) => (request_span(f), None),
+        (None, _) => (tracing::Span::none(), None),
+    };
+    let on_demand = || match (&fast_span, &fields) {
+        (Some(_), Some(f)) => request_span(f),
+        _ => span.clone(),
+    };
+    let answer = async {
         let redirects = location::Rewrite::for_target(&target);
+        // Boxed: the upgrade future is several KB, and every request's future would carry
+        // (and move) room for it.
         let forwarded = if upgrade::is_upgrade(request.headers()) {
-            upgrade::forward(&state.upstream, &snapshot.config, target, request).await
+            Box::pin(upgrade::forward(
+                &state.upstream,
+                &snapshot.config,
+                target,
+                request,
+            ))
+            .await
         } else {
             forward::forward(&state.upstream, &snapshot.config, target, request).await
         };
-        let (response, retried) = match forwarded {
+        match forwarded {
             Ok(mut f) => {
                 if let Some(rewrite) = &redirects {
                     rewrite.apply(f.response.headers_mut());
@@ -164,24 +184,80 @@ pub async fn dispatch(
                         | ProxyError::Upstream(_)
                         | ProxyError::UpstreamTimeout(_)
                 ) {
-                    tracing::warn!(error = %e, "request failed");
+                    on_demand().in_scope(|| tracing::warn!(error = %e, "request failed"));
                 }
                 (e.into_response(route.as_ref().map(|r| &*r.name)), false)
             }
-        };
-        let status = response.status().as_u16();
-        match &route {
-            Some(r) => r.metrics.answered(status),
-            None => snapshot.unmatched_metrics.answered(status),
         }
-        tracing::info!(
-            status,
-            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
-            retried,
-            "request"
-        );
-        response
     }
-    .instrument(span)
-    .await
+    .instrument(span.clone())
+    .await;
+    let (response, retried) = answer;
+    let status = response.status().as_u16();
+    match &route {
+        Some(r) => r.metrics.answered(status),
+        None => snapshot.unmatched_metrics.answered(status),
+    }
+    let outcome = Outcome {
+        status,
+        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        retried,
+    };
+    match (fast, &fast_span) {
+        (Some(log), Some(line_span)) => log.log(line_span, outcome),
+        _ => span.in_scope(|| access_event(outcome)),
+    }
+    response
+}
+
+/// What the access line names about a request.
+fn access_fields<'a>(
+    client: &'a Client,
+    route: Option<&'a crate::routes::Route>,
+    method: &'a http::Method,
+    uri: &'a http::Uri,
+    origin: Option<&'a http::uri::Authority>,
+) -> AccessFields<'a> {
+    AccessFields {
+        client: client.addr,
+        user: client.user.as_deref().unwrap_or("-"),
+        route: route.map_or("-", |r| &*r.name),
+        credential: route
+            .and_then(|r| r.credential.as_ref())
+            .map_or("-", |c| &**c.name()),
+        method: method.as_str(),
+        host: origin.map_or_else(|| uri.host().unwrap_or("-"), |a| a.host()),
+        upstream: uri.authority().map_or("-", |a| a.as_str()),
+    }
+}
+
+/// The `request` span of the documented access-log format.
+fn request_span(f: &AccessFields<'_>) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        client = %f.client,
+        user = f.user,
+        route = f.route,
+        credential = f.credential,
+        method = %f.method,
+        host = f.host,
+        upstream = f.upstream
+    )
+}
+
+/// The access line as a `tracing` event, inside the request's span.
+fn access_event(outcome: Outcome) {
+    tracing::info!(
+        status = outcome.status,
+        latency_ms = outcome.latency_ms,
+        retried = outcome.retried,
+        "request"
+    );
+}
+
+/// The access line of `fields` through `tracing` (span and event), for the test that holds
+/// the access-log thread's lines to what `tracing` prints.
+#[doc(hidden)]
+pub fn access_line_through_tracing(fields: &AccessFields<'_>, outcome: Outcome) {
+    request_span(fields).in_scope(|| access_event(outcome));
 }

@@ -112,7 +112,9 @@ pub async fn forward(
                 uri,
                 body,
             };
-            return replay.run(&token, response).await;
+            // Boxed: rare, and as large as the first send; unboxed it would grow every
+            // request's future (which is moved, not just polled) by its size.
+            return Box::pin(replay.run(&token, response)).await;
         }
         TokenVerdict::Refused | TokenVerdict::NotTheToken => {}
     }

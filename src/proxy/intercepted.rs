@@ -80,11 +80,12 @@ pub async fn serve_requests<S>(
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // No hyper header-read timer (it arms one per request head): the `check` below closes a
+    // connection with nothing in flight for `client_idle`, a partly sent head included.
     builder
         .http1()
-        .timer(TokioTimer::new())
         .max_buf_size(crate::upstream::CONNECTION_BUFFER)
-        .header_read_timeout(client_idle);
+        .header_read_timeout(None);
     // Each stream may open its own upstream connection: hyper's default of 200 streams per
     // tunnel would let a few tunnels use up the descriptors `max_connections` was sized for.
     builder

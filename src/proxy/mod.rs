@@ -5,6 +5,7 @@ pub mod activity;
 pub mod connect;
 pub mod dispatch;
 pub mod forward;
+pub mod gate;
 pub mod headers;
 pub mod intercepted;
 pub mod limits;
@@ -26,11 +27,12 @@ use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use self::activity::{ConnectionTracker, ShutdownSignal, TrackedStream};
+use self::gate::Gated;
 use self::respond::ProxyError;
 use crate::access::Client;
 use crate::state::State;
@@ -54,7 +56,8 @@ pub async fn handle(
     };
     let client = Client { addr: peer, user };
     if request.method() == Method::CONNECT {
-        return connect::handle(state, client, request).await;
+        // Boxed so that forward-proxy requests, the common case, do not carry its size.
+        return Box::pin(connect::handle(state, client, request)).await;
     }
     let target = target::resolve(&snapshot, request.method(), request.uri());
     dispatch::dispatch(&state, &snapshot, &client, target, request).await
@@ -87,6 +90,16 @@ impl Throttle {
         self.last = Some(Instant::now());
         Some(std::mem::take(&mut self.suppressed))
     }
+}
+
+/// What ends a client connection from outside its own traffic.
+enum Control {
+    /// Closed to make room under `max_connections` (after its request, if one is in flight).
+    Evict,
+    /// Shutdown: requests in flight finish first.
+    Stop,
+    /// Nothing in flight for `client_idle`.
+    Idle,
 }
 
 /// Longest pause after failed accepts (out of descriptors); doubles from 10 ms up to it.
@@ -192,30 +205,63 @@ pub async fn serve(
                 });
                 answer
             });
+            // No hyper header-read timer: hyper would allocate and arm one for every request
+            // head. `client_idle` is enforced below instead, by one timer per connection that
+            // is only re-armed when it fires.
             let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
                 .max_buf_size(crate::upstream::CONNECTION_BUFFER)
-                .header_read_timeout(client_idle)
+                .header_read_timeout(None)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(conn);
+            // Eviction, shutdown and the idle limit, in one future that is polled only when
+            // one of them fires, not on each of the connection's wake-ups.
+            let control = Gated::new(async {
+                let evict = activity.evict.notified();
+                let stop = crate::vocab::shutdown::shutdown_requested(&mut shutdown);
+                let idle = tokio::time::sleep(client_idle);
+                tokio::pin!(evict, stop, idle);
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = &mut evict => return Control::Evict,
+                        () = &mut stop => return Control::Stop,
+                        () = &mut idle => {
+                            // No request in flight for `client_idle` (none sent, or only
+                            // part of a head): closed, as a head-read timeout would.
+                            let idle_for = activity.idle_for();
+                            if idle_for >= client_idle {
+                                return Control::Idle;
+                            }
+                            let deadline = tokio::time::Instant::now() + (client_idle - idle_for);
+                            idle.as_mut().reset(deadline);
+                        }
+                    }
+                }
+            });
             tokio::select! {
+                biased;
                 result = conn.as_mut() => {
                     if let Err(e) = result {
                         tracing::debug!(error = %e, "client connection ended with an error");
                     }
                 }
-                _ = activity.evict.notified() => {
-                    if activity.busy() {
+                control = control => match control {
+                    Control::Evict => {
+                        if activity.busy() {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                    Control::Stop => {
                         conn.as_mut().graceful_shutdown();
                         let _ = conn.await;
                     }
-                }
-                _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+                    Control::Idle => {
+                        tracing::debug!(client = %peer, "closing an idle client connection");
+                    }
+                },
             }
             tracker.unlist(id);
             gauge.dec();
@@ -228,6 +274,8 @@ pub async fn serve(
     {
         tracing::warn!(drain = ?drain, "requests still in flight after the drain timeout; closing");
     }
+    // The access lines of the drained requests, written before the process goes on to exit.
+    crate::access_log::flush();
 }
 
 #[cfg(test)]

@@ -76,12 +76,12 @@ fn forward_target(
             "user info in the request URL is not allowed".into(),
         ));
     }
-    let host = authority.host();
+    let (host, port) = crate::upstream::authority::host_and_port(authority.as_str());
     if host.is_empty() {
         return Err(ProxyError::BadRequest("empty host".into()));
     }
     check_path(uri.path())?;
-    let port = authority.port_u16().unwrap_or(default_port);
+    let port = port.unwrap_or(default_port);
     let route = snapshot
         .routes
         .find(host, port, default_port, uri.path(), method)
@@ -97,6 +97,19 @@ fn forward_target(
         });
     };
     let upstream_uri = match &route.upstream {
+        // The request's own path and query, unchanged: shared rather than copied and parsed.
+        Some(up) if up.base_path.is_empty() => {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(up.scheme.clone());
+            parts.authority = Some(up.authority.clone());
+            parts.path_and_query = Some(
+                uri.path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            );
+            Uri::from_parts(parts)
+                .map_err(|e| ProxyError::BadRequest(format!("invalid request target: {e}")))?
+        }
         Some(up) => rebase(up, uri.path(), uri.query())?,
         None if scheme == Scheme::HTTP && sends_in_clear(&route, host) => {
             if port != default_port {

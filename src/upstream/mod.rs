@@ -2,6 +2,7 @@
 //! connections driven by the request itself (`plain`), https by rustls with webpki roots plus
 //! an optional private CA, and HTTP/2 when an https upstream offers it.
 
+pub mod authority;
 pub mod body;
 pub mod budget;
 pub mod error;
