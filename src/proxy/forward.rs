@@ -170,7 +170,7 @@ impl Replay<'_> {
             drop(refused);
             replays += 1;
             let last = replays == 2 || fresh.answers_a_refusal();
-            tracing::info!(credential = %self.slot.name(), "upstream refused the token; replaying with a fresh one");
+            tracing::info!(credential = %self.slot.name(), route = %self.route.name, "upstream refused the token; replaying with a fresh one");
             let headers = if last {
                 std::mem::take(&mut self.parts.headers)
             } else {
