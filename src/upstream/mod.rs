@@ -131,6 +131,16 @@ impl UpstreamClient {
         request: Request<ProxyBody>,
         timeout: Duration,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
+        if request.uri().scheme() != Some(&Scheme::HTTP)
+            && request.extensions().get::<PinnedAddrs>().is_some()
+        {
+            // An unmatched absolute-form `https://` request: the pooled TLS client would
+            // resolve the name again (a second DNS answer could point anywhere), so it goes
+            // on a connection of its own to the addresses its host was checked at, with the
+            // name only as TLS server name. Rare: clients send CONNECT for https URLs.
+            let response = self.upgrades.send(request, timeout).await?;
+            return Ok(response.map(|body| body.map_err(BoxError::from).boxed()));
+        }
         let exchange = async {
             if request.uri().scheme() == Some(&Scheme::HTTP) {
                 return self.plain.send(request).await;

@@ -482,3 +482,39 @@ async fn intercepted_requests_are_refreshed_and_replayed_after_a_401() {
     );
     proxy.stop().await;
 }
+
+/// An unmatched absolute-form `https://` request goes to the addresses its host was checked
+/// at, never to a second DNS answer: here the name resolves nowhere at all, and the request
+/// still reaches the origin at the pinned address, with the name as TLS server name.
+#[tokio::test]
+async fn pinned_https_requests_connect_where_their_name_was_checked() {
+    let ca = TestCa::new();
+    let origin = https_origin(&ca, &["nowhere.invalid"], &["http/1.1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path(), "ca.pem");
+    let tls = authrelay::upstream::tls_config(&authrelay::config::TlsSettings {
+        ca_file: Some(ca_file),
+    })
+    .unwrap();
+    let config = authrelay::Config::from_yaml(
+        "routes: []\n",
+        Path::new("routes.yaml"),
+        &std::collections::HashMap::<String, String>::new(),
+    )
+    .unwrap();
+    let client = authrelay::upstream::UpstreamClient::new(tls, &config.timeouts);
+    let port = origin.addr.port();
+    let mut request = http::Request::builder()
+        .uri(format!("https://nowhere.invalid:{port}/pinned"))
+        .body(authrelay::proxy::replay::empty())
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(authrelay::upstream::PinnedAddrs(vec![origin.addr].into()));
+    let response = client
+        .send(request, std::time::Duration::from_secs(5))
+        .await
+        .expect("the pinned origin answers");
+    assert_eq!(response.status(), 200);
+    assert_eq!(origin.last().target, "/pinned");
+}
