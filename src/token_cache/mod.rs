@@ -325,7 +325,7 @@ enum Step {
 fn fence() -> String {
     let mut bytes = [0u8; 16];
     let _ = SystemRandom::new().fill(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    seal::hex(&bytes)
 }
 
 /// How long Redis keeps a record: as long as its token or its refresh grant can be used.
@@ -451,7 +451,7 @@ impl SharedSlot {
     /// none). A record that does not open (tampered with, or from a future format) gives no
     /// token, but its bytes let the lease holder replace it.
     async fn read(&self) -> Result<(Option<SharedToken>, Vec<u8>), StoreError> {
-        let raw = self.cache.store.get(&self.key).await?.unwrap_or_default();
+        let raw = self.cache.store.get(&self.key).await?;
         let token = (!raw.is_empty())
             .then(|| self.cache.sealer.open(&self.aad, &raw))
             .flatten();

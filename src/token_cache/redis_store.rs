@@ -28,6 +28,15 @@ pub enum StoreError {
     NotConnected,
 }
 
+/// The largest value the cache reads back (a record is a sealed token: a few KiB, and the
+/// token endpoint's whole answer is capped at 1 MiB).
+pub const MAX_VALUE: usize = 2 * 1024 * 1024;
+
+/// A TTL in whole milliseconds, at least 1 (Redis refuses `PX 0`).
+fn millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
 fn redis_error(e: &redis::RedisError) -> StoreError {
     // The crate's messages name the command and the server's reply kind, never the URL.
     StoreError::Redis(format!("{:?}: {}", e.kind(), e.detail().unwrap_or("")))
@@ -177,11 +186,20 @@ impl RedisStore {
             .map(drop)
     }
 
-    /// The bytes under `key`, if any.
-    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    /// The bytes under `key` (empty: none), at most [`MAX_VALUE`] + 1 of them: a value
+    /// someone wrote to make every fetch allocate hundreds of megabytes is cut, and then
+    /// fails to open like any other foreign value.
+    pub async fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
         let mut conn = self.connection()?;
-        self.bounded(async { conn.get::<_, Option<Vec<u8>>>(key).await })
-            .await
+        self.bounded(async {
+            redis::cmd("GETRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(MAX_VALUE)
+                .query_async::<Vec<u8>>(&mut conn)
+                .await
+        })
+        .await
     }
 
     /// Takes the lease `key` for `ttl` unless someone holds it (`SET NX PX`).
@@ -192,7 +210,7 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let mut conn = self.connection()?;
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ms = millis(ttl);
         let reply: Option<String> = self
             .bounded(async {
                 redis::cmd("SET")
@@ -230,7 +248,7 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let mut conn = self.connection()?;
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ms = millis(ttl);
         let mut call = self.write.prepare_invoke();
         call.key(key)
             .key(lease_key)
@@ -263,7 +281,7 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let mut conn = self.connection()?;
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ms = millis(ttl);
         self.bounded(async {
             let _: Option<String> = redis::cmd("SET")
                 .arg(key)
@@ -281,7 +299,7 @@ impl RedisStore {
     /// Makes `key` live `ttl` from now.
     pub async fn expire(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
         let mut conn = self.connection()?;
-        let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let ms = i64::try_from(millis(ttl)).unwrap_or(i64::MAX);
         self.bounded(async { conn.pexpire::<_, i64>(key, ms).await })
             .await
             .map(drop)

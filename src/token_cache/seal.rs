@@ -52,6 +52,11 @@ struct Record {
     iat: u64,
 }
 
+/// Lower-case hex, for key names and lease fences.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn to_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -87,10 +92,7 @@ impl Sealer {
         let tag = with_revealed_debug(&(&config.header, &config.kind), |text| {
             hmac::sign(&self.fingerprint, text.as_bytes())
         });
-        tag.as_ref()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex(&tag.as_ref()[..16])
     }
 
     /// Seals `shared` for the credential named `aad` (its name and fingerprint).

@@ -593,3 +593,34 @@ async fn a_corrupt_record_is_replaced_not_obeyed() {
         .iter()
         .all(|r| !r.header("authorization").contains("forged")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_value_is_read_only_in_part_and_not_obeyed() {
+    let c = cluster(Duration::from_secs(60), 1).await;
+    assert_all_ok(&c.burst(1).await);
+    let token_key = c
+        .redis
+        .dump()
+        .await
+        .iter()
+        .map(|(k, _)| String::from_utf8_lossy(k).to_string())
+        .find(|k| k.starts_with("authrelay:token:teletracker:"))
+        .expect("a stored token");
+    let huge = "x".repeat(3 * 1024 * 1024);
+    c.redis.command(&["SET", &token_key, &huge]).await;
+    let second = support::proxy_with_env(&c.yaml, &env(CACHE_KEY, "")).await;
+    assert_eq!(
+        second.client().get(c.url()).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        c.vendor.book.token_calls(),
+        2,
+        "the value was not taken for a token"
+    );
+    assert_eq!(
+        Cluster::gauge(&second),
+        1.0,
+        "and Redis is not counted as down"
+    );
+}
