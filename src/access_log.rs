@@ -297,22 +297,25 @@ pub struct AccessLog {
     output: Mutex<Box<dyn Write + Send>>,
 }
 
-static INSTALLED: OnceLock<&'static AccessLog> = OnceLock::new();
+/// `None` inside when the writer thread could not start: lines then go through `tracing`
+/// (a log without its writer would make requests wait for room forever).
+static INSTALLED: OnceLock<Option<&'static AccessLog>> = OnceLock::new();
 
 /// Sends access lines to stderr through a writer thread from now on (once per process).
 pub fn install(format: LineFormat) {
     INSTALLED.get_or_init(|| {
         let log = AccessLog::leaked(format, Box::new(std::io::stderr()));
-        let _ = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || log.run_writer());
-        log
+            .spawn(move || log.run_writer())
+            .ok()
+            .map(|_| log)
     });
 }
 
 /// The installed access log, if any.
 pub fn installed() -> Option<&'static AccessLog> {
-    INSTALLED.get().copied()
+    INSTALLED.get().copied().flatten()
 }
 
 /// Writes every waiting line now (shutdown, or before another log line).
