@@ -363,6 +363,15 @@ async fn replicas_with_another_key_or_definition_never_read_the_token() {
     let res = moved.client().get(c.url()).send().await.unwrap();
     assert_eq!(res.status(), 502, "the vendor refuses dispatch2");
     assert_eq!(c.vendor.logins(), 2, "no stored token was taken for it");
+    assert_eq!(
+        c.vendor
+            .counts
+            .refused_logins
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "it asked the vendor with its own definition"
+    );
+    assert_eq!(Cluster::origin(&moved), None);
     let ok = authrelay::commands::check_token_cache(c.replicas[0].state())
         .await
         .unwrap();
