@@ -19,7 +19,7 @@ use http::{HeaderValue, Method, Uri};
 
 use authrelay::config::{OnUnauthorized, RouteConfig};
 use authrelay::metrics::Metrics;
-use authrelay::proxy::forward::inject;
+use authrelay::proxy::exchange::inject;
 use authrelay::proxy::target;
 use authrelay::routes::{HostPattern, RouteTable};
 use authrelay::{Config, State};

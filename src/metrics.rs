@@ -96,6 +96,8 @@ pub struct Metrics {
     pub client_connections: Gauge,
     /// CONNECT tunnels currently open.
     pub tunnels: Gauge,
+    /// Client connections switched to another protocol (WebSocket) and spliced upstream.
+    pub upgraded_connections: Gauge,
     /// Connections closed unread because the client's address is outside `clients.allow_from`.
     pub refused_clients: Counter,
     /// 1 while the token cache is usable (always for `memory`), 0 while Redis is unreachable.
@@ -212,6 +214,12 @@ impl Metrics {
         );
         let tunnels = Gauge::default();
         registry.register("tunnels", "CONNECT tunnels open", tunnels.clone());
+        let upgraded_connections = Gauge::default();
+        registry.register(
+            "upgraded_connections",
+            "Client connections switched to another protocol (WebSocket) and spliced upstream",
+            upgraded_connections.clone(),
+        );
         let refused_clients = Counter::default();
         registry.register(
             "refused_client_connections",
@@ -244,6 +252,7 @@ impl Metrics {
             reloads,
             client_connections,
             tunnels,
+            upgraded_connections,
             refused_clients,
         }
     }

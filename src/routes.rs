@@ -98,6 +98,15 @@ pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
     }
 }
 
+/// What the routes say about a CONNECT tunnel's `host:port`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunnelRoutes {
+    /// Some route names the host and port.
+    pub routed: bool,
+    /// Some route naming it says `intercept: true`.
+    pub intercepted: bool,
+}
+
 /// All routes, indexed for lookup.
 #[derive(Debug, Default)]
 pub struct RouteTable {
@@ -204,29 +213,26 @@ impl RouteTable {
         best.map(|i| &self.routes[i])
     }
 
-    /// Whether any route names `host:port` for interception of CONNECT tunnels (a route host
-    /// without a port intercepts port 443 only).
-    pub fn intercepts(&self, host: &str, port: u16) -> Option<&Arc<Route>> {
+    /// What the routes say about a CONNECT tunnel to `host:port`, in one pass: whether any
+    /// route names it (a route host without a port names port 443 only), and whether one
+    /// intercepts it.
+    pub fn for_tunnel(&self, host: &str, port: u16) -> TunnelRoutes {
         let host = normalize_host(host);
-        self.routes.iter().find(|r| {
-            r.intercept
-                && r.accepts_port(port, 443)
+        let mut found = TunnelRoutes::default();
+        for r in &self.routes {
+            if r.accepts_port(port, 443)
                 && r.host
                     .as_ref()
                     .is_some_and(|h| h.matches(host.as_ref(), port))
-        })
-    }
-
-    /// Whether any route names `host:port` at all (for CONNECT policy with `unmatched: deny`;
-    /// a route host without a port names port 443 only).
-    pub fn names_host(&self, host: &str, port: u16) -> bool {
-        let host = normalize_host(host);
-        self.routes.iter().any(|r| {
-            r.accepts_port(port, 443)
-                && r.host
-                    .as_ref()
-                    .is_some_and(|h| h.matches(host.as_ref(), port))
-        })
+            {
+                found.routed = true;
+                if r.intercept {
+                    found.intercepted = true;
+                    break;
+                }
+            }
+        }
+        found
     }
 
     /// The first mount route whose prefix, path and method match an origin-form request,

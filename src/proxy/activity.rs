@@ -1,6 +1,8 @@
-//! What the listener knows about its connections: how many are open (for shutdown and
-//! `max_connections`), which requests are in flight on each (so an idle one can be closed to
-//! make room), and the shutdown signal handed to tunnels so they can drain.
+//! What the listener knows about its connections: how many are open (for shutdown,
+//! `max_connections` and `authrelay_client_connections`), which requests are in flight on
+//! each and when bytes last moved (so the idlest one can be closed to make room). A
+//! connection stays one connection after a protocol switch or CONNECT: its tunnel keeps it
+//! open, counted and evictable, until the socket closes.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -13,21 +15,25 @@ use bytes::Bytes;
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
 use crate::upstream::{BoxError, ProxyBody};
 
 /// Open client connections: counted so that shutdown can wait for them (upgraded ones,
 /// CONNECT tunnels included, until their tunnel ends) and listed with their activity so that
-/// an idle one can be closed to make room under `max_connections`.
+/// an idle one — a keep-alive connection, a quiet WebSocket or tunnel — can be closed to make
+/// room under `max_connections`.
 #[derive(Default)]
 pub struct ConnectionTracker {
     open: AtomicUsize,
     idle: Notify,
     next_id: AtomicU64,
     listed: Mutex<HashMap<u64, Arc<Activity>>>,
+    /// `authrelay_client_connections`: moves with `open`, so it counts tunnels too.
+    gauge: Gauge,
 }
 
 /// Held by a connection's socket (so also by the tunnel an upgrade hands it to); its drop
@@ -38,9 +44,18 @@ pub struct ConnectionGuard {
 }
 
 impl ConnectionTracker {
+    /// A tracker that keeps `gauge` equal to the connections open.
+    pub fn with_gauge(gauge: Gauge) -> Self {
+        Self {
+            gauge,
+            ..Self::default()
+        }
+    }
+
     /// Registers a new connection; its activity decides whether it may be closed for room.
     pub fn track(self: &Arc<Self>) -> (ConnectionGuard, Arc<Activity>) {
         self.open.fetch_add(1, Ordering::AcqRel);
+        self.gauge.inc();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let activity = Arc::new(Activity::new());
         self.lock().insert(id, Arc::clone(&activity));
@@ -74,12 +89,6 @@ impl ConnectionTracker {
         }
     }
 
-    /// Takes a connection off the eviction list (its HTTP part ended: it closed, or it
-    /// became a tunnel, which is never evicted).
-    pub(super) fn unlist(&self, id: u64) {
-        self.lock().remove(&id);
-    }
-
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<Activity>>> {
         self.listed.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -98,7 +107,8 @@ impl ConnectionTracker {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.tracker.unlist(self.id);
+        self.tracker.lock().remove(&self.id);
+        self.tracker.gauge.dec();
         if self.tracker.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.tracker.idle.notify_waiters();
         }
@@ -134,7 +144,21 @@ impl Activity {
         self.in_flight.load(Ordering::Acquire) > 0
     }
 
-    /// How long the connection has had no request in flight (zero while one is).
+    /// Bytes moved on a tunnel or upgraded connection: it is not idle now.
+    pub fn touch(&self) {
+        *self
+            .idle_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+
+    /// Resolves when the listener picks this connection to make room (it was the idlest).
+    pub async fn evicted(&self) {
+        self.evict.notified().await;
+    }
+
+    /// How long the connection has had no request in flight and moved no tunnel bytes (zero
+    /// while a request is in flight).
     pub fn idle_for(&self) -> Duration {
         if self.busy() {
             return Duration::ZERO;
@@ -255,7 +279,18 @@ impl AsyncWrite for TrackedStream {
     }
 }
 
-/// The shutdown signal, handed to a CONNECT request so that its tunnel can drain on
-/// shutdown (an intercepted tunnel finishes its requests in flight, then closes).
-#[derive(Clone)]
-pub struct ShutdownSignal(pub watch::Receiver<bool>);
+/// Holds a gauge one higher for as long as it lives, however its task ends.
+pub(crate) struct CountedWhileAlive(Gauge);
+
+impl CountedWhileAlive {
+    pub(crate) fn new(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for CountedWhileAlive {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,62 +1,66 @@
-//! `CONNECT host:port`. To a host no route names: a byte tunnel (closed after an idle period),
-//! only to `connect.allowed_ports`, never to the proxy itself or link-local addresses, and
-//! answered 200 only once the upstream connection is open. To a host a route names, on any
-//! port the route matches: the client's first bytes decide — a TLS ClientHello is decrypted
-//! (`intercepted.rs`) when the route says `intercept: true`, plain HTTP (undici tunnels
-//! `http://` URLs too) is served request by request like forward-proxy traffic, and anything
-//! else is only tunnelled to a port in `allowed_ports`.
+//! Opening an admitted CONNECT (`admission.rs` decided where it may go and how): to a host no
+//! route names, a byte tunnel (closed after an idle period), answered 200 only once the
+//! upstream connection is open. To a host a route names: the client's first bytes decide — a
+//! TLS ClientHello is decrypted (`intercepted.rs`) when the route says `intercept: true`,
+//! plain HTTP (undici tunnels `http://` URLs too) is served request by request, and anything
+//! else is only tunnelled to a port in `allowed_ports`. Requests read inside a tunnel go
+//! through the same pipeline as any other, on a connection context of their own. A tunnel is
+//! its client connection: counted, and closed when it is the idlest at `max_connections`.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
+use http::uri::Scheme;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::activity::CountedWhileAlive;
+use super::admission::{TunnelKind, TunnelPlan};
+use super::context::{Connection, Handler, RequestContext, Tunnel};
 use super::intercepted;
-use super::replay;
 use super::respond::ProxyError;
 use super::splice::splice;
-use crate::access::Client;
-use crate::config::Unmatched;
-use crate::state::State;
-use crate::upstream::ProxyBody;
+use crate::upstream::{body, ProxyBody};
 
-/// Answers a CONNECT request: 200 once the tunnel can carry bytes — the upstream TCP
-/// connection is open (within `timeouts.connect`), or a route intercepts the host — else
+/// Opens an admitted tunnel: 200 once it can carry bytes — the upstream TCP connection is
+/// open (within `timeouts.connect`), or the proxy itself reads what the client sends — else
 /// the error.
-pub async fn handle(
-    state: Arc<State>,
-    client: Client,
+pub(crate) async fn open(
+    ctx: &RequestContext,
+    plan: TunnelPlan,
     request: Request<Incoming>,
-) -> Response<ProxyBody> {
-    let opened = match open(&state, &request) {
-        Ok((authority, routed, port_allowed)) => match interception(&state, &authority) {
-            Ok(Some(tls)) => Ok((authority, Upstream::Intercepted(tls))),
-            Ok(None) if routed && !port_allowed => Ok((authority, Upstream::HttpOnly)),
-            Ok(None) => connect_upstream(&state, &authority)
-                .await
-                .map(|stream| (authority, Upstream::Plain { stream, routed })),
-            Err(e) => Err(e),
+    pipeline: Handler,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let TunnelPlan { authority, kind } = plan;
+    let upstream = match kind {
+        TunnelKind::Intercept(tls) => Upstream::Intercepted(tls),
+        TunnelKind::HttpOnly => Upstream::HttpOnly,
+        TunnelKind::Open { addrs, routed } => Upstream::Plain {
+            stream: connect_upstream(ctx, &addrs, authority.host()).await?,
+            routed,
         },
-        Err(e) => Err(e),
     };
-    let (authority, upstream) = match opened {
-        Ok(o) => o,
-        Err(e) => {
-            tracing::info!(client = %client.addr, user = client.user.as_deref().unwrap_or("-"), error = %e, "CONNECT refused");
-            return e.into_response(None);
-        }
+    let inner = Connection {
+        state: Arc::clone(&ctx.conn.state),
+        peer: ctx.conn.peer,
+        activity: Arc::clone(&ctx.conn.activity),
+        shutdown: ctx.conn.shutdown.clone(),
+        local_port: None,
+        tunnel: Some(Tunnel {
+            authority,
+            scheme: Scheme::HTTP,
+            client: ctx.client.clone(),
+        }),
     };
-    tokio::spawn(tunnel(state, client, request, authority, upstream));
-    let mut response = Response::new(replay::empty());
+    tokio::spawn(tunnel(inner, request, upstream, pipeline));
+    let mut response = Response::new(body::empty());
     *response.status_mut() = StatusCode::OK;
-    response
+    Ok(response)
 }
 
 /// What the client's side of a tunnel is joined to.
@@ -71,49 +75,18 @@ enum Upstream {
     HttpOnly,
 }
 
-/// The TLS server config to decrypt the tunnel with, when a route intercepts its host.
-fn interception(
-    state: &State,
-    authority: &Authority,
-) -> Result<Option<Arc<rustls::ServerConfig>>, ProxyError> {
-    let port = authority.port_u16().unwrap_or(443);
-    if state
-        .snapshot()
-        .routes
-        .intercepts(authority.host(), port)
-        .is_none()
-    {
-        return Ok(None);
-    }
-    let ca = state.intercept_ca().ok_or_else(|| {
-        ProxyError::Interception(
-            "no intercept_ca is loaded (see the error logged when it was read)".into(),
-        )
-    })?;
-    ca.server_config(authority.host())
-        .map(Some)
-        .map_err(|e| ProxyError::Interception(e.to_string()))
-}
-
-/// Opens the TCP connection a plain tunnel will splice to, within `timeouts.connect`. The
-/// host is resolved once and checked — never the proxy's own addresses or link-local ranges,
-/// nor `unmatched_deny` for a host no route names — and the checked address is the one
-/// connected to (a second DNS answer cannot differ). Every connect failure reads the same.
-async fn connect_upstream(state: &State, authority: &Authority) -> Result<TcpStream, ProxyError> {
-    let snapshot = state.snapshot();
-    let timeout = snapshot.config.timeouts.connect;
-    let host = authority.host();
-    let port = authority.port_u16().unwrap_or(443);
-    let deny: &[ipnet::IpNet] = if snapshot.routes.names_host(host, port) {
-        &[]
-    } else {
-        &snapshot.config.unmatched_deny
-    };
-    let addrs = super::dispatch::allowed_destination(state, host, port, deny).await?;
-    let timed_out = || ProxyError::UpstreamTimeout(humantime::format_duration(timeout).to_string());
+/// Opens the TCP connection a plain tunnel will splice to, within `timeouts.connect`, to the
+/// addresses admission checked (a second DNS answer cannot differ). Every connect failure
+/// reads the same.
+async fn connect_upstream(
+    ctx: &RequestContext,
+    addrs: &[std::net::SocketAddr],
+    host: &str,
+) -> Result<TcpStream, ProxyError> {
+    let timeout = ctx.snapshot.config.timeouts.connect;
     let attempt = async {
         let mut last = None;
-        for addr in &addrs {
+        for addr in addrs {
             match TcpStream::connect(addr).await {
                 Ok(stream) => return Ok(stream),
                 Err(e) => last = Some(e),
@@ -132,21 +105,19 @@ async fn connect_upstream(state: &State, authority: &Authority) -> Result<TcpStr
             }
             Err(ProxyError::Unreachable)
         }
-        Err(_) => Err(timed_out()),
+        Err(_) => Err(ProxyError::UpstreamTimeout(
+            humantime::format_duration(timeout).to_string(),
+        )),
     }
 }
 
 /// Runs one tunnel after the 200: decrypted and proxied request by request, or spliced.
 async fn tunnel(
-    state: Arc<State>,
-    client: Client,
-    mut request: Request<Incoming>,
-    authority: Authority,
+    mut conn: Connection,
+    request: Request<Incoming>,
     upstream: Upstream,
+    pipeline: Handler,
 ) {
-    let shutdown = request
-        .extensions_mut()
-        .remove::<super::activity::ShutdownSignal>();
     let upgraded = match hyper::upgrade::on(request).await {
         Ok(u) => TokioIo::new(u),
         Err(e) => {
@@ -154,77 +125,46 @@ async fn tunnel(
             return;
         }
     };
-    let tunnels = state.metrics.tunnels.clone();
-    tunnels.inc();
-    let snapshot = state.snapshot();
-    let idle = snapshot.config.connect.idle_timeout;
-    let client_idle = snapshot.config.timeouts.client_idle;
-    drop(snapshot);
+    let _counted = CountedWhileAlive::new(conn.state.metrics.tunnels.clone());
+    let config = conn.state.snapshot().config.clone();
+    let (idle, client_idle) = (config.connect.idle_timeout, config.timeouts.client_idle);
+    let host = conn
+        .tunnel
+        .as_ref()
+        .map(|t| t.authority.host().to_string())
+        .unwrap_or_default();
+    let activity = Arc::clone(&conn.activity);
+    let closed = |e: std::io::Error| tracing::debug!(error = %e, host, "tunnel closed");
     match upstream {
         Upstream::Plain {
             stream,
             routed: false,
         } => {
-            if let Err(e) = splice(upgraded, stream, idle).await {
-                tracing::debug!(error = %e, host = %authority.host(), "tunnel closed");
+            if let Err(e) = splice(upgraded, stream, idle, &activity).await {
+                closed(e);
             }
         }
         other => match (sniff(upgraded, client_idle).await, other) {
             (None, _) => {}
             (Some((FirstBytes::Http, io)), _) => {
-                intercepted::serve_requests(state, client, io, authority, Scheme::HTTP, shutdown)
-                    .await
+                intercepted::serve_requests(Arc::new(conn), io, pipeline).await
             }
             (Some((FirstBytes::Tls, io)), Upstream::Intercepted(tls)) => {
-                intercepted::serve(state, client, io, authority, tls, shutdown).await
+                if let Some(t) = &mut conn.tunnel {
+                    t.scheme = Scheme::HTTPS;
+                }
+                intercepted::serve(Arc::new(conn), io, tls, pipeline).await
             }
             (Some((_, io)), Upstream::Plain { stream, .. }) => {
-                if let Err(e) = splice(io, stream, idle).await {
-                    tracing::debug!(error = %e, host = %authority.host(), "tunnel closed");
+                if let Err(e) = splice(io, stream, idle, &activity).await {
+                    closed(e);
                 }
             }
             (Some(_), _) => {
-                tracing::info!(host = %authority.host(), "a tunnel to a routed host carried neither HTTP nor TLS it could decrypt; closed")
+                tracing::info!(host, "a tunnel to a routed host carried neither HTTP nor TLS it could decrypt; closed")
             }
         },
     }
-    tunnels.dec();
-}
-
-/// The tunnel's `host:port`, refused when it is malformed (no port, empty host, user info)
-/// or not allowed. A host some route names (a *routed* host) may be reached on the port its
-/// route matches without listing it in `connect.allowed_ports`; other hosts need an allowed
-/// port and `unmatched: pass`. Returns the authority, whether it is routed, and whether its
-/// port is in `allowed_ports`.
-fn open(state: &State, request: &Request<Incoming>) -> Result<(Authority, bool, bool), ProxyError> {
-    let malformed = || ProxyError::BadRequest("CONNECT needs host:port".into());
-    let authority = request.uri().authority().cloned().ok_or_else(malformed)?;
-    if authority.as_str().contains('@') {
-        return Err(ProxyError::BadRequest(
-            "user info in a CONNECT target is not allowed".into(),
-        ));
-    }
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    if host.is_empty() {
-        return Err(malformed());
-    }
-    let port = authority
-        .port_u16()
-        .filter(|p| *p != 0)
-        .ok_or_else(malformed)?;
-    let snapshot = state.snapshot();
-    let routed = snapshot.routes.names_host(authority.host(), port);
-    let port_allowed = snapshot.config.connect.allowed_ports.contains(&port);
-    if !port_allowed && !routed {
-        return Err(ProxyError::PortNotAllowed(port));
-    }
-    if snapshot.config.unmatched == Unmatched::Deny && !routed {
-        return Err(ProxyError::Denied(authority.host().to_string()));
-    }
-    Ok((authority, routed, port_allowed))
 }
 
 /// What a client sent first through a tunnel to a routed host.

@@ -1,134 +1,82 @@
-//! One routed request, from admission to the access-log line: the route's own checks (or,
-//! for unmatched traffic, where it may go), forwarding (or an upgrade), redirect rewriting
-//! and the upstream-body idle limit. Forward-proxy, mount and in-tunnel requests all pass
-//! through here.
+//! The pipeline: every request, whichever way it came in (forward, mount, HTTP/2, inside a
+//! CONNECT tunnel, decrypted or plain, a WebSocket handshake), takes the same steps in the
+//! same order with one context — admission (`admission.rs`), then a CONNECT is opened
+//! (`connect.rs`) and anything else is sent with its credential and replayed when the token
+//! is refused (`exchange.rs`), its answer mapped for the client (redirects, protocol switch,
+//! body idle limit), then counted and written to the access log. A rule changed in one step
+//! changes for every way in.
 
-use std::time::Instant;
+use std::sync::Arc;
 
 use http::{Request, Response};
-
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use tracing::Instrument;
 
+use super::admission::{self, Decision};
+use super::context::{Admitted, Answer, Connection, RequestContext};
+use super::exchange::{Exchange, Leg};
 use super::respond::ProxyError;
-use super::target::Target;
-use super::{forward, location, target, upgrade};
-use crate::access::{Client, DestinationError, DestinationPolicy};
+use super::{connect, headers, location, upgrade};
+use crate::access::Client;
 use crate::access_log::{self, Outcome, RequestFields as AccessFields};
-use crate::state::State;
 use crate::upstream::idle::{IdleTimeout, Side};
-use crate::upstream::{PinnedAddrs, ProxyBody};
+use crate::upstream::ProxyBody;
 
-/// Checks a routed request against its route (clients, methods, paths) or, for unmatched
-/// traffic, its destination against the proxy's own addresses, link-local ranges and
-/// `unmatched_deny` — before anything is sent.
-async fn admit(
-    state: &State,
-    snapshot: &crate::state::Snapshot,
-    client: &Client,
-    target: &Target,
-    request: &Request<Incoming>,
-) -> Result<Option<PinnedAddrs>, ProxyError> {
-    if let Some(route) = &target.route {
-        return target::check_routed(
-            route,
-            client.user.as_deref(),
-            request.method(),
-            request.uri(),
-            request.headers(),
-        )
-        .map(|()| None);
-    }
-    let host = target.uri.host().unwrap_or_default();
-    let default_port = if target.uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
-        443
-    } else {
-        80
-    };
-    let port = target.uri.port_u16().unwrap_or(default_port);
-    allowed_destination(state, host, port, &snapshot.config.unmatched_deny)
-        .await
-        .map(|addrs| Some(PinnedAddrs(addrs.into())))
-}
-
-/// Resolves `host:port` for traffic no route claims (within `timeouts.connect`) and returns
-/// its addresses once every one is allowed: never the proxy's own listen or admin address,
-/// link-local or unspecified addresses, or the `deny` ranges.
-pub async fn allowed_destination(
-    state: &State,
-    host: &str,
-    port: u16,
-    deny: &[ipnet::IpNet],
-) -> Result<Vec<std::net::SocketAddr>, ProxyError> {
-    let timeout = state.snapshot().config.timeouts.connect;
-    let policy = DestinationPolicy {
-        own: state.own_addresses.get().map_or(&[], Vec::as_slice),
-        deny,
-    };
-    policy
-        .resolve(host, port, timeout)
-        .await
-        .map_err(|e| match e {
-            DestinationError::Denied => ProxyError::DestinationDenied(host.to_string()),
-            DestinationError::Unreachable => ProxyError::Unreachable,
-            DestinationError::Timeout(d) => {
-                ProxyError::UpstreamTimeout(humantime::format_duration(d).to_string())
+/// Answers one request that arrived on `conn`.
+pub(crate) fn handle(conn: Arc<Connection>, request: Request<Incoming>) -> Answer {
+    Box::pin(async move {
+        let mut ctx = RequestContext::new(&conn, request.method());
+        match admission::admit(&mut ctx, &request).await {
+            Ok(Decision::Forward(admitted)) => forward(ctx, admitted, request).await,
+            // Boxed so that requests, the common case, do not carry its size.
+            Ok(Decision::Tunnel(plan)) => {
+                match Box::pin(connect::open(&ctx, plan, request, handle)).await {
+                    Ok(response) => response,
+                    Err(e) => refuse(&ctx, e),
+                }
             }
-        })
+            Err(e) => refuse(&ctx, e),
+        }
+    })
 }
 
-/// Forwards a routed request (or answers its routing error), with a span and an access-log
+/// The proxy's own answer to a request it did not let through.
+fn refuse(ctx: &RequestContext, e: ProxyError) -> Response<ProxyBody> {
+    let route = match &e {
+        ProxyError::ClientNotAllowed(r) | ProxyError::CleartextRefused(r) => Some(r.clone()),
+        _ => None,
+    };
+    let client = &ctx.client;
+    tracing::info!(client = %client.addr, user = client.user.as_deref().unwrap_or("-"), method = %ctx.method, error = %e, "request refused by the proxy");
+    let response = e.into_response(route.as_deref());
+    ctx.snapshot
+        .unmatched_metrics
+        .answered(response.status().as_u16());
+    response
+}
+
+/// Forwards an admitted request (or answers why it failed), with a span and an access-log
 /// line naming client, route, credential, method, the host the client asked for, the
 /// upstream it went to, status, latency and whether it was replayed.
-pub async fn dispatch(
-    state: &State,
-    snapshot: &crate::state::Snapshot,
-    client: &Client,
-    target: Result<Target, ProxyError>,
-    mut request: Request<Incoming>,
+async fn forward(
+    ctx: RequestContext,
+    admitted: Admitted,
+    request: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
-    let method = request.method().clone();
-    let checked = match target {
-        Ok(t) => admit(state, snapshot, client, &t, &request)
-            .await
-            .map(|pinned| {
-                if let Some(pinned) = pinned {
-                    request.extensions_mut().insert(pinned);
-                }
-                t
-            }),
-        Err(e) => Err(e),
-    };
-    let target = match checked {
-        Ok(t) => t,
-        Err(e) => {
-            let route = match &e {
-                ProxyError::ClientNotAllowed(r) | ProxyError::CleartextRefused(r) => {
-                    Some(r.clone())
-                }
-                _ => None,
-            };
-            let response = e.into_response(route.as_deref());
-            snapshot
-                .unmatched_metrics
-                .answered(response.status().as_u16());
-            tracing::info!(client = %client.addr, user = client.user.as_deref().unwrap_or("-"), %method, status = response.status().as_u16(), "request refused by the proxy");
-            return response;
-        }
-    };
-    let route = target.route.clone();
+    let Admitted { target, pinned } = admitted;
+    let snapshot = &ctx.snapshot;
+    let route = target.route.as_ref();
     // Off at `warn`: then nothing below names the request, and nothing is kept for it.
-    let line_on = tracing::enabled!(tracing::Level::INFO);
-    // The target is consumed by forwarding; what the line names stays here (shared bytes).
-    let kept = line_on.then(|| {
-        (
-            target.uri.clone(),
-            target.client_origin.as_ref().map(|(_, a)| a.clone()),
+    let fields = tracing::enabled!(tracing::Level::INFO).then(|| {
+        let origin = target.client_origin.as_ref().map(|(_, a)| a);
+        access_fields(
+            &ctx.client,
+            route.map(|r| &**r),
+            &ctx.method,
+            &target.uri,
+            origin,
         )
-    });
-    let fields = kept.as_ref().map(|(uri, origin)| {
-        access_fields(client, route.as_deref(), &method, uri, origin.as_ref())
     });
     // With the binary's access log installed and the line on at `info` (and `debug` off),
     // the line is formatted here and written by the access-log thread, and the request gets
@@ -148,30 +96,36 @@ pub async fn dispatch(
         _ => span.clone(),
     };
     let answer = async {
-        let redirects = location::Rewrite::for_target(&target);
-        // Boxed: the upgrade future is several KB, and every request's future would carry
-        // (and move) room for it.
-        let forwarded = if upgrade::is_upgrade(request.headers()) {
-            Box::pin(upgrade::forward(
-                &state.upstream,
-                &snapshot.config,
-                target,
-                request,
-            ))
-            .await
-        } else {
-            forward::forward(&state.upstream, &snapshot.config, target, request).await
+        let (mut parts, body) = request.into_parts();
+        let websocket = upgrade::is_websocket(parts.version, &parts.headers)
+            .then(|| parts.extensions.remove::<OnUpgrade>())
+            .flatten();
+        headers::for_upstream(&mut parts, websocket.is_some());
+        let exchange = Exchange {
+            upstream: &ctx.state().upstream,
+            config: &snapshot.config,
+            target: &target,
+            pinned: pinned.as_ref(),
+            leg: if websocket.is_some() {
+                Leg::Upgrade
+            } else {
+                Leg::Request
+            },
         };
-        match forwarded {
-            Ok(mut f) => {
-                if let Some(rewrite) = &redirects {
-                    rewrite.apply(f.response.headers_mut());
+        match exchange.run(parts, body).await {
+            Ok(forwarded) => {
+                let mut response = match websocket {
+                    Some(client_side) => {
+                        upgrade::switch(forwarded.response, client_side, &ctx.conn)
+                    }
+                    None => headers::for_client(forwarded.response),
+                };
+                if let Some(rewrite) = location::Rewrite::for_target(&target) {
+                    rewrite.apply(response.headers_mut());
                 }
                 let idle = snapshot.config.timeouts.upstream_body_idle;
-                let response = f
-                    .response
-                    .map(|body| IdleTimeout::wrap(body, Side::Upstream, idle));
-                (response, f.retried)
+                let response = response.map(|body| IdleTimeout::wrap(body, Side::Upstream, idle));
+                (response, forwarded.retried)
             }
             Err(ProxyError::Upstream(detail)) if route.is_none() => {
                 tracing::debug!(error = %detail, "unmatched request: upstream unreachable");
@@ -186,7 +140,7 @@ pub async fn dispatch(
                 ) {
                     on_demand().in_scope(|| tracing::warn!(error = %e, "request failed"));
                 }
-                (e.into_response(route.as_ref().map(|r| &*r.name)), false)
+                (e.into_response(route.map(|r| &*r.name)), false)
             }
         }
     }
@@ -194,13 +148,13 @@ pub async fn dispatch(
     .await;
     let (response, retried) = answer;
     let status = response.status().as_u16();
-    match &route {
+    match route {
         Some(r) => r.metrics.answered(status),
         None => snapshot.unmatched_metrics.answered(status),
     }
     let outcome = Outcome {
         status,
-        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        latency_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
         retried,
     };
     match (fast, &fast_span) {

@@ -1,7 +1,11 @@
 //! Header hygiene between client and upstream: hop-by-hop headers (RFC 9110 §7.6.1), those a
 //! `Connection` header names, and the client's proxy credentials never cross the proxy.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Response, Version};
+
+use crate::upstream::ProxyBody;
 
 pub use crate::vocab::hop_by_hop::{is_hop_by_hop, HOP_BY_HOP};
 
@@ -25,6 +29,41 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// A client's request head made ready for the upstream: hop-by-hop headers and `Host` gone
+/// (the upstream URI names the host), a WebSocket handshake asking for the switch again, and
+/// an HTTP/2 client's `te: trailers` kept (gRPC needs it, and it is the one `TE` value
+/// HTTP/2 allows).
+pub(crate) fn for_upstream(parts: &mut Parts, websocket: bool) {
+    let trailers = parts.version == Version::HTTP_2
+        && parts
+            .headers
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+    if websocket {
+        ask_for_websocket(&mut parts.headers);
+    }
+    if trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Asks the upstream for the WebSocket switch again after the hop-by-hop headers are gone.
+pub(crate) fn ask_for_websocket(headers: &mut HeaderMap) {
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+}
+
+/// The upstream's response as sent to the client: hop-by-hop headers removed.
+pub(crate) fn for_client(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+    strip_hop_by_hop(response.headers_mut());
+    *response.version_mut() = Version::HTTP_11;
+    response
 }
 
 #[cfg(test)]

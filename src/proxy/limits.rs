@@ -1,7 +1,10 @@
-//! How many client connections the proxy holds at once, derived from the file-descriptor
+//! How much one client may hold: connections at once, derived from the file-descriptor
 //! limit, and raising that limit at start (as nginx's `worker_rlimit_nofile` does), so that
-//! idle sockets cannot use up every descriptor and starve upstream and token connections.
+//! idle sockets cannot use up every descriptor and starve upstream and token connections;
+//! and the HTTP server settings every client connection and read tunnel is served with.
 
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
 use rustix::process::{getrlimit, setrlimit, Resource};
 
 /// Descriptors kept for everything that is not a client or upstream connection: listeners,
@@ -42,6 +45,30 @@ pub fn default_max_connections(fd_limit: Option<u64>) -> usize {
     let fds = fd_limit.unwrap_or(1 << 20);
     let usable = fds.saturating_sub(RESERVED_DESCRIPTORS) / 2;
     usize::try_from(usable).unwrap_or(usize::MAX).max(1)
+}
+
+/// Concurrent HTTP/2 requests one client connection (or tunnel) may have in flight (like
+/// nginx's `http2_max_concurrent_streams`, but lower: every stream can hold an upstream
+/// socket, and hyper's default of 200 would let a few connections use up the descriptors
+/// `max_connections` was sized for).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+
+/// The HTTP server every client connection and every read tunnel is served with: HTTP/1.1,
+/// or HTTP/2 when the client starts with its preface. No hyper header-read timer (it arms
+/// one per request head): the caller closes a connection with nothing in flight for
+/// `client_idle`, a partly sent head included.
+pub(crate) fn http_server() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .max_buf_size(crate::upstream::CONNECTION_BUFFER)
+        .header_read_timeout(None)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
+    builder
 }
 
 #[cfg(test)]

@@ -1,13 +1,17 @@
 //! Joining two byte streams: CONNECT tunnels nobody reads, and connections after a protocol
 //! upgrade. Buffers are bounded (16 KiB each way) and a splice with no traffic either way for
-//! its idle time ends.
+//! its idle time ends. Traffic marks the client's connection active, and the listener can
+//! close it to make room when it is the idlest.
 
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// Copies bytes both ways until either side closes or nothing moves for `idle`.
-pub async fn splice<A, B>(a: A, b: B, idle: Duration) -> std::io::Result<()>
+use super::activity::Activity;
+
+/// Copies bytes both ways until either side closes, nothing moves for `idle`, or the
+/// listener evicts the client's connection (`activity`).
+pub async fn splice<A, B>(a: A, b: B, idle: Duration, activity: &Activity) -> std::io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -21,6 +25,10 @@ where
     while a_open || b_open {
         let step = tokio::time::timeout(idle, async {
             tokio::select! {
+                () = activity.evicted() => Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "closed to make room under max_connections",
+                )),
                 n = ar.read(&mut buf_a), if a_open => {
                     let n = n?;
                     if n == 0 { a_open = false; bw.shutdown().await?; } else { bw.write_all(&buf_a[..n]).await?; }
@@ -35,7 +43,10 @@ where
         })
         .await;
         match step {
-            Ok(result) => result?,
+            Ok(result) => {
+                result?;
+                activity.touch();
+            }
             Err(_) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,

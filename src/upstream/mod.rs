@@ -114,9 +114,10 @@ impl UpstreamClient {
     pub async fn send_upgrade(
         &self,
         request: Request<ProxyBody>,
+        pinned: Option<&PinnedAddrs>,
         timeout: Duration,
     ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
-        self.upgrades.send(request, timeout).await
+        self.upgrades.send(request, pinned, timeout).await
     }
 
     /// The bytes held for replay by all requests together (`retry.max_buffered_total`). It
@@ -126,24 +127,25 @@ impl UpstreamClient {
     }
 
     /// Sends `request` (absolute URI) and waits for the response head at most `timeout`.
+    /// `pinned`: the addresses an unmatched destination was checked at, the only ones it may
+    /// be connected to.
     pub async fn send(
         &self,
         request: Request<ProxyBody>,
+        pinned: Option<&PinnedAddrs>,
         timeout: Duration,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
-        if request.uri().scheme() != Some(&Scheme::HTTP)
-            && request.extensions().get::<PinnedAddrs>().is_some()
-        {
+        if request.uri().scheme() != Some(&Scheme::HTTP) && pinned.is_some() {
             // An unmatched absolute-form `https://` request: the pooled TLS client would
             // resolve the name again (a second DNS answer could point anywhere), so it goes
             // on a connection of its own to the addresses its host was checked at, with the
             // name only as TLS server name. Rare: clients send CONNECT for https URLs.
-            let response = self.upgrades.send(request, timeout).await?;
+            let response = self.upgrades.send(request, pinned, timeout).await?;
             return Ok(response.map(|body| body.map_err(BoxError::from).boxed()));
         }
         let exchange = async {
             if request.uri().scheme() == Some(&Scheme::HTTP) {
-                return self.plain.send(request).await;
+                return self.plain.send(request, pinned).await;
             }
             match self.tls.request(request).await {
                 Ok(response) => Ok(response.map(|body| body.map_err(BoxError::from).boxed())),

@@ -124,8 +124,8 @@ impl PlainPool {
     pub async fn send(
         &self,
         request: Request<ProxyBody>,
+        pinned: Option<&PinnedAddrs>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
-        let pinned = request.extensions().get::<PinnedAddrs>().cloned();
         let (mut request, origin) = origin_form(request)?;
         let mut pooled_ok = true;
         loop {
@@ -138,10 +138,7 @@ impl PlainPool {
                 Some((conn, idle)) => (conn, Some(idle)),
                 // Boxed: a new connection is the exception under load, and its future would
                 // otherwise be part of (and moved with) every request's.
-                None => (
-                    Box::pin(self.inner.connect(&origin, pinned.as_ref())).await?,
-                    None,
-                ),
+                None => (Box::pin(self.inner.connect(&origin, pinned)).await?, None),
             };
             let copy = idle
                 .filter(|idle| *idle >= STALE_RISK_AFTER)
@@ -465,7 +462,7 @@ mod tests {
         let request = Request::get(format!("http://{addr}/"))
             .body(Empty::new().map_err(|never| match never {}).boxed())
             .unwrap();
-        let response = pool.send(request).await.unwrap();
+        let response = pool.send(request, None).await.unwrap();
         assert_eq!(
             response.into_body().collect().await.unwrap().to_bytes(),
             "ok"
@@ -478,22 +475,17 @@ mod tests {
     async fn a_pinned_request_connects_to_the_checked_address_not_a_new_dns_answer() {
         let addr = origin().await;
         let pool = PlainPool::new(Duration::from_secs(5), Duration::from_secs(60));
-        let request = |pinned: bool| {
-            let mut request = Request::get(format!("http://pinned.invalid:{}/", addr.port()))
+        let request = || {
+            Request::get(format!("http://pinned.invalid:{}/", addr.port()))
                 .body(Empty::new().map_err(|never| match never {}).boxed())
-                .unwrap();
-            if pinned {
-                request
-                    .extensions_mut()
-                    .insert(PinnedAddrs(vec![addr].into()));
-            }
-            request
+                .unwrap()
         };
         assert!(
-            pool.send(request(false)).await.is_err(),
+            pool.send(request(), None).await.is_err(),
             "the name resolves to nothing"
         );
-        let response = pool.send(request(true)).await.unwrap();
+        let pinned = PinnedAddrs(vec![addr].into());
+        let response = pool.send(request(), Some(&pinned)).await.unwrap();
         assert_eq!(
             response.into_body().collect().await.unwrap().to_bytes(),
             "ok"
@@ -514,7 +506,7 @@ mod tests {
         let request = Request::get(format!("http://{}/", origins[0]))
             .body(Empty::new().map_err(|never| match never {}).boxed())
             .unwrap();
-        let response = pool.send(request).await.unwrap();
+        let response = pool.send(request, None).await.unwrap();
         assert_eq!(pool.idle_origins(), 1, "the emptied origin's entry is gone");
         drop(response.into_body().collect().await.unwrap());
         assert_eq!(pool.idle_origins(), 2);

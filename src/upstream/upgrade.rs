@@ -41,12 +41,12 @@ impl UpgradeConnector {
     pub async fn send(
         &self,
         request: Request<ProxyBody>,
+        pinned: Option<&PinnedAddrs>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let pinned = request.extensions().get::<PinnedAddrs>().cloned();
         let (request, origin, scheme) = origin_form(request)?;
         let exchange = async {
-            let stream = self.tcp(&origin, &scheme, pinned.as_ref()).await?;
+            let stream = self.tcp(&origin, &scheme, pinned).await?;
             if scheme == Scheme::HTTPS {
                 let name = rustls::pki_types::ServerName::try_from(
                     origin

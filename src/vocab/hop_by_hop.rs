@@ -3,8 +3,9 @@
 
 use http::header::{self, HeaderName};
 
-/// Headers that describe one connection, not the message.
-pub const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection, not the message (`HTTP2-Settings` belongs to an
+/// `Upgrade: h2c` offer, RFC 7540 §3.2.1, which is never passed on).
+pub const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -13,6 +14,7 @@ pub const HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Whether `name` is hop-by-hop (including `Transfer-Encoding`, which hyper manages).

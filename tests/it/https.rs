@@ -504,15 +504,13 @@ async fn pinned_https_requests_connect_where_their_name_was_checked() {
     .unwrap();
     let client = authrelay::upstream::UpstreamClient::new(tls, &config.timeouts);
     let port = origin.addr.port();
-    let mut request = http::Request::builder()
+    let request = http::Request::builder()
         .uri(format!("https://nowhere.invalid:{port}/pinned"))
-        .body(authrelay::proxy::replay::empty())
+        .body(authrelay::upstream::body::empty())
         .unwrap();
-    request
-        .extensions_mut()
-        .insert(authrelay::upstream::PinnedAddrs(vec![origin.addr].into()));
+    let pinned = authrelay::upstream::PinnedAddrs(vec![origin.addr].into());
     let response = client
-        .send(request, std::time::Duration::from_secs(5))
+        .send(request, Some(&pinned), std::time::Duration::from_secs(5))
         .await
         .expect("the pinned origin answers");
     assert_eq!(response.status(), 200);

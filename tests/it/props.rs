@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use authrelay::proxy::target;
+use authrelay::proxy::{admission, target};
 use authrelay::routes::{path_has_prefix, HostPattern};
 use authrelay::state::Snapshot;
 use authrelay::{Config, State};
@@ -123,7 +123,7 @@ proptest! {
             Ok(u) => u,
             Err(_) => return Ok(()),
         };
-        if let Ok(t) = target::resolve(snap, &Method::GET, &uri) {
+        if let Ok(t) = admission::resolve(snap, &Method::GET, &uri) {
             let route = t.route.map(|r| r.name.to_string());
             prop_assert_eq!(route.as_deref(), Some("api"));
             let served = as_resolved(t.uri.path());
@@ -134,7 +134,7 @@ proptest! {
             Ok(u) => u,
             Err(_) => return Ok(()),
         };
-        if let Ok(t) = target::resolve(snap, &Method::GET, &mounted) {
+        if let Ok(t) = admission::resolve(snap, &Method::GET, &mounted) {
             let served = as_resolved(t.uri.path());
             prop_assert!(served.starts_with("/base"), "/m{} is served as {}", path, served);
         }

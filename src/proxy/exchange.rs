@@ -1,5 +1,7 @@
-//! Sending a routed request upstream: header hygiene, credential injection, and the one
-//! refresh-and-replay when the upstream refuses the token.
+//! The replay driver: sending an admitted request upstream with its credential, and the
+//! refresh-and-replay when the upstream refuses the token — one driver for ordinary requests
+//! and WebSocket handshakes alike (only the leg they go out on differs: the pool, or a
+//! connection of their own), so both get the same replays, quiet periods and body rules.
 //!
 //! Whether the token was refused is decided by what the upstream said, never by the token's
 //! age: RFC 6750 `WWW-Authenticate: Bearer error="…"` when present (`invalid_token`: refresh;
@@ -13,9 +15,9 @@ use std::time::Instant;
 use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::headers::strip_hop_by_hop;
 use super::replay::{self, PreparedBody};
 use super::respond::ProxyError;
 use super::target::Target;
@@ -23,14 +25,32 @@ use crate::config::Config;
 use crate::metrics::RetryOutcome;
 use crate::routes::Route;
 use crate::token_store::{CredentialSlot, IssuedToken};
-use crate::upstream::{PinnedAddrs, ProxyBody, UpstreamClient};
+use crate::upstream::{BoxError, PinnedAddrs, ProxyBody, UpstreamClient};
 
 /// What happened to a forwarded request, for the access log.
-pub struct Forwarded {
-    /// The response to send to the client.
-    pub response: Response<ProxyBody>,
+pub(crate) struct Forwarded {
+    /// The upstream's answer, as received (see [`finish`]).
+    pub(crate) response: Response<ProxyBody>,
     /// Whether the request was replayed after a 401/403.
-    pub retried: bool,
+    pub(crate) retried: bool,
+}
+
+/// What an attempt goes out on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Leg {
+    /// The pooled upstream client.
+    Request,
+    /// A connection of its own that can switch protocols after a 101.
+    Upgrade,
+}
+
+/// Everything one exchange needs besides the request.
+pub(crate) struct Exchange<'a> {
+    pub(crate) upstream: &'a UpstreamClient,
+    pub(crate) config: &'a Config,
+    pub(crate) target: &'a Target,
+    pub(crate) pinned: Option<&'a PinnedAddrs>,
+    pub(crate) leg: Leg,
 }
 
 /// What an upstream answer says about the token that was sent.
@@ -45,93 +65,102 @@ pub enum TokenVerdict {
     NotTheToken,
 }
 
-/// Forwards `request` to `target`, injecting the route's credential.
-pub async fn forward(
-    upstream: &UpstreamClient,
-    config: &Config,
-    target: Target,
-    request: Request<Incoming>,
-) -> Result<Forwarded, ProxyError> {
-    let Target { route, uri, .. } = target;
-    let (mut parts, body) = request.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::HOST);
+impl Exchange<'_> {
+    /// Sends the request (hop-by-hop headers already removed) to the target, injecting the
+    /// route's credential; on a refusal of the token, refreshes and replays as the route allows.
+    pub(crate) async fn run(&self, parts: Parts, body: Incoming) -> Result<Forwarded, ProxyError> {
+        let mut parts = parts;
+        let uri = &self.target.uri;
+        let Some((route, slot)) = self
+            .target
+            .route
+            .as_ref()
+            .and_then(|r| Some((r, r.credential.as_ref()?)))
+        else {
+            let headers = std::mem::take(&mut parts.headers);
+            let body = replay::streaming(body, self.config);
+            let request = build(&parts.method, uri, headers, None, body);
+            let response = self.send(self.target.route.as_deref(), request).await?;
+            return Ok(Forwarded {
+                response,
+                retried: false,
+            });
+        };
 
-    let Some((route, slot)) = route.and_then(|r| {
-        let slot = r.credential.clone()?;
-        Some((r, slot))
-    }) else {
-        let headers = std::mem::take(&mut parts.headers);
-        let mut request = build(
+        let token = slot.get().await?;
+        let mut body = if route.refreshes_on_unauthorized() {
+            let budget = self.upstream.replay_budget();
+            replay::prepare(body, &parts.headers, self.config, budget).await?
+        } else {
+            PreparedBody::Streaming(replay::streaming(body, self.config))
+        };
+        // Headers are kept for a replay only when the body can be replayed too.
+        let headers = if body.replayable() {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        let first = build(
             &parts.method,
-            &uri,
+            uri,
             headers,
-            None,
-            replay::streaming(body, config),
+            Some((slot, &token)),
+            body.take(),
         );
-        if let Some(pinned) = parts.extensions.remove::<PinnedAddrs>() {
-            request.extensions_mut().insert(pinned);
+        let response = self.send(Some(route), first).await?;
+
+        match verdict(route, &response) {
+            TokenVerdict::Accepted => slot.upstream_accepted(&route.name),
+            TokenVerdict::Refused if body.replayable() && route.refreshes_on_unauthorized() => {
+                let replay = Replay {
+                    exchange: self,
+                    route,
+                    slot,
+                    parts,
+                    body,
+                };
+                // Boxed: rare, and as large as the first send; unboxed it would grow every
+                // request's future (which is moved, not just polled) by its size.
+                return Box::pin(replay.run(&token, response)).await;
+            }
+            TokenVerdict::Refused | TokenVerdict::NotTheToken => {}
         }
-        let response = send(upstream, config, None, request).await?;
-        return Ok(Forwarded {
-            response: finish(response),
+        Ok(Forwarded {
+            response,
             retried: false,
-        });
-    };
-
-    let token = slot.get().await?;
-    let mut body = if route.refreshes_on_unauthorized() {
-        replay::prepare(body, &parts.headers, config, upstream.replay_budget()).await?
-    } else {
-        PreparedBody::Streaming(replay::streaming(body, config))
-    };
-    // Headers are kept for a replay only when the body can be replayed too.
-    let headers = if body.replayable() {
-        parts.headers.clone()
-    } else {
-        std::mem::take(&mut parts.headers)
-    };
-    let first = build(
-        &parts.method,
-        &uri,
-        headers,
-        Some((&slot, &token)),
-        body.take(),
-    );
-    let response = send(upstream, config, Some(&route), first).await?;
-
-    match verdict(&route, &response) {
-        TokenVerdict::Accepted => slot.upstream_accepted(&route.name),
-        TokenVerdict::Refused if body.replayable() && route.refreshes_on_unauthorized() => {
-            let replay = Replay {
-                upstream,
-                config,
-                route: &route,
-                slot: &slot,
-                parts,
-                uri,
-                body,
-            };
-            // Boxed: rare, and as large as the first send; unboxed it would grow every
-            // request's future (which is moved, not just polled) by its size.
-            return Box::pin(replay.run(&token, response)).await;
-        }
-        TokenVerdict::Refused | TokenVerdict::NotTheToken => {}
+        })
     }
-    Ok(Forwarded {
-        response: finish(response),
-        retried: false,
-    })
+
+    /// Sends one attempt on this exchange's leg and records the time to its response head.
+    async fn send(
+        &self,
+        route: Option<&Route>,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let started = Instant::now();
+        let timeout = self.config.timeouts.upstream;
+        let response = match self.leg {
+            Leg::Request => self.upstream.send(request, self.pinned, timeout).await?,
+            // The body type changes, the extensions (hyper's upgrade handle) stay.
+            Leg::Upgrade => self
+                .upstream
+                .send_upgrade(request, self.pinned, timeout)
+                .await?
+                .map(|body| body.map_err(BoxError::from).boxed()),
+        };
+        if let Some(r) = route {
+            r.metrics.upstream_latency(started.elapsed());
+        }
+        Ok(response)
+    }
 }
 
 /// Everything needed to send a request a second time, with a fresh token.
 struct Replay<'a> {
-    upstream: &'a UpstreamClient,
-    config: &'a Config,
+    exchange: &'a Exchange<'a>,
     route: &'a Arc<Route>,
     slot: &'a Arc<CredentialSlot>,
     parts: Parts,
-    uri: Uri,
     body: PreparedBody,
 }
 
@@ -158,7 +187,7 @@ impl Replay<'_> {
                 Ok(Some(fresh)) => fresh,
                 Ok(None) => {
                     return Ok(Forwarded {
-                        response: finish(refused),
+                        response: refused,
                         retried: replays > 0,
                     })
                 }
@@ -178,12 +207,12 @@ impl Replay<'_> {
             };
             let again = build(
                 &self.parts.method,
-                &self.uri,
+                &self.exchange.target.uri,
                 headers,
                 Some((self.slot, &fresh)),
                 self.body.take(),
             );
-            let response = send(self.upstream, self.config, Some(self.route), again).await?;
+            let response = self.exchange.send(Some(self.route), again).await?;
             let verdict = verdict(self.route, &response);
             if verdict == TokenVerdict::Accepted {
                 self.slot.upstream_accepted(&self.route.name);
@@ -197,26 +226,11 @@ impl Replay<'_> {
                 continue;
             }
             return Ok(Forwarded {
-                response: finish(response),
+                response,
                 retried: true,
             });
         }
     }
-}
-
-/// Sends one request and records the time to its response head on the route.
-async fn send(
-    upstream: &UpstreamClient,
-    config: &Config,
-    route: Option<&Route>,
-    request: Request<ProxyBody>,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let started = Instant::now();
-    let response = upstream.send(request, config.timeouts.upstream).await?;
-    if let Some(r) = route {
-        r.metrics.upstream_latency(started.elapsed());
-    }
-    Ok(response)
 }
 
 /// Reads what the upstream said about the token: the RFC 6750 `error` of a
@@ -309,13 +323,6 @@ fn build(
 /// Sets the credential header, replacing whatever the client sent under that name.
 pub fn inject(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) {
     headers.insert(name.clone(), value.clone());
-}
-
-/// The upstream's response as sent to the client: hop-by-hop headers removed.
-fn finish(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
-    strip_hop_by_hop(response.headers_mut());
-    *response.version_mut() = http::Version::HTTP_11;
-    response
 }
 
 #[cfg(test)]
