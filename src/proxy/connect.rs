@@ -97,19 +97,18 @@ fn interception(
 
 /// Opens the TCP connection a plain tunnel will splice to, within `timeouts.connect`. The
 /// host is resolved once and checked — never the proxy's own addresses or link-local ranges,
-/// nor `unmatched_deny` for a host no route names — and the checked address is the one
+/// nor what the `unmatched_*` rules refuse for a host no route names — and the checked address is the one
 /// connected to (a second DNS answer cannot differ). Every connect failure reads the same.
 async fn connect_upstream(state: &State, authority: &Authority) -> Result<TcpStream, ProxyError> {
     let snapshot = state.snapshot();
     let timeout = snapshot.config.timeouts.connect;
     let host = authority.host();
     let port = authority.port_u16().unwrap_or(443);
-    let deny: &[ipnet::IpNet] = if snapshot.routes.names_host(host, port) {
-        &[]
-    } else {
-        &snapshot.config.unmatched_deny
-    };
-    let addrs = super::dispatch::allowed_destination(state, host, port, deny).await?;
+    // Both port rules hold for an unrouted tunnel: `open` checked `connect.allowed_ports`,
+    // `unmatched_ports` is checked here.
+    let unmatched =
+        (!snapshot.routes.names_host(host, port)).then_some(&snapshot.config.unmatched_reach);
+    let addrs = super::dispatch::allowed_destination(state, host, port, unmatched).await?;
     let timed_out = || ProxyError::UpstreamTimeout(humantime::format_duration(timeout).to_string());
     let attempt = async {
         let mut last = None;

@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::respond::ProxyError;
 use super::target::Target;
 use super::{forward, location, target, upgrade};
-use crate::access::{Client, DestinationError, DestinationPolicy};
+use crate::access::{Client, DestinationError, DestinationPolicy, UnmatchedReach};
 use crate::access_log::{self, Outcome, RequestFields as AccessFields};
 use crate::state::State;
 use crate::upstream::idle::{IdleTimeout, Side};
@@ -46,24 +46,25 @@ async fn admit(
         80
     };
     let port = target.uri.port_u16().unwrap_or(default_port);
-    allowed_destination(state, host, port, &snapshot.config.unmatched_deny)
+    allowed_destination(state, host, port, Some(&snapshot.config.unmatched_reach))
         .await
         .map(|addrs| Some(PinnedAddrs(addrs.into())))
 }
 
 /// Resolves `host:port` for traffic no route claims (within `timeouts.connect`) and returns
 /// its addresses once every one is allowed: never the proxy's own listen or admin address,
-/// link-local or unspecified addresses, or the `deny` ranges.
+/// link-local or unspecified addresses, nor what `unmatched` (`None` for a routed host)
+/// refuses.
 pub async fn allowed_destination(
     state: &State,
     host: &str,
     port: u16,
-    deny: &[ipnet::IpNet],
+    unmatched: Option<&UnmatchedReach>,
 ) -> Result<Vec<std::net::SocketAddr>, ProxyError> {
     let timeout = state.snapshot().config.timeouts.connect;
     let policy = DestinationPolicy {
         own: state.own_addresses.get().map_or(&[], Vec::as_slice),
-        deny,
+        unmatched,
     };
     policy
         .resolve(host, port, timeout)

@@ -40,17 +40,23 @@ use crate::upstream::ProxyBody;
 
 /// Answers one request received on the proxy listener from a client at `peer`. With
 /// `clients.users` set, every request (forward, mount and CONNECT) must name its user in
-/// `Proxy-Authorization`.
+/// `Proxy-Authorization`, unless its address is made to wait for failing too often.
 pub async fn handle(
     state: Arc<State>,
     peer: IpAddr,
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let snapshot = state.snapshot();
-    let user = match snapshot.config.clients.authenticate(request.headers()) {
+    let user = match state.auth_throttle.authenticate(
+        &snapshot.config.clients,
+        peer,
+        request.headers(),
+    ) {
         Ok(user) => user,
         Err(e) => {
-            tracing::info!(client = %peer, method = %request.method(), error = %e, "request refused by the proxy");
+            // At debug: a guessing client would write a line per guess; the throttle logs
+            // once per burst.
+            tracing::debug!(client = %peer, method = %request.method(), error = %e, "request refused by the proxy");
             return ProxyError::from(e).into_response(None);
         }
     };
