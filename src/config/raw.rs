@@ -102,11 +102,22 @@ pub struct RawNet(pub String);
 
 impl<'de> Deserialize<'de> for RawNet {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        if !text.contains("${") {
-            crate::access::parse_net(&text).map_err(serde::de::Error::custom)?;
+        // Checked inside the visitor: serde_yaml marks an error raised there with the
+        // scalar's own position, not its list's.
+        struct NetVisitor;
+        impl serde::de::Visitor<'_> for NetVisitor {
+            type Value = RawNet;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an address range like 10.0.0.0/8 or ::1")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawNet, E> {
+                if !text.contains("${") {
+                    crate::access::parse_net(text).map_err(E::custom)?;
+                }
+                Ok(RawNet(text.to_string()))
+            }
         }
-        Ok(Self(text))
+        d.deserialize_str(NetVisitor)
     }
 }
 
