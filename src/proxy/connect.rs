@@ -97,8 +97,8 @@ fn interception(
 
 /// Opens the TCP connection a plain tunnel will splice to, within `timeouts.connect`. The
 /// host is resolved once and checked — never the proxy's own addresses or link-local ranges,
-/// nor what the `unmatched_*` rules refuse for a host no route names — and the checked address is the one
-/// connected to (a second DNS answer cannot differ). Every connect failure reads the same.
+/// nor what the `unmatched_*` rules refuse for a host no route names — and the checked
+/// address is the one connected to (a second DNS answer cannot differ). Every connect failure reads the same.
 async fn connect_upstream(state: &State, authority: &Authority) -> Result<TcpStream, ProxyError> {
     let snapshot = state.snapshot();
     let timeout = snapshot.config.timeouts.connect;
