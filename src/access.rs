@@ -3,15 +3,17 @@
 //! The proxy holds an organisation's credentials and hands them out on behalf of whoever
 //! connects, so a client must first come from an allowed address (`clients.allow_from`,
 //! loopback by default) and, when `clients.users` is set, name itself with
-//! `Proxy-Authorization: Basic`. Unmatched traffic (`unmatched: pass`) is a relay: it must
-//! never reach the proxy's own listeners, link-local addresses (cloud metadata endpoints) or
-//! the ranges in `unmatched_deny`.
+//! `Proxy-Authorization: Basic`, and one address that keeps guessing passwords is made to
+//! wait ([`AuthThrottle`]). Unmatched traffic (`unmatched: pass`) is a relay: it must never
+//! reach the proxy's own listeners, link-local addresses (cloud metadata endpoints) or the
+//! ranges in `unmatched_deny`; and once clients beyond this machine may connect, it must not
+//! open the machine's and its network's inside to them either ([`UnmatchedReach`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use http::header::{HeaderMap, PROXY_AUTHORIZATION};
@@ -22,13 +24,14 @@ use crate::vocab::secret::Secret;
 /// The `Proxy-Authenticate` challenge sent with every 407.
 pub const PROXY_AUTHENTICATE_CHALLENGE: &str = "Basic realm=\"authrelay\"";
 
-/// Parses a CIDR range, or a single address (a /32 or /128).
+/// Parses a CIDR range, or a single address (a /32 or /128). The error does not repeat the
+/// text: a config error names it by its field or its line and column.
 pub fn parse_net(text: &str) -> Result<IpNet, String> {
     let t = text.trim();
     t.parse::<IpNet>()
         .or_else(|_| t.parse::<IpAddr>().map(IpNet::from))
         .map(|n| n.trunc())
-        .map_err(|_| format!("`{text}` is not an address range like 10.0.0.0/8 or ::1"))
+        .map_err(|_| "is not an address range like 10.0.0.0/8 or ::1".to_string())
 }
 
 /// Loopback only: the default `allow_from`.
@@ -101,6 +104,10 @@ pub enum AuthFailure {
     /// A header that is not `Basic` with a known user and the right password.
     #[error("proxy authentication failed")]
     Rejected,
+    /// The client's address failed too often; nothing it sent was checked. Carries how long
+    /// until it may try again.
+    #[error("too many failed proxy logins from this address; retry in {}s", .0.as_secs().max(1))]
+    Throttled(Duration),
 }
 
 impl ClientPolicy {
@@ -136,14 +143,19 @@ impl ClientPolicy {
         }
     }
 
+    /// Whether `allow_from` admits any address beyond loopback: clients on other machines,
+    /// for whom this machine's loopback and its network's private ranges are an inside.
+    pub fn admits_beyond_loopback(&self) -> bool {
+        let loopback = loopback_nets();
+        self.allow_from
+            .iter()
+            .any(|n| !loopback.iter().any(|l| l.contains(n)))
+    }
+
     /// Why this policy is dangerous, when the proxy listens beyond loopback, admits clients
     /// beyond loopback and asks none of them who they are.
     pub fn open_relay_risk(&self, listen: SocketAddr) -> Option<String> {
-        let loopback = loopback_nets();
-        let wide = self
-            .allow_from
-            .iter()
-            .any(|n| !loopback.iter().any(|l| l.contains(n)));
+        let wide = self.admits_beyond_loopback();
         (!listen.ip().is_loopback() && wide && self.users.is_empty()).then(|| {
             format!(
                 "the proxy listens on {listen} and admits clients from {} without `clients.users`: \
@@ -156,6 +168,234 @@ impl ClientPolicy {
                     .join(", ")
             )
         })
+    }
+}
+
+/// What `check` and the startup log say when credentials are configured and no client has
+/// to name itself.
+pub const OPEN_TO_LOCAL_PROCESSES: &str =
+    "every local process may use these credentials: name the apps in clients.users";
+
+impl ClientPolicy {
+    /// [`OPEN_TO_LOCAL_PROCESSES`] when it applies: credentials exist and `clients.users`
+    /// does not, so any process that can reach the listener spends them.
+    pub fn open_to_local_processes(&self, has_credentials: bool) -> Option<&'static str> {
+        (has_credentials && !self.requires_auth()).then_some(OPEN_TO_LOCAL_PROCESSES)
+    }
+}
+
+/// Failed logins from one client within [`AUTH_FAILURE_WINDOW`] that start a penalty.
+pub const AUTH_FAILURES_PER_BURST: u32 = 10;
+/// The window [`AUTH_FAILURES_PER_BURST`] failures are counted in.
+pub const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// The first penalty; each further burst doubles it, up to [`AUTH_MAX_PENALTY`].
+pub const AUTH_FIRST_PENALTY: Duration = Duration::from_secs(30);
+/// The longest penalty; a client quiet this long after its last failure or penalty is
+/// forgotten, escalation included.
+pub const AUTH_MAX_PENALTY: Duration = Duration::from_secs(300);
+/// Clients tracked at once: a flood from many addresses costs at most this many records.
+pub const AUTH_MAX_TRACKED: usize = 4096;
+
+/// Makes password guessing slow: after [`AUTH_FAILURES_PER_BURST`] failed proxy logins from
+/// one client within a minute, that client is refused (429) for a penalty that doubles with
+/// each further burst, before anything it sends is checked, so a right password does not
+/// get it through either. A client is an IPv4 address or an IPv6 /64 (one host commonly
+/// holds a whole /64). Lives in `State`, so a reload does not forgive anyone.
+pub struct AuthThrottle {
+    clients: Mutex<HashMap<IpAddr, Record>>,
+    failures: prometheus_client::metrics::counter::Counter,
+}
+
+/// One client's recent failures.
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    /// The first failure of the current window.
+    window_start: Instant,
+    /// Failures since `window_start` (reset when a penalty starts).
+    failures: u32,
+    last_failure: Instant,
+    /// The running (or last) penalty's end.
+    blocked_until: Option<Instant>,
+    /// The last penalty given, which the next one doubles.
+    penalty: Duration,
+}
+
+impl Record {
+    fn blocked(&self, now: Instant) -> Option<Duration> {
+        self.blocked_until
+            .and_then(|until| until.checked_duration_since(now))
+            .filter(|left| !left.is_zero())
+    }
+
+    /// Quiet for [`AUTH_MAX_PENALTY`] since its last failure and penalty.
+    fn expired(&self, now: Instant) -> bool {
+        let last = self
+            .blocked_until
+            .map_or(self.last_failure, |b| b.max(self.last_failure));
+        now.saturating_duration_since(last) >= AUTH_MAX_PENALTY
+    }
+
+    /// No penalty running and no failure within the window.
+    fn quiet(&self, now: Instant) -> bool {
+        self.blocked(now).is_none()
+            && now.saturating_duration_since(self.last_failure) >= AUTH_FAILURE_WINDOW
+    }
+}
+
+/// The address a client is tracked under: IPv4 as is, IPv6 by its /64.
+fn throttle_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
+impl AuthThrottle {
+    /// A throttle that counts every failed login in `failures`
+    /// (`authrelay_proxy_auth_failures_total`).
+    pub fn new(failures: prometheus_client::metrics::counter::Counter) -> Self {
+        Self {
+            clients: Mutex::new(HashMap::new()),
+            failures,
+        }
+    }
+
+    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Record>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `Err(time left)` while `ip` serves a penalty.
+    pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+        self.check_at(ip, Instant::now())
+    }
+
+    fn check_at(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        match self
+            .clients()
+            .get(&throttle_key(ip))
+            .and_then(|r| r.blocked(now))
+        {
+            Some(left) => Err(left),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a failed login from `ip`; returns the penalty when this failure starts one.
+    pub fn failed(&self, ip: IpAddr) -> Option<Duration> {
+        self.failed_at(ip, Instant::now())
+    }
+
+    fn failed_at(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        self.failures.inc();
+        let key = throttle_key(ip);
+        let mut clients = self.clients();
+        if !clients.contains_key(&key) && clients.len() >= AUTH_MAX_TRACKED {
+            make_room(&mut clients, now);
+        }
+        let record = clients.entry(key).or_insert(Record {
+            window_start: now,
+            failures: 0,
+            last_failure: now,
+            blocked_until: None,
+            penalty: Duration::ZERO,
+        });
+        if record.blocked(now).is_some() {
+            // Checked before the password by `authenticate`; a request that raced the start
+            // of its own penalty adds nothing to it.
+            return None;
+        }
+        if record.failures == 0
+            || now.saturating_duration_since(record.window_start) >= AUTH_FAILURE_WINDOW
+        {
+            record.window_start = now;
+            record.failures = 0;
+        }
+        record.failures += 1;
+        record.last_failure = now;
+        if record.failures < AUTH_FAILURES_PER_BURST {
+            return None;
+        }
+        record.penalty = if record.penalty.is_zero() {
+            AUTH_FIRST_PENALTY
+        } else {
+            (record.penalty * 2).min(AUTH_MAX_PENALTY)
+        };
+        record.failures = 0;
+        record.blocked_until = Some(now + record.penalty);
+        Some(record.penalty)
+    }
+
+    /// A successful login from `ip`: a client with no failure within the window and no
+    /// penalty running is forgotten. A success never wipes the failures of the current
+    /// window, or a client holding one password could go on guessing another's.
+    pub fn succeeded(&self, ip: IpAddr) {
+        self.succeeded_at(ip, Instant::now());
+    }
+
+    fn succeeded_at(&self, ip: IpAddr, now: Instant) {
+        let key = throttle_key(ip);
+        let mut clients = self.clients();
+        if clients.get(&key).is_some_and(|r| r.quiet(now)) {
+            clients.remove(&key);
+        }
+    }
+
+    /// `policy.authenticate(headers)` for a client at `peer`, refused unread while `peer`
+    /// serves a penalty. Only a wrong or malformed `Proxy-Authorization` counts as a
+    /// failure (a missing one is the first step of the Basic challenge). Logs once per
+    /// burst, naming the address only.
+    pub fn authenticate(
+        &self,
+        policy: &ClientPolicy,
+        peer: IpAddr,
+        headers: &HeaderMap,
+    ) -> Result<Option<Arc<str>>, AuthFailure> {
+        if !policy.requires_auth() {
+            return Ok(None);
+        }
+        self.check(peer).map_err(AuthFailure::Throttled)?;
+        let outcome = policy.authenticate(headers);
+        match &outcome {
+            Ok(_) => self.succeeded(peer),
+            Err(AuthFailure::Rejected) => {
+                if let Some(penalty) = self.failed(peer) {
+                    tracing::warn!(
+                        client = %peer,
+                        failures = AUTH_FAILURES_PER_BURST,
+                        penalty = ?penalty,
+                        "proxy logins throttled: too many wrong passwords from this address"
+                    );
+                }
+            }
+            Err(_) => {}
+        }
+        outcome
+    }
+}
+
+impl fmt::Debug for AuthThrottle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AuthThrottle({} clients)", self.clients().len())
+    }
+}
+
+/// Frees one place in a full table: expired records go first; failing that, the record
+/// that matters least — one without a running penalty, failing that the penalty that ends
+/// soonest — so a flood from fresh addresses cannot flush out the addresses it made wait.
+fn make_room(clients: &mut HashMap<IpAddr, Record>, now: Instant) {
+    clients.retain(|_, r| !r.expired(now));
+    if clients.len() < AUTH_MAX_TRACKED {
+        return;
+    }
+    let least = clients
+        .iter()
+        .min_by_key(|(_, r)| (r.blocked(now).is_some(), r.blocked_until, r.last_failure))
+        .map(|(k, _)| *k);
+    if let Some(key) = least {
+        clients.remove(&key);
     }
 }
 
@@ -194,14 +434,82 @@ impl Client {
     }
 }
 
+/// Where traffic no route claims may go: the `unmatched_*` keys, validated.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct UnmatchedReach {
+    /// `unmatched_deny`: ranges never reached.
+    pub deny: Vec<IpNet>,
+    /// Whether the inside ranges ([`is_inside`]) are closed, except `allow`: set when
+    /// `clients.allow_from` admits addresses beyond loopback, because then this machine's
+    /// loopback services and its network's private addresses would be opened to others.
+    pub inside_closed: bool,
+    /// `unmatched_allow`: inside ranges that stay reachable when the inside is closed.
+    pub allow: Vec<IpNet>,
+    /// `unmatched_ports`: the only ports reached (`None`: every port). Defaults to 80 and
+    /// 443 when the inside is closed, so the relay cannot scan ports.
+    pub ports: Option<Vec<u16>>,
+}
+
+/// `unmatched_ports` when clients beyond loopback may connect and the file names none.
+pub const CLOSED_INSIDE_PORTS: [u16; 2] = [80, 443];
+
+impl UnmatchedReach {
+    /// Whether unmatched traffic may go to `port`.
+    pub fn allows_port(&self, port: u16) -> bool {
+        self.ports.as_ref().is_none_or(|p| p.contains(&port))
+    }
+
+    /// Whether unmatched traffic may go to `ip` (already canonical: mapped IPv4 unwrapped).
+    fn allows_ip(&self, ip: IpAddr) -> bool {
+        if self.deny.iter().any(|n| n.contains(&ip)) {
+            return false;
+        }
+        !(self.inside_closed && is_inside(ip) && !self.allow.iter().any(|n| n.contains(&ip)))
+    }
+
+    /// One line for `authrelay check` and the startup log: which regime applies.
+    pub fn summary(&self) -> String {
+        let ports = match &self.ports {
+            None => "any port".to_string(),
+            Some(p) => format!(
+                "ports {}",
+                p.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        if !self.inside_closed {
+            return format!(
+                "unmatched traffic: clients are loopback-only, so it may reach every address \
+                 ({ports}) but the proxy's own listeners, link-local ranges and unmatched_deny"
+            );
+        }
+        let open = if self.allow.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " except unmatched_allow ({})",
+                self.allow
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        format!(
+            "unmatched traffic: clients beyond loopback may connect, so loopback, private, \
+             link-local and unique-local ranges are refused{open}, and only {ports} are reached"
+        )
+    }
+}
+
 /// Where unmatched traffic may not go: the proxy's own listeners, unspecified and link-local
-/// addresses, and the configured extra ranges.
+/// addresses always; for a host no route names, what [`UnmatchedReach`] refuses too.
 #[derive(Debug, Clone, Copy)]
 pub struct DestinationPolicy<'a> {
     /// The proxy's own bound listen and admin addresses.
     pub own: &'a [SocketAddr],
-    /// `unmatched_deny`.
-    pub deny: &'a [IpNet],
+    /// The `unmatched_*` rules; `None` for a host a route names, which its route names
+    /// explicitly.
+    pub unmatched: Option<&'a UnmatchedReach>,
 }
 
 /// Link-local addresses (`169.254.0.0/16`, `fe80::/10`): cloud metadata endpoints live there,
@@ -213,12 +521,46 @@ fn is_link_local(ip: IpAddr) -> bool {
     }
 }
 
+/// The inside of a machine and its network: loopback, `0.0.0.0/8`, private (10/8,
+/// 172.16/12, 192.168/16), CGNAT (100.64/10), link-local, unique-local (`fc00::/7`) and
+/// site-local (`fec0::/10`) addresses, and IPv4 ones written as NAT64 (`64:ff9b::/96`).
+/// IPv4-mapped IPv6 is unwrapped by the caller (`to_canonical`).
+pub fn is_inside(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_inside_v4(v4),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || s[0] & 0xfe00 == 0xfc00
+                || s[0] & 0xffc0 == 0xfe80
+                || s[0] & 0xffc0 == 0xfec0
+                || (nat64 && is_inside_v4(Ipv4Addr::from(u128::from(v6) as u32)))
+        }
+    }
+}
+
+fn is_inside_v4(v4: Ipv4Addr) -> bool {
+    let [a, b, ..] = v4.octets();
+    a == 0
+        || v4.is_loopback()
+        || v4.is_private()
+        || v4.is_link_local()
+        || (a == 100 && b & 0xc0 == 64)
+}
+
 impl DestinationPolicy<'_> {
     /// Whether unmatched traffic may connect to `addr`.
     pub fn allows(&self, addr: SocketAddr) -> bool {
         let ip = addr.ip().to_canonical();
-        if ip.is_unspecified() || is_link_local(ip) || self.deny.iter().any(|n| n.contains(&ip)) {
+        if ip.is_unspecified() || is_link_local(ip) {
             return false;
+        }
+        if let Some(reach) = self.unmatched {
+            if !reach.allows_port(addr.port()) || !reach.allows_ip(ip) {
+                return false;
+            }
         }
         !self.own.iter().any(|own| {
             own.port() == addr.port()
@@ -237,6 +579,10 @@ impl DestinationPolicy<'_> {
         port: u16,
         timeout: Duration,
     ) -> Result<Vec<SocketAddr>, DestinationError> {
+        if self.unmatched.is_some_and(|reach| !reach.allows_port(port)) {
+            // Refused before any lookup: a port scan through the relay costs no DNS query.
+            return Err(DestinationError::Denied);
+        }
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
@@ -347,10 +693,13 @@ mod tests {
     fn destinations_exclude_own_and_link_local_addresses() {
         let own: SocketAddr = "127.0.0.1:3128".parse().unwrap();
         let wildcard: SocketAddr = "0.0.0.0:9901".parse().unwrap();
-        let deny = [parse_net("10.0.0.0/8").unwrap()];
+        let reach = UnmatchedReach {
+            deny: vec![parse_net("10.0.0.0/8").unwrap()],
+            ..UnmatchedReach::default()
+        };
         let d = DestinationPolicy {
             own: &[own, wildcard],
-            deny: &deny,
+            unmatched: Some(&reach),
         };
         for denied in [
             "127.0.0.1:3128",
@@ -366,6 +715,212 @@ mod tests {
         for allowed in ["127.0.0.1:8080", "127.0.0.2:3128", "192.0.2.1:443"] {
             assert!(d.allows(allowed.parse().unwrap()), "{allowed}");
         }
+        let routed = DestinationPolicy {
+            unmatched: None,
+            ..d
+        };
+        assert!(routed.allows("10.2.3.4:443".parse().unwrap()));
+        assert!(!routed.allows("169.254.169.254:80".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_closed_inside_refuses_internal_ranges_and_other_ports() {
+        let reach = UnmatchedReach {
+            inside_closed: true,
+            allow: vec![parse_net("10.1.0.0/16").unwrap()],
+            ports: Some(CLOSED_INSIDE_PORTS.to_vec()),
+            ..UnmatchedReach::default()
+        };
+        let d = DestinationPolicy {
+            own: &[],
+            unmatched: Some(&reach),
+        };
+        for denied in [
+            "127.0.0.1:80",
+            "127.9.9.9:443",
+            "[::1]:443",
+            "[::ffff:127.0.0.1]:80",
+            "[::ffff:192.168.1.1]:443",
+            "0.1.2.3:80",
+            "10.2.3.4:443",
+            "172.16.0.1:80",
+            "172.31.255.255:80",
+            "192.168.0.1:443",
+            "100.64.0.1:80",
+            "100.127.255.255:443",
+            "[fc00::1]:443",
+            "[fd12:3456::1]:80",
+            "[fe80::1]:80",
+            "[64:ff9b::10.0.0.1]:443",
+            "[64:ff9b::127.0.0.1]:80",
+            // Public, but not a web port.
+            "192.0.2.1:22",
+            "10.1.2.3:8080",
+        ] {
+            assert!(!d.allows(denied.parse().unwrap()), "{denied}");
+        }
+        for allowed in [
+            "192.0.2.1:443",
+            "[2001:db8::1]:80",
+            "172.32.0.1:80",
+            "100.128.0.1:443",
+            "[64:ff9b::192.0.2.1]:443",
+            "10.1.2.3:443",
+        ] {
+            assert!(d.allows(allowed.parse().unwrap()), "{allowed}");
+        }
+        let summary = reach.summary();
+        assert!(
+            summary.contains("10.1.0.0/16") && summary.contains("ports 80, 443"),
+            "{summary}"
+        );
+        assert!(UnmatchedReach::default()
+            .summary()
+            .contains("loopback-only"));
+    }
+
+    #[tokio::test]
+    async fn a_port_outside_unmatched_ports_is_refused_before_any_lookup() {
+        let reach = UnmatchedReach {
+            ports: Some(vec![443]),
+            ..UnmatchedReach::default()
+        };
+        let d = DestinationPolicy {
+            own: &[],
+            unmatched: Some(&reach),
+        };
+        // `.invalid` never resolves: only a refusal that comes before the lookup says Denied.
+        assert_eq!(
+            d.resolve("nowhere.invalid", 22, Duration::from_secs(5))
+                .await,
+            Err(DestinationError::Denied)
+        );
+    }
+
+    fn throttle() -> AuthThrottle {
+        AuthThrottle::new(prometheus_client::metrics::counter::Counter::default())
+    }
+
+    #[test]
+    fn ten_failures_start_a_penalty_that_doubles_up_to_five_minutes() {
+        let t = throttle();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let mut now = Instant::now();
+        let mut penalties = Vec::new();
+        for _burst in 0..6 {
+            for i in 1..=AUTH_FAILURES_PER_BURST {
+                assert_eq!(t.check_at(ip, now), Ok(()));
+                let started = t.failed_at(ip, now);
+                assert_eq!(started.is_some(), i == AUTH_FAILURES_PER_BURST);
+                if let Some(p) = started {
+                    penalties.push(p.as_secs());
+                    assert_eq!(t.check_at(ip, now), Err(p));
+                    // A success while waiting changes nothing.
+                    t.succeeded_at(ip, now);
+                    assert_eq!(t.check_at(ip, now + p / 2), Err(p - p / 2));
+                    now += p;
+                }
+            }
+        }
+        assert_eq!(penalties, [30, 60, 120, 240, 300, 300]);
+        assert_eq!(t.failures.get(), 60);
+        assert_eq!(t.check_at(ip, now), Ok(()));
+    }
+
+    #[test]
+    fn failures_count_within_a_minute_and_a_success_does_not_launder_them() {
+        let t = throttle();
+        let ip: IpAddr = "192.0.2.8".parse().unwrap();
+        let start = Instant::now();
+        for _ in 0..9 {
+            t.failed_at(ip, start);
+        }
+        // A right password in between does not reset the count...
+        t.succeeded_at(ip, start);
+        assert!(t.failed_at(ip, start).is_some());
+        // ...but failures a minute apart never add up to a burst.
+        let other: IpAddr = "192.0.2.9".parse().unwrap();
+        for i in 0..30u32 {
+            let at = start + AUTH_FAILURE_WINDOW * (i / 9) + Duration::from_secs(1);
+            assert_eq!(t.failed_at(other, at), None, "failure {i}");
+        }
+        // A quiet client that logs in is forgotten.
+        let later = start + AUTH_FAILURE_WINDOW * 5;
+        t.succeeded_at(other, later);
+        assert!(!t.clients().contains_key(&other));
+    }
+
+    #[test]
+    fn ipv6_clients_are_tracked_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let t = throttle();
+        let now = Instant::now();
+        for i in 0..AUTH_FAILURES_PER_BURST {
+            t.failed_at(format!("2001:db8:1:2::{i:x}").parse().unwrap(), now);
+        }
+        assert!(t
+            .check_at("2001:db8:1:2:ffff::1".parse().unwrap(), now)
+            .is_err());
+        assert!(t.check_at("2001:db8:1:3::1".parse().unwrap(), now).is_ok());
+        for _ in 0..AUTH_FAILURES_PER_BURST {
+            t.failed_at("::ffff:192.0.2.1".parse().unwrap(), now);
+        }
+        assert!(t.check_at("192.0.2.1".parse().unwrap(), now).is_err());
+    }
+
+    #[test]
+    fn the_table_stays_bounded_and_keeps_the_clients_it_made_wait() {
+        let t = throttle();
+        let now = Instant::now();
+        let blocked: IpAddr = "198.51.100.1".parse().unwrap();
+        for _ in 0..AUTH_FAILURES_PER_BURST {
+            t.failed_at(blocked, now);
+        }
+        for i in 0..(AUTH_MAX_TRACKED as u32 * 2) {
+            t.failed_at(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), now);
+        }
+        assert_eq!(t.clients().len(), AUTH_MAX_TRACKED);
+        assert!(
+            t.check_at(blocked, now).is_err(),
+            "a flood did not flush it"
+        );
+        // Expired records make room first.
+        let later = now + AUTH_MAX_PENALTY + AUTH_FIRST_PENALTY;
+        t.failed_at("203.0.113.1".parse().unwrap(), later);
+        assert_eq!(t.clients().len(), 1);
+    }
+
+    #[test]
+    fn throttled_logins_are_refused_unread_and_missing_ones_are_not_failures() {
+        let t = throttle();
+        let p = policy();
+        let ip: IpAddr = "10.0.0.5".parse().unwrap();
+        for _ in 0..AUTH_FAILURES_PER_BURST {
+            assert_eq!(
+                t.authenticate(&p, ip, &HeaderMap::new()),
+                Err(AuthFailure::Missing)
+            );
+        }
+        assert_eq!(t.failures.get(), 0);
+        for _ in 0..AUTH_FAILURES_PER_BURST {
+            assert_eq!(
+                t.authenticate(&p, ip, &basic("app:guess")),
+                Err(AuthFailure::Rejected)
+            );
+        }
+        assert!(matches!(
+            t.authenticate(&p, ip, &basic("app:pw:1")),
+            Err(AuthFailure::Throttled(_))
+        ));
+        assert_eq!(
+            t.authenticate(&p, "10.0.0.6".parse().unwrap(), &basic("app:pw:1"))
+                .unwrap()
+                .as_deref(),
+            Some("app")
+        );
+        assert_eq!(
+            t.authenticate(&ClientPolicy::default(), ip, &HeaderMap::new()),
+            Ok(None)
+        );
     }
 
     #[test]

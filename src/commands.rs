@@ -7,8 +7,33 @@ use std::time::{Duration, SystemTime};
 use http::HeaderName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::config::{Config, Unmatched};
 use crate::state::State;
 use crate::vocab::secret::Secret;
+
+/// What `check` and the startup log say about who may spend the credentials and where
+/// traffic no route claims may go, one line each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessNotes {
+    /// Which unmatched-traffic regime applies.
+    pub unmatched: String,
+    /// Set when credentials are configured and no client has to name itself.
+    pub open_credentials: Option<&'static str>,
+}
+
+/// The [`AccessNotes`] of `config`.
+pub fn access_notes(config: &Config) -> AccessNotes {
+    let unmatched = match config.unmatched {
+        Unmatched::Deny => "unmatched traffic: refused (`unmatched: deny`)".to_string(),
+        Unmatched::Pass => config.unmatched_reach.summary(),
+    };
+    AccessNotes {
+        unmatched,
+        open_credentials: config
+            .clients
+            .open_to_local_processes(!config.credentials.is_empty()),
+    }
+}
 
 /// The result of obtaining one credential's token once.
 #[derive(Debug)]

@@ -97,6 +97,11 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     if let Some(risk) = state.snapshot().config.clients.open_relay_risk(proxy_addr) {
         tracing::warn!("OPEN PROXY: {risk}");
     }
+    let notes = commands::access_notes(&state.snapshot().config);
+    tracing::info!("{}", notes.unmatched);
+    if let Some(line) = notes.open_credentials {
+        tracing::warn!("{line}");
+    }
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut admin_addr = None;
     let admin = admin_listener.map(|(listener, addr)| {

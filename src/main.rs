@@ -182,6 +182,11 @@ async fn async_main(cli: Cli) -> ExitCode {
                 config.routes.len(),
                 config.credentials.len()
             );
+            let notes = commands::access_notes(&config);
+            println!("{}", notes.unmatched);
+            if let Some(line) = notes.open_credentials {
+                println!("{line}");
+            }
             if !fetch {
                 return ExitCode::SUCCESS;
             }

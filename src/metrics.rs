@@ -100,6 +100,8 @@ pub struct Metrics {
     pub upgraded_connections: Gauge,
     /// Connections closed unread because the client's address is outside `clients.allow_from`.
     pub refused_clients: Counter,
+    /// Failed proxy logins (a wrong or malformed `Proxy-Authorization`).
+    pub proxy_auth_failures: Counter,
     /// 1 while the token cache is usable (always for `memory`), 0 while Redis is unreachable.
     pub token_cache_up: Gauge,
     /// Token fetches this replica made without the shared cache because Redis was down or slow.
@@ -226,6 +228,12 @@ impl Metrics {
             "Connections closed unread because the client address is outside clients.allow_from",
             refused_clients.clone(),
         );
+        let proxy_auth_failures = Counter::default();
+        registry.register(
+            "proxy_auth_failures",
+            "Failed proxy logins: a wrong or malformed Proxy-Authorization",
+            proxy_auth_failures.clone(),
+        );
         let token_cache_up = Gauge::default();
         token_cache_up.set(1);
         registry.register(
@@ -254,6 +262,7 @@ impl Metrics {
             tunnels,
             upgraded_connections,
             refused_clients,
+            proxy_auth_failures,
         }
     }
 

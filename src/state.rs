@@ -68,6 +68,9 @@ pub struct State {
     /// The proxy's bound listen and admin addresses (set once they are bound), which
     /// unmatched traffic may never reach.
     pub own_addresses: std::sync::OnceLock<Vec<std::net::SocketAddr>>,
+    /// Failed proxy logins per client address; kept across reloads, so that a reload does
+    /// not forgive a guessing client.
+    pub auth_throttle: crate::access::AuthThrottle,
 }
 
 impl State {
@@ -105,6 +108,7 @@ impl State {
             ),
         };
         let snapshot = build_snapshot(config, None, token_cache, &deps, &metrics);
+        let auth_throttle = crate::access::AuthThrottle::new(metrics.proxy_auth_failures.clone());
         Ok(Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             upstream,
@@ -115,6 +119,7 @@ impl State {
             env,
             reload_lock: std::sync::Mutex::new(()),
             own_addresses: std::sync::OnceLock::new(),
+            auth_throttle,
         }))
     }
 

@@ -10,13 +10,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderName, Method};
-use ipnet::IpNet;
 
 pub use crate::vocab::validate_ctx::ValidateCtx;
 pub use crate::vocab::values::{self as values, Environment, ProcessEnv};
 pub use raw::{OnUnauthorized, Unmatched};
 
-use crate::access::ClientPolicy;
+use crate::access::{ClientPolicy, UnmatchedReach};
 use crate::credentials::CredentialKind;
 use crate::vocab::hosts::{HostPattern, UpstreamTarget};
 use crate::vocab::secret::Secret;
@@ -76,8 +75,9 @@ pub struct Config {
     pub files: Vec<PathBuf>,
     /// Which client addresses may connect and which users may authenticate.
     pub clients: ClientPolicy,
-    /// Destination ranges unmatched traffic may never reach (beyond the built-in ones).
-    pub unmatched_deny: Vec<IpNet>,
+    /// Where unmatched traffic may go: `unmatched_deny`, `unmatched_allow`, `unmatched_ports`
+    /// and whether the inside ranges are closed (clients beyond loopback).
+    pub unmatched_reach: UnmatchedReach,
     /// Host names (lower-case) the admin endpoint answers besides IP literals and `localhost`.
     pub admin_hosts: Vec<String>,
     /// Where tokens are kept: this process only, or shared with other replicas via Redis.

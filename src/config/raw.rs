@@ -47,7 +47,13 @@ pub struct RawConfig {
     pub clients: RawClients,
     /// Extra destination ranges (CIDR) that unmatched traffic may never reach.
     #[serde(default)]
-    pub unmatched_deny: Vec<String>,
+    pub unmatched_deny: Vec<RawNet>,
+    /// Inside ranges unmatched traffic may still reach when clients beyond loopback may
+    /// connect.
+    pub unmatched_allow: Option<Vec<RawNet>>,
+    /// The only ports unmatched traffic reaches (default: every port with loopback-only
+    /// clients, 80 and 443 otherwise).
+    pub unmatched_ports: Option<Vec<u16>>,
     /// Host names the admin endpoint answers besides IP literals and `localhost`.
     #[serde(default)]
     pub admin_hosts: Vec<String>,
@@ -88,12 +94,39 @@ pub struct RawTokenCache {
     pub ca_file: Option<String>,
 }
 
+/// An address range (CIDR) or single address as written. Checked while the file is parsed,
+/// so that a bad one is reported with its line and column; one holding `${VAR}` is checked
+/// once the variable is resolved (`validate.rs`), then named by its field.
+#[derive(Debug, Clone)]
+pub struct RawNet(pub String);
+
+impl<'de> Deserialize<'de> for RawNet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Checked inside the visitor: serde_yaml marks an error raised there with the
+        // scalar's own position, not its list's.
+        struct NetVisitor;
+        impl serde::de::Visitor<'_> for NetVisitor {
+            type Value = RawNet;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an address range like 10.0.0.0/8 or ::1")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawNet, E> {
+                if !text.contains("${") {
+                    crate::access::parse_net(text).map_err(E::custom)?;
+                }
+                Ok(RawNet(text.to_string()))
+            }
+        }
+        d.deserialize_str(NetVisitor)
+    }
+}
+
 /// The `clients:` section: which addresses may connect and which users may authenticate.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawClients {
     /// CIDR ranges (or single addresses) allowed to connect; default loopback only.
-    pub allow_from: Option<Vec<String>>,
+    pub allow_from: Option<Vec<RawNet>>,
     /// Named clients, each with a password sent as `Proxy-Authorization: Basic`.
     #[serde(default)]
     pub users: BTreeMap<String, RawUser>,

@@ -8,13 +8,15 @@ use std::time::Duration;
 
 use http::Method;
 
-use super::raw::{RawClients, RawConfig, RawCredential, RawRoute, RawTokenCache, TokenCacheType};
+use super::raw::{
+    RawClients, RawConfig, RawCredential, RawNet, RawRoute, RawTokenCache, TokenCacheType,
+};
 use super::{
     Config, ConnectSettings, CredentialConfig, EncryptionKey, InterceptCaSettings,
     RedisCacheSettings, RefreshOn, RetrySettings, RouteConfig, Timeouts, TlsSettings,
     TokenCacheSettings, TokenSettings,
 };
-use crate::access::{ClientPolicy, User};
+use crate::access::{ClientPolicy, UnmatchedReach, User, CLOSED_INSIDE_PORTS};
 use crate::vocab::hosts::{HostPattern, UpstreamTarget};
 use crate::vocab::validate_ctx::ValidateCtx;
 use crate::vocab::values::Environment;
@@ -241,17 +243,60 @@ fn validate_route(
     })
 }
 
-/// A list of CIDR ranges; each bad one is a problem.
-fn nets(ctx: &mut ValidateCtx<'_>, field: &str, raw: &[String]) -> Vec<ipnet::IpNet> {
+/// A list of CIDR ranges with `${VAR}` resolved; each bad one is a problem.
+fn nets(ctx: &mut ValidateCtx<'_>, field: &str, raw: &[RawNet]) -> Vec<ipnet::IpNet> {
     let mut out = Vec::new();
-    for text in raw {
-        match ctx.text(field, text).map(|t| crate::access::parse_net(&t)) {
-            Some(Ok(n)) => out.push(n),
-            Some(Err(e)) => ctx.problem(field, e),
-            None => {}
+    for RawNet(text) in raw {
+        if let Some(t) = ctx.text(field, text) {
+            match crate::access::parse_net(&t) {
+                Ok(n) => out.push(n),
+                Err(e) => ctx.problem(field, format!("`{t}` {e}")),
+            }
         }
     }
     out
+}
+
+/// `unmatched_deny`, `unmatched_allow` and `unmatched_ports`. Whether the inside ranges are
+/// closed follows from `clients.allow_from`, so the two cannot disagree.
+fn validate_unmatched_reach(
+    deny: &[RawNet],
+    allow: Option<&[RawNet]>,
+    ports: Option<&[u16]>,
+    clients: &ClientPolicy,
+    ctx: &mut ValidateCtx<'_>,
+) -> UnmatchedReach {
+    let inside_closed = clients.admits_beyond_loopback();
+    let allow = match allow {
+        Some(_) if !inside_closed => {
+            ctx.problem(
+                "unmatched_allow",
+                "applies only when `clients.allow_from` admits addresses beyond loopback \
+                 (with loopback-only clients no inside range is closed)",
+            );
+            Vec::new()
+        }
+        Some(list) => nets(ctx, "unmatched_allow", list),
+        None => Vec::new(),
+    };
+    let ports = match ports {
+        Some(list) if list.is_empty() || list.contains(&0) => {
+            ctx.problem(
+                "unmatched_ports",
+                "must list ports from 1 to 65535 (to refuse every unmatched request, set \
+                 `unmatched: deny`)",
+            );
+            None
+        }
+        Some(list) => Some(list.to_vec()),
+        None => inside_closed.then(|| CLOSED_INSIDE_PORTS.to_vec()),
+    };
+    UnmatchedReach {
+        deny: nets(ctx, "unmatched_deny", deny),
+        inside_closed,
+        allow,
+        ports,
+    }
 }
 
 /// The `clients:` section: allowed address ranges (loopback when absent) and users.
@@ -599,7 +644,13 @@ pub fn validate(
 
     let token_cache = validate_token_cache(&raw.token_cache, &mut ctx);
     let clients = validate_clients(&raw.clients, &mut ctx);
-    let unmatched_deny = nets(&mut ctx, "unmatched_deny", &raw.unmatched_deny);
+    let unmatched_reach = validate_unmatched_reach(
+        &raw.unmatched_deny,
+        raw.unmatched_allow.as_deref(),
+        raw.unmatched_ports.as_deref(),
+        &clients,
+        &mut ctx,
+    );
     let admin_hosts = raw
         .admin_hosts
         .iter()
@@ -663,7 +714,7 @@ pub fn validate(
             declares_routes,
             files,
             clients,
-            unmatched_deny,
+            unmatched_reach,
             admin_hosts,
             token_cache: token_cache.unwrap_or_default(),
         }),

@@ -15,7 +15,7 @@ use http::{HeaderMap, Method, Request, Uri, Version};
 use super::context::{Admitted, RequestContext};
 use super::respond::ProxyError;
 use super::target::{self, Target};
-use crate::access::{DestinationError, DestinationPolicy};
+use crate::access::{DestinationError, DestinationPolicy, UnmatchedReach};
 use crate::config::Unmatched;
 use crate::routes::Route;
 use crate::state::Snapshot;
@@ -82,10 +82,9 @@ pub(crate) async fn admit<B>(
         }
         None => {
             let (host, port) = host_and_port(&target.uri);
-            let deny = &ctx.snapshot.config.unmatched_deny;
-            Some(PinnedAddrs(
-                destination(ctx, host, port, deny).await?.into(),
-            ))
+            let unmatched = Some(&ctx.snapshot.config.unmatched_reach);
+            let addrs = destination(ctx, host, port, unmatched).await?;
+            Some(PinnedAddrs(addrs.into()))
         }
     };
     Ok(Decision::Forward(Admitted { target, pinned }))
@@ -97,7 +96,11 @@ fn authenticate(ctx: &mut RequestContext, headers: &HeaderMap) -> Result<(), Pro
     if ctx.conn.tunnel.is_some() {
         return Ok(());
     }
-    ctx.client.user = ctx.snapshot.config.clients.authenticate(headers)?;
+    let clients = &ctx.snapshot.config.clients;
+    ctx.client.user = ctx
+        .state()
+        .auth_throttle
+        .authenticate(clients, ctx.conn.peer, headers)?;
     Ok(())
 }
 
@@ -164,19 +167,20 @@ fn check_cleartext(route: &Route, upstream: &Uri) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// Resolves `host:port` for traffic no route claims (within `timeouts.connect`) and returns
-/// its addresses once every one is allowed: never the proxy's own listen or admin address,
-/// link-local or unspecified addresses, or the `deny` ranges.
+/// Resolves `host:port` (within `timeouts.connect`) and returns its addresses once every
+/// one is allowed: never the proxy's own listen or admin address, link-local or unspecified
+/// addresses, nor what the `unmatched_*` rules refuse (`unmatched`: `None` for a host a
+/// route names).
 async fn destination(
     ctx: &RequestContext,
     host: &str,
     port: u16,
-    deny: &[ipnet::IpNet],
+    unmatched: Option<&UnmatchedReach>,
 ) -> Result<Vec<SocketAddr>, ProxyError> {
     let timeout = ctx.snapshot.config.timeouts.connect;
     let policy = DestinationPolicy {
         own: ctx.state().own_addresses.get().map_or(&[], Vec::as_slice),
-        deny,
+        unmatched,
     };
     policy
         .resolve(host, port, timeout)
@@ -235,13 +239,11 @@ async fn tunnel(ctx: &RequestContext, uri: &Uri) -> Result<TunnelPlan, ProxyErro
     } else if routes.routed && !port_allowed {
         TunnelKind::HttpOnly
     } else {
-        let deny: &[ipnet::IpNet] = if routes.routed {
-            &[]
-        } else {
-            &config.unmatched_deny
-        };
+        // An unrouted tunnel passes both port rules: `connect.allowed_ports` above (which
+        // ports may carry opaque bytes), `unmatched_ports` in the destination check.
+        let unmatched = (!routes.routed).then_some(&config.unmatched_reach);
         TunnelKind::Open {
-            addrs: destination(ctx, authority.host(), port, deny).await?,
+            addrs: destination(ctx, authority.host(), port, unmatched).await?,
             routed: routes.routed,
         }
     };

@@ -48,7 +48,17 @@ fn refuse(ctx: &RequestContext, e: ProxyError) -> Response<ProxyBody> {
         _ => None,
     };
     let client = &ctx.client;
-    tracing::info!(client = %client.addr, user = client.user.as_deref().unwrap_or("-"), method = %ctx.method, error = %e, "request refused by the proxy");
+    let user = client.user.as_deref().unwrap_or("-");
+    if matches!(
+        e,
+        ProxyError::ProxyAuth(_) | ProxyError::ProxyAuthThrottled(_)
+    ) {
+        // At debug: a guessing client would write a line per guess; the throttle logs once
+        // per burst.
+        tracing::debug!(client = %client.addr, method = %ctx.method, error = %e, "request refused by the proxy");
+    } else {
+        tracing::info!(client = %client.addr, user, method = %ctx.method, error = %e, "request refused by the proxy");
+    }
     let response = e.into_response(route.as_deref());
     ctx.snapshot
         .unmatched_metrics

@@ -39,7 +39,11 @@ pub enum ProxyError {
     UpstreamTimeout(String),
     /// `clients.users` is set and the request has no valid `Proxy-Authorization` (407).
     #[error(transparent)]
-    ProxyAuth(#[from] crate::access::AuthFailure),
+    ProxyAuth(crate::access::AuthFailure),
+    /// The client's address failed proxy authentication too often; nothing it sent was
+    /// checked (429, `Retry-After`).
+    #[error("too many failed proxy logins from this address")]
+    ProxyAuthThrottled(std::time::Duration),
     /// The authenticated client is not in the route's `clients` (403).
     #[error("this client may not use route `{0}`")]
     ClientNotAllowed(String),
@@ -61,6 +65,15 @@ pub enum ProxyError {
     /// connection is closed, as the rest of the body can no longer be framed).
     #[error("the request body sent nothing for {}", humantime::format_duration(*.0))]
     ClientBodyTimeout(std::time::Duration),
+}
+
+impl From<crate::access::AuthFailure> for ProxyError {
+    fn from(e: crate::access::AuthFailure) -> Self {
+        match e {
+            crate::access::AuthFailure::Throttled(left) => ProxyError::ProxyAuthThrottled(left),
+            other => ProxyError::ProxyAuth(other),
+        }
+    }
 }
 
 impl From<UpstreamError> for ProxyError {
@@ -88,6 +101,7 @@ impl ProxyError {
             | ProxyError::DestinationDenied(_)
             | ProxyError::CleartextRefused(_) => StatusCode::FORBIDDEN,
             ProxyError::ProxyAuth(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ProxyError::ProxyAuthThrottled(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Credential(_)
             | ProxyError::Upstream(_)
@@ -110,6 +124,7 @@ impl ProxyError {
             ProxyError::Upstream(_) | ProxyError::Unreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::ProxyAuth(_) => "proxy_auth_required",
+            ProxyError::ProxyAuthThrottled(_) => "proxy_auth_throttled",
             ProxyError::ClientNotAllowed(_) => "client_not_allowed",
             ProxyError::DestinationDenied(_) => "destination_denied",
             ProxyError::CleartextRefused(_) => "cleartext_refused",
@@ -130,6 +145,11 @@ impl ProxyError {
             ProxyError::Credential(u) => {
                 describe_unavailable(&mut body, u);
                 retry_after = u.retry_in.map(|d| d.as_secs().max(1));
+            }
+            ProxyError::ProxyAuthThrottled(left) => {
+                body["detail"] = json!(self.to_string());
+                // Rounded up: a client that waits exactly this long is let in.
+                retry_after = Some(left.as_secs() + u64::from(left.subsec_nanos() > 0));
             }
             other => body["detail"] = json!(other.to_string()),
         }

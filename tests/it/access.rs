@@ -134,10 +134,11 @@ routes:
             tunnel_end.addr
         )
     };
-    for (mode, build) in [
-        ("forward", &forward as &dyn Fn(&str) -> String),
-        ("mount", &mount),
-        ("CONNECT", &tunnel),
+    // Each mode from its own address: the 4 failures each stay below the throttle's burst.
+    for (mode, from, build) in [
+        ("forward", "127.0.0.11", &forward as &dyn Fn(&str) -> String),
+        ("mount", "127.0.0.12", &mount),
+        ("CONNECT", "127.0.0.13", &tunnel),
     ] {
         for auth in [
             String::new(),
@@ -146,7 +147,7 @@ routes:
             basic("ops", "app-pw-1"),
             "Proxy-Authorization: Bearer app-pw-1\r\n".to_string(),
         ] {
-            let res = crate::raw::send(proxy.addr, &build(&auth)).await;
+            let res = send_on(connect_from(from, proxy.addr).await, &build(&auth)).await;
             assert!(res.starts_with("HTTP/1.1 407"), "{mode} {auth}: {res}");
             assert!(
                 res.to_ascii_lowercase()
@@ -322,13 +323,13 @@ async fn admin_answers_only_its_own_host_names_and_caps_connections() {
 fn access_settings_are_validated_with_every_problem_listed() {
     let yaml = r#"
 clients:
-  allow_from: [10.0.0.0/33, "::1"]
+  allow_from: ["${WIDE}", "::1"]
   users:
     app:
       password: ""
     "a:b":
       password: x
-unmatched_deny: [not-a-range]
+unmatched_ports: [0]
 credentials:
   c:
     type: static
@@ -352,15 +353,16 @@ routes:
     upstream: http://127.0.0.1:9000
     credential: c
 "#;
-    let env = std::collections::HashMap::<String, String>::new();
+    let env: std::collections::HashMap<String, String> =
+        [("WIDE".to_string(), "10.0.0.0/33".to_string())].into();
     let err = authrelay::Config::from_yaml(yaml, Path::new("routes.yaml"), &env)
         .unwrap_err()
         .to_string();
     for expected in [
-        "clients.allow_from: `10.0.0.0/33`",
+        "clients.allow_from: `10.0.0.0/33` is not an address range",
         "clients.users.app.password: must not be empty",
         "`a:b`",
-        "unmatched_deny: `not-a-range`",
+        "unmatched_ports: must list ports from 1 to 65535",
         "routes[0] (r).clients: `nobody` is not defined under `clients.users`",
         "routes[1] (clear).upstream: `http://api.example.com` would send the credential in clear",
     ] {
@@ -438,3 +440,268 @@ async fn the_access_log_names_the_client_never_its_password() {
         assert!(!text.contains(secret), "{secret} logged:\n{text}");
     }
 }
+
+#[test]
+fn address_ranges_and_ports_are_refused_at_their_line_and_column() {
+    let wide = "clients:\n  allow_from: [10.0.0.0/8]\n";
+    let cases = [
+        (
+            "clients:\n  allow_from: [127.0.0.1/32, nope]\n",
+            "line 2 column",
+        ),
+        (
+            "unmatched_deny:\n  - 10.0.0.0/8\n  - 300.1.2.3\n",
+            "line 3 column",
+        ),
+        (
+            &format!("{wide}unmatched_allow: [10.0.0.0/33]\n"),
+            "line 3 column",
+        ),
+        ("unmatched_ports: [443, 70000]\n", "line 1 column"),
+    ];
+    let env = std::collections::HashMap::<String, String>::new();
+    for (yaml, at) in cases {
+        let err = authrelay::Config::from_yaml(yaml, Path::new("routes.yaml"), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("routes.yaml") && err.contains(at),
+            "{yaml}: {err}"
+        );
+    }
+    let err = authrelay::Config::from_yaml(
+        "unmatched_allow: [127.0.0.1/32]\n",
+        Path::new("routes.yaml"),
+        &env,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("unmatched_allow: applies only when `clients.allow_from` admits"),
+        "{err}"
+    );
+}
+
+/// Log lines captured from the current thread for the duration of a test.
+fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
+    support::route_logs_to_thread_subscribers();
+    let logs = Captured::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    (logs, tracing::subscriber::set_default(subscriber))
+}
+
+#[tokio::test]
+async fn wrong_passwords_make_an_address_wait_before_any_password_is_checked() {
+    // The test runtime runs every task on this thread, so they all log here.
+    let (logs, _guard) = capture_logs();
+    let origin = server::echo_origin().await;
+    let tunnel_end = server::echo_origin().await;
+    let yaml = format!(
+        "connect:\n  allowed_ports: [{}]\nclients:\n  users:\n    app:\n      password: right-pw-3\ncredentials:\n  c:\n    type: static\n    value: \"{CREDENTIAL}\"\nroutes:\n  - name: fwd\n    host: \"{1}\"\n    credential: c\n  - name: mnt\n    mount: /m\n    upstream: http://{1}\n    credential: c\n",
+        tunnel_end.addr.port(),
+        origin.addr
+    );
+    let proxy = support::proxy(&yaml).await;
+    let forward = |auth: &str| {
+        format!(
+            "GET http://{0}/x HTTP/1.1\r\nHost: {0}\r\n{auth}Connection: close\r\n\r\n",
+            origin.addr
+        )
+    };
+    let mount =
+        |auth: &str| format!("GET /m/x HTTP/1.1\r\nHost: p\r\n{auth}Connection: close\r\n\r\n");
+    let tunnel = |auth: &str| {
+        format!(
+            "CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n{auth}\r\n",
+            tunnel_end.addr
+        )
+    };
+    let modes: [&dyn Fn(&str) -> String; 3] = [&forward, &mount, &tunnel];
+
+    // Ten failures in every way a client authenticates; a missing header is no failure.
+    let missing = send_on(connect_from("127.0.0.5", proxy.addr).await, &forward("")).await;
+    assert!(missing.starts_with("HTTP/1.1 407"), "{missing}");
+    for i in 0..10 {
+        let guess = basic(&format!("guessed-user-{i}"), "guessed-pw-8");
+        let wrong = basic("app", "wrong-pw-9");
+        let auth = if i % 2 == 0 { guess } else { wrong };
+        let res = send_on(
+            connect_from("127.0.0.5", proxy.addr).await,
+            &modes[i % 3](&auth),
+        )
+        .await;
+        assert!(res.starts_with("HTTP/1.1 407"), "failure {i}: {res}");
+    }
+    // Now the right password is not even looked at, in any mode.
+    for build in modes {
+        let res = send_on(
+            connect_from("127.0.0.5", proxy.addr).await,
+            &build(&basic("app", "right-pw-3")),
+        )
+        .await;
+        assert!(res.starts_with("HTTP/1.1 429"), "{res}");
+        assert!(res.contains("proxy_auth_throttled"), "{res}");
+        let retry_after = res
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("retry-after: ")
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| panic!("no Retry-After in {res}"));
+        let secs: u64 = retry_after.trim().parse().unwrap();
+        assert!((1..=30).contains(&secs), "{res}");
+    }
+    assert_eq!(origin.count(), 0, "nothing reached the upstream");
+    // Another address with the right password is served.
+    let served = send_on(
+        connect_from("127.0.0.6", proxy.addr).await,
+        &forward(&basic("app", "right-pw-3")),
+    )
+    .await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    assert_eq!(origin.last().header("authorization"), CREDENTIAL);
+
+    let metrics = proxy.state().metrics.encode();
+    assert_eq!(
+        metric(&metrics, "authrelay_proxy_auth_failures_total"),
+        10.0,
+        "{metrics}"
+    );
+    proxy.stop().await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let throttled: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("proxy logins throttled"))
+        .collect();
+    assert_eq!(throttled.len(), 1, "one line per burst:\n{text}");
+    assert!(throttled[0].contains("127.0.0.5"), "{}", throttled[0]);
+    for secret in ["guessed-user", "guessed-pw-8", "wrong-pw-9", "right-pw-3"] {
+        assert!(!text.contains(secret), "{secret} logged:\n{text}");
+    }
+}
+
+/// Sends `request` on a new connection and returns the final answer's head and body: after
+/// a `200` to a CONNECT, `through` is sent inside the tunnel and its answer returned.
+async fn exchange(proxy: SocketAddr, request: &str, through: &str) -> String {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut head = support::read_head(&mut s).await;
+    if request.starts_with("CONNECT") && head.starts_with("HTTP/1.1 200") {
+        s.write_all(through.as_bytes()).await.unwrap();
+        head = support::read_head(&mut s).await;
+    }
+    let length = head
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).await.unwrap();
+    head + &String::from_utf8_lossy(&body)
+}
+
+#[tokio::test]
+async fn clients_beyond_loopback_close_the_inside_to_unmatched_traffic() {
+    let inside = server::echo_origin().await;
+    let routed = server::echo_origin().await;
+    let port = inside.addr.port();
+    let wide = "clients:\n  allow_from: [127.0.0.0/8, 10.0.0.0/8]\n";
+    let allow = "unmatched_allow: [127.0.0.1/32]\n";
+    let tunnel_port = format!("connect:\n  allowed_ports: [{port}, 443]\n");
+    let configs = [
+        ("loopback-only clients (default)", tunnel_port.clone()),
+        ("wide", format!("{wide}{tunnel_port}")),
+        (
+            "wide, allowed range and port",
+            format!("{wide}{allow}unmatched_ports: [{port}]\n{tunnel_port}"),
+        ),
+        (
+            "wide, allowed range, default ports",
+            format!("{wide}{allow}{tunnel_port}"),
+        ),
+        (
+            "wide, allowed, but not a CONNECT port",
+            format!("{wide}{allow}unmatched_ports: [{port}]\n"),
+        ),
+    ];
+    let o = inside.addr;
+    let mapped = format!("[::ffff:127.0.0.1]:{port}");
+    let ws = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let requests = [
+        (
+            "forward",
+            format!("GET http://{o}/f HTTP/1.1\r\nHost: {o}\r\n\r\n"),
+        ),
+        (
+            "mapped",
+            format!("GET http://{mapped}/f HTTP/1.1\r\nHost: {mapped}\r\n\r\n"),
+        ),
+        (
+            "websocket",
+            format!("GET http://{o}/ws HTTP/1.1\r\nHost: {o}\r\n{ws}\r\n"),
+        ),
+        (
+            "CONNECT",
+            format!("CONNECT {o} HTTP/1.1\r\nHost: {o}\r\n\r\n"),
+        ),
+    ];
+    use Reach::*;
+    // One column per request above, one row per config.
+    let expected = [
+        [Reached, Reached, Reached, Reached],
+        [DENIED, DENIED, DENIED, DENIED],
+        [Reached, Reached, Reached, Reached],
+        [DENIED, DENIED, DENIED, DENIED],
+        [Reached, Reached, Reached, Refused("connect_port_denied")],
+    ];
+    let through = format!("GET /t HTTP/1.1\r\nHost: {o}\r\nConnection: close\r\n\r\n");
+    for ((name, config), row) in configs.iter().zip(expected) {
+        let yaml = format!(
+            "{config}credentials:\n  c:\n    type: static\n    value: \"{CREDENTIAL}\"\nroutes:\n  - name: r\n    host: \"{}\"\n    credential: c\n",
+            routed.addr
+        );
+        let proxy = support::proxy(&yaml).await;
+        for ((kind, request), expect) in requests.iter().zip(row) {
+            let before = inside.count();
+            let res = exchange(proxy.addr, request, &through).await;
+            match expect {
+                Reached => {
+                    assert!(!res.contains("\"error\""), "{name}, {kind}: {res}");
+                    assert_eq!(inside.count(), before + 1, "{name}, {kind}: {res}");
+                }
+                Refused(code) => {
+                    assert!(res.starts_with("HTTP/1.1 403"), "{name}, {kind}: {res}");
+                    assert!(res.contains(code), "{name}, {kind}: {res}");
+                    assert_eq!(inside.count(), before, "{name}, {kind}: {res}");
+                }
+            }
+        }
+        // Routed hosts name their hosts explicitly: every regime serves them.
+        let res = crate::raw::send(
+            proxy.addr,
+            &format!(
+                "GET http://{0}/r HTTP/1.1\r\nHost: {0}\r\n\r\n",
+                routed.addr
+            ),
+        )
+        .await;
+        assert!(res.starts_with("HTTP/1.1 200"), "{name}, routed: {res}");
+        assert_eq!(routed.last().header("authorization"), CREDENTIAL);
+        proxy.stop().await;
+    }
+}
+
+/// Whether unmatched traffic reaches the inside origin.
+#[derive(Debug, Clone, Copy)]
+enum Reach {
+    Reached,
+    Refused(&'static str),
+}
+
+const DENIED: Reach = Reach::Refused("destination_denied");

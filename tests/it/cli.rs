@@ -274,6 +274,51 @@ fn check_accepts_a_good_file_and_points_at_the_error_in_a_bad_one() {
 }
 
 #[test]
+fn check_says_who_may_spend_the_credentials_and_where_unmatched_traffic_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = "credentials:\n  c:\n    type: static\n    value: v-1\n";
+    let open = "every local process may use these credentials: name the apps in clients.users";
+    let users = "clients:\n  users:\n    app:\n      password: pw-1\n";
+    let wide = "clients:\n  allow_from: [10.0.0.0/8]\n  users:\n    app:\n      password: pw-1\n";
+    // (config, whether the open-credentials line is printed, the regime's words)
+    let cases = [
+        (credentials.to_string(), true, "clients are loopback-only"),
+        (
+            format!("{users}{credentials}"),
+            false,
+            "clients are loopback-only",
+        ),
+        (
+            "routes: []\n".to_string(),
+            false,
+            "clients are loopback-only",
+        ),
+        (
+            format!("{wide}{credentials}"),
+            false,
+            "clients beyond loopback may connect",
+        ),
+        (
+            format!("unmatched: deny\n{credentials}"),
+            true,
+            "unmatched traffic: refused",
+        ),
+    ];
+    for (yaml, says_open, regime) in cases {
+        let config = write(dir.path(), &yaml);
+        let (code, out, err) = run(&["--config", &config, "check"], &[]);
+        assert_eq!(code, 0, "{yaml}: {err}");
+        assert_eq!(out.contains(open), says_open, "{yaml}: {out}");
+        let regime_lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("unmatched traffic: "))
+            .collect();
+        assert_eq!(regime_lines.len(), 1, "{yaml}: {out}");
+        assert!(regime_lines[0].contains(regime), "{yaml}: {out}");
+    }
+}
+
+#[test]
 fn check_fetch_and_token_report_without_revealing_unless_asked() {
     let dir = tempfile::tempdir().unwrap();
     let secret = unique("tok");
