@@ -4,11 +4,12 @@
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,6 +46,21 @@ struct RetryLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
+}
+
+/// A counter kept by a module below this one (which cannot import the registry without an
+/// import circle), read when `/metrics` is scraped.
+#[derive(Debug)]
+struct ReadAtScrape(fn() -> u64);
+
+impl EncodeMetric for ReadAtScrape {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        ConstCounter::new((self.0)()).encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -230,6 +246,11 @@ impl Metrics {
             "token_cache_fallbacks",
             "Token fetches made without the shared cache because Redis was down or slow",
             token_cache_fallbacks.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because stderr did not keep up (1 MiB of lines waiting)",
+            ReadAtScrape(crate::access_log::dropped_lines),
         );
         Self {
             token_cache_up,

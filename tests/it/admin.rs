@@ -135,6 +135,10 @@ async fn health_metrics_and_credentials_follow_static_traffic() {
         "the client's keep-alive connection is open: {after}"
     );
     assert!(after.contains("authrelay_tunnels "), "{after}");
+    assert!(
+        after.contains("\nauthrelay_access_log_dropped_total 0\n"),
+        "{after}"
+    );
     assert!(!after.contains(&secret));
 
     let (status, content_type, body) = get(format!("{admin}/credentials")).await;
