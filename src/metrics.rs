@@ -63,6 +63,12 @@ impl EncodeMetric for ReadAtScrape {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AdminActionLabels {
+    action: &'static str,
+    outcome: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
@@ -108,6 +114,7 @@ pub struct Metrics {
     credential_gauges: CredentialGaugeFamilies,
     retries: Family<RetryLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
+    admin_actions: Family<AdminActionLabels, Counter>,
     /// Client connections currently open.
     pub client_connections: Gauge,
     /// CONNECT tunnels currently open.
@@ -247,6 +254,12 @@ impl Metrics {
             "Token fetches made without the shared cache because Redis was down or slow",
             token_cache_fallbacks.clone(),
         );
+        let admin_actions = Family::<AdminActionLabels, Counter>::default();
+        registry.register(
+            "admin_actions",
+            "Admin actions asked for (refresh, invalidate), by action and outcome",
+            admin_actions.clone(),
+        );
         registry.register(
             "access_log_dropped",
             "Access log lines dropped because stderr did not keep up (1 MiB of lines waiting)",
@@ -263,6 +276,7 @@ impl Metrics {
             credential_gauges,
             retries,
             reloads,
+            admin_actions,
             client_connections,
             tunnels,
             refused_clients,
@@ -387,6 +401,14 @@ impl Metrics {
     pub fn reload(&self, ok: bool) {
         let outcome = if ok { "success" } else { "failure" };
         self.reloads.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// Counts an admin action by what came of it (both labels are fixed words, never a
+    /// credential name a client made up).
+    pub fn admin_action(&self, action: &'static str, outcome: &'static str) {
+        self.admin_actions
+            .get_or_create(&AdminActionLabels { action, outcome })
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.
