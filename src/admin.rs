@@ -267,36 +267,58 @@ fn unknown_credential(name: &str) -> Response<Full<Bytes>> {
     )
 }
 
-/// The slot an action on `name` may act on now, or the answer refusing it: the credential is
-/// unknown, its secret was refused and its backoff runs (an action would send it again, or
-/// lift the backoff so that the next request does), or it took an action less than
-/// [`ACTION_INTERVAL`] ago.
-fn claim(state: &State, name: &str) -> Result<Arc<CredentialSlot>, Answer> {
-    let Some(slot) = state.snapshot().slots.get(name).cloned() else {
-        return Err(("unknown_credential", unknown_credential(name)));
-    };
+/// Why an action on a credential is not taken now.
+enum Refusal {
+    UnknownCredential,
+    /// Its secret was refused and its backoff runs for this long: an action would send it
+    /// again, or (invalidate) lift the backoff so that the next request does.
+    RefusedBackingOff(Duration),
+    /// It took an action less than [`ACTION_INTERVAL`] ago; its next turn is in this long.
+    RateLimited(Duration),
+}
+
+impl Refusal {
+    fn answer(self, name: &str) -> Answer {
+        match self {
+            Refusal::UnknownCredential => ("unknown_credential", unknown_credential(name)),
+            Refusal::RefusedBackingOff(wait) => {
+                let body = serde_json::json!({
+                    "error": "credential_refused",
+                    "credential": name,
+                    "detail": "the token endpoint refused this credential's secret; it is not sent again before its backoff ends (fix the secret and reload)",
+                });
+                (
+                    "refused_backing_off",
+                    retry_after(json(StatusCode::SERVICE_UNAVAILABLE, &body), wait),
+                )
+            }
+            Refusal::RateLimited(wait) => {
+                let body = serde_json::json!({
+                    "error": "admin_action_rate_limited",
+                    "credential": name,
+                    "detail": "one admin action per credential per second",
+                });
+                (
+                    "rate_limited",
+                    retry_after(json(StatusCode::TOO_MANY_REQUESTS, &body), wait),
+                )
+            }
+        }
+    }
+}
+
+/// The slot an action on `name` may act on now.
+fn claim(state: &State, name: &str) -> Result<Arc<CredentialSlot>, Refusal> {
+    let slot = state
+        .snapshot()
+        .slots
+        .get(name)
+        .cloned()
+        .ok_or(Refusal::UnknownCredential)?;
     if let Some(wait) = slot.refused_for() {
-        let body = serde_json::json!({
-            "error": "credential_refused",
-            "credential": name,
-            "detail": "the token endpoint refused this credential's secret; it is not sent again before its backoff ends (fix the secret and reload)",
-        });
-        return Err((
-            "refused_backing_off",
-            retry_after(json(StatusCode::SERVICE_UNAVAILABLE, &body), wait),
-        ));
+        return Err(Refusal::RefusedBackingOff(wait));
     }
-    if let Err(wait) = take_turn(&slot) {
-        let body = serde_json::json!({
-            "error": "admin_action_rate_limited",
-            "credential": name,
-            "detail": "one admin action per credential per second",
-        });
-        return Err((
-            "rate_limited",
-            retry_after(json(StatusCode::TOO_MANY_REQUESTS, &body), wait),
-        ));
-    }
+    take_turn(&slot).map_err(Refusal::RateLimited)?;
     Ok(slot)
 }
 
@@ -334,7 +356,7 @@ fn retry_after(mut response: Response<Full<Bytes>>, wait: Duration) -> Response<
 async fn refresh(state: &State, name: &str) -> Answer {
     let slot = match claim(state, name) {
         Ok(slot) => slot,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.answer(name),
     };
     match slot.refresh_now().await {
         Ok(token) => (
@@ -362,7 +384,7 @@ async fn refresh(state: &State, name: &str) -> Answer {
 fn invalidate(state: &State, name: &str) -> Answer {
     let slot = match claim(state, name) {
         Ok(slot) => slot,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.answer(name),
     };
     slot.invalidate();
     (
