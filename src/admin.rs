@@ -6,8 +6,9 @@
 //! [`ACTION_INTERVAL`] per credential. A plain hyper HTTP/1 server and one route table: six
 //! endpoints do not need a framework.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,8 +19,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
+use crate::proxy::activity::Activity;
 use crate::proxy::respond::describe_unavailable;
 use crate::state::State;
 use crate::token_store::{CredentialSlot, SlotStatus};
@@ -30,7 +33,8 @@ pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8
 /// How long a client may take to send a request head, and how long a keep-alive connection
 /// may sit idle: a client dribbling bytes cannot hold a connection for minutes.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Admin connections open at once; more are closed unanswered.
+/// Admin connections open at once; at the cap a new one replaces the connection idle the
+/// longest, and is closed unanswered only when every connection has a request in flight.
 pub const MAX_CONNECTIONS: usize = 32;
 /// Each credential takes at most one admin action per this interval (more get 429): a loop
 /// of requests cannot turn the admin endpoint into a flood of its token endpoint.
@@ -486,11 +490,61 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     response
 }
 
+/// The admin connections open now, each with its requests in flight and a way to close it.
+///
+/// At [`MAX_CONNECTIONS`] the connection idle the longest (no request in flight: waiting for a
+/// first request head, part of one, or the next on a keep-alive connection) is closed to make
+/// room, as nginx reuses its idle keep-alive connections when it runs out and as the proxy
+/// listener does at `max_connections`. A cap per client address would not do: a liveness
+/// probe usually comes from the same address as whatever holds the connections (loopback,
+/// the pod's network), so it would be refused with them.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: HashMap<u64, (Arc<Activity>, AbortHandle)>,
+}
+
+impl Connections {
+    /// Closes the connection idle the longest; false when every one has a request in flight.
+    fn evict_idle(&mut self) -> bool {
+        let idlest = self
+            .open
+            .iter()
+            .filter(|(_, (activity, _))| !activity.busy())
+            .max_by_key(|(_, (activity, _))| activity.idle_for())
+            .map(|(id, _)| *id);
+        match idlest.and_then(|id| self.open.remove(&id)) {
+            Some((_, task)) => {
+                task.abort();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn lock(connections: &Mutex<Connections>) -> MutexGuard<'_, Connections> {
+    connections.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Takes a connection off the list however its task ends (done, shut down or aborted).
+struct Listed {
+    connections: Arc<Mutex<Connections>>,
+    id: u64,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        lock(&self.connections).open.remove(&self.id);
+    }
+}
+
 /// Serves the admin endpoints on `listener` until `shutdown` turns true; open connections
-/// are closed gracefully then. At most [`MAX_CONNECTIONS`] are served at once, each with
-/// [`HEADER_READ_TIMEOUT`] to send a request head.
+/// are closed gracefully then. At most [`MAX_CONNECTIONS`] are served at once (see
+/// [`Connections`] for who makes room), each with [`HEADER_READ_TIMEOUT`] to send a request
+/// head.
 pub async fn serve(listener: TcpListener, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = Arc::new(Mutex::new(Connections::default()));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -503,34 +557,69 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, mut shutdown: watch
             },
             _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => break,
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::warn!(
-                max = MAX_CONNECTIONS,
-                "admin connection closed: too many open"
-            );
-            drop(stream);
-            continue;
-        };
-        let state = Arc::clone(&state);
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(handle(&state, &request).await) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+        // Held while the task is spawned and listed, so that its `Listed` guard cannot run
+        // before it is on the list.
+        let mut open = lock(&connections);
+        if open.open.len() >= MAX_CONNECTIONS {
+            if open.evict_idle() {
+                tracing::debug!(
+                    max = MAX_CONNECTIONS,
+                    "admin connection limit reached: closed the connection idle the longest"
+                );
+            } else {
+                tracing::warn!(
+                    max = MAX_CONNECTIONS,
+                    "admin connection closed: every connection has a request in flight"
+                );
+                drop(stream);
+                continue;
             }
-        });
+        }
+        let id = open.next_id;
+        open.next_id += 1;
+        let activity = Arc::new(Activity::new());
+        let listed = Listed {
+            connections: Arc::clone(&connections),
+            id,
+        };
+        let task = tokio::spawn(serve_connection(
+            stream,
+            Arc::clone(&state),
+            Arc::clone(&activity),
+            shutdown.clone(),
+            listed,
+        ));
+        open.open.insert(id, (activity, task.abort_handle()));
+    }
+}
+
+/// Serves one admin connection; `activity` tells the listener whether a request is in flight.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    state: Arc<State>,
+    activity: Arc<Activity>,
+    mut shutdown: watch::Receiver<bool>,
+    _listed: Listed,
+) {
+    let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+        let state = Arc::clone(&state);
+        let in_flight = activity.begin();
+        async move {
+            let response = handle(&state, &request).await;
+            drop(in_flight);
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }
