@@ -185,6 +185,7 @@ pub async fn handle<B>(state: &State, request: &Request<B>) -> Response<Full<Byt
     }
 }
 
+/// Counts an action's outcome in `authrelay_admin_actions_total` and answers it.
 fn counted(state: &State, action: Action, (outcome, response): Answer) -> Response<Full<Bytes>> {
     state.metrics.admin_action(action.name(), outcome);
     response
