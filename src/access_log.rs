@@ -9,10 +9,13 @@
 //! what the `tracing` text or JSON formatter prints for the same line (a test holds them
 //! together), so log readers see no difference.
 //!
-//! No line is lost: a batch past [`MAX_PENDING`] makes the request wait for the writer (as a
-//! blocked stderr made it wait before), every other log event flushes the batch before its
-//! own line (so lines keep their order), and the listener flushes once its requests have
-//! drained at shutdown.
+//! A request never waits for stderr: while [`MAX_PENDING`] bytes wait (stderr blocked or far
+//! behind), further lines are dropped and counted ([`dropped_lines`], exported as
+//! `authrelay_access_log_dropped_total`), and the writer warns about them at most once per
+//! [`DROP_WARNING_EVERY`] — a runtime thread parked on a full pipe would stall every
+//! connection it serves, which costs more than the lines. Short of that no line is lost:
+//! every other log event flushes the batch before its own line (so lines keep their order),
+//! and the listener flushes once its requests have drained at shutdown.
 //!
 //! The path is used only when [`install`] was called (the binary does, when stderr is not a
 //! terminal) and the access line is enabled at `info` without `debug`; otherwise, and in
@@ -22,15 +25,18 @@
 use std::fmt::Write as _;
 use std::io::Write;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How often waiting lines are written when few arrive.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
 /// Waiting bytes that wake the writer at once.
 pub const BATCH: usize = 32 * 1024;
-/// Waiting bytes past which a request waits for the writer instead of adding more.
+/// Waiting bytes past which new lines are dropped (and counted) instead of added.
 pub const MAX_PENDING: usize = 1024 * 1024;
+/// The writer warns about dropped lines at most this often.
+pub const DROP_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// The format of the lines, as `--log-format` chose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,14 +297,14 @@ pub struct AccessLog {
     pending: Mutex<String>,
     /// Wakes the writer: lines arrived in an empty batch, or the batch is large.
     arrived: Condvar,
-    /// Wakes requests waiting for room.
-    written: Condvar,
+    /// Lines dropped because [`MAX_PENDING`] bytes were waiting.
+    dropped: AtomicU64,
     /// Held while a batch is written, so that batches reach the output in order.
     output: Mutex<Box<dyn Write + Send>>,
 }
 
 /// `None` inside when the writer thread could not start: lines then go through `tracing`
-/// (a log without its writer would make requests wait for room forever).
+/// (a log without its writer would drop every line once the batch is full).
 static INSTALLED: OnceLock<Option<&'static AccessLog>> = OnceLock::new();
 
 /// Sends access lines to stderr through a writer thread from now on (once per process).
@@ -318,6 +324,11 @@ pub fn installed() -> Option<&'static AccessLog> {
     INSTALLED.get().copied().flatten()
 }
 
+/// Access lines dropped so far by the installed access log (0 when none is installed).
+pub fn dropped_lines() -> u64 {
+    installed().map_or(0, AccessLog::dropped)
+}
+
 /// Writes every waiting line now (shutdown, or before another log line).
 pub fn flush() {
     if let Some(log) = installed() {
@@ -333,7 +344,7 @@ impl AccessLog {
             format,
             pending: Mutex::new(String::with_capacity(BATCH)),
             arrived: Condvar::new(),
-            written: Condvar::new(),
+            dropped: AtomicU64::new(0),
             output: Mutex::new(output),
         }))
     }
@@ -354,14 +365,17 @@ impl AccessLog {
         self.append(|pending| pending.push_str(line));
     }
 
+    /// Lines dropped so far because the batch was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
     fn append(&self, write: impl FnOnce(&mut String)) {
         let mut pending = self.lock_pending();
-        while pending.len() >= MAX_PENDING {
-            self.arrived.notify_one();
-            pending = self
-                .written
-                .wait(pending)
-                .unwrap_or_else(PoisonError::into_inner);
+        if pending.len() >= MAX_PENDING {
+            drop(pending);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
         }
         let before = pending.len();
         write(&mut pending);
@@ -374,7 +388,6 @@ impl AccessLog {
     pub fn flush(&self) {
         let mut output = self.output.lock().unwrap_or_else(PoisonError::into_inner);
         let batch = std::mem::take(&mut *self.lock_pending());
-        self.written.notify_all();
         if !batch.is_empty() {
             let _ = output.write_all(batch.as_bytes());
         }
@@ -382,18 +395,23 @@ impl AccessLog {
     }
 
     /// The writer thread's loop: waits for lines, gives more of them [`FLUSH_EVERY`] to
-    /// arrive unless the batch is already large, then writes the batch in one go.
+    /// arrive unless the batch is already large, then writes the batch in one go; and says
+    /// when lines were dropped. The warning is logged here, not where a line is dropped: a
+    /// request thread would block on the same stderr that made the batch full.
     pub fn run_writer(&self) {
         let mut spare = String::with_capacity(BATCH);
+        let mut drops = DropWarning::default();
         loop {
             let mut pending = self.lock_pending();
-            while pending.is_empty() {
+            if pending.is_empty() {
+                // Woken now and then even without lines, to report drops not yet reported.
                 pending = self
                     .arrived
-                    .wait(pending)
-                    .unwrap_or_else(PoisonError::into_inner);
+                    .wait_timeout(pending, DROP_WARNING_EVERY)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
             }
-            if pending.len() < BATCH {
+            if !pending.is_empty() && pending.len() < BATCH {
                 pending = self
                     .arrived
                     .wait_timeout(pending, FLUSH_EVERY)
@@ -403,7 +421,6 @@ impl AccessLog {
             drop(pending);
             let mut output = self.output.lock().unwrap_or_else(PoisonError::into_inner);
             std::mem::swap(&mut *self.lock_pending(), &mut spare);
-            self.written.notify_all();
             if !spare.is_empty() {
                 let _ = output.write_all(spare.as_bytes());
                 let _ = output.flush();
@@ -411,11 +428,36 @@ impl AccessLog {
             drop(output);
             spare.clear();
             spare.shrink_to(MAX_PENDING / 4);
+            drops.report(self.dropped());
         }
     }
 
     fn lock_pending(&self) -> MutexGuard<'_, String> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What the writer has said about dropped lines.
+#[derive(Default)]
+struct DropWarning {
+    reported: u64,
+    last: Option<Instant>,
+}
+
+impl DropWarning {
+    /// Warns about the lines dropped since the last warning, unless one was logged less than
+    /// [`DROP_WARNING_EVERY`] ago (those are reported by the next one).
+    fn report(&mut self, dropped: u64) {
+        if dropped == self.reported || self.last.is_some_and(|t| t.elapsed() < DROP_WARNING_EVERY) {
+            return;
+        }
+        tracing::warn!(
+            dropped = dropped - self.reported,
+            max_pending_bytes = MAX_PENDING,
+            "access log lines dropped: stderr did not keep up"
+        );
+        self.reported = dropped;
+        self.last = Some(Instant::now());
     }
 }
 
@@ -429,7 +471,6 @@ impl Write for FlushingStderr {
             Some(log) => {
                 let mut output = log.output.lock().unwrap_or_else(PoisonError::into_inner);
                 let batch = std::mem::take(&mut *log.lock_pending());
-                log.written.notify_all();
                 if !batch.is_empty() {
                     output.write_all(batch.as_bytes())?;
                 }
@@ -504,18 +545,98 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_full_batch_waits_for_the_writer_instead_of_dropping_lines() {
-        let out = Shared::default();
-        let log = AccessLog::leaked(LineFormat::Text, Box::new(out.clone()));
-        std::thread::spawn(move || log.run_writer());
-        let line = "x".repeat(1023);
-        for _ in 0..4 * MAX_PENDING / 1024 {
-            log.push(&line);
-            log.push("\n");
+    /// An output that blocks every write until the test opens it, like a stderr pipe whose
+    /// reader stopped reading.
+    struct Blocked {
+        open: Arc<(Mutex<bool>, Condvar)>,
+        out: Shared,
+    }
+
+    impl Write for Blocked {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (open, opened) = &*self.open;
+            let mut is_open = open.lock().unwrap();
+            while !*is_open {
+                is_open = opened.wait(is_open).unwrap();
+            }
+            self.out.write(buf)
         }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_batch_drops_and_counts_lines_instead_of_blocking_the_caller() {
+        let out = Shared::default();
+        let open = Arc::new((Mutex::new(false), Condvar::new()));
+        let log = AccessLog::leaked(
+            LineFormat::Text,
+            Box::new(Blocked {
+                open: Arc::clone(&open),
+                out: out.clone(),
+            }),
+        );
+        std::thread::spawn(move || log.run_writer());
+        let line = format!("{}\n", "x".repeat(1023));
+        let lines = 4 * MAX_PENDING / 1024;
+        // Pushed from another thread: with the old waiting behaviour this never finishes,
+        // and the generous limit below turns that into a failure instead of a hung test.
+        let (done, finished) = std::sync::mpsc::channel();
+        let pusher = line.clone();
+        std::thread::spawn(move || {
+            for _ in 0..lines {
+                log.push(&pusher);
+            }
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("pushing lines returned while the output was blocked");
+        // The writer holds at most one batch it could not write, plus at most MAX_PENDING
+        // bytes (and one line) waiting: everything else was dropped and counted.
+        let waiting = log.lock_pending().len();
+        assert!(
+            waiting < MAX_PENDING + line.len(),
+            "{waiting} bytes waiting"
+        );
+        let dropped = usize::try_from(log.dropped()).unwrap();
+        assert!(
+            dropped >= lines - 2 * MAX_PENDING / 1024 - 2,
+            "{dropped} dropped"
+        );
+
+        *open.0.lock().unwrap() = true;
+        open.1.notify_all();
         log.flush();
-        assert_eq!(out.0.lock().unwrap().len(), 4 * MAX_PENDING);
+        let written = out.0.lock().unwrap().len();
+        assert_eq!(written + dropped * line.len(), lines * line.len());
+    }
+
+    #[test]
+    fn dropped_lines_are_reported_once_per_interval_not_per_line() {
+        let out = Shared::default();
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        let mut drops = DropWarning::default();
+        tracing::subscriber::with_default(subscriber, || {
+            drops.report(0);
+            drops.report(3);
+            drops.report(7);
+            drops.report(9);
+            // As if the interval had passed: the lines dropped since the warning are reported.
+            drops.last = Instant::now().checked_sub(DROP_WARNING_EVERY);
+            drops.report(9);
+            drops.report(9);
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let warnings: Vec<&str> = text.lines().collect();
+        assert_eq!(warnings.len(), 2, "{text}");
+        assert!(warnings[0].contains("dropped=3"), "{text}");
+        assert!(warnings[1].contains("dropped=6"), "{text}");
     }
 
     /// The line `tracing` prints for the same request, through a subscriber set up as

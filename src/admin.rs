@@ -1,26 +1,31 @@
 //! The admin listener (`admin: 127.0.0.1:9901`, off when absent): health, readiness,
 //! Prometheus metrics and the state of every credential — never a token or secret — plus two
-//! operator actions (refresh a credential now, drop its cached token), guarded by
-//! `admin_token`. A plain hyper HTTP/1 server and one route table: six endpoints do not need
-//! a framework.
+//! operator actions (refresh a credential now, drop its cached token). Actions are refused to
+//! web pages (a browser's cross-site request reaches loopback too), need `admin_token` when
+//! it is set, never re-send a refused secret during its backoff, and come at most once per
+//! [`ACTION_INTERVAL`] per credential. A plain hyper HTTP/1 server and one route table: six
+//! endpoints do not need a framework.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, ORIGIN, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
+use crate::proxy::activity::Activity;
 use crate::proxy::respond::describe_unavailable;
 use crate::state::State;
-use crate::token_store::SlotStatus;
+use crate::token_store::{CredentialSlot, SlotStatus};
 
 /// The content type Prometheus scrapers expect for the text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -28,8 +33,12 @@ pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8
 /// How long a client may take to send a request head, and how long a keep-alive connection
 /// may sit idle: a client dribbling bytes cannot hold a connection for minutes.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Admin connections open at once; more are closed unanswered.
+/// Admin connections open at once; at the cap a new one replaces the connection idle the
+/// longest, and is closed unanswered only when every connection has a request in flight.
 pub const MAX_CONNECTIONS: usize = 32;
+/// Each credential takes at most one admin action per this interval (more get 429): a loop
+/// of requests cannot turn the admin endpoint into a flood of its token endpoint.
+pub const ACTION_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What an admin route does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +51,23 @@ enum Action {
     Invalidate,
 }
 
+impl Action {
+    /// The `action` label of `authrelay_admin_actions_total`.
+    fn name(self) -> &'static str {
+        match self {
+            Action::Health => "health",
+            Action::Ready => "ready",
+            Action::Metrics => "metrics",
+            Action::Credentials => "credentials",
+            Action::Refresh => "refresh",
+            Action::Invalidate => "invalidate",
+        }
+    }
+}
+
+/// An action's answer and its `outcome` label in `authrelay_admin_actions_total`.
+type Answer = (&'static str, Response<Full<Bytes>>);
+
 /// One admin endpoint: a path (`{name}` matches one segment, a credential's name), its
 /// method, and what it does. GET routes answer HEAD too.
 struct AdminRoute {
@@ -50,8 +76,8 @@ struct AdminRoute {
     action: Action,
 }
 
-/// Every admin endpoint, in one table: matching, `405` with `Allow`, and the admin-token rule
-/// (every non-GET route changes state) all read it.
+/// Every admin endpoint, in one table: matching, `405` with `Allow`, and the rules for
+/// actions (every non-GET route changes state: no browser, the admin token) all read it.
 const ROUTES: [AdminRoute; 6] = [
     AdminRoute {
         method: Method::GET,
@@ -141,8 +167,9 @@ pub async fn handle<B>(state: &State, request: &Request<B>) -> Response<Full<Byt
         return response;
     };
     if route.method != Method::GET {
-        if let Some(refusal) = refuse_unauthorized(state, request) {
-            return refusal;
+        let refusal = refuse_browser(request).or_else(|| refuse_unauthorized(state, request));
+        if let Some(answer) = refusal {
+            return counted(state, route.action, answer);
         }
     }
     match route.action {
@@ -153,15 +180,45 @@ pub async fn handle<B>(state: &State, request: &Request<B>) -> Response<Full<Byt
             text(StatusCode::OK, METRICS_CONTENT_TYPE, state.metrics.encode())
         }
         Action::Credentials => json(StatusCode::OK, &credentials(state)),
-        Action::Refresh => refresh(state, name).await,
-        Action::Invalidate => invalidate(state, name),
+        Action::Refresh => counted(state, route.action, refresh(state, name).await),
+        Action::Invalidate => counted(state, route.action, invalidate(state, name)),
     }
+}
+
+/// Counts an action's outcome in `authrelay_admin_actions_total` and answers it.
+fn counted(state: &State, action: Action, (outcome, response): Answer) -> Response<Full<Bytes>> {
+    state.metrics.admin_action(action.name(), outcome);
+    response
+}
+
+/// Actions are refused to requests a browser sends for a web page: with the admin on
+/// loopback and no `admin_token`, any page the operator visits could otherwise POST to it
+/// (a `text/plain` form needs no CORS preflight). Browsers mark such requests with `Origin`
+/// (always on a POST) and `Sec-Fetch-Site`; curl, scripts and probes send neither.
+fn refuse_browser<B>(request: &Request<B>) -> Option<Answer> {
+    let headers = request.headers();
+    let from_a_page = headers.contains_key(ORIGIN)
+        || headers
+            .get("sec-fetch-site")
+            .is_some_and(|site| !matches!(site.as_bytes(), b"none" | b"same-origin"));
+    from_a_page.then(|| {
+        (
+            "cross_origin_refused",
+            json(
+                StatusCode::FORBIDDEN,
+                &serde_json::json!({
+                    "error": "cross_origin_refused",
+                    "detail": "admin actions are not taken for web pages (the request has `Origin` or a cross-site `Sec-Fetch-Site`); send it with curl or a script",
+                }),
+            ),
+        )
+    })
 }
 
 /// Admin actions that change state need `admin_token` when it is set, and may do without
 /// it only when the admin listener is on loopback (reachable from this machine only).
 /// Returns the refusal to answer, if any.
-fn refuse_unauthorized<B>(state: &State, request: &Request<B>) -> Option<Response<Full<Bytes>>> {
+fn refuse_unauthorized<B>(state: &State, request: &Request<B>) -> Option<Answer> {
     let config = &state.snapshot().config;
     match &config.admin_token {
         Some(expected) => {
@@ -186,15 +243,18 @@ fn refuse_unauthorized<B>(state: &State, request: &Request<B>) -> Option<Respons
                 WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"authrelay-admin\""),
             );
-            Some(response)
+            Some(("admin_token_required", response))
         }
         None if config.admin.is_some_and(|a| a.ip().is_loopback()) => None,
-        None => Some(json(
-            StatusCode::FORBIDDEN,
-            &serde_json::json!({
-                "error": "admin_token_not_configured",
-                "detail": "the admin listener is not on loopback: set `admin_token` to allow actions that change state",
-            }),
+        None => Some((
+            "admin_token_not_configured",
+            json(
+                StatusCode::FORBIDDEN,
+                &serde_json::json!({
+                    "error": "admin_token_not_configured",
+                    "detail": "the admin listener is not on loopback: set `admin_token` to allow actions that change state",
+                }),
+            ),
         )),
     }
 }
@@ -212,40 +272,132 @@ fn unknown_credential(name: &str) -> Response<Full<Bytes>> {
     )
 }
 
-/// `POST /credentials/{name}/refresh`: fetches now (ignoring backoff) and answers the new
-/// expiry — never the token.
-async fn refresh(state: &State, name: &str) -> Response<Full<Bytes>> {
-    let Some(slot) = state.snapshot().slots.get(name).cloned() else {
-        return unknown_credential(name);
+/// Why an action on a credential is not taken now.
+enum Refusal {
+    UnknownCredential,
+    /// Its secret was refused and its backoff runs for this long: an action would send it
+    /// again, or (invalidate) lift the backoff so that the next request does.
+    RefusedBackingOff(Duration),
+    /// It took an action less than [`ACTION_INTERVAL`] ago; its next turn is in this long.
+    RateLimited(Duration),
+}
+
+impl Refusal {
+    fn answer(self, name: &str) -> Answer {
+        match self {
+            Refusal::UnknownCredential => ("unknown_credential", unknown_credential(name)),
+            Refusal::RefusedBackingOff(wait) => {
+                let body = serde_json::json!({
+                    "error": "credential_refused",
+                    "credential": name,
+                    "detail": "the token endpoint refused this credential's secret; it is not sent again before its backoff ends (fix the secret and reload)",
+                });
+                (
+                    "refused_backing_off",
+                    retry_after(json(StatusCode::SERVICE_UNAVAILABLE, &body), wait),
+                )
+            }
+            Refusal::RateLimited(wait) => {
+                let body = serde_json::json!({
+                    "error": "admin_action_rate_limited",
+                    "credential": name,
+                    "detail": "one admin action per credential per second",
+                });
+                (
+                    "rate_limited",
+                    retry_after(json(StatusCode::TOO_MANY_REQUESTS, &body), wait),
+                )
+            }
+        }
+    }
+}
+
+/// The slot an action on `name` may act on now.
+fn claim(state: &State, name: &str) -> Result<Arc<CredentialSlot>, Refusal> {
+    let slot = state
+        .snapshot()
+        .slots
+        .get(name)
+        .cloned()
+        .ok_or(Refusal::UnknownCredential)?;
+    if let Some(wait) = slot.refused_for() {
+        return Err(Refusal::RefusedBackingOff(wait));
+    }
+    take_turn(&slot).map_err(Refusal::RateLimited)?;
+    Ok(slot)
+}
+
+/// When each credential slot last took an admin action, for those that did less than
+/// [`ACTION_INTERVAL`] ago. Kept by slot, not by name, so that a slot a reload replaced
+/// starts afresh, and process-wide because [`handle`] is called without its listener.
+static LAST_ACTIONS: Mutex<Vec<(Weak<CredentialSlot>, Instant)>> = Mutex::new(Vec::new());
+
+/// Records an action on `slot` now, or says how long until it may take one.
+fn take_turn(slot: &Arc<CredentialSlot>) -> Result<(), Duration> {
+    let mut last = LAST_ACTIONS.lock().unwrap_or_else(PoisonError::into_inner);
+    let now = Instant::now();
+    last.retain(|(s, at)| s.strong_count() > 0 && now.duration_since(*at) < ACTION_INTERVAL);
+    if let Some((_, at)) = last
+        .iter()
+        .find(|(s, _)| std::ptr::eq(s.as_ptr(), Arc::as_ptr(slot)))
+    {
+        return Err(ACTION_INTERVAL.saturating_sub(now.duration_since(*at)));
+    }
+    last.push((Arc::downgrade(slot), now));
+    Ok(())
+}
+
+/// `Retry-After` in whole seconds, rounded up: a client that obeys it is not refused again.
+fn retry_after(mut response: Response<Full<Bytes>>, wait: Duration) -> Response<Full<Bytes>> {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    response
+}
+
+/// `POST /credentials/{name}/refresh`: fetches now (ignoring a backoff unless the secret was
+/// refused) and answers the new expiry — never the token.
+async fn refresh(state: &State, name: &str) -> Answer {
+    let slot = match claim(state, name) {
+        Ok(slot) => slot,
+        Err(refusal) => return refusal.answer(name),
     };
     match slot.refresh_now().await {
-        Ok(token) => json(
-            StatusCode::OK,
-            &serde_json::json!({
-                "credential": name,
-                "refreshed": true,
-                "expires_at": token
-                    .expires_at()
-                    .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-            }),
+        Ok(token) => (
+            "done",
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "credential": name,
+                    "refreshed": true,
+                    "expires_at": token
+                        .expires_at()
+                        .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                }),
+            ),
         ),
         Err(unavailable) => {
             let mut body = serde_json::json!({ "error": "credential_unavailable" });
             describe_unavailable(&mut body, &unavailable);
-            json(StatusCode::BAD_GATEWAY, &body)
+            ("fetch_failed", json(StatusCode::BAD_GATEWAY, &body))
         }
     }
 }
 
 /// `POST /credentials/{name}/invalidate`: drops the cached token; the next request fetches.
-fn invalidate(state: &State, name: &str) -> Response<Full<Bytes>> {
-    let Some(slot) = state.snapshot().slots.get(name).cloned() else {
-        return unknown_credential(name);
+fn invalidate(state: &State, name: &str) -> Answer {
+    let slot = match claim(state, name) {
+        Ok(slot) => slot,
+        Err(refusal) => return refusal.answer(name),
     };
     slot.invalidate();
-    json(
-        StatusCode::OK,
-        &serde_json::json!({ "credential": name, "invalidated": true }),
+    (
+        "done",
+        json(
+            StatusCode::OK,
+            &serde_json::json!({ "credential": name, "invalidated": true }),
+        ),
     )
 }
 
@@ -339,11 +491,61 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     response
 }
 
+/// The admin connections open now, each with its requests in flight and a way to close it.
+///
+/// At [`MAX_CONNECTIONS`] the connection idle the longest (no request in flight: waiting for a
+/// first request head, part of one, or the next on a keep-alive connection) is closed to make
+/// room, as nginx reuses its idle keep-alive connections when it runs out and as the proxy
+/// listener does at `max_connections`. A cap per client address would not do: a liveness
+/// probe usually comes from the same address as whatever holds the connections (loopback,
+/// the pod's network), so it would be refused with them.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: HashMap<u64, (Arc<Activity>, AbortHandle)>,
+}
+
+impl Connections {
+    /// Closes the connection idle the longest; false when every one has a request in flight.
+    fn evict_idle(&mut self) -> bool {
+        let idlest = self
+            .open
+            .iter()
+            .filter(|(_, (activity, _))| !activity.busy())
+            .max_by_key(|(_, (activity, _))| activity.idle_for())
+            .map(|(id, _)| *id);
+        match idlest.and_then(|id| self.open.remove(&id)) {
+            Some((_, task)) => {
+                task.abort();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn lock(connections: &Mutex<Connections>) -> MutexGuard<'_, Connections> {
+    connections.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Takes a connection off the list however its task ends (done, shut down or aborted).
+struct Listed {
+    connections: Arc<Mutex<Connections>>,
+    id: u64,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        lock(&self.connections).open.remove(&self.id);
+    }
+}
+
 /// Serves the admin endpoints on `listener` until `shutdown` turns true; open connections
-/// are closed gracefully then. At most [`MAX_CONNECTIONS`] are served at once, each with
-/// [`HEADER_READ_TIMEOUT`] to send a request head.
+/// are closed gracefully then. At most [`MAX_CONNECTIONS`] are served at once (see
+/// [`Connections`] for who makes room), each with [`HEADER_READ_TIMEOUT`] to send a request
+/// head.
 pub async fn serve(listener: TcpListener, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = Arc::new(Mutex::new(Connections::default()));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -356,34 +558,69 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, mut shutdown: watch
             },
             _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => break,
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::warn!(
-                max = MAX_CONNECTIONS,
-                "admin connection closed: too many open"
-            );
-            drop(stream);
-            continue;
-        };
-        let state = Arc::clone(&state);
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(handle(&state, &request).await) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+        // Held while the task is spawned and listed, so that its `Listed` guard cannot run
+        // before it is on the list.
+        let mut open = lock(&connections);
+        if open.open.len() >= MAX_CONNECTIONS {
+            if open.evict_idle() {
+                tracing::debug!(
+                    max = MAX_CONNECTIONS,
+                    "admin connection limit reached: closed the connection idle the longest"
+                );
+            } else {
+                tracing::warn!(
+                    max = MAX_CONNECTIONS,
+                    "admin connection closed: every connection has a request in flight"
+                );
+                drop(stream);
+                continue;
             }
-        });
+        }
+        let id = open.next_id;
+        open.next_id += 1;
+        let activity = Arc::new(Activity::new());
+        let listed = Listed {
+            connections: Arc::clone(&connections),
+            id,
+        };
+        let task = tokio::spawn(serve_connection(
+            stream,
+            Arc::clone(&state),
+            Arc::clone(&activity),
+            shutdown.clone(),
+            listed,
+        ));
+        open.open.insert(id, (activity, task.abort_handle()));
+    }
+}
+
+/// Serves one admin connection; `activity` tells the listener whether a request is in flight.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    state: Arc<State>,
+    activity: Arc<Activity>,
+    mut shutdown: watch::Receiver<bool>,
+    _listed: Listed,
+) {
+    let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+        let state = Arc::clone(&state);
+        let in_flight = activity.begin();
+        async move {
+            let response = handle(&state, &request).await;
+            drop(in_flight);
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = crate::vocab::shutdown::shutdown_requested(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }

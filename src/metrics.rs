@@ -4,11 +4,12 @@
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -44,6 +45,27 @@ struct RetryLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// A counter kept by a module below this one (which cannot import the registry without an
+/// import circle), read when `/metrics` is scraped.
+#[derive(Debug)]
+struct ReadAtScrape(fn() -> u64);
+
+impl EncodeMetric for ReadAtScrape {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        ConstCounter::new((self.0)()).encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AdminActionLabels {
+    action: &'static str,
     outcome: &'static str,
 }
 
@@ -92,6 +114,7 @@ pub struct Metrics {
     credential_gauges: CredentialGaugeFamilies,
     retries: Family<RetryLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
+    admin_actions: Family<AdminActionLabels, Counter>,
     /// Client connections currently open.
     pub client_connections: Gauge,
     /// CONNECT tunnels currently open.
@@ -247,6 +270,17 @@ impl Metrics {
             "Token fetches made without the shared cache because Redis was down or slow",
             token_cache_fallbacks.clone(),
         );
+        let admin_actions = Family::<AdminActionLabels, Counter>::default();
+        registry.register(
+            "admin_actions",
+            "Admin actions asked for (refresh, invalidate), by action and outcome",
+            admin_actions.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because stderr did not keep up (1 MiB of lines waiting)",
+            ReadAtScrape(crate::access_log::dropped_lines),
+        );
         Self {
             token_cache_up,
             token_cache_fallbacks,
@@ -258,6 +292,7 @@ impl Metrics {
             credential_gauges,
             retries,
             reloads,
+            admin_actions,
             client_connections,
             tunnels,
             upgraded_connections,
@@ -384,6 +419,14 @@ impl Metrics {
     pub fn reload(&self, ok: bool) {
         let outcome = if ok { "success" } else { "failure" };
         self.reloads.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// Counts an admin action by what came of it (both labels are fixed words, never a
+    /// credential name a client made up).
+    pub fn admin_action(&self, action: &'static str, outcome: &'static str) {
+        self.admin_actions
+            .get_or_create(&AdminActionLabels { action, outcome })
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -614,6 +614,19 @@ impl CredentialSlot {
         tracing::info!(credential = %self.name, "cached token dropped by an operator");
     }
 
+    /// How much longer the slot backs off after the token endpoint refused the configured
+    /// secret; `None` without such a refusal or once its backoff is over. Read by operator
+    /// actions, which otherwise ignore the backoff: a refused secret is refused again.
+    pub fn refused_for(&self) -> Option<Duration> {
+        let inner = self.lock();
+        let now = Instant::now();
+        inner
+            .failure
+            .as_ref()
+            .filter(|f| f.error.is_final() && now < f.retry_at)
+            .map(|f| f.retry_at.saturating_duration_since(now))
+    }
+
     /// Fetches a new token now, ignoring the cached one and any backoff (operator action).
     /// Joins a fetch already in flight.
     pub async fn refresh_now(self: &Arc<Self>) -> Result<Arc<IssuedToken>, Unavailable> {

@@ -87,7 +87,7 @@ fn map_url(
     upstream: &UpstreamTarget,
     url: &str,
 ) -> Option<String> {
-    let (named_upstream, path) = if url.starts_with("//") {
+    let (named_upstream, path) = if leaves_the_site(url) {
         return None;
     } else if url.starts_with('/') {
         (false, url)
@@ -98,7 +98,7 @@ fn map_url(
     let rest = under_base(path, &upstream.base_path)?;
     // `/base//evil.example/x` would become a protocol-relative redirect off-site once the
     // base is stripped: such a URL is left as the upstream sent it.
-    if rest.starts_with("//") {
+    if leaves_the_site(rest) {
         return None;
     }
     match (mount, client_origin) {
@@ -108,6 +108,18 @@ fn map_url(
         }
         (None, _) => Some(rest.to_string()),
     }
+}
+
+/// Whether `path` would be read by a browser as naming another host: `//host`, and also
+/// `/\host` (WHATWG parsers read `\` as `/` in http URLs), and `/` followed by a control or
+/// whitespace character (they drop tabs and newlines anywhere, so `/<TAB>/host` is `//host`;
+/// the other such characters are left alone too rather than guessed about).
+fn leaves_the_site(path: &str) -> bool {
+    let mut chars = path.chars();
+    chars.next() == Some('/')
+        && chars
+            .next()
+            .is_some_and(|c| c == '/' || c == '\\' || c.is_control() || c.is_whitespace())
 }
 
 /// The path-and-query of an absolute `url` when it names `upstream`'s scheme and authority
@@ -198,6 +210,37 @@ mod tests {
         assert_eq!(
             map_url(Some("/m"), None, &up, "https://vendor.test/base/next").as_deref(),
             Some("/m/next")
+        );
+    }
+
+    #[test]
+    fn a_backslash_or_control_character_after_the_base_is_left_alone() {
+        let up = upstream("https://vendor.test/base");
+        let origin = (Scheme::HTTPS, Authority::from_static("api.test"));
+        let up_at_root = upstream("https://vendor.test");
+        for after_base in [
+            "/\\127.0.0.1:18081/steal",
+            "/\t/127.0.0.1:18081/steal",
+            "/\t\\127.0.0.1/steal",
+            "/\n/127.0.0.1/steal",
+            "/ /127.0.0.1/steal",
+            "/\u{1}/127.0.0.1/steal",
+        ] {
+            for mount in [None, Some("/m")] {
+                for (up, base) in [(&up, "/base"), (&up_at_root, "")] {
+                    for url in [
+                        format!("{base}{after_base}"),
+                        format!("https://vendor.test{base}{after_base}"),
+                    ] {
+                        assert_eq!(map_url(mount, Some(&origin), up, &url), None, "{url:?}");
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            map_url(None, Some(&origin), &up, "/base/a\\b").as_deref(),
+            Some("/a\\b"),
+            "a backslash further in the path is only a character"
         );
     }
 

@@ -16,6 +16,7 @@ mod credentials_oauth2;
 mod credentials_outreach;
 mod credentials_outseta;
 mod hostile;
+mod hostile_admin;
 mod hostile_vendors;
 mod https;
 mod layers;

@@ -178,3 +178,86 @@ async fn curl_follows_mount_redirects_with_the_credential_on_every_hop() {
     every_hop_had_the_credential(&upstream, 4);
     proxy.stop().await;
 }
+
+/// `Location`s that a browser (WHATWG URL parser) reads as another host once the base path is
+/// stripped: `\` counts as `/`, and tabs and newlines are dropped. Each must reach the client
+/// exactly as the upstream sent it, in every mode; `/base/ok` shows the rewrite is on.
+#[tokio::test]
+async fn redirects_that_would_name_another_host_are_left_alone_in_every_mode() {
+    use tokio::io::AsyncWriteExt;
+
+    let payloads: Arc<Vec<String>> = Arc::new(vec![
+        "/base/\\127.0.0.1:18081/steal".into(),
+        "/base/\t/127.0.0.1:18081/steal".into(),
+        "/base/\t\\127.0.0.1:18081/steal".into(),
+        "/base/ /127.0.0.1:18081/steal".into(),
+        "/\\127.0.0.1:18081/steal".into(),
+        "/base/ok".into(),
+    ]);
+    let table = Arc::clone(&payloads);
+    let upstream = server::serve(move |seen: Seen| {
+        let table = Arc::clone(&table);
+        async move {
+            let n: usize = seen
+                .target
+                .strip_prefix("/base/steal/")
+                .and_then(|n| n.parse().ok())
+                .unwrap();
+            let mut r = server::respond(302, "");
+            r.headers_mut()
+                .insert("location", table[n].parse().unwrap());
+            r
+        }
+    })
+    .await;
+    let proxy = start(&upstream, true).await;
+
+    // (mode, how to open the connection, the request line's target, the rewrite of /base/ok)
+    let modes = [
+        ("mount", "/m/steal/", "/m/ok"),
+        ("forward", "http://api.test/steal/", "/ok"),
+        ("tunnel", "/steal/", "/ok"),
+    ];
+    for (mode, prefix, rewritten_ok) in modes {
+        for (n, sent) in payloads.iter().enumerate() {
+            let mut stream = if mode == "tunnel" {
+                let (stream, head) = support::connect_tunnel(&proxy, "api.test:80").await;
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                stream
+            } else {
+                tokio::net::TcpStream::connect(proxy.addr).await.unwrap()
+            };
+            let host = if mode == "mount" {
+                "127.0.0.1"
+            } else {
+                "api.test"
+            };
+            stream
+                .write_all(
+                    format!(
+                        "GET {prefix}{n} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await
+                .unwrap();
+            let head = support::read_head(&mut stream).await;
+            assert!(head.starts_with("HTTP/1.1 302"), "{mode} {sent:?}: {head}");
+            let location = head
+                .split("\r\n")
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("location")
+                        .then(|| value.trim_start_matches(' ').to_string())
+                })
+                .unwrap_or_else(|| panic!("{mode} {sent:?}: no Location in {head}"));
+            let expected = if sent == "/base/ok" {
+                rewritten_ok
+            } else {
+                sent.as_str()
+            };
+            assert_eq!(location, expected, "{mode}: upstream sent {sent:?}");
+        }
+    }
+    proxy.stop().await;
+}

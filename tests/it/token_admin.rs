@@ -50,7 +50,7 @@ async fn admin_post(proxy: &Proxy, path: &str, token: Option<&str>) -> (u16, Str
 
 /// An RFC 6749 token endpoint that knows one client and answers anything else with
 /// `401 {"error":"invalid_client"}`, counting calls in `book`.
-async fn strict_token_endpoint(book: Arc<TokenBook>, secret: &'static str) -> Origin {
+pub async fn strict_token_endpoint(book: Arc<TokenBook>, secret: &'static str) -> Origin {
     server::serve(move |seen: Seen| {
         let book = Arc::clone(&book);
         async move {
@@ -137,7 +137,7 @@ async fn a_refused_client_secret_is_final_slow_and_said_so() {
 }
 
 /// A proxy on loopback with the ItsYou-like vendor issuing 2-second tokens.
-async fn itsyou_proxy(book: &Arc<TokenBook>, extra: &str) -> (Proxy, Origin, Origin) {
+pub async fn itsyou_proxy(book: &Arc<TokenBook>, extra: &str) -> (Proxy, Origin, Origin) {
     let token_server =
         vendor::start(Arc::clone(book), OAuth2Vendor::new("relay", "relay-secret")).await;
     let api = protected_api(Arc::clone(book), "authorization", "Bearer", 401).await;
@@ -193,7 +193,9 @@ async fn operators_refresh_and_invalidate_and_the_gauges_follow() {
     );
     let first_token = api.last().header("authorization");
 
-    // Invalidate: the cached token is dropped, the next request fetches.
+    // Invalidate: the cached token is dropped, the next request fetches. (Once the refresh's
+    // turn is over: a credential takes one admin action per interval.)
+    tokio::time::sleep(authrelay::admin::ACTION_INTERVAL).await;
     let (status, body) = admin_post(&proxy, "/credentials/itsyou/invalidate", None).await;
     assert_eq!(status, 200, "{body}");
     admin_texts.push(body);
