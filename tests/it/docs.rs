@@ -6,7 +6,7 @@
 //! | info string           | what the test does                                                   |
 //! |-----------------------|----------------------------------------------------------------------|
 //! | `yaml`                | `authrelay check` on it, each `${VAR}` it names set to a dummy value |
-//! | `LANG run=FAMILY`     | runs it (`sh`, `python`, `js`) against FAMILY's real binary          |
+//! | `LANG run=FAMILY`     | runs it (`sh`, `python`, `js`, `php`) against FAMILY's real binary   |
 //! | `LANG from=PATH`      | it must be a verbatim copy of PATH, a file another test runs         |
 //! | `LANG illustrative`   | not run: output, diagrams, or commands for another machine           |
 //!
@@ -75,6 +75,12 @@ const SUBSTITUTIONS: &[(&str, &str, &str)] = &[
         "docs/https.md",
         "-jar app.jar",
         "{recipes}/Recipe.java https://acme.outseta.com/api/v1/profile",
+    ),
+    // Composer's autoloader; Debian's php-guzzlehttp-guzzle (what .ci/run installs) has its own.
+    (
+        "",
+        "require 'vendor/autoload.php';",
+        "require 'GuzzleHttp/autoload.php';",
     ),
 ];
 
@@ -157,7 +163,7 @@ fn kind(block: &Block) -> Result<Kind, String> {
         (_, [from]) if from.starts_with("from=") => {
             return Ok(Kind::CopyOf(from["from=".len()..].to_string()))
         }
-        ("sh" | "python" | "js", [run]) if run.starts_with("run=") => {
+        ("sh" | "python" | "js" | "php", [run]) if run.starts_with("run=") => {
             if let Some(f) = family(&run["run=".len()..]) {
                 return Ok(Kind::Run(f));
             }
@@ -166,7 +172,7 @@ fn kind(block: &Block) -> Result<Kind, String> {
     }
     Err(format!(
         "{}: the test cannot run this block. Mark it `LANG illustrative` if it is not meant \
-         to be run, `sh|python|js run=FAMILY` (ca, demo, proxy, users) to run it, \
+         to be run, `sh|python|js|php run=FAMILY` (ca, demo, proxy, users) to run it, \
          `LANG from=PATH` if it copies a tested file, or `yaml` for an authrelay config",
         block.at()
     ))
@@ -606,6 +612,14 @@ fn missing_runtime(block: &Block) -> Option<String> {
             (!available("python3", &["-c", &check]))
                 .then(|| format!("python3 with {} not installed", modules.join(", ")))
         }
+        "php" => {
+            let mut probe = "curl_init();".to_string();
+            if block.text.contains("vendor/autoload.php") {
+                probe.push_str("require 'GuzzleHttp/autoload.php';");
+            }
+            (!available("php", &["-r", &probe]))
+                .then(|| "php with curl and Guzzle (php-guzzlehttp-guzzle) not installed".into())
+        }
         "js" => {
             if !available("node", &["--version"]) {
                 return Some("node not installed".into());
@@ -629,7 +643,7 @@ fn missing_runtime(block: &Block) -> Option<String> {
     }
 }
 
-/// Runs a Python or JavaScript snippet as a file saved by the reader.
+/// Runs a Python, PHP or JavaScript snippet as a file saved by the reader.
 fn run_snippet(
     machine: &Machine,
     block: &Block,
@@ -642,6 +656,12 @@ fn run_snippet(
         // httpx's deprecated `verify=<str>` (issue #25) and the like fail the block.
         let mut cmd = machine.command("python3", env);
         cmd.arg("-W").arg("error::DeprecationWarning").arg(&file);
+        run(cmd)
+    } else if block.info.starts_with("php") {
+        let file = machine.root().join(format!("work/{}.php", block.stem()));
+        std::fs::write(&file, text).unwrap();
+        let mut cmd = machine.command("php", env);
+        cmd.arg(&file);
         run(cmd)
     } else {
         // An ES module finds its packages beside it (NODE_PATH does not apply).
