@@ -8,7 +8,8 @@
 //! | `yaml`                | `authrelay check` on it, each `${VAR}` it names set to a dummy value |
 //! | `LANG run=FAMILY`     | runs it (`sh`, `python`, `js`, `php`) against FAMILY's real binary   |
 //! | `LANG from=PATH`      | it must be a verbatim copy of PATH, a file another test runs         |
-//! | `LANG illustrative`   | not run: output, diagrams, or commands for another machine           |
+//! | `LANG illustrative`   | not run: output, diagrams, commands for another machine (JSON and    |
+//! |                       | YAML must still parse)                                               |
 //!
 //! Families (one binary per family, not per block): `ca` makes the interception CA every
 //! other family uses; `demo` is `authrelay demo` on free ports (the README's quick start,
@@ -684,7 +685,10 @@ fn every_doc_block_is_run_checked_copied_or_marked_illustrative() {
     for block in &blocks {
         match kind(block) {
             Err(e) => failures.push(e),
-            Ok(Kind::Illustrative) => *counts.entry("illustrative").or_default() += 1,
+            Ok(Kind::Illustrative) => {
+                *counts.entry("illustrative").or_default() += 1;
+                failures.extend(illustration_syntax(block).err());
+            }
             Ok(Kind::Check) => *counts.entry("checked by authrelay check").or_default() += 1,
             Ok(Kind::Run(_)) => *counts.entry("run").or_default() += 1,
             Ok(Kind::CopyOf(path)) => {
@@ -701,6 +705,25 @@ fn every_doc_block_is_run_checked_copied_or_marked_illustrative() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     eprintln!("docs: {} blocks: {counts:?}", blocks.len());
+}
+
+/// An illustrative JSON or YAML block still has to parse: a JSON example is one document
+/// or one document per line (log lines, error bodies).
+fn illustration_syntax(block: &Block) -> Result<(), String> {
+    let parses = match block.info.split_whitespace().next() {
+        Some("json") => {
+            serde_json::from_str::<serde_json::Value>(&block.text).is_ok()
+                || block
+                    .text
+                    .lines()
+                    .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+        }
+        Some("yaml") => serde_yaml::from_str::<serde_yaml::Value>(&block.text).is_ok(),
+        _ => true,
+    };
+    parses
+        .then_some(())
+        .ok_or_else(|| format!("{}: does not parse", block.at()))
 }
 
 #[test]
