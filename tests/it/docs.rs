@@ -16,8 +16,9 @@
 //! with the curl lines it prints); `proxy` is a config with a forward route for
 //! `api.vendor.example`, an intercepted one for `acme.outseta.com`, a `/outseta` mount and
 //! an admin endpoint; `users` is the same with `clients.users`. Only what the docs tell the
-//! reader to change is substituted ([`SUBSTITUTIONS`]); vendor hosts stay as written and
-//! reach local servers through the proxy's routes, so nothing leaves loopback.
+//! reader to change is substituted ([`SUBSTITUTIONS`]: ports, `/etc/authrelay` paths, the
+//! reader's own app and password, the demo's token lifetime); vendor hosts stay as written
+//! and reach local servers through the proxy's routes, so nothing leaves loopback.
 //!
 //! Each run checks what the block says: every curl answer is 2xx unless the line's comment
 //! names another status (`# 401: no token`) or `-i` shows it to the reader; a block that
