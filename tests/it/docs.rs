@@ -8,6 +8,7 @@
 //! | `yaml`                | `authrelay check` on it, each `${VAR}` it names set to a dummy value |
 //! | `LANG run=FAMILY`     | runs it (`sh`, `python`, `js`, `php`) against FAMILY's real binary   |
 //! | `LANG from=PATH`      | it must be a verbatim copy of PATH, a file another test runs         |
+//! | `text usage`          | each `authrelay SUBCOMMAND` line's options are in its `--help`       |
 //! | `LANG illustrative`   | not run: output, diagrams, commands for another machine (JSON and    |
 //! |                       | YAML must still parse)                                               |
 //!
@@ -144,6 +145,7 @@ impl Family {
 enum Kind {
     Illustrative,
     Check,
+    Usage,
     CopyOf(String),
     Run(Family),
 }
@@ -162,6 +164,7 @@ fn kind(block: &Block) -> Result<Kind, String> {
         ("", _) => {}
         (_, ["illustrative"]) => return Ok(Kind::Illustrative),
         ("yaml", []) => return Ok(Kind::Check),
+        ("text", ["usage"]) => return Ok(Kind::Usage),
         (_, [from]) if from.starts_with("from=") => {
             return Ok(Kind::CopyOf(from["from=".len()..].to_string()))
         }
@@ -691,6 +694,10 @@ fn every_doc_block_is_run_checked_copied_or_marked_illustrative() {
                 failures.extend(illustration_syntax(block).err());
             }
             Ok(Kind::Check) => *counts.entry("checked by authrelay check").or_default() += 1,
+            Ok(Kind::Usage) => {
+                *counts.entry("usage checked against --help").or_default() += 1;
+                failures.extend(usage_matches_help(block).err());
+            }
             Ok(Kind::Run(_)) => *counts.entry("run").or_default() += 1,
             Ok(Kind::CopyOf(path)) => {
                 *counts.entry("copies of a tested file").or_default() += 1;
@@ -725,6 +732,44 @@ fn illustration_syntax(block: &Block) -> Result<(), String> {
     parses
         .then_some(())
         .ok_or_else(|| format!("{}: does not parse", block.at()))
+}
+
+/// Each `authrelay [SUBCOMMAND…] …` line of a usage block: the subcommand exists and every
+/// `--option` the line names (comment included) is in its `--help`.
+fn usage_matches_help(block: &Block) -> Result<(), String> {
+    for line in block.text.lines().filter(|l| !l.trim().is_empty()) {
+        let (code, _) = line.split_once(" #").unwrap_or((line, ""));
+        let subcommand: Vec<&str> = code
+            .split_whitespace()
+            .skip(1)
+            .filter(|w| w.chars().all(|c| c.is_ascii_lowercase()))
+            .collect();
+        let options: Vec<String> = line
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .map(str::to_string)
+            .collect();
+        let help = Command::new(BIN)
+            .args(&subcommand)
+            .arg("--help")
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&help.stdout);
+        let unknown: Vec<_> = options
+            .iter()
+            .filter(|o| !text.contains(o.as_str()))
+            .collect();
+        if !help.status.success() || !unknown.is_empty() {
+            return Err(format!(
+                "{}: `{}`: `authrelay {} --help` does not know {unknown:?} (exit {:?})",
+                block.at(),
+                line.trim(),
+                subcommand.join(" "),
+                help.status.code()
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[test]
