@@ -94,6 +94,7 @@ const MACHINE_FILES: &[&str] = &[
     "etc/authrelay/secrets/fleet_password",
     "run/secrets/itsyou_client_secret",
     "run/secrets/billing_app_proxy_password",
+    "etc/authrelay/billing-app.pw",
 ];
 
 fn repo() -> &'static Path {
