@@ -18,23 +18,25 @@ use crate::support::tls::{https_origin, TestCa};
 const BIN: &str = env!("CARGO_BIN_EXE_authrelay");
 const TOKEN: &str = "Bearer recipe-token-5d1c";
 
-fn recipes_dir() -> PathBuf {
+pub(crate) fn recipes_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/recipes")
 }
 
 /// Where `.ci/run` installs the npm package `undici` for the Node recipe.
-fn node_modules() -> PathBuf {
+pub(crate) fn node_modules() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("target/client-recipes/node_modules")
 }
 
 /// The real binary, killed on drop; its output is collected for the failure messages.
-struct Authrelay {
+/// `docs.rs` runs the documentation's blocks against it too.
+pub(crate) struct Authrelay {
     child: std::process::Child,
     out: Arc<Mutex<Vec<String>>>,
 }
 
 impl Authrelay {
-    fn start(config: &Path) -> (Authrelay, String) {
+    /// Starts the binary on `config` and waits for its listener: (process, `http://ADDR`).
+    pub(crate) fn start(config: &Path) -> (Authrelay, String) {
         let mut child = Command::new(BIN)
             .arg("--config")
             .arg(config)
@@ -56,20 +58,8 @@ impl Authrelay {
         let proxy = Authrelay { child, out };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let found = proxy
-                .out
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains("authrelay listening"))
-                .cloned();
-            if let Some(line) = found {
-                let start = line.find("127.0.0.1:").expect("listen address");
-                let addr: String = line[start..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                    .collect();
-                return (proxy, format!("http://{addr}"));
+            if let Some(url) = proxy.logged_url("authrelay listening") {
+                return (proxy, url);
             }
             assert!(
                 Instant::now() < deadline,
@@ -80,7 +70,20 @@ impl Authrelay {
         }
     }
 
-    fn output(&self) -> String {
+    /// `http://ADDR` from the first log line containing `message` and a loopback address
+    /// (`authrelay listening`, `admin endpoint listening`).
+    pub(crate) fn logged_url(&self, message: &str) -> Option<String> {
+        let out = self.out.lock().unwrap();
+        let line = out.iter().find(|l| l.contains(message))?;
+        let start = line.find("127.0.0.1:")?;
+        let addr: String = line[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
+        Some(format!("http://{addr}"))
+    }
+
+    pub(crate) fn output(&self) -> String {
         self.out.lock().unwrap().join("\n")
     }
 }
@@ -93,7 +96,7 @@ impl Drop for Authrelay {
 }
 
 /// Whether `program args…` runs and exits 0 (a runtime or package is present).
-fn available(program: &str, args: &[&str]) -> bool {
+pub(crate) fn available(program: &str, args: &[&str]) -> bool {
     Command::new(program)
         .args(args)
         .stdout(Stdio::null())

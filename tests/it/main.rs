@@ -15,6 +15,7 @@ mod credentials_login;
 mod credentials_oauth2;
 mod credentials_outreach;
 mod credentials_outseta;
+mod docs;
 mod hostile;
 mod hostile_admin;
 mod hostile_vendors;

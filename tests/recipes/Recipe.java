@@ -1,6 +1,7 @@
-// Java's java.net.http.HttpClient as docs/operations.md shows it: the JVM-wide proxy
-// properties (-Dhttp.proxyHost, -Dhttps.proxyHost, ...) through ProxySelector.getDefault(),
-// and the trust store from -Djavax.net.ssl.trustStore. Prints the status, then the body.
+// Recipe.java: java.net.http.HttpClient through the JVM-wide proxy properties
+// (-Dhttp.proxyHost, -Dhttps.proxyHost, ...) and the trust store -Djavax.net.ssl.trustStore.
+// Run it as `java [properties] Recipe.java URL`; it prints the status, then the body.
+// Base-URL mode: just change the URL (the default selector does not proxy 127.0.0.1).
 import java.net.ProxySelector;
 import java.net.URI;
 import java.net.http.HttpClient;
