@@ -13,8 +13,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{CredentialConfig, EncryptionKey};
+use crate::credentials::Fingerprint;
 use crate::credentials::{RefreshGrant, Token};
-use crate::vocab::secret::{with_revealed_debug, Secret};
+use crate::vocab::secret::Secret;
 
 /// Version byte in front of every sealed record: a future format can tell old records apart.
 const FORMAT: u8 = 1;
@@ -22,7 +23,8 @@ const FORMAT: u8 = 1;
 /// Seals and opens records, and fingerprints credential definitions.
 pub struct Sealer {
     aead: LessSafeKey,
-    fingerprint: hmac::Key,
+    /// The key credential fingerprints are made with (derived, never the configured key).
+    fingerprint: hmac::Tag,
     rng: SystemRandom,
 }
 
@@ -80,19 +82,20 @@ impl Sealer {
         };
         Self {
             aead,
-            fingerprint: hmac::Key::new(hmac::HMAC_SHA256, fp_key.as_ref()),
+            fingerprint: fp_key,
             rng: SystemRandom::new(),
         }
     }
 
-    /// A keyed hash of the credential's whole definition (type, header and every setting,
-    /// secrets included), as hex. Replicas with the same definition and key agree on it;
-    /// without the key it reveals nothing, not even to a password guesser.
+    /// A keyed hash of what identifies the credential (type, header and every setting of
+    /// its type, secrets included; see [`Fingerprint`]), as hex. Replicas with the same
+    /// definition and key agree on it; without the key it reveals nothing, not even to a
+    /// password guesser.
     pub fn fingerprint(&self, config: &CredentialConfig) -> String {
-        let tag = with_revealed_debug(&(&config.header, &config.kind), |text| {
-            hmac::sign(&self.fingerprint, text.as_bytes())
-        });
-        hex(&tag.as_ref()[..16])
+        let mut fp = Fingerprint::new(self.fingerprint.as_ref(), config.kind.type_name());
+        fp.text("header", config.header.as_str());
+        config.kind.fingerprint(&mut fp);
+        fp.finish()
     }
 
     /// Seals `shared` for the credential named `aad` (its name and fingerprint).
@@ -188,6 +191,28 @@ mod tests {
         assert!(sealer.open("login\0abc", &tampered).is_none());
         assert!(sealer.open("login\0abc", &[]).is_none());
         assert!(sealer.open("login\0abc", &[FORMAT, 1, 2]).is_none());
+    }
+
+    /// Pins the fingerprint encoding (`authrelay-credential-fp/v2`): replicas on two builds
+    /// share tokens only while this holds. A change here is a deliberate version bump.
+    #[test]
+    fn fingerprints_are_pinned_to_the_v2_encoding() {
+        let yaml = "credentials:\n  fixed:\n    type: static\n    value: k-123\n    header: X-Api-Key\n  \
+            client:\n    type: oauth2_client_credentials\n    token_url: https://id.test/token\n    \
+            client_id: c-1\n    client_secret: s-456\n    scope: read write\n  \
+            tt:\n    type: login\n    login_url: https://tt.test/auth/login\n    \
+            username: dispatch\n    password: pw-789\n    account_id: 42\nroutes: []\n";
+        let config = crate::config::Config::from_yaml(
+            yaml,
+            std::path::Path::new("/etc/authrelay/routes.yaml"),
+            &std::collections::HashMap::new(),
+        )
+        .unwrap();
+        let sealer = Sealer::new(&EncryptionKey([1; 32]));
+        let fp = |name: &str| sealer.fingerprint(&config.credentials[name]);
+        assert_eq!(fp("fixed"), "184ee5855b093f40a4e280b5ac0a7807");
+        assert_eq!(fp("client"), "ff177a9363b4534e02e56a5ff86fe96e");
+        assert_eq!(fp("tt"), "7a0691f1085a759829a052f45e2ad7e8");
     }
 
     #[test]
