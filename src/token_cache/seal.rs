@@ -18,7 +18,8 @@ use crate::credentials::{RefreshGrant, Token};
 use crate::vocab::secret::Secret;
 
 /// Version byte in front of every sealed record: a future format can tell old records apart.
-const FORMAT: u8 = 1;
+/// Format 2 added the generation.
+const FORMAT: u8 = 2;
 
 /// Seals and opens records, and fingerprints credential definitions.
 pub struct Sealer {
@@ -42,6 +43,10 @@ pub struct SharedToken {
     /// When the vendor issued it (wall clock), so every replica computes the same refresh
     /// time however late it reads the token.
     pub issued_at: SystemTime,
+    /// Grows by one with each record written for the credential. Sealed inside the record,
+    /// so that nobody without the key can make an old record look new: a replica never
+    /// takes a record older than one it has seen.
+    pub generation: u64,
 }
 
 /// The plaintext of a record. Field names are short: the record is sealed, nobody reads it.
@@ -52,6 +57,7 @@ struct Record {
     rt: Option<String>,
     rexp: Option<u64>,
     iat: u64,
+    generation: u64,
 }
 
 /// Lower-case hex, for key names and lease fences.
@@ -59,7 +65,8 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn to_ms(t: SystemTime) -> u64 {
+/// Milliseconds since the epoch, as records hold times.
+pub fn to_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
@@ -107,6 +114,7 @@ impl Sealer {
             rt: token.refresh.as_ref().map(|g| g.token.expose().to_string()),
             rexp: token.refresh.as_ref().and_then(|g| g.expires_at).map(to_ms),
             iat: to_ms(shared.issued_at),
+            generation: shared.generation,
         };
         let mut body = serde_json::to_vec(&record).ok()?;
         let mut nonce = [0u8; NONCE_LEN];
@@ -150,6 +158,7 @@ impl Sealer {
                 }),
             },
             issued_at: from_ms(record.iat).unwrap_or(UNIX_EPOCH),
+            generation: record.generation,
         })
     }
 }
@@ -169,6 +178,7 @@ mod tests {
                 }),
             },
             issued_at: SystemTime::now(),
+            generation: 7,
         }
     }
 
@@ -180,6 +190,10 @@ mod tests {
         assert!(!text.contains("access-123") && !text.contains("refresh-456"));
         let opened = sealer.open("login\0abc", &sealed).unwrap();
         assert_eq!(opened.token.value.expose(), "Bearer access-123");
+        assert_eq!(
+            opened.generation, 7,
+            "the generation is sealed with the token"
+        );
         assert_eq!(opened.token.refresh.unwrap().token.expose(), "refresh-456");
         assert!(sealer.open("login\0abd", &sealed).is_none());
         assert!(sealer.open("other\0abc", &sealed).is_none());

@@ -29,10 +29,6 @@ use crate::config::TokenSettings;
 use crate::credentials::{CredentialError, Token, TokenSource};
 use crate::token_cache::{Obtained, SharedToken};
 
-/// How much longer than the fetch timeout a replica's lease on a credential lasts in the
-/// shared cache: a lease outlives any fetch its holder can still be making.
-const LEASE_MARGIN: Duration = Duration::from_secs(5);
-
 /// Why a fetch is asked for; decides whether the cached token is good enough.
 #[derive(Debug, Clone)]
 pub(super) enum Trigger {
@@ -260,8 +256,10 @@ impl CredentialSlot {
         let accept_settings = settings.clone();
         let accept =
             move |found: &SharedToken| trigger.accepts(found, dropped.as_deref(), &accept_settings);
-        let lease = settings.fetch_timeout.saturating_add(LEASE_MARGIN);
-        match shared.obtain(&accept, previous, lease, call).await {
+        match shared
+            .obtain(&accept, previous, settings.fetch_timeout, call)
+            .await
+        {
             Ok(Obtained::Shared { token, sealed }) => mark(
                 IssuedToken::new(
                     token.token,
