@@ -48,7 +48,7 @@ impl PartialEq for RsaSigningKey {
 
 impl RsaSigningKey {
     /// Writes the key into a fingerprint: the key itself decides, not where the file is.
-    pub fn fingerprint(&self, fp: &mut Fingerprint) {
+    pub(crate) fn fingerprint(&self, fp: &mut Fingerprint) {
         fp.secret_bytes("private_key", self.key.inner());
     }
 

@@ -16,8 +16,8 @@
 //! Records are sealed ([`seal`]), keyed by a keyed fingerprint of the credential's whole
 //! definition, and carry no secret in clear.
 
-pub mod redis_store;
-pub mod seal;
+pub(crate) mod redis_store;
+pub(crate) mod seal;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +30,7 @@ use crate::config::{CredentialConfig, RedisCacheSettings};
 use crate::credentials::{CredentialError, Token};
 use crate::metrics::Metrics;
 use redis_store::{RedisStore, StoreError, Stored};
-pub use seal::{Sealer, SharedToken};
+pub(crate) use seal::{Sealer, SharedToken};
 
 /// How much longer than the fetch timeout a replica's lease on a credential lasts: a lease
 /// outlives any fetch its holder can still be making.
@@ -91,7 +91,7 @@ pub struct CacheStatus {
 
 impl CacheStatus {
     /// The in-process cache, always up.
-    pub fn memory() -> Self {
+    pub(crate) fn memory() -> Self {
         Self {
             kind: "memory",
             url: None,
@@ -102,7 +102,7 @@ impl CacheStatus {
 
 /// One credential's place in the cache.
 #[derive(Clone)]
-pub struct SharedSlot {
+pub(crate) struct SharedSlot {
     cache: Arc<RedisCache>,
     key: String,
     lease_key: String,
@@ -127,7 +127,7 @@ struct Seen {
 
 /// Where a fetch's token came from.
 #[derive(Debug)]
-pub enum Obtained {
+pub(crate) enum Obtained {
     /// Another replica (or an earlier run) stored it: no vendor call.
     Shared { token: SharedToken, sealed: Vec<u8> },
     /// This replica called the vendor; `sealed` is what it stored (`None`: not stored,
@@ -140,7 +140,10 @@ pub enum Obtained {
 
 impl RedisCache {
     /// A cache for `settings`. Nothing connects until [`Self::start`].
-    pub fn new(settings: &RedisCacheSettings, metrics: Arc<Metrics>) -> Result<Arc<Self>, String> {
+    pub(crate) fn new(
+        settings: &RedisCacheSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, String> {
         let store = RedisStore::new(settings)?;
         metrics.token_cache_up.set(0);
         Ok(Arc::new(Self {
@@ -156,13 +159,13 @@ impl RedisCache {
     }
 
     /// Whether this cache was built from `settings` (a reload keeps it then).
-    pub fn same_settings(&self, settings: &RedisCacheSettings) -> bool {
+    pub(crate) fn same_settings(&self, settings: &RedisCacheSettings) -> bool {
         &self.settings == settings
     }
 
     /// Connects, subscribes and keeps checking health in the background (once; must run
     /// inside a tokio runtime). The tasks end when the cache is dropped.
-    pub fn start(self: &Arc<Self>) {
+    pub(crate) fn start(self: &Arc<Self>) {
         if self.started.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -262,7 +265,7 @@ impl RedisCache {
     }
 
     /// For `check --fetch`: Redis answers, and this key opens what other replicas sealed.
-    pub async fn verify(&self) -> Result<(), String> {
+    pub(crate) async fn verify(&self) -> Result<(), String> {
         self.store.ping().await.map_err(|e| e.to_string())?;
         self.verify_key().await.map_err(|e| match e {
             KeyCheck::Foreign(m) | KeyCheck::Unreachable(m) => m,
@@ -270,7 +273,7 @@ impl RedisCache {
     }
 
     /// The cache's place for one credential (its keys depend on the whole definition).
-    pub fn slot(self: &Arc<Self>, config: &CredentialConfig) -> SharedSlot {
+    pub(crate) fn slot(self: &Arc<Self>, config: &CredentialConfig) -> SharedSlot {
         let fingerprint = self.sealer.fingerprint(config);
         let prefix = &self.settings.key_prefix;
         SharedSlot {
@@ -283,7 +286,7 @@ impl RedisCache {
     }
 
     /// The admin view.
-    pub fn status(&self) -> CacheStatus {
+    pub(crate) fn status(&self) -> CacheStatus {
         CacheStatus {
             kind: "redis",
             url: Some(self.settings.display_url.clone()),

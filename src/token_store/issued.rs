@@ -12,7 +12,7 @@ use crate::credentials::{CredentialError, Token};
 
 /// Where a slot's token came from (shown by the admin endpoint).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
+pub(crate) enum Origin {
     /// This replica called the token endpoint.
     Fetched,
     /// Another replica (or an earlier run) stored it in the shared cache.
@@ -118,12 +118,12 @@ impl IssuedToken {
     /// Whether this token was fetched in answer to the upstream refusing the one before it.
     /// A refused replay with a token that was not (one fetched early, by an operator, or by
     /// another replica) earns one more refresh: it proves nothing about the route.
-    pub fn answers_a_refusal(&self) -> bool {
+    pub(crate) fn answers_a_refusal(&self) -> bool {
         self.for_refusal
     }
 
     /// When the token expires (wall clock), if it does.
-    pub fn expires_at(&self) -> Option<SystemTime> {
+    pub(crate) fn expires_at(&self) -> Option<SystemTime> {
         self.expires_at_wall
     }
 

@@ -31,10 +31,8 @@ use crate::metrics::Metrics;
 use crate::token_cache::{RedisCache, SharedSlot};
 use flight::{Inner, Phase, Trigger};
 
-pub use issued::{IssuedToken, Origin};
-pub use timing::{
-    backoff_delay, quiet_period, refresh_timing, RefreshTiming, QUIET_INITIAL, QUIET_MAX,
-};
+pub use issued::IssuedToken;
+pub(crate) use issued::Origin;
 pub use views::SlotStatus;
 
 /// A credential could not supply a token; answered as 502 naming the credential.
@@ -92,7 +90,7 @@ impl CredentialSlot {
 
     /// A slot with no token yet whose fetches go through the shared cache, when `shared` is
     /// given and the credential is refreshable (a fixed value has nothing to share).
-    pub fn with_cache(
+    pub(crate) fn with_cache(
         config: CredentialConfig,
         settings: TokenSettings,
         source: Arc<dyn TokenSource>,
@@ -131,7 +129,7 @@ impl CredentialSlot {
     }
 
     /// The credential's name.
-    pub fn name(&self) -> &Arc<str> {
+    pub(crate) fn name(&self) -> &Arc<str> {
         &self.name
     }
 
@@ -143,13 +141,13 @@ impl CredentialSlot {
     /// Whether this slot can be kept across a reload to `config`: the token source is the
     /// same, so its cached token is still good. Timing settings do not matter (see
     /// [`Self::use_settings`]).
-    pub fn same_definition(&self, config: &CredentialConfig) -> bool {
+    pub(crate) fn same_definition(&self, config: &CredentialConfig) -> bool {
         &self.config == config
     }
 
     /// Whether this slot uses the shared cache `cache` (`None`: memory only); a reload that
     /// changes `token_cache` builds new slots.
-    pub fn uses_cache(&self, cache: Option<&Arc<RedisCache>>) -> bool {
+    pub(crate) fn uses_cache(&self, cache: Option<&Arc<RedisCache>>) -> bool {
         match (&self.shared, cache) {
             (None, None) => true,
             (Some(s), Some(c)) => s.is_in(c),
@@ -160,17 +158,17 @@ impl CredentialSlot {
 
     /// Applies reloaded `tokens:` settings without dropping the cached token: the next fetch
     /// and backoff use them.
-    pub fn use_settings(&self, settings: &TokenSettings) {
+    pub(crate) fn use_settings(&self, settings: &TokenSettings) {
         self.lock().settings = settings.clone();
     }
 
     /// Whether fetching again can cure a 401/403.
-    pub fn refreshable(&self) -> bool {
+    pub(crate) fn refreshable(&self) -> bool {
         self.refreshable
     }
 
     /// Whether the slot holds a token that may be sent now (for readiness).
-    pub fn has_usable_token(&self) -> bool {
+    pub(crate) fn has_usable_token(&self) -> bool {
         self.current
             .load()
             .as_ref()
@@ -217,7 +215,7 @@ impl CredentialSlot {
 
     /// Starts a task that obtains the token now and keeps it fresh until the slot is
     /// dropped (for `prefetch: true`). Calling it twice has no effect.
-    pub fn start_keeper(self: &Arc<Self>) {
+    pub(crate) fn start_keeper(self: &Arc<Self>) {
         let mut stop = self.keeper_stop.lock().unwrap_or_else(|p| p.into_inner());
         if stop.is_some() {
             return;

@@ -36,7 +36,7 @@ impl CredentialSlot {
     /// the credential is not refreshable, the route is in a quiet period, or `rejected` is
     /// the very token fetched after this route's previous rejection (then the quiet period
     /// starts). Drops `rejected` only if it is still the cached token, never a newer one.
-    pub async fn refresh_after_rejection(
+    pub(crate) async fn refresh_after_rejection(
         self: &Arc<Self>,
         route: &Arc<str>,
         rejected: &Arc<IssuedToken>,
@@ -74,7 +74,7 @@ impl CredentialSlot {
 
     /// Called when the replay with a fresh token was refused as well: refreshing does not
     /// help `route`, so it stops refreshing on rejection for a growing quiet period.
-    pub fn replay_refused(&self, route: &Arc<str>) {
+    pub(crate) fn replay_refused(&self, route: &Arc<str>) {
         let mut inner = self.lock();
         let now = Instant::now();
         let record = self.rejection_record(&mut inner, route);
@@ -85,7 +85,7 @@ impl CredentialSlot {
 
     /// Called when `route`'s upstream accepted a request (any answer but 401/403): ends its
     /// quiet period and forgets its useless refreshes. Lock-free unless a route has a record.
-    pub fn upstream_accepted(&self, route: &str) {
+    pub(crate) fn upstream_accepted(&self, route: &str) {
         if self.routes_with_rejections.load(Ordering::Acquire) == 0 {
             return;
         }

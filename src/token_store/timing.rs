@@ -6,24 +6,24 @@ use std::time::Duration;
 use crate::config::TokenSettings;
 
 /// First quiet period of a route whose refresh after a 401/403 did not help.
-pub const QUIET_INITIAL: Duration = Duration::from_secs(5);
+pub(crate) const QUIET_INITIAL: Duration = Duration::from_secs(5);
 /// Longest quiet period (the period doubles per useless refresh up to this).
-pub const QUIET_MAX: Duration = Duration::from_secs(300);
+pub(crate) const QUIET_MAX: Duration = Duration::from_secs(300);
 
 /// When to refresh a token of a given lifetime, and until when it may be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RefreshTiming {
+pub(crate) struct RefreshTiming {
     /// Refresh once this much of the lifetime has passed.
-    pub refresh_after: Duration,
+    pub(crate) refresh_after: Duration,
     /// Stop sending the token after this (a small margin before expiry for clock skew and
     /// time in flight).
-    pub usable_for: Duration,
+    pub(crate) usable_for: Duration,
 }
 
 /// Refresh at `refresh_at_fraction` of the lifetime or `refresh_before` expiry, whichever is
 /// earlier — but never in the first half of the lifetime, so that short-lived tokens are not
 /// refreshed continuously.
-pub fn refresh_timing(lifetime: Duration, settings: &TokenSettings) -> RefreshTiming {
+pub(crate) fn refresh_timing(lifetime: Duration, settings: &TokenSettings) -> RefreshTiming {
     let by_fraction = lifetime.mul_f64(1.0 - settings.refresh_at_fraction);
     let by_margin = settings.refresh_before.min(lifetime / 2);
     let margin = by_fraction.max(by_margin);
@@ -36,7 +36,7 @@ pub fn refresh_timing(lifetime: Duration, settings: &TokenSettings) -> RefreshTi
 
 /// The wait after `failures` consecutive failed fetches: doubling from `backoff_initial`,
 /// capped at `backoff_max`, plus up to 25% jitter (so gaps always grow until the cap).
-pub fn backoff_delay(failures: u32, settings: &TokenSettings) -> Duration {
+pub(crate) fn backoff_delay(failures: u32, settings: &TokenSettings) -> Duration {
     let exp = failures.saturating_sub(1).min(30);
     let base = settings
         .backoff_initial
@@ -47,7 +47,7 @@ pub fn backoff_delay(failures: u32, settings: &TokenSettings) -> Duration {
 
 /// The quiet period after `strikes` useless refreshes in a row: [`QUIET_INITIAL`] doubling
 /// up to [`QUIET_MAX`].
-pub fn quiet_period(strikes: u32) -> Duration {
+pub(crate) fn quiet_period(strikes: u32) -> Duration {
     let exp = strikes.saturating_sub(1).min(16);
     QUIET_INITIAL.saturating_mul(1u32 << exp).min(QUIET_MAX)
 }

@@ -75,7 +75,7 @@ impl CredentialSlot {
     }
 
     /// The values behind this credential's Prometheus gauges, as of now.
-    pub fn gauges(&self) -> CredentialGauges {
+    pub(crate) fn gauges(&self) -> CredentialGauges {
         let inner = self.lock();
         let current = self.current.load_full();
         let now = Instant::now();
