@@ -1,7 +1,7 @@
 //! Credentials: where the value of an injected header comes from. One file per token source;
 //! each turns its config section into settings (`validate`) and its settings into a
 //! [`TokenSource`]. Timing, caching, single flight and backoff are not here: they are shared
-//! by every source in `token_store.rs`.
+//! by every source in `token_store/`.
 
 pub mod exchange;
 pub mod fingerprint;

@@ -1,8 +1,11 @@
 //! Several replicas sharing one token through a real Redis (`token_cache: type: redis`):
 //! one vendor call per token across replicas (cold start, early refresh, a revocation seen
 //! by all), single-use refresh tokens used exactly once, Redis outages that fail no request,
-//! nothing readable at rest, a restarted replica that needs no vendor call, and replicas
-//! whose credential or key differ never reading each other's tokens.
+//! nothing readable at rest, a restarted replica that needs no vendor call, replicas
+//! whose credential or key differ never reading each other's tokens, and a Redis someone
+//! else writes to: an older record put back is not taken, a value that is no record (another
+//! type, too large, sealed otherwise) is replaced, and a lease that never ends holds a
+//! request no longer than `tokens.fetch_timeout`.
 //!
 //! Each replica is an in-process authrelay with its own state, slots and Redis connections;
 //! the vendor is the in-process TeleTracker-like login API, whose refresh tokens are
