@@ -108,12 +108,13 @@ impl Fingerprint {
 
     /// The fingerprint: 128 bits as lower-case hex (it names Redis keys).
     pub fn finish(self) -> String {
-        let tag = self.mac.sign();
-        tag.as_ref()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex(&self.mac.sign().as_ref()[..16])
     }
+}
+
+/// Lower-case hex, for key names and lease fences.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

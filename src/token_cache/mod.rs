@@ -7,14 +7,21 @@
 //! credential's lease (`SET NX PX`) and is the only one to call the vendor — using the refresh
 //! grant stored in Redis, so a single-use refresh token is used exactly once — and writes the
 //! result with a compare-and-swap fenced by the lease; the others wait for it (pub/sub, with
-//! polling as a fallback). A lease holder that dies releases by expiry.
+//! polling as a fallback), but never longer than `tokens.fetch_timeout`: then each fetches by
+//! itself, as during an outage. A lease holder that dies releases by expiry.
+//!
+//! Redis is not trusted to hand back what was written. Each record carries a generation
+//! (sealed with it) one above any the writer has seen, and a replica never takes a record
+//! older than one it has seen or than the token it holds, so a record put back cannot roll a
+//! replica back. A value that is no record of ours (another type, beyond the read cap, not
+//! opening) is only described, never obeyed, and the lease holder replaces it.
 //!
 //! Redis is never a single point of failure: any error or slow answer marks the cache down,
 //! the replica fetches by itself as without Redis (logged once, `authrelay_token_cache_up 0`,
 //! a fallback counted), and a probe brings it back.
 //!
-//! Records are sealed ([`seal`]), keyed by a keyed fingerprint of the credential's whole
-//! definition, and carry no secret in clear.
+//! Records are sealed ([`seal`]), keyed by the credential's fingerprint
+//! ([`crate::credentials::Fingerprint`]), and carry no secret in clear.
 
 pub(crate) mod redis_store;
 pub(crate) mod seal;
@@ -368,7 +375,7 @@ enum Found {
 fn fence() -> String {
     let mut bytes = [0u8; 16];
     let _ = SystemRandom::new().fill(&mut bytes);
-    seal::hex(&bytes)
+    crate::credentials::fingerprint::hex(&bytes)
 }
 
 /// How long Redis keeps a record: as long as its token or its refresh grant can be used.

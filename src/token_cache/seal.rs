@@ -60,11 +60,6 @@ struct Record {
     generation: u64,
 }
 
-/// Lower-case hex, for key names and lease fences.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Milliseconds since the epoch, as records hold times.
 pub fn to_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)

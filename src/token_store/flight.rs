@@ -89,6 +89,7 @@ pub(super) struct Failure {
     pub(super) retry_at: Instant,
 }
 
+/// The slot's mutable state. The lock is held for a few field updates only, never across an
 /// `.await`.
 pub(super) struct Inner {
     pub(super) settings: TokenSettings,
@@ -113,9 +114,9 @@ pub(super) enum Begin {
     BackingOff(Unavailable),
 }
 
-/// Ends a fetch however its task ends: if the task stops before publishing an outcome (a
-/// panic in our own code, the runtime shutting down), the slot goes back to idle with a
-/// recorded failure, and the waiters get that failure instead of waiting forever.
+/// Ends a fetch however its task ends: if the task is dropped before publishing an outcome
+/// (the runtime shutting down; a panic is caught before it gets here), the slot goes back to
+/// idle with a recorded failure, and the waiters get that failure instead of waiting forever.
 struct FlightGuard {
     slot: Arc<CredentialSlot>,
     publish: Option<watch::Sender<Option<Outcome>>>,
@@ -132,11 +133,15 @@ impl FlightGuard {
 impl Drop for FlightGuard {
     fn drop(&mut self) {
         if let Some(tx) = self.publish.take() {
-            let error = CredentialError::Other("the token fetch ended abnormally".into());
-            let outcome = self.slot.settle(Err(error), false, Duration::ZERO);
+            let outcome = self.slot.settle(Err(abnormal_end()), false, Duration::ZERO);
             tx.send_replace(Some(outcome));
         }
     }
+}
+
+/// Why waiters got no outcome: the fetch's task was dropped unfinished.
+fn abnormal_end() -> CredentialError {
+    CredentialError::Other("the token fetch ended abnormally".into())
 }
 
 impl CredentialSlot {
@@ -161,7 +166,7 @@ impl CredentialSlot {
     fn ended_abnormally(&self) -> Unavailable {
         Unavailable {
             credential: Arc::clone(&self.name),
-            source: CredentialError::Other("the token fetch ended abnormally".into()),
+            source: abnormal_end(),
             retry_in: None,
         }
     }

@@ -775,6 +775,14 @@ async fn a_lease_that_never_ends_holds_requests_no_longer_than_fetch_timeout() {
     );
     let token_key = c.token_key().await;
     let lease_key = token_key.replace(":token:", ":lease:");
+    let first_record = c
+        .redis
+        .dump()
+        .await
+        .into_iter()
+        .find(|(k, _)| *k == token_key.as_bytes())
+        .map(|(_, v)| v)
+        .unwrap();
     // A writer took the lease and hangs: its lease outlives the whole test.
     c.redis.command(&["DEL", &token_key]).await;
     c.redis
@@ -807,4 +815,17 @@ async fn a_lease_that_never_ends_holds_requests_no_longer_than_fetch_timeout() {
     );
     let text = late.state().metrics.encode();
     assert!(support::metric(&text, "authrelay_token_cache_fallbacks_total") >= 1.0);
+    // The record of the first replica comes back, the writer is gone: it was issued before
+    // the token the late replica fetched alone, so that replica does not go back to it.
+    c.redis.set_bytes(&token_key, &first_record).await;
+    c.redis.command(&["DEL", &lease_key]).await;
+    late.state().snapshot().slots["teletracker"].invalidate();
+    let res = late.client().get(c.url()).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        Cluster::origin(&late),
+        Some("fetched"),
+        "not the older record"
+    );
+    assert_eq!(c.vendor.book.token_calls(), 3);
 }
