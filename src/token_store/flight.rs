@@ -12,7 +12,6 @@
 //! is dropped unfinished (the runtime shutting down): no credential can stay stuck in
 //! `refreshing`.
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,9 +21,8 @@ use futures_util::FutureExt;
 use tokio::sync::watch;
 
 use super::issued::standing;
-use super::rejections::RouteRejections;
 use super::timing::backoff_delay;
-use super::{CredentialSlot, IssuedToken, Origin, Unavailable};
+use super::{CredentialSlot, Inner, IssuedToken, Origin, Unavailable};
 use crate::config::TokenSettings;
 use crate::credentials::{CredentialError, Token, TokenSource};
 use crate::token_cache::{Obtained, SharedToken};
@@ -87,21 +85,6 @@ pub(super) struct Failure {
     pub(super) consecutive: u32,
     /// No new fetch (except an operator's) before this.
     pub(super) retry_at: Instant,
-}
-
-/// The slot's mutable state. The lock is held for a few field updates only, never across an
-/// `.await`.
-pub(super) struct Inner {
-    pub(super) settings: TokenSettings,
-    pub(super) phase: Phase,
-    /// The last token issued, kept for its refresh grant even after it stops being sent.
-    pub(super) last_issued: Option<Arc<IssuedToken>>,
-    pub(super) last_success: Option<(SystemTime, Instant)>,
-    pub(super) failure: Option<Failure>,
-    pub(super) fetches: u64,
-    pub(super) rejections: HashMap<Arc<str>, RouteRejections>,
-    /// The token an operator dropped: never taken back from the shared cache.
-    pub(super) dropped: Option<Arc<IssuedToken>>,
 }
 
 /// What [`CredentialSlot::begin`] decided.
@@ -361,6 +344,7 @@ async fn fetch(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
     use std::sync::atomic::AtomicUsize;
 
     use super::*;

@@ -19,7 +19,7 @@ mod views;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use http::HeaderName;
@@ -29,7 +29,8 @@ use crate::config::{CredentialConfig, TokenSettings};
 use crate::credentials::{CredentialError, TokenSource};
 use crate::metrics::Metrics;
 use crate::token_cache::{RedisCache, SharedSlot};
-use flight::{Inner, Phase, Trigger};
+use flight::{Failure, Phase, Trigger};
+use rejections::RouteRejections;
 
 pub use issued::IssuedToken;
 pub(crate) use issued::Origin;
@@ -45,6 +46,21 @@ pub struct Unavailable {
     pub source: CredentialError,
     /// When the next attempt will be made, if backing off.
     pub retry_in: Option<Duration>,
+}
+
+/// The slot's mutable state. The lock is held for a few field updates only, never across an
+/// `.await`.
+struct Inner {
+    settings: TokenSettings,
+    phase: Phase,
+    /// The last token issued, kept for its refresh grant even after it stops being sent.
+    last_issued: Option<Arc<IssuedToken>>,
+    last_success: Option<(SystemTime, Instant)>,
+    failure: Option<Failure>,
+    fetches: u64,
+    rejections: HashMap<Arc<str>, RouteRejections>,
+    /// The token an operator dropped: never taken back from the shared cache.
+    dropped: Option<Arc<IssuedToken>>,
 }
 
 /// One credential's token and everything needed to renew it.

@@ -7,9 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use super::flight::{Inner, Trigger};
+use super::flight::Trigger;
 use super::timing::quiet_period;
-use super::{CredentialSlot, IssuedToken, Unavailable};
+use super::{CredentialSlot, Inner, IssuedToken, Unavailable};
 
 /// Per route: what refreshing after a 401/403 achieved there.
 #[derive(Default)]
