@@ -20,7 +20,7 @@
 //! the replica fetches by itself as without Redis (logged once, `authrelay_token_cache_up 0`,
 //! a fallback counted), and a probe brings it back.
 //!
-//! Records are sealed ([`seal`]), keyed by the credential's fingerprint
+//! Records are sealed (`seal.rs`), keyed by the credential's fingerprint
 //! ([`crate::credentials::Fingerprint`]), and carry no secret in clear.
 
 pub(crate) mod redis_store;

@@ -2,13 +2,13 @@
 //!
 //! The hot path loads the current token without a lock ([`CredentialSlot::get`]). The rest
 //! lives in files of its own:
-//! - [`flight`]: the slot's state machine — idle or running exactly one fetch, in one
+//! - `flight.rs`: the slot's state machine — idle or running exactly one fetch, in one
 //!   spawned task that survives the request that started it and turns a panic into an
 //!   ordinary failure; every way into a fetch goes through it (single flight);
-//! - [`issued`]: a token ready to inject and where it stands (usable, due);
-//! - [`timing`]: when to refresh, how long to back off, how long a route stays quiet;
-//! - [`rejections`]: what a 401/403 on a route does (refresh once, then quiet periods);
-//! - [`views`]: what the admin endpoint and the gauges show of a slot.
+//! - `issued.rs`: a token ready to inject and where it stands (usable, due);
+//! - `timing.rs`: when to refresh, how long to back off, how long a route stays quiet;
+//! - `rejections.rs`: what a 401/403 on a route does (refresh once, then quiet periods);
+//! - `views.rs`: what the admin endpoint and the gauges show of a slot.
 
 mod flight;
 mod issued;
