@@ -243,7 +243,7 @@ pub fn verdict<B>(route: &Route, response: &Response<B>) -> TokenVerdict {
     match challenge_error(response.headers()).as_deref() {
         Some("invalid_token") => TokenVerdict::Refused,
         Some("insufficient_scope" | "invalid_request") => TokenVerdict::NotTheToken,
-        _ if route.refresh_on.includes(status) => TokenVerdict::Refused,
+        _ if route.config.refresh_on.includes(status) => TokenVerdict::Refused,
         _ => TokenVerdict::NotTheToken,
     }
 }

@@ -369,7 +369,10 @@ async fn idle_websockets_are_connections_and_never_lock_out_requests() {
             closed += 1;
         }
     }
-    assert_eq!(closed, 10, "exactly as many idle WebSockets closed as room needed");
+    assert_eq!(
+        closed, 10,
+        "exactly as many idle WebSockets closed as room needed"
+    );
     for ws in &mut sockets[20..] {
         ws.send(Message::text("still open")).await.unwrap();
         let echo = ws.next().await.unwrap().unwrap();
