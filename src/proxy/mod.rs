@@ -22,6 +22,7 @@ pub(crate) mod listener;
 pub(crate) mod location;
 pub mod replay;
 pub mod respond;
+pub(crate) mod sign;
 pub(crate) mod splice;
 pub mod target;
 pub mod upgrade;
