@@ -454,10 +454,7 @@ async fn aws_sigv4_requests_pass_moto_signature_checks() {
         .await
         .unwrap();
     let text = r.text().await.unwrap();
-    assert!(
-        text.contains(&format!("user/relay")),
-        "GetCallerIdentity: {text}"
-    );
+    assert!(text.contains("user/relay"), "GetCallerIdentity: {text}");
     p.stop().await;
 
     // The same calls with a wrong secret: moto recomputes the signature and refuses it.
