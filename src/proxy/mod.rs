@@ -22,6 +22,7 @@ pub(crate) mod listener;
 pub(crate) mod location;
 pub(crate) mod replay;
 pub(crate) mod respond;
+pub(crate) mod sign;
 pub(crate) mod splice;
 pub mod target;
 pub(crate) mod upgrade;
