@@ -44,6 +44,11 @@ NGX_HTTPS_PORT=${NGX_HTTPS_PORT:-18188} # nginx: plain HTTP in, TLS to the upstr
 NGX_TLS_PORT=${NGX_TLS_PORT:-18189}     # nginx: TLS in (as authrelay's intercepted CONNECT), TLS out
 # Which targets run (all by default); e.g. TARGETS="direct authrelay nginx".
 TARGETS=${TARGETS:-"direct authrelay authrelay-mount nginx authrelay-log nginx-log authrelay-https nginx-https authrelay-connect nginx-tls"}
+# BEFORE=path/to/other/authrelay adds the target authrelay-before: that build, same config,
+# interleaved with the others, so a change is measured before and after in one sitting.
+BEFORE=${BEFORE:-}
+AR_BEFORE_PORT=${AR_BEFORE_PORT:-18190}
+if [ -n "$BEFORE" ] && [[ " $TARGETS " != *" authrelay-before "* ]]; then TARGETS+=" authrelay-before"; fi
 HTTPS_HOST=api.bench.test
 TLS_HOST=secure.bench.test
 TOKEN="Bearer bench-token"
@@ -161,6 +166,13 @@ RUST_LOG=info taskset -c "$PROXY_CORE" "$AUTHRELAY" --config "$WORK/routes-log.y
     2>>"$WORK/authrelay-access.log" &
 AR_LOG_PID=$!; PIDS+=("$AR_LOG_PID")
 wait_port "$AR_LOG_PORT"
+if [ -n "$BEFORE" ]; then
+    sed "s/^listen: .*/listen: 127.0.0.1:$AR_BEFORE_PORT/" "$WORK/routes.yaml" >"$WORK/routes-before.yaml"
+    RUST_LOG=warn taskset -c "$PROXY_CORE" "$BEFORE" --config "$WORK/routes-before.yaml" run \
+        2>>"$WORK/authrelay-before.log" &
+    AR_BEFORE_PID=$!; PIDS+=("$AR_BEFORE_PID")
+    wait_port "$AR_BEFORE_PORT"
+fi
 
 # --- nginx ----------------------------------------------------------------------------------
 mkdir -p "$WORK/nginx"
@@ -343,6 +355,7 @@ for c in $CONNS; do
     for run in $(seq "$RUNS"); do
         if wanted direct; then run_once direct "$c" "$run" "http://127.0.0.1:$UP_PORT$PATH_QS" "" "Authorization: $TOKEN"; fi
         if wanted authrelay; then run_once authrelay "$c" "$run" "http://127.0.0.1:$AR_PORT/" "$WORK/forward.lua" "" "$AR_PID"; fi
+        if wanted authrelay-before; then run_once authrelay-before "$c" "$run" "http://127.0.0.1:$AR_BEFORE_PORT/" "$WORK/forward.lua" "" "$AR_BEFORE_PID"; fi
         if wanted authrelay-mount; then run_once authrelay-mount "$c" "$run" "http://127.0.0.1:$AR_PORT/m$PATH_QS" "" "" "$AR_PID"; fi
         if wanted nginx; then run_once nginx "$c" "$run" "http://127.0.0.1:$NGX_PORT/" "$WORK/forward.lua" "" "$NGX_WORKER"; fi
         if wanted authrelay-log; then run_once authrelay-log "$c" "$run" "http://127.0.0.1:$AR_LOG_PORT/" "$WORK/forward.lua" "" "$AR_LOG_PID"; fi
@@ -456,9 +469,9 @@ for c in $CONNS; do
     done
 done
 echo
-printf '%-6s %-18s %-12s %10s %10s %10s %10s\n' conns authrelay 'vs nginx' 'req/s x' 'CPU/req x' 'p99 ms' 'nginx p99'
+printf '%-6s %-18s %-12s %10s %10s %10s %10s\n' conns authrelay 'vs' 'req/s x' 'CPU/req x' 'p99 ms' 'nginx p99'
 for c in $CONNS; do
-    for pair in authrelay:nginx authrelay-mount:nginx authrelay-log:nginx-log authrelay-https:nginx-https authrelay-connect:nginx-tls; do
+    for pair in authrelay:nginx authrelay:authrelay-before authrelay-mount:nginx authrelay-log:nginx-log authrelay-https:nginx-https authrelay-connect:nginx-tls; do
         a=${pair%%:*} n=${pair##*:}
         [ -n "${RPS[$a/$c]:-}" ] && [ -n "${RPS[$n/$c]:-}" ] || continue
         printf '%-6s %-18s %-12s %10s %10s %10s %10s\n' "$c" "$a" "$n" \

@@ -95,7 +95,9 @@ impl Exchange<'_> {
             .get(&**slot.name())
             .and_then(|c| c.kind.signer())
         {
-            return self.run_signed(route, slot, signer, parts, body).await;
+            // Boxed: its body buffering and signing would otherwise be part of every
+            // request's future.
+            return Box::pin(self.run_signed(route, slot, signer, parts, body)).await;
         }
         let token = slot.get().await?;
         let mut body = if route.refreshes_on_unauthorized() {
@@ -188,9 +190,10 @@ impl Exchange<'_> {
         let response = match self.leg {
             Leg::Request => self.upstream.send(request, self.pinned, timeout).await?,
             // The body type changes, the extensions (hyper's upgrade handle) stay.
-            Leg::Upgrade => self
-                .upstream
-                .send_upgrade(request, self.pinned, timeout)
+            // Boxed, like the signed path below: handshakes are rare next to requests, and
+            // their connect-and-handshake future would grow (and be moved with) every
+            // request's future.
+            Leg::Upgrade => Box::pin(self.upstream.send_upgrade(request, self.pinned, timeout))
                 .await?
                 .map(|body| body.map_err(BoxError::from).boxed()),
         };

@@ -140,7 +140,9 @@ impl UpstreamClient {
             // resolve the name again (a second DNS answer could point anywhere), so it goes
             // on a connection of its own to the addresses its host was checked at, with the
             // name only as TLS server name. Rare: clients send CONNECT for https URLs.
-            let response = self.upgrades.send(request, pinned, timeout).await?;
+            // Boxed: as large as a TLS handshake, it would otherwise be part of (and moved
+            // with) every request's future.
+            let response = Box::pin(self.upgrades.send(request, pinned, timeout)).await?;
             return Ok(response.map(|body| body.map_err(BoxError::from).boxed()));
         }
         let exchange = async {
