@@ -185,12 +185,17 @@ impl Exchange<'_> {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let started = Instant::now();
         let timeout = self.config.timeouts.upstream;
+        let identity = route.and_then(|r| r.config.tls_client_cert.as_ref());
         let response = match self.leg {
-            Leg::Request => self.upstream.send(request, self.pinned, timeout).await?,
+            Leg::Request => {
+                self.upstream
+                    .send(request, self.pinned, identity, timeout)
+                    .await?
+            }
             // The body type changes, the extensions (hyper's upgrade handle) stay.
             Leg::Upgrade => self
                 .upstream
-                .send_upgrade(request, self.pinned, timeout)
+                .send_upgrade(request, self.pinned, identity, timeout)
                 .await?
                 .map(|body| body.map_err(BoxError::from).boxed()),
         };

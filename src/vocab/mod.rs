@@ -4,6 +4,7 @@
 //! crate outside `vocab`, so every layer above can use it without an import circle.
 
 pub mod hop_by_hop;
+pub mod client_cert;
 pub mod hosts;
 pub mod redact;
 pub mod secret;
