@@ -235,7 +235,10 @@ fn validate_route(
         .and_then(|files| client_cert(ctx, files));
     if raw.tls_client_cert.is_some() {
         ok &= tls_client_cert.is_some();
-        if let Some(up) = upstream.as_ref().filter(|up| up.scheme == http::uri::Scheme::HTTP) {
+        if let Some(up) = upstream
+            .as_ref()
+            .filter(|up| up.scheme == http::uri::Scheme::HTTP)
+        {
             ctx.problem(
                 "tls_client_cert",
                 format!(

@@ -1,8 +1,10 @@
 //! Upstream TLS by client certificate (mutual TLS). Each certificate gets clients of its own —
 //! a pool and an upgrade connector — built from the shared trust settings, so a connection
 //! made with one certificate (or with none) is never taken out of the pool for a request that
-//! must present another. Each also gets its own TLS session store: a session resumed from
-//! another certificate's handshake would carry that certificate's authentication.
+//! must present another. Each also gets its own TLS session store: a resumed session carries
+//! the client authentication of the handshake it came from (rustls already refuses to resume
+//! across certificate resolvers; a store of its own also keeps one certificate's sessions
+//! from pushing out another's).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -58,7 +60,13 @@ impl TlsLegs {
 pub(crate) struct IdentityLegs {
     base: Arc<rustls::ClientConfig>,
     timeouts: Timeouts,
-    legs: Mutex<HashMap<[u8; 32], (Weak<ClientCert>, TlsLegs)>>,
+    legs: Mutex<HashMap<[u8; 32], HeldLegs>>,
+}
+
+/// One certificate's legs, and the certificate as a config holds it (while any does).
+struct HeldLegs {
+    cert: Weak<ClientCert>,
+    legs: TlsLegs,
 }
 
 impl IdentityLegs {
@@ -73,18 +81,24 @@ impl IdentityLegs {
 
     /// The legs that present `cert`.
     pub(crate) fn for_cert(&self, cert: &Arc<ClientCert>) -> TlsLegs {
-        let mut legs = self.legs.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((holder, found)) = legs.get_mut(&cert.id()) {
-            if holder.strong_count() == 0 {
-                *holder = Arc::downgrade(cert);
+        let mut held = self.legs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = held.get_mut(&cert.id()) {
+            if found.cert.strong_count() == 0 {
+                found.cert = Arc::downgrade(cert);
             }
-            return found.clone();
+            return found.legs.clone();
         }
-        legs.retain(|_, (holder, _)| holder.strong_count() > 0);
-        let made = TlsLegs::new(&presenting(&self.base, cert), &self.timeouts);
-        legs.insert(cert.id(), (Arc::downgrade(cert), made.clone()));
+        held.retain(|_, h| h.cert.strong_count() > 0);
+        let legs = TlsLegs::new(&presenting(&self.base, cert), &self.timeouts);
+        held.insert(
+            cert.id(),
+            HeldLegs {
+                cert: Arc::downgrade(cert),
+                legs: legs.clone(),
+            },
+        );
         tracing::debug!(cert = %cert.short_id(), "upstream clients for a client certificate");
-        made
+        legs
     }
 
     /// Certificates with legs now, for tests and diagnostics.

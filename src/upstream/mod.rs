@@ -6,8 +6,8 @@ pub mod authority;
 pub mod body;
 pub mod budget;
 pub mod error;
-pub mod idle;
 mod identity;
+pub mod idle;
 pub mod pinned;
 pub mod plain;
 pub mod upgrade;
@@ -25,8 +25,8 @@ use self::budget::ReplayBudget;
 pub use self::budget::CONNECTION_BUFFER;
 pub use self::error::{ClientBodyError, UpstreamError};
 
-pub use self::pinned::PinnedAddrs;
 use self::identity::{IdentityLegs, TlsLegs};
+pub use self::pinned::PinnedAddrs;
 use self::plain::PlainPool;
 use crate::config::{Timeouts, TlsSettings};
 use crate::vocab::client_cert::{pem_certificates, ClientCert};
@@ -40,8 +40,8 @@ pub fn tls_config(settings: &TlsSettings) -> Result<Arc<rustls::ClientConfig>, S
     if let Some(path) = &settings.ca_file {
         let pem = std::fs::read(path)
             .map_err(|e| format!("cannot read tls.ca_file {}: {e}", path.display()))?;
-        let certs = pem_certificates(&pem)
-            .map_err(|e| format!("tls.ca_file {}: {e}", path.display()))?;
+        let certs =
+            pem_certificates(&pem).map_err(|e| format!("tls.ca_file {}: {e}", path.display()))?;
         for cert in certs {
             roots
                 .add(cert)

@@ -78,11 +78,10 @@ impl ClientCert {
             })
         };
         let cert_pem = read(ClientCertFile::Cert, cert_file)?;
-        let chain =
-            pem_certificates(&cert_pem).map_err(|detail| ClientCertError::Certificate {
-                path: cert_file.to_path_buf(),
-                detail,
-            })?;
+        let chain = pem_certificates(&cert_pem).map_err(|detail| ClientCertError::Certificate {
+            path: cert_file.to_path_buf(),
+            detail,
+        })?;
         let key_pem = read(ClientCertFile::Key, key_file)?;
         let key_error = |detail: String| ClientCertError::Key {
             path: key_file.to_path_buf(),

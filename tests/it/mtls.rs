@@ -191,8 +191,7 @@ async fn connections_made_with_different_certificates_are_never_shared() {
         let client = support::direct_client();
         for i in 0..3 {
             for who in ["alice", "bob"] {
-                let (status, body) =
-                    get(&client, &format!("{}/{who}/n/{i}", proxy.url())).await;
+                let (status, body) = get(&client, &format!("{}/{who}/n/{i}", proxy.url())).await;
                 assert_eq!(status, 200, "{alpn:?} {who} {i}");
                 assert_eq!(body, format!("client CN={who}"), "{alpn:?} {i}");
             }
@@ -210,7 +209,11 @@ async fn connections_made_with_different_certificates_are_never_shared() {
         };
         let (a, b) = (connections("alice"), connections("bob"));
         assert!(a.is_disjoint(&b), "{alpn:?}: {a:?} {b:?}");
-        assert_eq!(a.len(), 1, "{alpn:?}: alice's requests share one kept-alive connection");
+        assert_eq!(
+            a.len(),
+            1,
+            "{alpn:?}: alice's requests share one kept-alive connection"
+        );
         assert_eq!(b.len(), 1, "{alpn:?}: bob's too");
         assert_eq!(
             proxy.state().upstream.client_certificates_in_use(),
@@ -295,7 +298,11 @@ fn check_refuses_bad_files_naming_the_route_and_field() {
     let dir = bank.dir.path();
     let (cert, key) = bank.client_cert("app");
     let (_, other_key) = bank.client_cert("other");
-    std::fs::write(dir.join("garbage.pem"), "-----BEGIN CERTIFICATE-----\n!!!\n").unwrap();
+    std::fs::write(
+        dir.join("garbage.pem"),
+        "-----BEGIN CERTIFICATE-----\n!!!\n",
+    )
+    .unwrap();
     std::fs::write(dir.join("empty.pem"), "nothing here\n").unwrap();
     let route = |cert: &str, key: &str, upstream: &str| {
         format!(
@@ -368,7 +375,10 @@ fn the_private_key_never_reaches_debug_output() {
     let key_pem = std::fs::read_to_string(&key).unwrap();
     let key_body: String = key_pem.lines().nth(1).unwrap().chars().take(30).collect();
     assert!(debug.contains("tls_client_cert"), "{debug}");
-    assert!(!debug.contains(&key_body) && !debug.contains("PRIVATE"), "{debug}");
+    assert!(
+        !debug.contains(&key_body) && !debug.contains("PRIVATE"),
+        "{debug}"
+    );
 }
 
 #[test]

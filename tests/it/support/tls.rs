@@ -167,12 +167,10 @@ pub async fn mtls_origin(
         roots.add(cert.unwrap()).unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider,
-    )
-    .build()
-    .unwrap();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
     let config = server_config_builder()
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
