@@ -1,15 +1,21 @@
 //! Client certificates to the upstream (mutual TLS, `tls_client_cert`): against an HTTPS
 //! upstream on 127.0.0.1 that refuses any handshake without a certificate its own CA signed
-//! and echoes the subject it was shown. Forward, mount and intercepted requests present the
-//! route's certificate; none or a wrong one is a 502 naming the route; a certificate goes
-//! with a bearer credential; rotated files are used by new connections and bad ones are
-//! refused; connections made with different certificates are never shared.
+//! and echoes the subject it was shown. Forward, mount and intercepted requests and
+//! WebSocket handshakes present the route's certificate; none or a wrong one is a 502 naming
+//! the route; a certificate goes with a bearer credential; rotated files are used by new
+//! connections and bad ones are refused; connections made with different certificates are
+//! never shared.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::tls::{https_origin, mtls_origin, write_private, TestCa, TlsOrigin};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::tls::{
+    https_origin, mtls_origin, mtls_server_config, subject, write_private, TestCa, TlsOrigin,
+};
 use crate::support::{self, Proxy};
 
 const H2_AND_H1: &[&str] = &["h2", "http/1.1"];
@@ -44,6 +50,17 @@ impl Bank {
     /// A client certificate the bank accepts, with subject `CN=<name>`.
     fn client_cert(&self, name: &str) -> (PathBuf, PathBuf) {
         self.client_ca.client_files(self.dir.path(), name, name)
+    }
+
+    /// A config file with one mount route `bank` presenting `files`.
+    fn config_file(&self, files: &(PathBuf, PathBuf)) -> PathBuf {
+        let path = self.dir.path().join("routes.yaml");
+        let yaml = format!(
+            "routes:\n  - name: bank\n    mount: /bank\n    upstream: https://127.0.0.1:8443\n{}",
+            cert_yaml(files)
+        );
+        std::fs::write(&path, yaml).unwrap();
+        path
     }
 
     /// `tls:` trusting the bank's server certificate.
@@ -118,6 +135,47 @@ async fn intercepted_tunnels_present_the_routes_certificate() {
     let (status, body) = get(&client, "https://bank.test/v1/accounts").await;
     assert_eq!((status, body.as_str()), (200, "client CN=tunnel-app"));
     assert_eq!(origin.last().target, "/v1/accounts");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_handshakes_present_the_routes_certificate() {
+    let bank = Bank::new();
+    let mut config = mtls_server_config(&bank.server_ca, &bank.client_ca, &["127.0.0.1"]);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Greets each WebSocket with the subject of the certificate its connection presented.
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let shown = tls.get_ref().1.peer_certificates().map(|c| subject(&c[0]));
+            let Ok(mut ws) = tokio_tungstenite::accept_async(tls).await else {
+                continue;
+            };
+            let greeting = format!("client {}", shown.unwrap_or_default());
+            let _ = ws.send(Message::text(greeting)).await;
+        }
+    });
+    let cert = bank.client_cert("socket-app");
+    let yaml = format!(
+        "{tls}routes:\n  - name: bank-ws\n    mount: /ws\n    upstream: https://{addr}\n{c}",
+        tls = bank.tls(),
+        c = cert_yaml(&cert),
+    );
+    let proxy = support::proxy(&yaml).await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let url = format!("ws://{}/ws/stream", proxy.addr);
+    let (mut ws, response) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let greeting = ws.next().await.expect("a greeting").unwrap();
+    assert_eq!(
+        greeting.into_text().unwrap().as_str(),
+        "client CN=socket-app"
+    );
     proxy.stop().await;
 }
 
@@ -359,15 +417,7 @@ fn check_refuses_bad_files_naming_the_route_and_field() {
 fn the_private_key_never_reaches_debug_output() {
     let bank = Bank::new();
     let (cert, key) = bank.client_cert("app");
-    let path = bank.dir.path().join("routes.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "routes:\n  - name: bank\n    mount: /bank\n    upstream: https://127.0.0.1:8443\n{}",
-            cert_yaml(&(cert, key.clone()))
-        ),
-    )
-    .unwrap();
+    let path = bank.config_file(&(cert, key.clone()));
     let config =
         authrelay::Config::load(&path, &std::collections::HashMap::<String, String>::new())
             .unwrap();
@@ -386,15 +436,7 @@ fn check_warns_about_a_key_file_others_can_read() {
     use std::os::unix::fs::PermissionsExt;
     let bank = Bank::new();
     let (cert, key) = bank.client_cert("app");
-    let path = bank.dir.path().join("routes.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "routes:\n  - name: bank\n    mount: /bank\n    upstream: https://127.0.0.1:8443\n{}",
-            cert_yaml(&(cert, key.clone()))
-        ),
-    )
-    .unwrap();
+    let path = bank.config_file(&(cert, key.clone()));
     let check = || {
         let out = Command::new(env!("CARGO_BIN_EXE_authrelay"))
             .args(["check", "--config"])

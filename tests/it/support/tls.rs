@@ -161,6 +161,12 @@ pub async fn mtls_origin(
     names: &[&str],
     alpn: &[&str],
 ) -> TlsOrigin {
+    serve(mtls_server_config(ca, client_ca, names), alpn).await
+}
+
+/// A server config with the leaf for `names` that requires a client certificate signed by
+/// `client_ca`.
+pub fn mtls_server_config(ca: &TestCa, client_ca: &TestCa, names: &[&str]) -> rustls::ServerConfig {
     let (chain, key) = ca.leaf(names);
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut client_ca.pem.as_bytes()) {
@@ -171,11 +177,10 @@ pub async fn mtls_origin(
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
             .unwrap();
-    let config = server_config_builder()
+    server_config_builder()
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .unwrap();
-    serve(config, alpn).await
+        .unwrap()
 }
 
 fn server_config_builder() -> rustls::ConfigBuilder<rustls::ServerConfig, rustls::WantsVerifier> {
@@ -186,7 +191,7 @@ fn server_config_builder() -> rustls::ConfigBuilder<rustls::ServerConfig, rustls
 }
 
 /// The subject of a DER certificate, as `CN=...`.
-fn subject(der: &CertificateDer<'_>) -> String {
+pub fn subject(der: &CertificateDer<'_>) -> String {
     let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
     cert.subject().to_string()
 }
