@@ -23,7 +23,8 @@ use crate::access_log::{self, Outcome, RequestFields as AccessFields};
 use crate::upstream::idle::{IdleTimeout, Side};
 use crate::upstream::ProxyBody;
 
-/// Answers one request that arrived on `conn`.
+/// Answers one request that arrived on `conn`. Every answer — forwarded, refused, a tunnel
+/// opened — ends in the same step: the route's (or `unmatched`) metrics and one access line.
 pub(crate) fn handle(conn: Arc<Connection>, request: Request<Incoming>) -> Answer {
     Box::pin(async move {
         let mut ctx = RequestContext::new(&conn, request.method());
@@ -31,39 +32,112 @@ pub(crate) fn handle(conn: Arc<Connection>, request: Request<Incoming>) -> Answe
             Ok(Decision::Forward(admitted)) => forward(ctx, admitted, request).await,
             // Boxed so that requests, the common case, do not carry its size.
             Ok(Decision::Tunnel(plan)) => {
-                match Box::pin(connect::open(&ctx, plan, request, handle)).await {
+                let (uri, authority) = (request.uri().clone(), plan.authority.clone());
+                let line = AccessLine::start(&ctx, None, &uri, Some(&authority));
+                let response = match Box::pin(connect::open(&ctx, plan, request, handle)).await {
                     Ok(response) => response,
-                    Err(e) => refuse(&ctx, e),
-                }
+                    Err(e) => refusal(&ctx, e),
+                };
+                line.finish(&ctx, None, response, false)
             }
-            Err(e) => refuse(&ctx, e),
+            Err(e) => {
+                let line = AccessLine::start(&ctx, None, request.uri(), None);
+                let response = refusal(&ctx, e);
+                line.finish(&ctx, None, response, false)
+            }
         }
     })
 }
 
 /// The proxy's own answer to a request it did not let through.
-fn refuse(ctx: &RequestContext, e: ProxyError) -> Response<ProxyBody> {
+fn refusal(ctx: &RequestContext, e: ProxyError) -> Response<ProxyBody> {
     let route = match &e {
         ProxyError::ClientNotAllowed(r) | ProxyError::CleartextRefused(r) => Some(r.clone()),
         _ => None,
     };
-    let client = &ctx.client;
-    let user = client.user.as_deref().unwrap_or("-");
-    if matches!(
-        e,
-        ProxyError::ProxyAuth(_) | ProxyError::ProxyAuthThrottled(_)
-    ) {
-        // At debug: a guessing client would write a line per guess; the throttle logs once
-        // per burst.
-        tracing::debug!(client = %client.addr, method = %ctx.method, error = %e, "request refused by the proxy");
-    } else {
-        tracing::info!(client = %client.addr, user, method = %ctx.method, error = %e, "request refused by the proxy");
+    // At debug: the access line records every refusal, and a guessing client would write a
+    // line per guess (the login throttle logs once per burst).
+    tracing::debug!(client = %ctx.client.addr, method = %ctx.method, error = %e, "request refused by the proxy");
+    e.into_response(route.as_deref())
+}
+
+/// One request's access line, from the moment the pipeline knows where it goes to its answer.
+/// With the binary's access log installed and the line on at `info` (and `debug` off), the
+/// line is formatted here and written by the access-log thread, and the request gets no
+/// `tracing` span: the span's fields are formatted once, into the line (a failure's warning
+/// still gets the span). Otherwise (log capture in tests, a terminal, `debug`) the request
+/// runs in a `request` span and the line is a `tracing` event, as documented in
+/// docs/operations.md. Off at `warn`: then nothing names the request, and nothing is kept.
+struct AccessLine<'a> {
+    /// What the line names (`None` at `warn`).
+    fields: Option<AccessFields<'a>>,
+    /// The `request` span (none on the fast path or at `warn`).
+    span: tracing::Span,
+    /// The fast path: the access log and the line's formatted fields.
+    fast: Option<(&'static access_log::AccessLog, String)>,
+}
+
+impl<'a> AccessLine<'a> {
+    fn start(
+        ctx: &'a RequestContext,
+        route: Option<&'a crate::routes::Route>,
+        uri: &'a http::Uri,
+        origin: Option<&'a http::uri::Authority>,
+    ) -> Self {
+        if !tracing::enabled!(tracing::Level::INFO) {
+            return Self {
+                fields: None,
+                span: tracing::Span::none(),
+                fast: None,
+            };
+        }
+        let fields = access_fields(&ctx.client, route, &ctx.method, uri, origin);
+        match access_log::installed().filter(|_| !tracing::enabled!(tracing::Level::DEBUG)) {
+            Some(log) => Self {
+                fast: Some((log, fields.span(log.format()))),
+                span: tracing::Span::none(),
+                fields: Some(fields),
+            },
+            None => Self {
+                span: request_span(&fields),
+                fast: None,
+                fields: Some(fields),
+            },
+        }
     }
-    let response = e.into_response(route.as_deref());
-    ctx.snapshot
-        .unmatched_metrics
-        .answered(response.status().as_u16());
-    response
+
+    /// The span a failure's warning is logged in (made then on the fast path).
+    fn warning_span(&self) -> tracing::Span {
+        match (&self.fast, &self.fields) {
+            (Some(_), Some(fields)) => request_span(fields),
+            _ => self.span.clone(),
+        }
+    }
+
+    /// Counts the answer on its route (or `unmatched`) and writes the line.
+    fn finish(
+        self,
+        ctx: &RequestContext,
+        route: Option<&crate::routes::Route>,
+        response: Response<ProxyBody>,
+        retried: bool,
+    ) -> Response<ProxyBody> {
+        let status = response.status().as_u16();
+        match route {
+            Some(r) => r.metrics.answered(status),
+            None => ctx.snapshot.unmatched_metrics.answered(status),
+        }
+        let outcome = Outcome {
+            status,
+            latency_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
+            retried,
+        };
+        match &self.fast {
+            Some((log, line_span)) => log.log(line_span, outcome),
+            None => self.span.in_scope(|| access_event(outcome)),
+        }
+        response
+    }
 }
 
 /// Forwards an admitted request (or answers why it failed), with a span and an access-log
@@ -77,34 +151,9 @@ async fn forward(
     let Admitted { target, pinned } = admitted;
     let snapshot = &ctx.snapshot;
     let route = target.route.as_ref();
-    // Off at `warn`: then nothing below names the request, and nothing is kept for it.
-    let fields = tracing::enabled!(tracing::Level::INFO).then(|| {
-        let origin = target.client_origin.as_ref().map(|(_, a)| a);
-        access_fields(
-            &ctx.client,
-            route.map(|r| &**r),
-            &ctx.method,
-            &target.uri,
-            origin,
-        )
-    });
-    // With the binary's access log installed and the line on at `info` (and `debug` off),
-    // the line is formatted here and written by the access-log thread, and the request gets
-    // no `tracing` span: the span's fields are formatted once, into the line (a failure's
-    // warning still gets the span). Otherwise (log capture in tests, a terminal, `debug`)
-    // the request runs in a `request` span and the line is a `tracing` event, as documented
-    // in docs/operations.md.
-    let fast = access_log::installed()
-        .filter(|_| fields.is_some() && !tracing::enabled!(tracing::Level::DEBUG));
-    let (span, fast_span) = match (&fields, fast) {
-        (Some(f), Some(log)) => (tracing::Span::none(), Some(f.span(log.format()))),
-        (Some(f), None) => (request_span(f), None),
-        (None, _) => (tracing::Span::none(), None),
-    };
-    let on_demand = || match (&fast_span, &fields) {
-        (Some(_), Some(f)) => request_span(f),
-        _ => span.clone(),
-    };
+    let origin = target.client_origin.as_ref().map(|(_, a)| a);
+    let line = AccessLine::start(&ctx, route.map(|r| &**r), &target.uri, origin);
+    let span = line.span.clone();
     let answer = async {
         let (mut parts, body) = request.into_parts();
         let websocket = upgrade::is_websocket(parts.version, &parts.headers)
@@ -148,30 +197,17 @@ async fn forward(
                         | ProxyError::Upstream(_)
                         | ProxyError::UpstreamTimeout(_)
                 ) {
-                    on_demand().in_scope(|| tracing::warn!(error = %e, "request failed"));
+                    line.warning_span()
+                        .in_scope(|| tracing::warn!(error = %e, "request failed"));
                 }
                 (e.into_response(route.map(|r| &*r.name)), false)
             }
         }
     }
-    .instrument(span.clone())
+    .instrument(span)
     .await;
     let (response, retried) = answer;
-    let status = response.status().as_u16();
-    match route {
-        Some(r) => r.metrics.answered(status),
-        None => snapshot.unmatched_metrics.answered(status),
-    }
-    let outcome = Outcome {
-        status,
-        latency_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
-        retried,
-    };
-    match (fast, &fast_span) {
-        (Some(log), Some(line_span)) => log.log(line_span, outcome),
-        _ => span.in_scope(|| access_event(outcome)),
-    }
-    response
+    line.finish(&ctx, route.map(|r| &**r), response, retried)
 }
 
 /// What the access line names about a request.

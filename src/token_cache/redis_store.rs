@@ -57,15 +57,18 @@ return {'string', redis.call('GET', KEYS[1])}
 /// Writes `ARGV[2]` to the token key only if the lease (when one exists) is ours and the
 /// token key still holds what the writer last read (kind `ARGV[5]`; for a string within the
 /// cap, the bytes `ARGV[1]`): a compare-and-swap fenced by the lease, so a slow former lease
-/// holder can never overwrite a newer token. Whatever was there (a value of another type
-/// included) is deleted first. Releases the lease and announces the new token.
+/// holder can never overwrite a newer token. A key found empty is written whatever was read:
+/// it was dropped (an operator invalidated the token) or expired, and holds nothing newer.
+/// Whatever was there (a value of another type included) is deleted first. Releases the lease and announces the new token.
 const WRITE_SCRIPT: &str = r"
 local lease = redis.call('GET', KEYS[2])
 if lease and lease ~= ARGV[3] then return 0 end
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind == 'string' and redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[6]) then kind = 'large' end
-if kind ~= ARGV[5] then return 0 end
-if kind == 'string' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if kind ~= 'none' then
+  if kind ~= ARGV[5] then return 0 end
+  if kind == 'string' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+end
 redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
 if lease then redis.call('DEL', KEYS[2]) end

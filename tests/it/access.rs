@@ -422,6 +422,12 @@ async fn the_access_log_names_the_client_never_its_password() {
     );
     assert!(access.contains("client=127.0.0.1"), "{access}");
     assert!(text.contains("proxy authentication failed"), "{text}");
+    // The refusal has its access line too, like every answer.
+    let refused_line = text
+        .lines()
+        .find(|l| l.contains("status=407"))
+        .unwrap_or_else(|| panic!("no access line for the 407 in:\n{text}"));
+    assert!(refused_line.contains("client=127.0.0.1"), "{refused_line}");
     for secret in [
         "pw-never-logged-9",
         "wrong-pw-also-secret",
@@ -570,6 +576,28 @@ async fn wrong_passwords_make_an_address_wait_before_any_password_is_checked() {
         .filter(|l| l.contains("proxy logins throttled"))
         .collect();
     assert_eq!(throttled.len(), 1, "one line per burst:\n{text}");
+    // Every answer has one access line: the missing header, ten failures, three throttled
+    // attempts (forward, mount, CONNECT) and the one served from the other address.
+    let statuses: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" request ") || l.ends_with(" request"))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("status=")))
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "status=407").count(),
+        11,
+        "{text}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "status=429").count(),
+        3,
+        "{text}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "status=200").count(),
+        1,
+        "{text}"
+    );
     assert!(throttled[0].contains("127.0.0.5"), "{}", throttled[0]);
     for secret in ["guessed-user", "guessed-pw-8", "wrong-pw-9", "right-pw-3"] {
         assert!(!text.contains(secret), "{secret} logged:\n{text}");
