@@ -86,3 +86,29 @@ fn refused_client_certificate(description: &str) -> Option<rustls::AlertDescript
     .into_iter()
     .find(|alert| description.contains(&rustls::Error::AlertReceived(*alert).to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::refused_client_certificate;
+    use rustls::AlertDescription;
+
+    #[test]
+    fn alerts_about_the_client_certificate_are_told_from_other_failures() {
+        let refused = "connection error: received fatal alert: CertificateRequired";
+        assert_eq!(
+            refused_client_certificate(refused),
+            Some(AlertDescription::CertificateRequired)
+        );
+        assert_eq!(
+            refused_client_certificate("received fatal alert: UnknownCA"),
+            Some(AlertDescription::UnknownCA)
+        );
+        for other in [
+            "received fatal alert: ProtocolVersion",
+            "invalid peer certificate: UnknownIssuer",
+            "tcp connect error: Connection refused (os error 111)",
+        ] {
+            assert_eq!(refused_client_certificate(other), None, "{other}");
+        }
+    }
+}
