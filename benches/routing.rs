@@ -62,6 +62,7 @@ fn route(name: &str, host: &str, prefix: Option<String>) -> RouteConfig {
         rewrite_location: true,
         clients: None,
         allow_cleartext: false,
+        tls_client_cert: None,
     }
 }
 

@@ -19,6 +19,8 @@ pub struct AccessNotes {
     pub unmatched: String,
     /// Set when credentials are configured and no client has to name itself.
     pub open_credentials: Option<&'static str>,
+    /// One line per client-certificate key file that group or others may read.
+    pub exposed_keys: Vec<String>,
 }
 
 /// The [`AccessNotes`] of `config`.
@@ -32,6 +34,7 @@ pub fn access_notes(config: &Config) -> AccessNotes {
         open_credentials: config
             .clients
             .open_to_local_processes(!config.credentials.is_empty()),
+        exposed_keys: config.exposed_key_files(),
     }
 }
 

@@ -278,6 +278,7 @@ mod tests {
             rewrite_location: true,
             clients: None,
             allow_cleartext: false,
+            tls_client_cert: None,
         }
     }
 

@@ -348,6 +348,9 @@ fn build_snapshot(
     if let Some(cache) = &token_cache {
         cache.start();
     }
+    for line in config.exposed_key_files() {
+        tracing::warn!("{line}");
+    }
     let mut slots = HashMap::new();
     for (name, cred) in &config.credentials {
         // Only the credential's own definition decides: `tokens:` timing changes apply to

@@ -7,6 +7,7 @@ pub mod validate;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, Method};
@@ -17,6 +18,7 @@ pub use raw::{OnUnauthorized, Unmatched};
 
 use crate::access::{ClientPolicy, UnmatchedReach};
 use crate::credentials::CredentialKind;
+use crate::vocab::client_cert::ClientCert;
 use crate::vocab::hosts::{HostPattern, UpstreamTarget};
 use crate::vocab::secret::Secret;
 
@@ -231,6 +233,9 @@ pub struct RouteConfig {
     pub clients: Option<Vec<String>>,
     /// Whether the credential may travel over plain HTTP to a non-loopback host.
     pub allow_cleartext: bool,
+    /// The client certificate presented to the upstream in the TLS handshake (mutual TLS);
+    /// read and checked at load, so a reload is what picks up rotated files.
+    pub tls_client_cert: Option<Arc<ClientCert>>,
 }
 
 /// Which upstream answers mean "the token was refused" on a route (when the upstream sends
@@ -251,6 +256,24 @@ impl RefreshOn {
 }
 
 impl Config {
+    /// One warning per client-certificate key file that group or others may read, naming
+    /// the route and the file (never its content).
+    pub fn exposed_key_files(&self) -> Vec<String> {
+        self.routes
+            .iter()
+            .filter_map(|r| {
+                let cert = r.tls_client_cert.as_ref()?;
+                let mode = cert.key_exposed_mode()?;
+                Some(format!(
+                    "route `{}`: tls_client_cert.key_file {} is readable by group or others \
+                     (mode {mode:o}); `chmod 600` it",
+                    r.name,
+                    cert.key_file.display()
+                ))
+            })
+            .collect()
+    }
+
     /// Reads, parses and validates a config file, resolving `${VAR}` from `env`.
     pub fn load(path: &Path, env: &dyn Environment) -> Result<Config, ConfigError> {
         Self::from_yaml(&Self::read(path)?, path, env)

@@ -255,4 +255,16 @@ pub struct RawRoute {
     /// Allows sending the credential over plain HTTP to a non-loopback host.
     #[serde(default)]
     pub allow_cleartext: bool,
+    /// A client certificate presented to the upstream (mutual TLS).
+    pub tls_client_cert: Option<RawClientCert>,
+}
+
+/// A route's `tls_client_cert:` — PEM files, relative to the config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientCert {
+    /// The certificate chain, leaf first.
+    pub cert_file: String,
+    /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
 }

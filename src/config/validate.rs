@@ -4,12 +4,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
 
 use super::raw::{
-    RawClients, RawConfig, RawCredential, RawNet, RawRoute, RawTokenCache, TokenCacheType,
+    RawClientCert, RawClients, RawConfig, RawCredential, RawNet, RawRoute, RawTokenCache,
+    TokenCacheType,
 };
 use super::{
     Config, ConnectSettings, CredentialConfig, EncryptionKey, InterceptCaSettings,
@@ -17,6 +19,7 @@ use super::{
     TokenCacheSettings, TokenSettings,
 };
 use crate::access::{ClientPolicy, UnmatchedReach, User, CLOSED_INSIDE_PORTS};
+use crate::vocab::client_cert::{ClientCert, ClientCertFile};
 use crate::vocab::hosts::{HostPattern, UpstreamTarget};
 use crate::vocab::validate_ctx::ValidateCtx;
 use crate::vocab::values::Environment;
@@ -226,6 +229,27 @@ fn validate_route(
             ok = false;
         }
     }
+    let tls_client_cert = raw
+        .tls_client_cert
+        .as_ref()
+        .and_then(|files| client_cert(ctx, files));
+    if raw.tls_client_cert.is_some() {
+        ok &= tls_client_cert.is_some();
+        if let Some(up) = upstream
+            .as_ref()
+            .filter(|up| up.scheme == http::uri::Scheme::HTTP)
+        {
+            ctx.problem(
+                "tls_client_cert",
+                format!(
+                    "a client certificate is presented in a TLS handshake, and `http://{}` has \
+                     none; use https://",
+                    up.authority
+                ),
+            );
+            ok = false;
+        }
+    }
     ok.then(|| RouteConfig {
         name: raw.name,
         host,
@@ -240,7 +264,27 @@ fn validate_route(
         rewrite_location: raw.rewrite_location.unwrap_or(true),
         clients: raw.clients,
         allow_cleartext: raw.allow_cleartext,
+        tls_client_cert,
     })
+}
+
+/// A route's `tls_client_cert`: both files read and checked now, each problem named by its
+/// field (`tls_client_cert.cert_file` or `.key_file`).
+fn client_cert(ctx: &mut ValidateCtx<'_>, raw: &RawClientCert) -> Option<Arc<ClientCert>> {
+    let cert = ctx.existing_file("tls_client_cert.cert_file", &raw.cert_file);
+    let key = ctx.existing_file("tls_client_cert.key_file", &raw.key_file);
+    let (cert, key) = (cert?, key?);
+    match ClientCert::load(&cert, &key) {
+        Ok(loaded) => Some(Arc::new(loaded)),
+        Err(e) => {
+            let field = match e.file() {
+                ClientCertFile::Cert => "tls_client_cert.cert_file",
+                ClientCertFile::Key => "tls_client_cert.key_file",
+            };
+            ctx.problem(field, e);
+            None
+        }
+    }
 }
 
 /// A list of CIDR ranges with `${VAR}` resolved; each bad one is a problem.

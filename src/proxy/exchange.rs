@@ -187,15 +187,25 @@ impl Exchange<'_> {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let started = Instant::now();
         let timeout = self.config.timeouts.upstream;
+        let identity = route.and_then(|r| r.config.tls_client_cert.as_ref());
         let response = match self.leg {
-            Leg::Request => self.upstream.send(request, self.pinned, timeout).await?,
+            Leg::Request => {
+                self.upstream
+                    .send(request, self.pinned, identity, timeout)
+                    .await?
+            }
             // The body type changes, the extensions (hyper's upgrade handle) stay.
             // Boxed, like the signed path below: handshakes are rare next to requests, and
             // their connect-and-handshake future would grow (and be moved with) every
             // request's future.
-            Leg::Upgrade => Box::pin(self.upstream.send_upgrade(request, self.pinned, timeout))
+            Leg::Upgrade => {
+                Box::pin(
+                    self.upstream
+                        .send_upgrade(request, self.pinned, identity, timeout),
+                )
                 .await?
-                .map(|body| body.map_err(BoxError::from).boxed()),
+                .map(|body| body.map_err(BoxError::from).boxed())
+            }
         };
         if let Some(r) = route {
             r.metrics.upstream_latency(started.elapsed());

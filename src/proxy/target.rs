@@ -145,13 +145,15 @@ pub fn mount_target(snapshot: &Snapshot, method: &Method, uri: &Uri) -> Result<T
     })
 }
 
-/// Whether sending this route's credential to `host` over plain HTTP would expose it on the
-/// network: the route has a credential, did not say `allow_cleartext`, and `host` is not this
-/// machine.
+/// Whether plain HTTP to `host` would defeat this route: it would expose the route's
+/// credential on the network (the route has one, did not say `allow_cleartext`, and `host`
+/// is not this machine), or could not present the route's client certificate at all (that
+/// takes a TLS handshake, whatever the host).
 pub(crate) fn sends_in_clear(route: &Route, host: &str) -> bool {
-    route.credential.is_some()
-        && !route.config.allow_cleartext
-        && !crate::access::is_loopback_host(host)
+    route.config.tls_client_cert.is_some()
+        || (route.credential.is_some()
+            && !route.config.allow_cleartext
+            && !crate::access::is_loopback_host(host))
 }
 
 /// The same request to the host's `https://` origin (default port), so that a legacy client

@@ -55,5 +55,60 @@ pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     if parts.is_empty() {
         parts.push(e.to_string());
     }
-    parts.join(": ")
+    let text = parts.join(": ");
+    match refused_client_certificate(&text) {
+        Some(alert) => format!(
+            "the upstream refused the TLS handshake (alert {alert:?}): it wants a client \
+             certificate it trusts (`tls_client_cert`); {text}"
+        ),
+        None => text,
+    }
+}
+
+/// The alert an upstream answered a handshake with, found in an error's `description`, when
+/// it is about the client's certificate: none was presented, or the one presented is not
+/// trusted or not accepted (a signature that does not verify against a CA of the same name
+/// is `DecryptError`). Read from the text because HTTP/2 keeps only the text of an I/O
+/// error, not the TLS error itself; the text is rustls's own.
+fn refused_client_certificate(description: &str) -> Option<rustls::AlertDescription> {
+    use rustls::AlertDescription as Alert;
+    [
+        Alert::CertificateRequired,
+        Alert::BadCertificate,
+        Alert::UnknownCA,
+        Alert::CertificateUnknown,
+        Alert::CertificateExpired,
+        Alert::CertificateRevoked,
+        Alert::UnsupportedCertificate,
+        Alert::AccessDenied,
+        Alert::DecryptError,
+    ]
+    .into_iter()
+    .find(|alert| description.contains(&rustls::Error::AlertReceived(*alert).to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refused_client_certificate;
+    use rustls::AlertDescription;
+
+    #[test]
+    fn alerts_about_the_client_certificate_are_told_from_other_failures() {
+        let refused = "connection error: received fatal alert: CertificateRequired";
+        assert_eq!(
+            refused_client_certificate(refused),
+            Some(AlertDescription::CertificateRequired)
+        );
+        assert_eq!(
+            refused_client_certificate("received fatal alert: UnknownCA"),
+            Some(AlertDescription::UnknownCA)
+        );
+        for other in [
+            "received fatal alert: ProtocolVersion",
+            "invalid peer certificate: UnknownIssuer",
+            "tcp connect error: Connection refused (os error 111)",
+        ] {
+            assert_eq!(refused_client_certificate(other), None, "{other}");
+        }
+    }
 }

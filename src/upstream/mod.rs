@@ -6,31 +6,30 @@ pub mod authority;
 pub mod body;
 pub mod budget;
 pub mod error;
+mod identity;
 pub mod idle;
 pub mod pinned;
 pub mod plain;
 pub mod upgrade;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::Scheme;
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use self::body::{BoxError, ProxyBody};
 use self::budget::ReplayBudget;
 pub use self::budget::CONNECTION_BUFFER;
 pub use self::error::{ClientBodyError, UpstreamError};
 
+use self::identity::{IdentityLegs, TlsLegs};
 pub use self::pinned::PinnedAddrs;
 use self::plain::PlainPool;
-use self::upgrade::UpgradeConnector;
 use crate::config::{Timeouts, TlsSettings};
+use crate::vocab::client_cert::{pem_certificates, ClientCert};
 
 /// Builds the rustls client config shared by upstream requests and token endpoints (ALPN is
 /// left to each client: hyper-rustls offers h2 and http/1.1).
@@ -41,19 +40,12 @@ pub fn tls_config(settings: &TlsSettings) -> Result<Arc<rustls::ClientConfig>, S
     if let Some(path) = &settings.ca_file {
         let pem = std::fs::read(path)
             .map_err(|e| format!("cannot read tls.ca_file {}: {e}", path.display()))?;
-        let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| format!("tls.ca_file {}: {e}", path.display()))?;
+        let certs =
+            pem_certificates(&pem).map_err(|e| format!("tls.ca_file {}: {e}", path.display()))?;
+        for cert in certs {
             roots
                 .add(cert)
                 .map_err(|e| format!("tls.ca_file {}: {e}", path.display()))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(format!(
-                "tls.ca_file {} holds no PEM certificate",
-                path.display()
-            ));
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -75,49 +67,45 @@ pub fn install_crypto_provider() {
 #[derive(Clone)]
 pub struct UpstreamClient {
     plain: PlainPool,
-    tls: Client<HttpsConnector<HttpConnector>, ProxyBody>,
-    upgrades: UpgradeConnector,
+    /// https without a client certificate.
+    tls: TlsLegs,
+    /// https presenting a route's client certificate: clients of their own per certificate.
+    identities: Arc<IdentityLegs>,
     replay_budget: Arc<ReplayBudget>,
 }
 
 impl UpstreamClient {
     /// A client using `tls` for https upstreams.
     pub fn new(tls: Arc<rustls::ClientConfig>, timeouts: &Timeouts) -> Self {
-        let upgrades = UpgradeConnector::new(&tls, timeouts.connect);
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(timeouts.connect));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((*tls).clone())
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let tls = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(timeouts.pool_idle)
-            .pool_max_idle_per_host(1024)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
         Self {
             plain: PlainPool::new(timeouts.connect, timeouts.pool_idle),
-            tls,
-            upgrades,
+            tls: TlsLegs::new(&tls, timeouts),
+            identities: Arc::new(IdentityLegs::new(tls, timeouts)),
             replay_budget: Arc::default(),
         }
     }
 
+    /// The https legs for a request presenting `identity` (or none).
+    fn tls_legs(&self, identity: Option<&Arc<ClientCert>>) -> Cow<'_, TlsLegs> {
+        match identity {
+            Some(cert) => Cow::Owned(self.identities.for_cert(cert)),
+            None => Cow::Borrowed(&self.tls),
+        }
+    }
+
     /// Sends an upgrade handshake (WebSocket) on a connection of its own and waits for the
-    /// response head at most `timeout`; see [`upgrade`].
+    /// response head at most `timeout`; see [`upgrade`]. `identity`: the client certificate
+    /// an https upstream is shown.
     pub async fn send_upgrade(
         &self,
         request: Request<ProxyBody>,
         pinned: Option<&PinnedAddrs>,
+        identity: Option<&Arc<ClientCert>>,
         timeout: Duration,
     ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
-        self.upgrades.send(request, pinned, timeout).await
+        refuse_cleartext_identity(&request, identity)?;
+        let legs = self.tls_legs(identity);
+        legs.upgrades.send(request, pinned, timeout).await
     }
 
     /// The bytes held for replay by all requests together (`retry.max_buffered_total`). It
@@ -128,13 +116,17 @@ impl UpstreamClient {
 
     /// Sends `request` (absolute URI) and waits for the response head at most `timeout`.
     /// `pinned`: the addresses an unmatched destination was checked at, the only ones it may
-    /// be connected to.
+    /// be connected to. `identity`: the client certificate an https upstream is shown; the
+    /// connection it goes on was made with that certificate (or, for `None`, with none).
     pub async fn send(
         &self,
         request: Request<ProxyBody>,
         pinned: Option<&PinnedAddrs>,
+        identity: Option<&Arc<ClientCert>>,
         timeout: Duration,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
+        refuse_cleartext_identity(&request, identity)?;
+        let legs = self.tls_legs(identity);
         if request.uri().scheme() != Some(&Scheme::HTTP) && pinned.is_some() {
             // An unmatched absolute-form `https://` request: the pooled TLS client would
             // resolve the name again (a second DNS answer could point anywhere), so it goes
@@ -142,14 +134,14 @@ impl UpstreamClient {
             // name only as TLS server name. Rare: clients send CONNECT for https URLs.
             // Boxed: as large as a TLS handshake, it would otherwise be part of (and moved
             // with) every request's future.
-            let response = Box::pin(self.upgrades.send(request, pinned, timeout)).await?;
+            let response = Box::pin(legs.upgrades.send(request, pinned, timeout)).await?;
             return Ok(response.map(|body| body.map_err(BoxError::from).boxed()));
         }
         let exchange = async {
             if request.uri().scheme() == Some(&Scheme::HTTP) {
                 return self.plain.send(request, pinned).await;
             }
-            match self.tls.request(request).await {
+            match legs.pooled.request(request).await {
                 Ok(response) => Ok(response.map(|body| body.map_err(BoxError::from).boxed())),
                 Err(e) => Err(idle::exchange_error(&e)),
             }
@@ -159,8 +151,28 @@ impl UpstreamClient {
             .unwrap_or(Err(UpstreamError::Timeout(timeout)))
     }
 
+    /// Client certificates with clients of their own now, for tests and diagnostics.
+    pub fn client_certificates_in_use(&self) -> usize {
+        self.identities.len()
+    }
+
     /// Idle plain-HTTP upstream connections held now, for tests and diagnostics.
     pub fn idle_plain_connections(&self) -> usize {
         self.plain.idle_connections()
     }
+}
+
+/// A client certificate can only be presented in a TLS handshake: a request that should
+/// carry one never goes out over plain HTTP without it (admission and the config check
+/// already refuse such routes; this keeps the rule where the connection is made).
+fn refuse_cleartext_identity(
+    request: &Request<ProxyBody>,
+    identity: Option<&Arc<ClientCert>>,
+) -> Result<(), UpstreamError> {
+    if identity.is_some() && request.uri().scheme() == Some(&Scheme::HTTP) {
+        return Err(UpstreamError::Failed(
+            "a client certificate needs an https:// upstream".into(),
+        ));
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! the hop-by-hop header list and the shutdown signal. Nothing here imports a module of the
 //! crate outside `vocab`, so every layer above can use it without an import circle.
 
+pub mod client_cert;
 pub mod hop_by_hop;
 pub mod hosts;
 pub mod redact;

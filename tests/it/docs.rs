@@ -443,6 +443,13 @@ impl Machine {
         for file in MACHINE_FILES {
             std::fs::write(root.join(file), "docs-dummy-secret\n").unwrap();
         }
+        // README: the client certificate a `tls_client_cert` example names (checked at load:
+        // real PEM, a key that matches).
+        let bank = root.join("etc/authrelay/bank");
+        std::fs::create_dir_all(&bank).unwrap();
+        machine
+            .upstream_ca
+            .client_files(&bank, "client", "docs-app");
         std::fs::copy(
             repo().join("tests/it/fixtures/outreach_app_key.pem"),
             root.join("run/secrets/outreach_app_key.pem"),

@@ -510,7 +510,12 @@ async fn pinned_https_requests_connect_where_their_name_was_checked() {
         .unwrap();
     let pinned = authrelay::upstream::PinnedAddrs(vec![origin.addr].into());
     let response = client
-        .send(request, Some(&pinned), std::time::Duration::from_secs(5))
+        .send(
+            request,
+            Some(&pinned),
+            None,
+            std::time::Duration::from_secs(5),
+        )
         .await
         .expect("the pinned origin answers");
     assert_eq!(response.status(), 200);

@@ -21,6 +21,7 @@ mod hostile_admin;
 mod hostile_vendors;
 mod https;
 mod layers;
+mod mtls;
 mod pipeline;
 mod props;
 mod proxy_basics;

@@ -1,0 +1,121 @@
+//! Upstream TLS by client certificate (mutual TLS). Each certificate gets clients of its own —
+//! a pool and an upgrade connector — built from the shared trust settings, so a connection
+//! made with one certificate (or with none) is never taken out of the pool for a request that
+//! must present another. Each also gets its own TLS session store: a resumed session carries
+//! the client authentication of the handshake it came from (rustls already refuses to resume
+//! across certificate resolvers; a store of its own also keeps one certificate's sessions
+//! from pushing out another's).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::body::ProxyBody;
+use super::upgrade::UpgradeConnector;
+use crate::config::Timeouts;
+use crate::vocab::client_cert::ClientCert;
+
+/// The two ways to an https upstream with one TLS client configuration: the pooled client
+/// (HTTP/2 when offered) and connections of their own for upgrades. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct TlsLegs {
+    pub(crate) pooled: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    pub(crate) upgrades: UpgradeConnector,
+}
+
+impl TlsLegs {
+    pub(crate) fn new(tls: &rustls::ClientConfig, timeouts: &Timeouts) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeouts.connect));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let pooled = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(timeouts.pool_idle)
+            .pool_max_idle_per_host(1024)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(https);
+        Self {
+            pooled,
+            upgrades: UpgradeConnector::new(tls, timeouts.connect),
+        }
+    }
+}
+
+/// The legs of every client certificate in use, by certificate. An entry lives while a
+/// config names its certificate (a reload that keeps the files keeps the pool); entries of
+/// certificates no config holds any more are dropped when another one is added.
+pub(crate) struct IdentityLegs {
+    base: Arc<rustls::ClientConfig>,
+    timeouts: Timeouts,
+    legs: Mutex<HashMap<[u8; 32], HeldLegs>>,
+}
+
+/// One certificate's legs, and the certificate as a config holds it (while any does).
+struct HeldLegs {
+    cert: Weak<ClientCert>,
+    legs: TlsLegs,
+}
+
+impl IdentityLegs {
+    /// Legs trusting what `base` trusts.
+    pub(crate) fn new(base: Arc<rustls::ClientConfig>, timeouts: &Timeouts) -> Self {
+        Self {
+            base,
+            timeouts: timeouts.clone(),
+            legs: Mutex::default(),
+        }
+    }
+
+    /// The legs that present `cert`.
+    pub(crate) fn for_cert(&self, cert: &Arc<ClientCert>) -> TlsLegs {
+        let mut held = self.legs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = held.get_mut(&cert.id()) {
+            if found.cert.strong_count() == 0 {
+                found.cert = Arc::downgrade(cert);
+            }
+            return found.legs.clone();
+        }
+        held.retain(|_, h| h.cert.strong_count() > 0);
+        let legs = TlsLegs::new(&presenting(&self.base, cert), &self.timeouts);
+        held.insert(
+            cert.id(),
+            HeldLegs {
+                cert: Arc::downgrade(cert),
+                legs: legs.clone(),
+            },
+        );
+        tracing::debug!(cert = %cert.short_id(), "upstream clients for a client certificate");
+        legs
+    }
+
+    /// Certificates with legs now, for tests and diagnostics.
+    pub(crate) fn len(&self) -> usize {
+        self.legs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// `base` presenting `cert` when the server asks for a client certificate, with a session
+/// store of its own.
+fn presenting(base: &rustls::ClientConfig, cert: &ClientCert) -> rustls::ClientConfig {
+    let mut config = base.clone();
+    config.client_auth_cert_resolver =
+        Arc::new(rustls::sign::SingleCertAndKey::from(cert.certified_key()));
+    config.resumption = rustls::client::Resumption::default();
+    config
+}
