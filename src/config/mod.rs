@@ -219,7 +219,7 @@ pub struct RouteConfig {
     pub methods: Option<Vec<Method>>,
     pub mount: Option<String>,
     pub upstream: Option<UpstreamTarget>,
-    pub credential: Option<String>,
+    pub credential: Option<CredentialChoice>,
     pub on_unauthorized: OnUnauthorized,
     /// Which upstream statuses mean the token was refused.
     pub refresh_on: RefreshOn,
@@ -231,6 +231,44 @@ pub struct RouteConfig {
     pub clients: Option<Vec<String>>,
     /// Whether the credential may travel over plain HTTP to a non-loopback host.
     pub allow_cleartext: bool,
+}
+
+/// Which credential a route injects: one for every client, or one per authenticated user.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CredentialChoice {
+    /// Every client's requests carry this credential.
+    Shared(String),
+    /// Each user listed carries its own credential; others carry `default`, or are refused
+    /// when there is none.
+    PerClient {
+        by_client: BTreeMap<String, String>,
+        default: Option<String>,
+    },
+}
+
+impl CredentialChoice {
+    /// The credential name `user`'s requests carry; `None` when the user may not use it.
+    pub fn name_for(&self, user: Option<&str>) -> Option<&str> {
+        match self {
+            CredentialChoice::Shared(name) => Some(name),
+            CredentialChoice::PerClient { by_client, default } => user
+                .and_then(|u| by_client.get(u))
+                .or(default.as_ref())
+                .map(String::as_str),
+        }
+    }
+
+    /// Every credential name the choice may pick.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            CredentialChoice::Shared(name) => vec![name],
+            CredentialChoice::PerClient { by_client, default } => by_client
+                .values()
+                .chain(default)
+                .map(String::as_str)
+                .collect(),
+        }
+    }
 }
 
 /// Which upstream answers mean "the token was refused" on a route (when the upstream sends

@@ -240,7 +240,8 @@ pub struct RawRoute {
     pub methods: Option<Vec<String>>,
     pub mount: Option<String>,
     pub upstream: Option<String>,
-    pub credential: Option<String>,
+    /// One credential for every client, or one per authenticated client.
+    pub credential: Option<RawRouteCredential>,
     #[serde(default)]
     pub on_unauthorized: OnUnauthorized,
     /// Upstream statuses that mean "token refused" (default `[401]`; `[401, 403]` for
@@ -255,4 +256,25 @@ pub struct RawRoute {
     /// Allows sending the credential over plain HTTP to a non-loopback host.
     #[serde(default)]
     pub allow_cleartext: bool,
+}
+
+/// A route's `credential`: a name, or `{by_client: {USER: NAME}, default: NAME}` so that each
+/// calling app spends its own vendor account.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawRouteCredential {
+    /// The same credential for every client.
+    Shared(String),
+    /// A credential per user of `clients.users`.
+    PerClient(RawPerClient),
+}
+
+/// The `by_client` form of a route's `credential`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPerClient {
+    /// Credential name by user name.
+    pub by_client: BTreeMap<String, String>,
+    /// The credential of users without an entry; without it they are refused.
+    pub default: Option<String>,
 }

@@ -9,12 +9,13 @@ use std::time::Duration;
 use http::Method;
 
 use super::raw::{
-    RawClients, RawConfig, RawCredential, RawNet, RawRoute, RawTokenCache, TokenCacheType,
+    RawClients, RawConfig, RawCredential, RawNet, RawPerClient, RawRoute, RawRouteCredential,
+    RawTokenCache, TokenCacheType,
 };
 use super::{
-    Config, ConnectSettings, CredentialConfig, EncryptionKey, InterceptCaSettings,
-    RedisCacheSettings, RefreshOn, RetrySettings, RouteConfig, Timeouts, TlsSettings,
-    TokenCacheSettings, TokenSettings,
+    Config, ConnectSettings, CredentialChoice, CredentialConfig, EncryptionKey,
+    InterceptCaSettings, RedisCacheSettings, RefreshOn, RetrySettings, RouteConfig, Timeouts,
+    TlsSettings, TokenCacheSettings, TokenSettings,
 };
 use crate::access::{ClientPolicy, UnmatchedReach, User, CLOSED_INSIDE_PORTS};
 use crate::vocab::hosts::{HostPattern, UpstreamTarget};
@@ -164,18 +165,14 @@ fn validate_route(
         );
         ok = false;
     }
-    if let Some(c) = &raw.credential {
-        if !declared_credentials.contains(c) {
-            let known: Vec<&str> = declared_credentials.iter().map(String::as_str).collect();
-            ctx.problem(
-                "credential",
-                format!(
-                    "`{c}` is not defined under `credentials` (defined: {})",
-                    known.join(", ")
-                ),
-            );
-            ok = false;
+    let credential = raw.credential.map(|c| match c {
+        RawRouteCredential::Shared(name) => CredentialChoice::Shared(name),
+        RawRouteCredential::PerClient(RawPerClient { by_client, default }) => {
+            CredentialChoice::PerClient { by_client, default }
         }
+    });
+    if let Some(choice) = &credential {
+        ok &= check_credential_choice(choice, declared_credentials, declared_users, ctx);
     }
     let refresh_on = match raw.refresh_on.as_deref() {
         None => RefreshOn::default(),
@@ -211,7 +208,7 @@ fn validate_route(
             ok = false;
         }
     }
-    if let Some(up) = upstream.as_ref().filter(|_| raw.credential.is_some()) {
+    if let Some(up) = upstream.as_ref().filter(|_| credential.is_some()) {
         if up.scheme == http::uri::Scheme::HTTP
             && !raw.allow_cleartext
             && !crate::access::is_loopback_host(up.authority.host())
@@ -233,7 +230,7 @@ fn validate_route(
         methods,
         mount,
         upstream,
-        credential: raw.credential,
+        credential,
         on_unauthorized: raw.on_unauthorized,
         refresh_on,
         intercept: raw.intercept,
@@ -241,6 +238,47 @@ fn validate_route(
         clients: raw.clients,
         allow_cleartext: raw.allow_cleartext,
     })
+}
+
+/// Every credential a route's `credential` names must be defined, and every `by_client` key
+/// must be a user of `clients.users` (only an authenticated user can be told apart).
+fn check_credential_choice(
+    choice: &CredentialChoice,
+    declared_credentials: &BTreeSet<String>,
+    declared_users: &BTreeSet<String>,
+    ctx: &mut ValidateCtx<'_>,
+) -> bool {
+    let mut ok = true;
+    for name in choice.names() {
+        if !declared_credentials.contains(name) {
+            let known: Vec<&str> = declared_credentials.iter().map(String::as_str).collect();
+            ctx.problem(
+                "credential",
+                format!(
+                    "`{name}` is not defined under `credentials` (defined: {})",
+                    known.join(", ")
+                ),
+            );
+            ok = false;
+        }
+    }
+    if let CredentialChoice::PerClient { by_client, default } = choice {
+        if by_client.is_empty() && default.is_none() {
+            ctx.problem(
+                "credential.by_client",
+                "must name at least one client (or give a `default`)",
+            );
+            ok = false;
+        }
+        for user in by_client.keys().filter(|u| !declared_users.contains(*u)) {
+            ctx.problem(
+                "credential.by_client",
+                format!("`{user}` is not defined under `clients.users`"),
+            );
+            ok = false;
+        }
+    }
+    ok
 }
 
 /// A list of CIDR ranges with `${VAR}` resolved; each bad one is a problem.

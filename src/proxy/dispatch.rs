@@ -67,14 +67,18 @@ fn refuse(ctx: &RequestContext, e: ProxyError) -> Response<ProxyBody> {
 }
 
 /// Forwards an admitted request (or answers why it failed), with a span and an access-log
-/// line naming client, route, credential, method, the host the client asked for, the
+/// line naming client, route, the credential chosen for the client, method, the host the client asked for, the
 /// upstream it went to, status, latency and whether it was replayed.
 async fn forward(
     ctx: RequestContext,
     admitted: Admitted,
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let Admitted { target, pinned } = admitted;
+    let Admitted {
+        target,
+        pinned,
+        credential,
+    } = admitted;
     let snapshot = &ctx.snapshot;
     let route = target.route.as_ref();
     // Off at `warn`: then nothing below names the request, and nothing is kept for it.
@@ -83,6 +87,7 @@ async fn forward(
         access_fields(
             &ctx.client,
             route.map(|r| &**r),
+            credential.as_deref(),
             &ctx.method,
             &target.uri,
             origin,
@@ -115,6 +120,7 @@ async fn forward(
             upstream: &ctx.state().upstream,
             config: &snapshot.config,
             target: &target,
+            credential: credential.as_ref(),
             pinned: pinned.as_ref(),
             leg: if websocket.is_some() {
                 Leg::Upgrade
@@ -178,6 +184,7 @@ async fn forward(
 fn access_fields<'a>(
     client: &'a Client,
     route: Option<&'a crate::routes::Route>,
+    credential: Option<&'a crate::token_store::CredentialSlot>,
     method: &'a http::Method,
     uri: &'a http::Uri,
     origin: Option<&'a http::uri::Authority>,
@@ -186,9 +193,7 @@ fn access_fields<'a>(
         client: client.addr,
         user: client.user.as_deref().unwrap_or("-"),
         route: route.map_or("-", |r| &*r.name),
-        credential: route
-            .and_then(|r| r.credential.as_ref())
-            .map_or("-", |c| &**c.name()),
+        credential: credential.map_or("-", |c| &**c.name()),
         method: method.as_str(),
         host: origin.map_or_else(|| uri.host().unwrap_or("-"), |a| a.host()),
         upstream: uri.authority().map_or("-", |a| a.as_str()),

@@ -49,6 +49,8 @@ pub(crate) struct Exchange<'a> {
     pub(crate) upstream: &'a UpstreamClient,
     pub(crate) config: &'a Config,
     pub(crate) target: &'a Target,
+    /// The credential admission chose for the client on the target's route.
+    pub(crate) credential: Option<&'a Arc<CredentialSlot>>,
     pub(crate) pinned: Option<&'a PinnedAddrs>,
     pub(crate) leg: Leg,
 }
@@ -71,12 +73,7 @@ impl Exchange<'_> {
     pub(crate) async fn run(&self, parts: Parts, body: Incoming) -> Result<Forwarded, ProxyError> {
         let mut parts = parts;
         let uri = &self.target.uri;
-        let Some((route, slot)) = self
-            .target
-            .route
-            .as_ref()
-            .and_then(|r| Some((r, r.credential.as_ref()?)))
-        else {
+        let Some((route, slot)) = self.target.route.as_ref().zip(self.credential) else {
             let headers = std::mem::take(&mut parts.headers);
             let body = replay::streaming(body, self.config);
             let request = build(&parts.method, uri, headers, None, body);
@@ -88,7 +85,7 @@ impl Exchange<'_> {
         };
 
         let token = slot.get().await?;
-        let mut body = if route.refreshes_on_unauthorized() {
+        let mut body = if route.refreshes_on_unauthorized(slot) {
             let budget = self.upstream.replay_budget();
             replay::prepare(body, &parts.headers, self.config, budget).await?
         } else {
@@ -111,7 +108,7 @@ impl Exchange<'_> {
 
         match verdict(route, &response) {
             TokenVerdict::Accepted => slot.upstream_accepted(&route.name),
-            TokenVerdict::Refused if body.replayable() && route.refreshes_on_unauthorized() => {
+            TokenVerdict::Refused if body.replayable() && route.refreshes_on_unauthorized(slot) => {
                 let replay = Replay {
                     exchange: self,
                     route,
