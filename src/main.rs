@@ -187,6 +187,9 @@ async fn async_main(cli: Cli) -> ExitCode {
             if let Some(line) = notes.open_credentials {
                 println!("{line}");
             }
+            for line in &notes.route_credentials {
+                println!("{line}");
+            }
             if !fetch {
                 return ExitCode::SUCCESS;
             }

@@ -317,10 +317,15 @@ impl Config {
                     .into(),
             });
         }
-        let raw: raw::RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: describe_yaml_error(&e),
-        })?;
+        // A file too broken to read its user names is reported by the full parse below.
+        let users = serde_yaml::from_str::<raw::UserNames>(text)
+            .map(raw::UserNames::into_names)
+            .unwrap_or_default();
+        let raw: raw::RawConfig = raw::with_known_users(users, || serde_yaml::from_str(text))
+            .map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: describe_yaml_error(&e),
+            })?;
         let base_dir = path
             .parent()
             .map(Path::to_path_buf)

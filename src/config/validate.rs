@@ -168,7 +168,13 @@ fn validate_route(
     let credential = raw.credential.map(|c| match c {
         RawRouteCredential::Shared(name) => CredentialChoice::Shared(name),
         RawRouteCredential::PerClient(RawPerClient { by_client, default }) => {
-            CredentialChoice::PerClient { by_client, default }
+            CredentialChoice::PerClient {
+                by_client: by_client
+                    .into_iter()
+                    .map(|(user, name)| (user.0, name))
+                    .collect(),
+                default,
+            }
         }
     });
     if let Some(choice) = &credential {

@@ -20,6 +20,7 @@ mod hostile;
 mod hostile_admin;
 mod hostile_vendors;
 mod https;
+mod identities;
 mod layers;
 mod props;
 mod proxy_basics;

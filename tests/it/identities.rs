@@ -1,0 +1,321 @@
+//! Whoever calls, whatever the API wants (issue #23): a credential per calling app
+//! (`credential: {by_client, default}`), `type: basic`, and credentials sent in the query
+//! string (`query_param`). Every test runs the proxy against in-process token endpoints and
+//! origins on 127.0.0.1.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use crate::support::server::{self, Origin, Seen};
+use crate::support::{self, Proxy};
+
+/// An OAuth2 client-credentials token endpoint holding several accounts: each `client_id`
+/// has its own secret and its own token sequence (`tok-ID-N`). A wrong secret is refused with
+/// `invalid_client`, the final refusal that makes a slot re-read its secret.
+#[derive(Default)]
+pub(crate) struct Accounts {
+    secrets: Mutex<HashMap<String, String>>,
+    issued: Mutex<HashMap<String, usize>>,
+    refused: Mutex<usize>,
+}
+
+impl Accounts {
+    pub(crate) fn new(accounts: &[(&str, &str)]) -> Arc<Self> {
+        let this = Arc::new(Self::default());
+        for (id, secret) in accounts {
+            this.set_secret(id, secret);
+        }
+        this
+    }
+
+    /// Rotates an account's secret at the vendor.
+    pub(crate) fn set_secret(&self, id: &str, secret: &str) {
+        self.secrets
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), secret.to_string());
+    }
+
+    /// Tokens issued to `id` so far.
+    pub(crate) fn issued(&self, id: &str) -> usize {
+        self.issued.lock().unwrap().get(id).copied().unwrap_or(0)
+    }
+
+    /// Token requests refused for a wrong secret.
+    pub(crate) fn refused(&self) -> usize {
+        *self.refused.lock().unwrap()
+    }
+
+    fn answer(&self, seen: &Seen) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+        let form: HashMap<String, String> =
+            serde_urlencoded::from_bytes(&seen.body).unwrap_or_default();
+        let id = form.get("client_id").cloned().unwrap_or_default();
+        let known = self.secrets.lock().unwrap().get(&id).cloned();
+        if known.is_none() || known.as_ref() != form.get("client_secret") {
+            *self.refused.lock().unwrap() += 1;
+            return server::json(401, serde_json::json!({"error": "invalid_client"}));
+        }
+        let mut issued = self.issued.lock().unwrap();
+        let n = issued.entry(id.clone()).or_default();
+        *n += 1;
+        server::json(
+            200,
+            serde_json::json!({
+                "access_token": format!("tok-{id}-{n}"),
+                "token_type": "bearer",
+                "expires_in": 3600,
+            }),
+        )
+    }
+}
+
+/// Serves `accounts` at `/token`.
+pub(crate) async fn token_endpoint(accounts: &Arc<Accounts>) -> Origin {
+    let accounts = Arc::clone(accounts);
+    server::serve(move |seen| {
+        let answer = accounts.answer(&seen);
+        async move { answer }
+    })
+    .await
+}
+
+/// An API that refuses (401) the `Authorization` values in `revoked` and answers 200 with
+/// the value it got otherwise.
+pub(crate) async fn api(revoked: Arc<Mutex<HashSet<String>>>) -> Origin {
+    server::serve(move |seen| {
+        let auth = seen.header("authorization");
+        let status = if revoked.lock().unwrap().contains(&auth) {
+            401
+        } else {
+            200
+        };
+        async move { server::respond(status, auth) }
+    })
+    .await
+}
+
+/// A credential section of `type: oauth2_client_credentials` for one account.
+pub(crate) fn account_credential(
+    name: &str,
+    token_server: &Origin,
+    id: &str,
+    secret_line: &str,
+) -> String {
+    format!(
+        "  {name}:\n    type: oauth2_client_credentials\n    token_url: {}/token\n    client_id: {id}\n    {secret_line}\n",
+        token_server.url()
+    )
+}
+
+const USERS: &str = "clients:\n  users:\n    billing-app:\n      password: pw-billing-3\n    crm-sync:\n      password: pw-crm-3\n    stranger:\n      password: pw-stranger-3\n";
+
+/// Two accounts at one vendor; route `by-app` (path `/a`) gives each app its own, route
+/// `with-default` (path `/b`) gives billing-app its own and everyone else the CRM account.
+fn per_client_config(token_server: &Origin, api: &Origin) -> String {
+    format!(
+        "{USERS}credentials:\n{}{}routes:\n  - name: by-app\n    host: \"{api}\"\n    path_prefix: /a\n    credential:\n      by_client:\n        billing-app: acct_billing\n        crm-sync: acct_crm\n  - name: with-default\n    host: \"{api}\"\n    path_prefix: /b\n    credential: {{by_client: {{billing-app: acct_billing}}, default: acct_crm}}\n",
+        account_credential("acct_billing", token_server, "billing", "client_secret: sec-billing-1"),
+        account_credential("acct_crm", token_server, "crm", "client_secret: sec-crm-1"),
+        api = api.addr,
+    )
+}
+
+fn client_as(proxy: &Proxy, user: &str, password: &str) -> reqwest::Client {
+    authrelay::upstream::install_crypto_provider();
+    reqwest::Client::builder()
+        .proxy(
+            reqwest::Proxy::all(proxy.url())
+                .unwrap()
+                .basic_auth(user, password),
+        )
+        .build()
+        .unwrap()
+}
+
+struct PerClient {
+    accounts: Arc<Accounts>,
+    revoked: Arc<Mutex<HashSet<String>>>,
+    api: Origin,
+    proxy: Proxy,
+}
+
+impl PerClient {
+    async fn start() -> Self {
+        let accounts = Accounts::new(&[("billing", "sec-billing-1"), ("crm", "sec-crm-1")]);
+        let token_server = token_endpoint(&accounts).await;
+        let revoked = Arc::new(Mutex::new(HashSet::new()));
+        let api = api(Arc::clone(&revoked)).await;
+        let proxy = support::proxy(&per_client_config(&token_server, &api)).await;
+        Self {
+            accounts,
+            revoked,
+            api,
+            proxy,
+        }
+    }
+
+    async fn get(&self, user: &str, path: &str) -> (u16, String) {
+        let password = match user {
+            "billing-app" => "pw-billing-3",
+            "crm-sync" => "pw-crm-3",
+            _ => "pw-stranger-3",
+        };
+        let response = client_as(&self.proxy, user, password)
+            .get(format!("{}{path}", self.api.url()))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+}
+
+#[tokio::test]
+async fn each_app_carries_its_own_vendor_account() {
+    let (logs, _guard) = crate::access::capture_logs();
+    let s = PerClient::start().await;
+    assert_eq!(
+        s.get("billing-app", "/a/invoices").await,
+        (200, "Bearer tok-billing-1".into())
+    );
+    assert_eq!(
+        s.get("crm-sync", "/a/contacts").await,
+        (200, "Bearer tok-crm-1".into())
+    );
+    assert_eq!(
+        s.get("billing-app", "/a/invoices").await,
+        (200, "Bearer tok-billing-1".into()),
+        "each account's token is cached in its own slot"
+    );
+    assert_eq!(
+        (s.accounts.issued("billing"), s.accounts.issued("crm")),
+        (1, 1)
+    );
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let line_of = |user: &str| {
+        text.lines()
+            .find(|l| {
+                l.contains(&format!("user=\"{user}\"")) || l.contains(&format!("user={user}"))
+            })
+            .unwrap_or_else(|| panic!("no access line for {user}: {text}"))
+            .to_string()
+    };
+    assert!(
+        line_of("billing-app").contains("credential=\"acct_billing\"")
+            || line_of("billing-app").contains("credential=acct_billing"),
+        "{text}"
+    );
+    assert!(line_of("crm-sync").contains("acct_crm"), "{text}");
+    assert!(
+        !text.contains("tok-billing-1") && !text.contains("sec-billing-1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_without_an_entry_is_refused_before_any_token_is_fetched() {
+    let s = PerClient::start().await;
+    let (status, body) = s.get("stranger", "/a/invoices").await;
+    assert_eq!(status, 403, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "client_not_allowed", "{body}");
+    assert_eq!(body["route"], "by-app", "{body}");
+    assert_eq!(s.api.count(), 0, "nothing reached the upstream");
+    assert_eq!(
+        (s.accounts.issued("billing"), s.accounts.issued("crm")),
+        (0, 0)
+    );
+    assert_eq!(
+        s.get("stranger", "/b/anything").await,
+        (200, "Bearer tok-crm-1".into()),
+        "the default serves clients without an entry"
+    );
+    assert_eq!(
+        s.get("billing-app", "/b/anything").await,
+        (200, "Bearer tok-billing-1".into())
+    );
+}
+
+#[tokio::test]
+async fn a_refused_token_refreshes_only_that_apps_credential() {
+    let s = PerClient::start().await;
+    assert_eq!(s.get("billing-app", "/a/x").await.1, "Bearer tok-billing-1");
+    assert_eq!(s.get("crm-sync", "/a/x").await.1, "Bearer tok-crm-1");
+    s.revoked
+        .lock()
+        .unwrap()
+        .insert("Bearer tok-billing-1".into());
+    assert_eq!(
+        s.get("billing-app", "/a/x").await,
+        (200, "Bearer tok-billing-2".into()),
+        "refreshed and replayed"
+    );
+    assert_eq!(s.get("crm-sync", "/a/x").await.1, "Bearer tok-crm-1");
+    assert_eq!(
+        (s.accounts.issued("billing"), s.accounts.issued("crm")),
+        (2, 1)
+    );
+}
+
+#[tokio::test]
+async fn check_lists_which_client_gets_which_credential() {
+    let accounts = Accounts::new(&[]);
+    let token_server = token_endpoint(&accounts).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    std::fs::write(&path, per_client_config(&token_server, &token_server)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_authrelay"))
+        .args(["--config", path.to_str().unwrap(), "check"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("route by-app: billing-app -> acct_billing, crm-sync -> acct_crm, any other client: refused (client_not_allowed)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "route with-default: billing-app -> acct_billing, any other client -> acct_crm"
+        ),
+        "{stdout}"
+    );
+}
+
+fn config_error(yaml: &str) -> String {
+    let env = HashMap::<String, String>::new();
+    authrelay::Config::from_yaml(yaml, Path::new("routes.yaml"), &env)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn per_client_credentials_name_defined_users_and_credentials() {
+    let base = format!(
+        "{USERS}credentials:\n  a:\n    type: static\n    value: x\nroutes:\n  - name: r\n    host: api.example.com\n"
+    );
+    let e = config_error(&format!(
+        "{base}    credential: {{by_client: {{billing-app: a, nobody: a}}}}\n"
+    ));
+    assert!(
+        e.contains("`nobody` is not defined under `clients.users`"),
+        "{e}"
+    );
+    assert!(e.contains("line 16 column"), "{e}");
+    let e = config_error(&format!(
+        "{base}    credential: {{by_client: {{billing-app: missing}}, default: gone}}\n"
+    ));
+    assert!(
+        e.contains("routes[0] (r).credential: `missing` is not defined under `credentials`")
+            && e.contains("`gone` is not defined"),
+        "{e}"
+    );
+    let e = config_error(&format!("{base}    credential: {{by_client: {{}}}}\n"));
+    assert!(e.contains("must name at least one client"), "{e}");
+    let e = config_error(&format!("{base}    credential: {{by_clients: {{}}}}\n"));
+    assert!(e.contains("line 16 column"), "{e}");
+}
