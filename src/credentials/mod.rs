@@ -479,6 +479,7 @@ credential_types! {
     jwt::AppJwt,
     outseta::Outseta,
     login::Login,
+    basic::Basic,
 }
 
 /// Every `type:` name YAML accepts, in registry order.
