@@ -199,8 +199,10 @@ pub struct InterceptCaSettings {
 pub struct CredentialConfig {
     /// Its name in the config; shown in errors, logs and metrics.
     pub name: String,
-    /// The header it sets on matched requests.
+    /// The header it sets on matched requests (unless `query_param` is set).
     pub header: HeaderName,
+    /// The query parameter its value is sent in instead of a header.
+    pub query_param: Option<String>,
     /// Obtain the token at start and keep it fresh in the background.
     pub prefetch: bool,
     /// The token source and its settings.

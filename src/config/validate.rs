@@ -56,6 +56,7 @@ fn validate_credential(
     Some(CredentialConfig {
         name: name.to_string(),
         header: v.header,
+        query_param: v.query_param,
         prefetch: v.prefetch,
         kind: v.kind,
         secret_parts: ctx.take_secret_parts(),

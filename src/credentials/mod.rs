@@ -275,6 +275,8 @@ pub struct CommonSpec {
     pub scheme: Option<String>,
     /// Fetch a token at start and keep it fresh in the background.
     pub prefetch: Option<bool>,
+    /// Send the value in this query parameter instead of a header.
+    pub query_param: Option<String>,
 }
 
 /// The validated settings of one credential, of whichever type. Compared on reload.
@@ -350,6 +352,8 @@ impl<T: CredentialType> Definition for Defined<T> {
 #[derive(Debug)]
 pub struct ValidatedCredential {
     pub header: HeaderName,
+    /// The query parameter the value goes in instead of `header`.
+    pub query_param: Option<String>,
     pub prefetch: bool,
     pub kind: CredentialKind,
 }
@@ -434,6 +438,9 @@ fn validate_section<T: CredentialType>(
     ctx: &mut ValidateCtx<'_>,
 ) -> Option<ValidatedCredential> {
     let header = ctx.header_name("header", common.header.as_deref());
+    let query_param = common.query_param.as_deref().and_then(|name| {
+        query_param_name(ctx, name, common.header.is_some()).then(|| name.to_string())
+    });
     let format = match (T::default_scheme(&spec), common.scheme.as_deref()) {
         (None, Some(_)) => {
             ctx.problem(
@@ -446,6 +453,8 @@ fn validate_section<T: CredentialType>(
             None
         }
         (None, None) => Some(TokenFormat::new(None, "")),
+        // In a query string the bare token is what APIs expect (`?api_key=…`).
+        (Some(_), scheme) if common.query_param.is_some() => scheme_format(ctx, scheme, ""),
         (Some(default), scheme) => scheme_format(ctx, scheme, default),
     };
     let prefetch = common.prefetch.unwrap_or(false);
@@ -458,9 +467,33 @@ fn validate_section<T: CredentialType>(
     let settings = T::validate(spec, format.clone()?, ctx)?;
     Some(ValidatedCredential {
         header: header?,
+        query_param,
         prefetch,
         kind: CredentialKind(Arc::new(Defined::<T> { settings })),
     })
+}
+
+/// Whether `name` can be a `query_param`: a plain parameter name (so that it never needs
+/// encoding and compares as written), and not together with `header`.
+fn query_param_name(ctx: &mut ValidateCtx<'_>, name: &str, header_set: bool) -> bool {
+    let plain = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.~".contains(c));
+    if !plain {
+        ctx.problem(
+            "query_param",
+            "must be a parameter name of letters, digits, `_`, `-`, `.` and `~`",
+        );
+    }
+    if header_set {
+        ctx.problem(
+            "header",
+            "does not apply with `query_param`: the value goes in the query string instead",
+        );
+    }
+    plain && !header_set
 }
 
 /// Declares the credential modules and the registry YAML reaches them through: one line per
@@ -517,11 +550,12 @@ pub fn parse_credential(mut fields: serde_yaml::Mapping) -> Result<ParsedCredent
             Some(serde_yaml::Value::Bool(b)) => Some(b),
             Some(_) => return Err("prefetch: expected true or false".into()),
         },
+        query_param: take_string(&mut fields, "query_param")?,
     };
     (registration.parse)(fields, common).map_err(|e| {
         let text = e.to_string();
         if text.contains("unknown field") {
-            format!("{text} (or the shared `header`, `scheme`, `prefetch`)")
+            format!("{text} (or the shared `header`, `scheme`, `prefetch`, `query_param`)")
         } else {
             text
         }

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use http::header::{self, HeaderMap};
 use http::request::Parts;
+use http::uri::PathAndQuery;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -26,6 +27,7 @@ use crate::metrics::RetryOutcome;
 use crate::routes::Route;
 use crate::token_store::{CredentialSlot, IssuedToken};
 use crate::upstream::{BoxError, PinnedAddrs, ProxyBody, UpstreamClient};
+use crate::vocab::redact::form_urlencode;
 
 /// What happened to a forwarded request, for the access log.
 pub(crate) struct Forwarded {
@@ -97,13 +99,9 @@ impl Exchange<'_> {
         } else {
             std::mem::take(&mut parts.headers)
         };
-        let first = build(
-            &parts.method,
-            uri,
-            headers,
-            Some((slot, &token)),
-            body.take(),
-        );
+        let query_param = self.query_param(slot);
+        let (uri, injection) = place(uri, query_param, slot, &token);
+        let first = build(&parts.method, &uri, headers, injection, body.take());
         let response = self.send(Some(route), first).await?;
 
         match verdict(route, &response) {
@@ -126,6 +124,14 @@ impl Exchange<'_> {
             response,
             retried: false,
         })
+    }
+
+    /// The query parameter `slot`'s credential goes in instead of its header, if any.
+    fn query_param(&self, slot: &CredentialSlot) -> Option<&str> {
+        self.config
+            .credentials
+            .get(&**slot.name())
+            .and_then(|c| c.query_param.as_deref())
     }
 
     /// Sends one attempt on this exchange's leg and records the time to its response head.
@@ -202,11 +208,13 @@ impl Replay<'_> {
             } else {
                 self.parts.headers.clone()
             };
+            let query_param = self.exchange.query_param(self.slot);
+            let (uri, injection) = place(&self.exchange.target.uri, query_param, self.slot, &fresh);
             let again = build(
                 &self.parts.method,
-                &self.exchange.target.uri,
+                &uri,
                 headers,
-                Some((self.slot, &fresh)),
+                injection,
                 self.body.take(),
             );
             let response = self.exchange.send(Some(self.route), again).await?;
@@ -317,6 +325,52 @@ fn build(
     request
 }
 
+/// Where a token goes: into query parameter `query_param` of the URI (then no header is
+/// injected), or into the slot's header.
+fn place<'a>(
+    uri: &Uri,
+    query_param: Option<&str>,
+    slot: &'a Arc<CredentialSlot>,
+    token: &'a Arc<IssuedToken>,
+) -> (Uri, Injection<'a>) {
+    match query_param {
+        Some(name) => (with_query_credential(uri, name, token.header_value()), None),
+        None => (uri.clone(), Some((slot, token))),
+    }
+}
+
+type Injection<'a> = Option<(&'a Arc<CredentialSlot>, &'a Arc<IssuedToken>)>;
+
+/// `uri` with `value` in query parameter `name`: every parameter the client sent under that
+/// name, however percent-encoded, is dropped (an upstream that reads the first or the last of
+/// duplicates must still see the configured one), and the value is percent-encoded.
+pub fn with_query_credential(uri: &Uri, name: &str, value: &HeaderValue) -> Uri {
+    let value = form_urlencode(&String::from_utf8_lossy(value.as_bytes())).replace('+', "%20");
+    let pair = format!("{name}={value}");
+    let mut query: Vec<&str> = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty() && !names_param(p, name))
+        .collect();
+    query.push(&pair);
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query =
+        PathAndQuery::try_from(format!("{}?{}", uri.path(), query.join("&"))).ok();
+    // Every piece was valid in a URI already, so this holds; were it not to, the request
+    // fails (a URI without authority) rather than going out with the client's own value.
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// Whether the query pair `pair` (`name=value`, percent-encoded) is for parameter `name`.
+fn names_param(pair: &str, name: &str) -> bool {
+    let raw_name = pair.split('=').next().unwrap_or_default();
+    serde_urlencoded::from_str::<Vec<(String, String)>>(raw_name)
+        .ok()
+        .and_then(|decoded| decoded.into_iter().next())
+        .is_some_and(|(decoded, _)| decoded == name)
+}
+
 /// Sets the credential header, replacing whatever the client sent under that name.
 pub fn inject(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) {
     headers.insert(name.clone(), value.clone());
@@ -332,6 +386,25 @@ mod tests {
             headers.append(header::WWW_AUTHENTICATE, HeaderValue::from_str(v).unwrap());
         }
         challenge_error(&headers)
+    }
+
+    #[test]
+    fn the_query_credential_replaces_every_client_copy_and_is_encoded() {
+        let value = HeaderValue::from_static("k y&=+/%");
+        let at =
+            |uri: &str| with_query_credential(&uri.parse().unwrap(), "api_key", &value).to_string();
+        assert_eq!(
+            at("http://h.test/p?api_key=mine&x=1&api%5Fkey=again&api_key"),
+            "http://h.test/p?x=1&api_key=k%20y%26%3D%2B%2F%25"
+        );
+        assert_eq!(
+            at("https://h.test"),
+            "https://h.test/?api_key=k%20y%26%3D%2B%2F%25"
+        );
+        assert_eq!(
+            at("http://h.test/p?api_keys=1&&x=%20"),
+            "http://h.test/p?api_keys=1&x=%20&api_key=k%20y%26%3D%2B%2F%25"
+        );
     }
 
     #[test]

@@ -43,7 +43,7 @@ impl Accounts {
     }
 
     /// Token requests refused for a wrong secret.
-    pub(crate) fn refused(&self) -> usize {
+    pub(crate) fn refusals(&self) -> usize {
         *self.refused.lock().unwrap()
     }
 
@@ -318,4 +318,131 @@ fn per_client_credentials_name_defined_users_and_credentials() {
     assert!(e.contains("must name at least one client"), "{e}");
     let e = config_error(&format!("{base}    credential: {{by_clients: {{}}}}\n"));
     assert!(e.contains("line 16 column"), "{e}");
+}
+
+#[tokio::test]
+async fn basic_credentials_reach_an_origin_that_checks_them() {
+    use base64::Engine;
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("acct-7:pa ss:w0rd")
+    );
+    let wanted = expected.clone();
+    let origin = server::serve(move |seen| {
+        let status = if seen.header("authorization") == wanted {
+            200
+        } else {
+            401
+        };
+        async move { server::respond(status, "") }
+    })
+    .await;
+    let yaml = format!(
+        "credentials:\n  legacy:\n    type: basic\n    username: acct-7\n    password: ${{LEGACY_PW}}\nroutes:\n  - name: legacy\n    host: \"{}\"\n    credential: legacy\n",
+        origin.addr
+    );
+    let proxy = support::proxy_with_env(&yaml, &[("LEGACY_PW", "pa ss:w0rd")]).await;
+    let response = proxy
+        .client()
+        .get(format!("{}/report", origin.url()))
+        .header("authorization", "Basic bWluZTptaW5l")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(origin.last().header("authorization"), expected);
+    assert_eq!(
+        origin
+            .last()
+            .headers
+            .get_all("authorization")
+            .iter()
+            .count(),
+        1
+    );
+    let status = crate::support::direct_client()
+        .get(format!("{}/report", origin.url()))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 401, "the origin really checks");
+}
+
+/// The query's `api_key` values as the origin received them.
+fn api_keys(seen: &Seen) -> Vec<String> {
+    let query = seen.target.split_once('?').map_or("", |(_, q)| q);
+    serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k == "api_key")
+        .map(|(_, v)| v)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_query_credential_replaces_the_clients_and_is_renewed_on_replay() {
+    let (logs, _guard) = crate::access::capture_logs();
+    let accounts = Accounts::new(&[("q app", "sec q&=1")]);
+    let token_server = token_endpoint(&accounts).await;
+    let revoked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let refused = Arc::clone(&revoked);
+    let origin = server::serve(move |seen| {
+        let keys = api_keys(&seen);
+        let status = match keys.as_slice() {
+            [key] if !refused.lock().unwrap().contains(key) => 200,
+            _ => 401,
+        };
+        async move { server::respond(status, "") }
+    })
+    .await;
+    let yaml = format!(
+        "credentials:\n  q:\n    type: oauth2_client_credentials\n    token_url: {}/token\n    client_id: q app\n    client_secret: \"sec q&=1\"\n    query_param: api_key\nroutes:\n  - name: keyed\n    host: \"{}\"\n    credential: q\n",
+        token_server.url(),
+        origin.addr
+    );
+    let proxy = support::proxy(&yaml).await;
+    let url = format!("{}/v1/items?api_key=mine&x=1&api%5Fkey=again", origin.url());
+    let response = proxy.client().get(&url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = origin.last();
+    assert_eq!(api_keys(&seen), ["tok-q app-1"]);
+    assert_eq!(seen.target, "/v1/items?x=1&api_key=tok-q%20app-1");
+    assert_eq!(
+        seen.header("authorization"),
+        "",
+        "no header besides the query"
+    );
+
+    revoked.lock().unwrap().insert("tok-q app-1".into());
+    let response = proxy.client().get(&url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let requests = origin.requests();
+    assert_eq!(requests.len(), 3, "refused once, replayed once");
+    assert_eq!(api_keys(&requests[2]), ["tok-q app-2"]);
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("route=\"keyed\"") || text.contains("route=keyed"),
+        "{text}"
+    );
+    for secret in ["tok-q", "mine", "api_key", "sec q"] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+}
+
+#[test]
+fn query_param_is_a_plain_name_and_excludes_header() {
+    let base = "credentials:\n  a:\n    type: static\n    value: x\n";
+    let e = config_error(&format!("{base}    query_param: \"api key\"\nroutes: []\n"));
+    assert!(
+        e.contains("credentials.a.query_param: must be a parameter name"),
+        "{e}"
+    );
+    let e = config_error(&format!(
+        "{base}    query_param: key\n    header: X-Key\nroutes: []\n"
+    ));
+    assert!(
+        e.contains("credentials.a.header: does not apply with `query_param`"),
+        "{e}"
+    );
 }
