@@ -100,7 +100,10 @@ impl State {
             None => None,
         };
         let metrics = Arc::new(Metrics::new());
-        let deps = SourceDeps { http };
+        let deps = SourceDeps {
+            http,
+            secret_refused: Arc::default(),
+        };
         let token_cache = match &config.token_cache {
             TokenCacheSettings::Memory => None,
             TokenCacheSettings::Redis(settings) => Some(
@@ -109,7 +112,8 @@ impl State {
         };
         let snapshot = build_snapshot(config, None, token_cache, &deps, &metrics);
         let auth_throttle = crate::access::AuthThrottle::new(metrics.proxy_auth_failures.clone());
-        Ok(Arc::new(Self {
+        let secret_refused = Arc::clone(&deps.secret_refused);
+        let state = Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             upstream,
             metrics,
@@ -120,7 +124,9 @@ impl State {
             reload_lock: std::sync::Mutex::new(()),
             own_addresses: std::sync::OnceLock::new(),
             auth_throttle,
-        }))
+        });
+        rerun_secret_commands(Arc::downgrade(&state), secret_refused);
+        Ok(state)
     }
 
     /// The current snapshot. Hold the `Arc` for the whole request.
@@ -336,6 +342,27 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
     {
         tracing::warn!("`tls`, `timeouts.connect` and `timeouts.pool_idle` changes take effect at the next restart");
     }
+}
+
+/// When a token endpoint refuses a configured secret and some secret comes from a command,
+/// reloads the config, which runs the commands again: a changed secret makes a new slot that
+/// the next request uses; an unchanged one keeps the refused slot in its backoff. Refusals
+/// are at most one per credential per `tokens.backoff_max`, and so are these reloads.
+fn rerun_secret_commands(state: std::sync::Weak<State>, refused: Arc<tokio::sync::Notify>) {
+    tokio::spawn(async move {
+        loop {
+            refused.notified().await;
+            let Some(state) = state.upgrade() else {
+                return;
+            };
+            if !state.snapshot().config.secret_commands {
+                continue;
+            }
+            tracing::info!("a token endpoint refused a secret; running the secret commands again");
+            // Commands block (up to `secret_command_timeout` each).
+            let _ = tokio::task::spawn_blocking(move || state.reload()).await;
+        }
+    });
 }
 
 fn build_snapshot(

@@ -82,6 +82,9 @@ pub struct Config {
     pub admin_hosts: Vec<String>,
     /// Where tokens are kept: this process only, or shared with other replicas via Redis.
     pub token_cache: TokenCacheSettings,
+    /// Whether some secret came from a command (`x_command`): a secret the vendor refuses
+    /// then re-runs the commands (a reload), so that a rotated secret is picked up.
+    pub secret_commands: bool,
 }
 
 /// Where tokens are kept.

@@ -19,6 +19,10 @@ pub struct RawConfig {
     pub admin_token: Option<String>,
     /// `admin_token` read from a file.
     pub admin_token_file: Option<String>,
+    /// `admin_token` printed by a command.
+    pub admin_token_command: Option<Vec<String>>,
+    /// How long a secret command (`x_command`) may run (default 10s).
+    pub secret_command_timeout: Option<ConfigDuration>,
     /// Client connections held open at once; derived from the file-descriptor limit when absent.
     pub max_connections: Option<usize>,
     /// What to do with requests no route matches.
@@ -83,11 +87,13 @@ pub struct RawTokenCache {
     pub url: Option<String>,
     pub password: Option<String>,
     pub password_file: Option<String>,
+    pub password_command: Option<Vec<String>>,
     /// Prefix of every key authrelay writes (default `authrelay:`).
     pub key_prefix: Option<String>,
     /// 32 random bytes, base64 or hex, that seal every stored token.
     pub encryption_key: Option<String>,
     pub encryption_key_file: Option<String>,
+    pub encryption_key_command: Option<Vec<String>>,
     /// Longest wait for one Redis command before falling back to memory.
     pub timeout: Option<ConfigDuration>,
     /// Extra PEM root for a `rediss://` server with a private CA.
@@ -132,12 +138,13 @@ pub struct RawClients {
     pub users: BTreeMap<String, RawUser>,
 }
 
-/// One named client's password, inline (`${VAR}`) or in a file.
+/// One named client's password, inline (`${VAR}`), in a file or printed by a command.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUser {
     pub password: Option<String>,
     pub password_file: Option<String>,
+    pub password_command: Option<Vec<String>>,
 }
 
 /// Policy for requests that match no route.

@@ -19,6 +19,7 @@ use super::{
 };
 use crate::access::{ClientPolicy, UnmatchedReach, User, CLOSED_INSIDE_PORTS};
 use crate::vocab::hosts::{HostPattern, UpstreamTarget};
+use crate::vocab::secret_command;
 use crate::vocab::validate_ctx::ValidateCtx;
 use crate::vocab::values::Environment;
 
@@ -367,6 +368,7 @@ fn validate_clients(raw: &RawClients, ctx: &mut ValidateCtx<'_>) -> ClientPolicy
             continue;
         }
         let field = format!("clients.users.{name}.password");
+        offer(ctx, &field, &user.password_command);
         if let Some(password) = ctx.required_secret(
             &field,
             user.password.as_deref(),
@@ -406,12 +408,16 @@ fn validate_token_cache(
             ("url", raw.url.is_some()),
             (
                 "password",
-                raw.password.is_some() || raw.password_file.is_some(),
+                raw.password.is_some()
+                    || raw.password_file.is_some()
+                    || raw.password_command.is_some(),
             ),
             ("key_prefix", raw.key_prefix.is_some()),
             (
                 "encryption_key",
-                raw.encryption_key.is_some() || raw.encryption_key_file.is_some(),
+                raw.encryption_key.is_some()
+                    || raw.encryption_key_file.is_some()
+                    || raw.encryption_key_command.is_some(),
             ),
             ("timeout", raw.timeout.is_some()),
             ("ca_file", raw.ca_file.is_some()),
@@ -448,6 +454,12 @@ fn validate_token_cache(
             None
         }
     });
+    offer(ctx, "token_cache.password", &raw.password_command);
+    offer(
+        ctx,
+        "token_cache.encryption_key",
+        &raw.encryption_key_command,
+    );
     let password = ctx.optional_secret(
         "token_cache.password",
         raw.password.as_deref(),
@@ -478,7 +490,10 @@ fn validate_token_cache(
                 None
             }
         });
-    if raw.encryption_key.is_none() && raw.encryption_key_file.is_none() {
+    if raw.encryption_key.is_none()
+        && raw.encryption_key_file.is_none()
+        && raw.encryption_key_command.is_none()
+    {
         ctx.problem(
             "token_cache.encryption_key",
             "is required for `type: redis` (tokens are stored sealed with it; \
@@ -558,6 +573,13 @@ fn decode_key(text: &str) -> Option<[u8; 32]> {
         .and_then(|bytes| bytes.try_into().ok())
 }
 
+/// Offers `x_command` for the next read of secret `field` (a list checked non-empty there).
+fn offer(ctx: &mut ValidateCtx<'_>, field: &str, command: &Option<Vec<String>>) {
+    if let Some(argv) = command {
+        ctx.offer_command(field, argv.clone());
+    }
+}
+
 fn dur(v: Option<crate::vocab::values::ConfigDuration>, default: Duration) -> Duration {
     v.map(|d| d.0).unwrap_or(default)
 }
@@ -569,6 +591,11 @@ pub fn validate(
     env: &dyn Environment,
 ) -> Result<Config, Vec<String>> {
     let mut ctx = ValidateCtx::new(env, base_dir);
+    let command_timeout = dur(raw.secret_command_timeout, secret_command::DEFAULT_TIMEOUT);
+    if command_timeout.is_zero() {
+        ctx.problem("secret_command_timeout", "must be greater than 0");
+    }
+    ctx.set_command_timeout(command_timeout);
     let listen = socket_addr(
         &mut ctx,
         "listen",
@@ -629,6 +656,7 @@ pub fn validate(
              (README: token lifecycle)",
         );
     }
+    offer(&mut ctx, "admin_token", &raw.admin_token_command);
     let admin_token = ctx.optional_secret(
         "admin_token",
         raw.admin_token.as_deref(),
@@ -737,6 +765,7 @@ pub fn validate(
         }
     }
     ctx.scope("");
+    let secret_commands = ctx.ran_commands();
     let mut files = ctx.take_files();
     files.sort();
     files.dedup();
@@ -762,6 +791,7 @@ pub fn validate(
             unmatched_reach,
             admin_hosts,
             token_cache: token_cache.unwrap_or_default(),
+            secret_commands,
         }),
         _ => Err(problems),
     }

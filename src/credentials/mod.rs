@@ -277,6 +277,8 @@ pub struct CommonSpec {
     pub prefetch: Option<bool>,
     /// Send the value in this query parameter instead of a header.
     pub query_param: Option<String>,
+    /// `x_command` argv by secret field `x`: run to obtain that secret.
+    pub commands: Vec<(String, Vec<String>)>,
 }
 
 /// The validated settings of one credential, of whichever type. Compared on reload.
@@ -363,6 +365,9 @@ pub struct ValidatedCredential {
 pub struct SourceDeps {
     /// The client for token endpoints (rustls, same trust roots as upstream requests).
     pub http: reqwest::Client,
+    /// Woken when a token endpoint refuses a configured secret for good: whoever holds the
+    /// config re-reads secrets that come from commands (a rotated one is then used).
+    pub secret_refused: Arc<tokio::sync::Notify>,
 }
 
 /// Builds the runtime source of a validated credential, guarded so that a panic inside a
@@ -376,6 +381,7 @@ pub fn build_credential_source(
     Arc::new(Guard {
         inner: kind.0.source(deps),
         redactor: Redactor::new(secret_parts.iter().map(Secret::expose)),
+        secret_refused: Some(Arc::clone(&deps.secret_refused)),
     })
 }
 
@@ -464,7 +470,24 @@ fn validate_section<T: CredentialType>(
             format!("does not apply to `type: {}`: it is never fetched", T::NAME),
         );
     }
-    let settings = T::validate(spec, format.clone()?, ctx)?;
+    let format = format?;
+    for (field, argv) in &common.commands {
+        ctx.offer_command(field, argv.clone());
+    }
+    let settings = T::validate(spec, format, ctx);
+    // A section that failed may have stopped before reading a secret: only a valid one
+    // proves that a command names no secret of its type.
+    let unused = ctx.take_unused_commands();
+    for field in unused.iter().filter(|_| settings.is_some()) {
+        ctx.problem(
+            &format!("{field}_command"),
+            format!(
+                "`type: {}` has no secret `{field}` to read from a command",
+                T::NAME
+            ),
+        );
+    }
+    let settings = settings?;
     Some(ValidatedCredential {
         header: header?,
         query_param,
@@ -551,6 +574,7 @@ pub fn parse_credential(mut fields: serde_yaml::Mapping) -> Result<ParsedCredent
             Some(_) => return Err("prefetch: expected true or false".into()),
         },
         query_param: take_string(&mut fields, "query_param")?,
+        commands: take_commands(&mut fields)?,
     };
     (registration.parse)(fields, common).map_err(|e| {
         let text = e.to_string();
@@ -560,6 +584,32 @@ pub fn parse_credential(mut fields: serde_yaml::Mapping) -> Result<ParsedCredent
             text
         }
     })
+}
+
+/// Removes every `x_command` key: the registry runs them for the type, which only ever sees
+/// secret `x` (see `ValidateCtx::offer_command`).
+fn take_commands(fields: &mut serde_yaml::Mapping) -> Result<Vec<(String, Vec<String>)>, String> {
+    let keys: Vec<String> = fields
+        .keys()
+        .filter_map(|k| k.as_str())
+        .filter(|k| k.ends_with("_command"))
+        .map(String::from)
+        .collect();
+    let mut commands = Vec::new();
+    for key in keys {
+        let value = fields.remove(key.as_str());
+        let argv: Option<Vec<String>> = value
+            .and_then(|v| serde_yaml::from_value(v).ok())
+            .filter(|argv: &Vec<String>| !argv.is_empty());
+        let Some(argv) = argv else {
+            return Err(format!(
+                "{key}: expected a list like [program, arg, …] (run without a shell)"
+            ));
+        };
+        let field = key.trim_end_matches("_command").to_string();
+        commands.push((field, argv));
+    }
+    Ok(commands)
 }
 
 fn take_string(fields: &mut serde_yaml::Mapping, key: &str) -> Result<Option<String>, String> {
@@ -584,6 +634,7 @@ fn quoted(names: &[&str]) -> String {
 struct Guard {
     inner: Arc<dyn TokenSource>,
     redactor: Redactor,
+    secret_refused: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl TokenSource for Guard {
@@ -596,6 +647,12 @@ impl TokenSource for Guard {
         Box::pin(async move {
             let mut task = task;
             match (&mut task.0).await {
+                Ok(Err(e)) if e.is_final() => {
+                    if let Some(refused) = &self.secret_refused {
+                        refused.notify_one();
+                    }
+                    Err(e.redacted(&self.redactor))
+                }
                 Ok(result) => result.map_err(|e| e.redacted(&self.redactor)),
                 Err(_) => Err(CredentialError::Other(
                     "the token fetch failed unexpectedly (internal error)".into(),
@@ -705,6 +762,7 @@ mod panic_guard_tests {
         let guarded = Guard {
             inner: Arc::new(Panics),
             redactor: Redactor::default(),
+            secret_refused: None,
         };
         for _ in 0..2 {
             let e = guarded.fetch(None).await.unwrap_err();
