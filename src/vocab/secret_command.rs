@@ -1,6 +1,6 @@
 //! Secrets from a command (`x_command: [program, args…]`), in the manner of AWS's
 //! `credential_process`: the bridge to Vault, 1Password, cloud secret managers. The program
-//! runs without a shell, in the config file's folder, with no input; its standard output,
+//! runs without a shell (a relative path is the config file folder's), with no input; its standard output,
 //! trimmed, is the secret. Standard error is discarded (a helper may print the secret there
 //! while debugging), and failures are described without the output or the arguments (which
 //! may name a vault path or carry a token): only the program's name.
@@ -23,7 +23,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a running command is checked for exit.
 const POLL: Duration = Duration::from_millis(10);
 
-/// Runs `argv` in `dir` and returns its trimmed standard output, or why it cannot be used
+/// Runs `argv` (a relative program path is taken from `dir`) and returns its trimmed standard output, or why it cannot be used
 /// (it did not start, exited non-zero, ran past `timeout`, printed more than [`MAX_OUTPUT`],
 /// printed nothing, or printed something that is not UTF-8).
 pub fn run(argv: &[String], dir: &Path, timeout: Duration) -> Result<Secret, String> {
@@ -31,9 +31,15 @@ pub fn run(argv: &[String], dir: &Path, timeout: Duration) -> Result<Secret, Str
         return Err("must name a program to run: [program, args…]".into());
     };
     let fail = |what: String| format!("secret command `{program}` {what}");
-    let mut child = Command::new(program)
+    // A path is relative to the config file's folder, as `*_file` secrets are; a bare name
+    // is looked up in `PATH`.
+    let path = if program.contains('/') {
+        dir.join(program)
+    } else {
+        program.into()
+    };
+    let mut child = Command::new(path)
         .args(args)
-        .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -65,11 +71,8 @@ pub fn run(argv: &[String], dir: &Path, timeout: Duration) -> Result<Secret, Str
             Err(e) => return Err(fail(format!("could not be waited for: {e}"))),
         }
     };
-    if !status.success() {
-        return Err(fail(format!("failed ({status})")));
-    }
     // A process the command left behind may hold its output open: wait no longer than the
-    // time left.
+    // time left. A failed command's output is read too, though never shown.
     let remaining = deadline.saturating_duration_since(Instant::now());
     let bytes = match output.recv_timeout(remaining.max(POLL)) {
         Ok(Ok(bytes)) => bytes,
@@ -82,6 +85,11 @@ pub fn run(argv: &[String], dir: &Path, timeout: Duration) -> Result<Secret, Str
     };
     if bytes.len() > MAX_OUTPUT {
         return Err(fail(format!("printed more than {} KiB", MAX_OUTPUT / 1024)));
+    }
+    // Checked after the size: output past the limit is cut, which ends a command still
+    // writing with SIGPIPE.
+    if !status.success() {
+        return Err(fail(format!("failed ({status})")));
     }
     let text =
         String::from_utf8(bytes).map_err(|_| fail("printed text that is not UTF-8".into()))?;

@@ -28,6 +28,7 @@ mod raw;
 mod redirects;
 mod reload;
 mod replicas;
+mod secret_commands;
 mod soak;
 mod streaming;
 mod token_admin;
