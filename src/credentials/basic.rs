@@ -7,8 +7,8 @@ use std::sync::Arc;
 use base64::Engine;
 use serde::Deserialize;
 
-use super::static_header::{StaticSettings, StaticSource};
-use super::{CredentialType, SourceDeps, TokenFormat, TokenSource};
+use super::static_header::{StaticHeader, StaticSettings, StaticSource};
+use super::{CredentialType, Fingerprint, SourceDeps, TokenFormat, TokenSource};
 use crate::vocab::secret::Secret;
 use crate::vocab::validate_ctx::ValidateCtx;
 
@@ -63,6 +63,12 @@ impl CredentialType for Basic {
         let encoded = base64::engine::general_purpose::STANDARD
             .encode(format!("{}:{}", username.expose(), password.expose()));
         Some(StaticSettings::new(Secret::new(format!("Basic {encoded}"))))
+    }
+
+    /// The encoded `user:password` decides the header, so both secrets count (as keyed
+    /// hashes); the type name, written first, keeps it apart from an equal `static` value.
+    fn fingerprint(settings: &StaticSettings, fp: &mut Fingerprint) {
+        StaticHeader::fingerprint(settings, fp);
     }
 
     fn source(settings: &StaticSettings, _deps: &SourceDeps) -> Arc<dyn TokenSource> {

@@ -1,20 +1,22 @@
 //! Credentials: where the value of an injected header comes from. One file per token source;
 //! each turns its config section into settings (`validate`) and its settings into a
 //! [`TokenSource`]. Timing, caching, single flight and backoff are not here: they are shared
-//! by every source in `token_store.rs`.
+//! by every source in `token_store/`.
 
 pub mod exchange;
+pub mod fingerprint;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use http::HeaderName;
+use http::{HeaderMap, HeaderName, Method};
 
 use crate::vocab::redact::Redactor;
 use crate::vocab::secret::Secret;
 use crate::vocab::validate_ctx::ValidateCtx;
+pub use fingerprint::Fingerprint;
 
 /// A freshly obtained credential.
 #[derive(Debug, Clone)]
@@ -176,7 +178,7 @@ pub trait TokenSource: Send + Sync + 'static {
 /// use std::sync::Arc;
 ///
 /// use authrelay::credentials::{
-///     CredentialType, FetchFuture, SourceDeps, Token, TokenFormat, TokenSource,
+///     CredentialType, FetchFuture, Fingerprint, SourceDeps, Token, TokenFormat, TokenSource,
 /// };
 /// use authrelay::vocab::secret::Secret;
 /// use authrelay::vocab::validate_ctx::ValidateCtx;
@@ -211,6 +213,10 @@ pub trait TokenSource: Send + Sync + 'static {
 ///     ) -> Option<GreetingSettings> {
 ///         let token = ctx.required_secret("token", spec.token.as_ref().map(Secret::expose), None)?;
 ///         Some(GreetingSettings { value: format.header_value(token.expose()) })
+///     }
+///
+///     fn fingerprint(settings: &GreetingSettings, fp: &mut Fingerprint) {
+///         fp.secret("value", &settings.value);
 ///     }
 ///
 ///     fn source(settings: &GreetingSettings, _deps: &SourceDeps) -> Arc<dyn TokenSource> {
@@ -262,8 +268,63 @@ pub trait CredentialType: 'static {
         ctx: &mut ValidateCtx<'_>,
     ) -> Option<Self::Settings>;
 
+    /// Writes what identifies these settings (every field that decides which token they
+    /// get, secrets through [`Fingerprint::secret`]; not timing) into `fp`: replicas share
+    /// tokens only between equal fingerprints. Required, so that a new type must say it.
+    fn fingerprint(settings: &Self::Settings, fp: &mut Fingerprint);
+
     /// The runtime source for validated settings.
     fn source(settings: &Self::Settings, deps: &SourceDeps) -> Arc<dyn TokenSource>;
+
+    /// For types that sign each request instead of sending a token (`hmac`, `aws_sigv4`):
+    /// the signer. Their [`TokenSource`] is [`NoToken`].
+    fn signer(_settings: &Self::Settings) -> Option<&dyn RequestSigner> {
+        None
+    }
+}
+
+/// A request about to go upstream, as a signer sees it.
+pub struct SigningRequest<'a> {
+    pub method: &'a Method,
+    /// The `Host` the upstream receives (no default port).
+    pub host: &'a str,
+    /// The path as sent (percent-encoded), never empty.
+    pub path: &'a str,
+    /// The query as sent, without `?` (empty when none).
+    pub query: &'a str,
+    /// The request's headers; the signer adds its own.
+    pub headers: &'a mut HeaderMap,
+    /// The whole body, when [`RequestSigner::signs_body`] says the signature covers it.
+    pub body: Option<&'a [u8]>,
+    pub now: SystemTime,
+}
+
+/// Signs one attempt of a request: every send (a replay included) is signed afresh, with
+/// its own timestamp and nonce.
+pub trait RequestSigner: Send + Sync {
+    /// Whether the signature covers the body: then the body is read whole before the head
+    /// goes out (within `retry.max_body_bytes`); otherwise it streams.
+    fn signs_body(&self) -> bool;
+
+    /// Adds the signature, in `header` (the credential's shared `header` field), and
+    /// whatever else it needs (a timestamp header) to `request.headers`. The error names what
+    /// is missing, never a secret.
+    fn sign(&self, header: &HeaderName, request: SigningRequest<'_>) -> Result<(), String>;
+}
+
+/// The token source of a type that signs requests: there is no token to fetch, so a fetch
+/// (an operator's refresh on the admin endpoint) says so.
+pub struct NoToken(pub &'static str);
+
+impl TokenSource for NoToken {
+    fn fetch<'a>(&'a self, _previous: Option<&'a Token>) -> FetchFuture<'a> {
+        let message = format!("`type: {}` signs each request; it has no token", self.0);
+        Box::pin(async move { Err(CredentialError::Other(message)) })
+    }
+
+    fn refreshable(&self) -> bool {
+        false
+    }
 }
 
 /// The fields every credential type shares, as written.
@@ -291,6 +352,16 @@ impl CredentialKind {
         self.0.type_name()
     }
 
+    /// Writes the type's fields into `fp` (see [`CredentialType::fingerprint`]).
+    pub fn fingerprint(&self, fp: &mut Fingerprint) {
+        self.0.fingerprint(fp);
+    }
+
+    /// The signer of a type that signs each request (`None` for token types).
+    pub fn signer(&self) -> Option<&dyn RequestSigner> {
+        self.0.signer()
+    }
+
     /// The settings, when they are of type `T` (for tests and embedders).
     pub fn settings<T: CredentialType>(&self) -> Option<&T::Settings> {
         self.0
@@ -316,9 +387,11 @@ impl std::fmt::Debug for CredentialKind {
 trait Definition: Send + Sync {
     fn type_name(&self) -> &'static str;
     fn source(&self, deps: &SourceDeps) -> Arc<dyn TokenSource>;
+    fn signer(&self) -> Option<&dyn RequestSigner>;
     fn as_any(&self) -> &dyn std::any::Any;
     fn same(&self, other: &dyn Definition) -> bool;
     fn fmt_settings(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result;
+    fn fingerprint(&self, fp: &mut Fingerprint);
 }
 
 struct Defined<T: CredentialType> {
@@ -334,6 +407,10 @@ impl<T: CredentialType> Definition for Defined<T> {
         T::source(&self.settings, deps)
     }
 
+    fn signer(&self) -> Option<&dyn RequestSigner> {
+        T::signer(&self.settings)
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
@@ -347,6 +424,10 @@ impl<T: CredentialType> Definition for Defined<T> {
 
     fn fmt_settings(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Debug::fmt(&self.settings, f)
+    }
+
+    fn fingerprint(&self, fp: &mut Fingerprint) {
+        T::fingerprint(&self.settings, fp);
     }
 }
 
@@ -370,18 +451,18 @@ pub struct SourceDeps {
     pub secret_refused: Arc<tokio::sync::Notify>,
 }
 
-/// Builds the runtime source of a validated credential, guarded so that a panic inside a
-/// fetch becomes an ordinary failure (with backoff and a 502) instead of a stuck credential,
-/// and so that its errors also hide each `${VAR}` value used in its secret fields.
+/// Builds the runtime source of a validated credential, wrapped so that its errors also hide
+/// each `${VAR}` value used in its secret fields. (A panic inside a fetch is turned into an
+/// ordinary failure by the token store, which runs every fetch in a task of its own.)
 pub fn build_credential_source(
     kind: &CredentialKind,
     secret_parts: &[Secret],
     deps: &SourceDeps,
 ) -> Arc<dyn TokenSource> {
-    Arc::new(Guard {
+    Arc::new(Redacting {
         inner: kind.0.source(deps),
         redactor: Redactor::new(secret_parts.iter().map(Secret::expose)),
-        secret_refused: Some(Arc::clone(&deps.secret_refused)),
+        secret_refused: Arc::clone(&deps.secret_refused),
     })
 }
 
@@ -488,6 +569,16 @@ fn validate_section<T: CredentialType>(
         );
     }
     let settings = settings?;
+    if common.query_param.is_some() && T::signer(&settings).is_some() {
+        ctx.problem(
+            "query_param",
+            format!(
+                "does not apply to `type: {}`: it signs each request and has no value to send",
+                T::NAME
+            ),
+        );
+        return None;
+    }
     Some(ValidatedCredential {
         header: header?,
         query_param,
@@ -535,6 +626,8 @@ credential_types! {
     jwt::AppJwt,
     outseta::Outseta,
     login::Login,
+    hmac::HmacSignature,
+    aws_sigv4::AwsSigV4,
     basic::Basic,
 }
 
@@ -628,49 +721,27 @@ fn quoted(names: &[&str]) -> String {
         .join(", ")
 }
 
-/// Runs each fetch of the wrapped source in its own task, so that a panic (a bug, or a vendor
-/// value no check foresaw) is reported as [`CredentialError::Other`], and passes every error
-/// through `redactor` once more. Dropping the fetch (a timeout) aborts the task.
-struct Guard {
+/// Passes every error of the wrapped source through `redactor` once more, and wakes
+/// `secret_refused` when the vendor refuses a configured secret for good.
+struct Redacting {
     inner: Arc<dyn TokenSource>,
     redactor: Redactor,
-    secret_refused: Option<Arc<tokio::sync::Notify>>,
+    secret_refused: Arc<tokio::sync::Notify>,
 }
 
-impl TokenSource for Guard {
+impl TokenSource for Redacting {
     fn fetch<'a>(&'a self, previous: Option<&'a Token>) -> FetchFuture<'a> {
-        let source = Arc::clone(&self.inner);
-        let previous = previous.cloned();
-        let task = AbortOnDrop(tokio::spawn(async move {
-            source.fetch(previous.as_ref()).await
-        }));
         Box::pin(async move {
-            let mut task = task;
-            match (&mut task.0).await {
-                Ok(Err(e)) if e.is_final() => {
-                    if let Some(refused) = &self.secret_refused {
-                        refused.notify_one();
-                    }
-                    Err(e.redacted(&self.redactor))
-                }
-                Ok(result) => result.map_err(|e| e.redacted(&self.redactor)),
-                Err(_) => Err(CredentialError::Other(
-                    "the token fetch failed unexpectedly (internal error)".into(),
-                )),
+            let result = self.inner.fetch(previous).await;
+            if result.as_ref().is_err_and(CredentialError::is_final) {
+                self.secret_refused.notify_one();
             }
+            result.map_err(|e| e.redacted(&self.redactor))
         })
     }
 
     fn refreshable(&self) -> bool {
         self.inner.refreshable()
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<Result<Token, CredentialError>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -687,6 +758,11 @@ impl TokenFormat {
         Self {
             scheme: scheme.unwrap_or(default_scheme).to_string(),
         }
+    }
+
+    /// Writes the scheme into a fingerprint (it changes every header value sent).
+    pub fn fingerprint(&self, fp: &mut Fingerprint) {
+        fp.text("scheme", &self.scheme);
     }
 
     /// The header value for `token`.
@@ -742,32 +818,6 @@ pub(crate) fn validate_for_test<T: CredentialType>(
             .cloned()
             .ok_or_else(|| vec!["settings of another type".to_string()]),
         _ => Err(problems),
-    }
-}
-
-#[cfg(test)]
-mod panic_guard_tests {
-    use super::*;
-
-    struct Panics;
-
-    impl TokenSource for Panics {
-        fn fetch<'a>(&'a self, _previous: Option<&'a Token>) -> FetchFuture<'a> {
-            Box::pin(async { panic!("a vendor number no check foresaw") })
-        }
-    }
-
-    #[tokio::test]
-    async fn a_panicking_fetch_is_an_ordinary_failure() {
-        let guarded = Guard {
-            inner: Arc::new(Panics),
-            redactor: Redactor::default(),
-            secret_refused: None,
-        };
-        for _ in 0..2 {
-            let e = guarded.fetch(None).await.unwrap_err();
-            assert!(matches!(e, CredentialError::Other(_)), "{e}");
-        }
     }
 }
 

@@ -21,8 +21,10 @@ use hyper::body::Incoming;
 
 use super::replay::{self, PreparedBody};
 use super::respond::ProxyError;
+use super::sign;
 use super::target::Target;
 use crate::config::Config;
+use crate::credentials::RequestSigner;
 use crate::metrics::RetryOutcome;
 use crate::routes::Route;
 use crate::token_store::{CredentialSlot, IssuedToken};
@@ -86,6 +88,14 @@ impl Exchange<'_> {
             });
         };
 
+        if let Some(signer) = self
+            .config
+            .credentials
+            .get(&**slot.name())
+            .and_then(|c| c.kind.signer())
+        {
+            return self.run_signed(route, slot, signer, parts, body).await;
+        }
         let token = slot.get().await?;
         let mut body = if route.refreshes_on_unauthorized(slot) {
             let budget = self.upstream.replay_budget();
@@ -99,8 +109,7 @@ impl Exchange<'_> {
         } else {
             std::mem::take(&mut parts.headers)
         };
-        let query_param = self.query_param(slot);
-        let (uri, injection) = place(uri, query_param, slot, &token);
+        let (uri, injection) = place(uri, slot, &token);
         let first = build(&parts.method, &uri, headers, injection, body.take());
         let response = self.send(Some(route), first).await?;
 
@@ -126,12 +135,40 @@ impl Exchange<'_> {
         })
     }
 
-    /// The query parameter `slot`'s credential goes in instead of its header, if any.
-    fn query_param(&self, slot: &CredentialSlot) -> Option<&str> {
-        self.config
-            .credentials
-            .get(&**slot.name())
-            .and_then(|c| c.query_param.as_deref())
+    /// Sends a request whose credential signs it (`proxy/sign.rs`). Never replayed after a
+    /// 401/403: the key is fixed in the config, so signing again cannot cure a refusal.
+    async fn run_signed(
+        &self,
+        route: &Route,
+        slot: &CredentialSlot,
+        signer: &dyn RequestSigner,
+        parts: Parts,
+        body: Incoming,
+    ) -> Result<Forwarded, ProxyError> {
+        let budget = self.upstream.replay_budget();
+        let body = sign::prepare(
+            signer,
+            slot.name(),
+            body,
+            &parts.headers,
+            self.config,
+            budget,
+        )
+        .await?;
+        let request = sign::build(
+            signer,
+            slot.header(),
+            slot.name(),
+            &parts.method,
+            &self.target.uri,
+            parts.headers,
+            body,
+        )?;
+        let response = self.send(Some(route), request).await?;
+        Ok(Forwarded {
+            response,
+            retried: false,
+        })
     }
 
     /// Sends one attempt on this exchange's leg and records the time to its response head.
@@ -208,8 +245,7 @@ impl Replay<'_> {
             } else {
                 self.parts.headers.clone()
             };
-            let query_param = self.exchange.query_param(self.slot);
-            let (uri, injection) = place(&self.exchange.target.uri, query_param, self.slot, &fresh);
+            let (uri, injection) = place(&self.exchange.target.uri, self.slot, &fresh);
             let again = build(
                 &self.parts.method,
                 &uri,
@@ -248,7 +284,7 @@ pub fn verdict<B>(route: &Route, response: &Response<B>) -> TokenVerdict {
     match challenge_error(response.headers()).as_deref() {
         Some("invalid_token") => TokenVerdict::Refused,
         Some("insufficient_scope" | "invalid_request") => TokenVerdict::NotTheToken,
-        _ if route.refresh_on.includes(status) => TokenVerdict::Refused,
+        _ if route.config.refresh_on.includes(status) => TokenVerdict::Refused,
         _ => TokenVerdict::NotTheToken,
     }
 }
@@ -325,15 +361,14 @@ fn build(
     request
 }
 
-/// Where a token goes: into query parameter `query_param` of the URI (then no header is
+/// Where a token goes: into the slot's `query_param` of the URI (then no header is
 /// injected), or into the slot's header.
 fn place<'a>(
     uri: &Uri,
-    query_param: Option<&str>,
     slot: &'a Arc<CredentialSlot>,
     token: &'a Arc<IssuedToken>,
 ) -> (Uri, Injection<'a>) {
-    match query_param {
+    match slot.query_param() {
         Some(name) => (with_query_credential(uri, name, token.header_value()), None),
         None => (uri.clone(), Some((slot, token))),
     }
