@@ -29,7 +29,7 @@ use crate::metrics::RetryOutcome;
 use crate::routes::Route;
 use crate::token_store::{CredentialSlot, IssuedToken};
 use crate::upstream::{BoxError, PinnedAddrs, ProxyBody, UpstreamClient};
-use crate::vocab::redact::form_urlencode;
+use crate::vocab::redact::{form_urlencode, Redactor};
 
 /// What happened to a forwarded request, for the access log.
 pub(crate) struct Forwarded {
@@ -111,7 +111,8 @@ impl Exchange<'_> {
         };
         let (uri, injection) = place(uri, slot, &token);
         let first = build(&parts.method, &uri, headers, injection, body.take());
-        let response = self.send(Some(route), first).await?;
+        let mut response = self.send(Some(route), first).await?;
+        mask_echoed_query_credential(&mut response, slot, &token);
 
         match verdict(route, &response) {
             TokenVerdict::Accepted => slot.upstream_accepted(&route.name),
@@ -253,7 +254,8 @@ impl Replay<'_> {
                 injection,
                 self.body.take(),
             );
-            let response = self.exchange.send(Some(self.route), again).await?;
+            let mut response = self.exchange.send(Some(self.route), again).await?;
+            mask_echoed_query_credential(&mut response, self.slot, &fresh);
             let verdict = verdict(self.route, &response);
             if verdict == TokenVerdict::Accepted {
                 self.slot.upstream_accepted(&self.route.name);
@@ -395,6 +397,33 @@ pub fn with_query_credential(uri: &Uri, name: &str, value: &HeaderValue) -> Uri 
     // Every piece was valid in a URI already, so this holds; were it not to, the request
     // fails (a URI without authority) rather than going out with the client's own value.
     Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// Masks a query credential wherever the upstream echoes it in a response header (a
+/// redirect or a pagination `Link` naming the URL it was asked for would otherwise hand the
+/// key to the client), in every form an echo shows it in. Following such a link through
+/// the proxy still works: the masked parameter is replaced like any the client sends.
+fn mask_echoed_query_credential(
+    response: &mut Response<ProxyBody>,
+    slot: &CredentialSlot,
+    token: &IssuedToken,
+) {
+    let Some(value) = slot
+        .query_param()
+        .and_then(|_| token.header_value().to_str().ok())
+    else {
+        return;
+    };
+    let redactor = Redactor::new([value]);
+    for header in response.headers_mut().values_mut() {
+        let Ok(text) = header.to_str() else { continue };
+        let masked = redactor.redact(text);
+        if masked != text {
+            if let Ok(masked) = HeaderValue::from_str(&masked) {
+                *header = masked;
+            }
+        }
+    }
 }
 
 /// Whether the query pair `pair` (`name=value`, percent-encoded) is for parameter `name`.

@@ -446,3 +446,220 @@ fn query_param_is_a_plain_name_and_excludes_header() {
         "{e}"
     );
 }
+
+/// `HMAC-SHA256(key, "{method} {path}")` as hex, what [`two_key_origin`] recomputes.
+fn signature(key: &str, method: &str, path: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
+    let tag = ring::hmac::sign(&key, format!("{method} {path}").as_bytes());
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An origin holding two signing keys: it answers with the name of the key whose signature
+/// `X-Signature` carries, and 401 when neither matches.
+async fn two_key_origin() -> Origin {
+    server::serve(|seen| async move {
+        let path = seen
+            .target
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let sent = seen.header("x-signature");
+        let key = [("billing", "key-billing-5"), ("crm", "key-crm-5")]
+            .into_iter()
+            .find(|(_, key)| signature(key, seen.method.as_str(), &path) == sent);
+        match key {
+            Some((name, _)) => server::respond(200, name),
+            None => server::respond(401, "bad signature"),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn each_app_signs_with_its_own_hmac_key() {
+    let origin = two_key_origin().await;
+    let signer = |name: &str, key: &str| {
+        format!(
+            "  {name}:\n    type: hmac\n    key: {key}\n    header: X-Signature\n    string_to_sign: \"{{method}} {{path}}\"\n"
+        )
+    };
+    let yaml = format!(
+        "{USERS}credentials:\n{}{}routes:\n  - name: signed\n    host: \"{}\"\n    credential: {{by_client: {{billing-app: sign_billing, crm-sync: sign_crm}}}}\n",
+        signer("sign_billing", "key-billing-5"),
+        signer("sign_crm", "key-crm-5"),
+        origin.addr
+    );
+    let proxy = support::proxy(&yaml).await;
+    let get = |user: &'static str, password: &'static str| {
+        let client = client_as(&proxy, user, password);
+        let url = format!("{}/v1/ledger?page=2", origin.url());
+        async move {
+            let r = client.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(
+        get("billing-app", "pw-billing-3").await,
+        (200, "billing".into())
+    );
+    assert_eq!(get("crm-sync", "pw-crm-3").await, (200, "crm".into()));
+    let (status, body) = get("stranger", "pw-stranger-3").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("client_not_allowed"), "{body}");
+    assert_eq!(origin.count(), 2, "the stranger reached nothing");
+    let unsigned = crate::support::direct_client()
+        .get(format!("{}/v1/ledger", origin.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 401, "the origin really checks");
+}
+
+#[test]
+fn query_param_does_not_apply_to_signing_types() {
+    let e = config_error(
+        "credentials:\n  s:\n    type: hmac\n    key: k\n    string_to_sign: \"{method}\"\n    query_param: sig\nroutes: []\n",
+    );
+    assert!(
+        e.contains("credentials.s.query_param: does not apply to `type: hmac`"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn the_chosen_credentials_have_their_own_metrics_and_admin_entries() {
+    let accounts = Accounts::new(&[("billing", "sec-billing-1"), ("crm", "sec-crm-1")]);
+    let token_server = token_endpoint(&accounts).await;
+    let revoked = Arc::new(Mutex::new(HashSet::new()));
+    let api = api(Arc::clone(&revoked)).await;
+    let yaml = format!(
+        "admin: 127.0.0.1:0\n{}",
+        per_client_config(&token_server, &api)
+    );
+    let proxy = support::proxy(&yaml).await;
+    let get = |user: &'static str, password: &'static str| {
+        let client = client_as(&proxy, user, password);
+        let url = format!("{}/a/x", api.url());
+        async move { client.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(get("billing-app", "pw-billing-3").await, 200);
+    revoked
+        .lock()
+        .unwrap()
+        .insert("Bearer tok-billing-1".into());
+    assert_eq!(get("billing-app", "pw-billing-3").await, 200);
+    assert_eq!(get("crm-sync", "pw-crm-3").await, 200);
+
+    let admin = format!(
+        "http://{}",
+        proxy.running.as_ref().unwrap().admin_addr.unwrap()
+    );
+    let text = |path: &'static str| {
+        let url = format!("{admin}{path}");
+        async move {
+            let r = crate::support::direct_client()
+                .get(url)
+                .send()
+                .await
+                .unwrap();
+            r.text().await.unwrap()
+        }
+    };
+    let metrics = text("/metrics").await;
+    let fetches = |credential: &str| {
+        support::metric(
+            &metrics,
+            &format!(
+                "authrelay_token_fetches_total{{credential=\"{credential}\",outcome=\"success\"}}"
+            ),
+        )
+    };
+    assert_eq!(
+        (fetches("acct_billing"), fetches("acct_crm")),
+        (2.0, 1.0),
+        "{metrics}"
+    );
+    for credential in ["acct_billing", "acct_crm"] {
+        let usable = format!("authrelay_credential_token_usable{{credential=\"{credential}\"}}");
+        assert_eq!(support::metric(&metrics, &usable), 1.0, "{metrics}");
+    }
+    let list: serde_json::Value = serde_json::from_str(&text("/credentials").await).unwrap();
+    let entries = list.as_array().unwrap();
+    let names: Vec<&str> = entries.iter().filter_map(|e| e["name"].as_str()).collect();
+    assert!(
+        names.contains(&"acct_billing") && names.contains(&"acct_crm"),
+        "{list}"
+    );
+    let listed = list.to_string() + &metrics;
+    assert!(
+        !listed.contains("tok-billing") && !listed.contains("sec-"),
+        "{listed}"
+    );
+}
+
+#[tokio::test]
+async fn a_query_credential_shows_in_no_log_error_or_echoed_header() {
+    let (logs, _guard) = crate::access::capture_logs();
+    // An upstream that echoes the URL it was asked for, as redirects and pagination do.
+    let echo = server::serve(|seen| async move {
+        let mut response = server::respond(302, "");
+        let here = format!("http://{}{}", seen.header("host"), seen.target);
+        let headers = response.headers_mut();
+        headers.insert("location", here.parse().unwrap());
+        headers.insert(
+            "link",
+            format!("<{here}&page=2>; rel=\"next\"").parse().unwrap(),
+        );
+        response
+    })
+    .await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let yaml = format!(
+        "credentials:\n  k:\n    type: static\n    value: ${{KEY}}\n    query_param: api_key\nroutes:\n  - name: echo\n    mount: /echo\n    upstream: {}\n    credential: k\n  - name: down\n    mount: /down\n    upstream: http://127.0.0.1:{closed_port}\n    credential: k\n",
+        echo.url()
+    );
+    const KEY: &str = "qk-8f3 a/b+c";
+    let proxy = support::proxy_with_env(&yaml, &[("KEY", KEY)]).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let response = client
+        .get(format!("{}/echo/v1/items?x=1", proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 302);
+    assert_eq!(api_keys(&echo.last()), [KEY], "the upstream got the key");
+    let mut shown = format!("{:?}", response.headers());
+    let location = response.headers()["location"].to_str().unwrap().to_string();
+    assert!(location.contains("api_key=***"), "{location}");
+    let response = client
+        .get(format!("{}/down/v1/items?api_key=mine", proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    shown += &response.text().await.unwrap();
+    shown += &String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        shown.contains("route=\"down\"") || shown.contains("route=down"),
+        "{shown}"
+    );
+    for form in [KEY, "qk-8f3%20a%2Fb%2Bc", "qk-8f3+a%2Fb%2Bc", "qk-8f3"] {
+        assert!(!shown.contains(form), "{form} in {shown}");
+    }
+
+    // Following the masked link goes through the proxy again, with the real key.
+    let next = location.split_once("/v1/").unwrap().1;
+    let response = client
+        .get(format!("{}/echo/v1/{next}", proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 302);
+    assert_eq!(api_keys(&echo.last()), [KEY]);
+}
