@@ -663,3 +663,68 @@ async fn a_query_credential_shows_in_no_log_error_or_echoed_header() {
     assert_eq!(response.status(), 302);
     assert_eq!(api_keys(&echo.last()), [KEY]);
 }
+
+/// Two replicas sharing tokens through a real Redis, each app on its own vendor account:
+/// each account's token is fetched once for both replicas, and a token refused for one app
+/// is refreshed once, for that app only, the other replica taking the new one from Redis.
+#[tokio::test]
+async fn replicas_share_each_chosen_credential_apart_through_redis() {
+    let redis = crate::support::redis::RedisServer::start();
+    let accounts = Accounts::new(&[("billing", "sec-billing-1"), ("crm", "sec-crm-1")]);
+    let token_server = token_endpoint(&accounts).await;
+    let revoked = Arc::new(Mutex::new(HashSet::new()));
+    let api = api(Arc::clone(&revoked)).await;
+    let yaml = format!(
+        "token_cache:\n  type: redis\n  url: {}\n  encryption_key: ${{CACHE_KEY}}\n{}",
+        redis.url(),
+        per_client_config(&token_server, &api)
+    );
+    let env = [("CACHE_KEY", "q1n0yF7l3bqk2JXk1pXkq0m8mB7c2fQkA6yO0u1ZxWg=")];
+    let one = support::proxy_with_env(&yaml, &env).await;
+    let two = support::proxy_with_env(&yaml, &env).await;
+    let get = |proxy: &Proxy, user: &'static str| {
+        let password = if user == "billing-app" {
+            "pw-billing-3"
+        } else {
+            "pw-crm-3"
+        };
+        let client = client_as(proxy, user, password);
+        let url = format!("{}/a/x", api.url());
+        async move {
+            let r = client.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let ok = |token: &str| (200, format!("Bearer {token}"));
+    assert_eq!(get(&one, "billing-app").await, ok("tok-billing-1"));
+    assert_eq!(get(&two, "billing-app").await, ok("tok-billing-1"));
+    assert_eq!(get(&two, "crm-sync").await, ok("tok-crm-1"));
+    assert_eq!(get(&one, "crm-sync").await, ok("tok-crm-1"));
+    assert_eq!((accounts.issued("billing"), accounts.issued("crm")), (1, 1));
+
+    revoked
+        .lock()
+        .unwrap()
+        .insert("Bearer tok-billing-1".into());
+    assert_eq!(get(&one, "billing-app").await, ok("tok-billing-2"));
+    assert_eq!(
+        get(&two, "billing-app").await,
+        ok("tok-billing-2"),
+        "the refused token's successor comes from Redis"
+    );
+    assert_eq!(get(&two, "crm-sync").await, ok("tok-crm-1"));
+    assert_eq!((accounts.issued("billing"), accounts.issued("crm")), (2, 1));
+
+    let keys: Vec<String> = redis
+        .dump()
+        .await
+        .into_iter()
+        .map(|(k, _)| String::from_utf8_lossy(&k).to_string())
+        .filter(|k| k.starts_with("authrelay:token:"))
+        .collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    for credential in ["acct_billing", "acct_crm"] {
+        let prefix = format!("authrelay:token:{credential}:");
+        assert!(keys.iter().any(|k| k.starts_with(&prefix)), "{keys:?}");
+    }
+}
