@@ -161,6 +161,7 @@ fn a_secret_comes_from_one_place_and_commands_name_real_secrets() {
 
 #[tokio::test]
 async fn a_refused_secret_runs_the_command_again_and_the_new_value_is_used() {
+    let (logs, _guard) = crate::access::capture_logs();
     let scripts = tempfile::tempdir().unwrap();
     let helper = rotating_script(scripts.path(), &["sec-old", "sec-new"]);
     let accounts = Accounts::new(&[("svc", "sec-new")]);
@@ -197,4 +198,7 @@ async fn a_refused_secret_runs_the_command_again_and_the_new_value_is_used() {
     );
     assert_eq!(accounts.refusals(), 1);
     assert_eq!(accounts.issued("svc"), 1);
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("running the secret commands again"), "{text}");
+    assert!(!text.contains("sec-old") && !text.contains("sec-new"), "{text}");
 }
