@@ -200,5 +200,8 @@ async fn a_refused_secret_runs_the_command_again_and_the_new_value_is_used() {
     assert_eq!(accounts.issued("svc"), 1);
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(text.contains("running the secret commands again"), "{text}");
-    assert!(!text.contains("sec-old") && !text.contains("sec-new"), "{text}");
+    assert!(
+        !text.contains("sec-old") && !text.contains("sec-new"),
+        "{text}"
+    );
 }
