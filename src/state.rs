@@ -344,10 +344,12 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
     }
 }
 
-/// When a token endpoint refuses a configured secret and some secret comes from a command,
-/// reloads the config, which runs the commands again: a changed secret makes a new slot that
-/// the next request uses; an unchanged one keeps the refused slot in its backoff. Refusals
-/// are at most one per credential per `tokens.backoff_max`, and so are these reloads.
+/// When the vendor refuses a configured secret (a token endpoint for good, or the upstream a
+/// fixed value or a signature) and some secret comes from a command, reloads the config,
+/// which runs the commands again: a changed secret makes a new slot that the next request
+/// uses; an unchanged one keeps the refused slot (and its backoff). Refusals that arrive
+/// meanwhile are folded into one, and after each run the next waits `tokens.backoff_max`, so
+/// that a vendor refusing every request does not keep the commands running.
 fn rerun_secret_commands(state: std::sync::Weak<State>, refused: Arc<tokio::sync::Notify>) {
     tokio::spawn(async move {
         loop {
@@ -355,12 +357,15 @@ fn rerun_secret_commands(state: std::sync::Weak<State>, refused: Arc<tokio::sync
             let Some(state) = state.upgrade() else {
                 return;
             };
-            if !state.snapshot().config.secret_commands {
+            let config = &state.snapshot().config;
+            if !config.secret_commands {
                 continue;
             }
-            tracing::info!("a token endpoint refused a secret; running the secret commands again");
+            let pause = config.tokens.backoff_max;
+            tracing::info!("the vendor refused a secret; running the secret commands again");
             // Commands block (up to `secret_command_timeout` each).
             let _ = tokio::task::spawn_blocking(move || state.reload()).await;
+            tokio::time::sleep(pause).await;
         }
     });
 }

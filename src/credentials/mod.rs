@@ -163,6 +163,10 @@ pub trait TokenSource: Send + Sync + 'static {
     fn refreshable(&self) -> bool {
         true
     }
+
+    /// The upstream refused what this source's fixed value (or signature) was made from:
+    /// whoever holds the config may read secrets that come from commands again.
+    fn value_refused(&self) {}
 }
 
 /// One credential type: the `type:` name YAML selects it by, its own fields, how they are
@@ -446,8 +450,9 @@ pub struct ValidatedCredential {
 pub struct SourceDeps {
     /// The client for token endpoints (rustls, same trust roots as upstream requests).
     pub http: reqwest::Client,
-    /// Woken when a token endpoint refuses a configured secret for good: whoever holds the
-    /// config re-reads secrets that come from commands (a rotated one is then used).
+    /// Woken when the vendor refuses a configured secret (a token endpoint for good, or the
+    /// upstream a fixed value or a signature): whoever holds the config re-reads secrets
+    /// that come from commands (a rotated one is then used).
     pub secret_refused: Arc<tokio::sync::Notify>,
 }
 
@@ -742,6 +747,10 @@ impl TokenSource for Redacting {
 
     fn refreshable(&self) -> bool {
         self.inner.refreshable()
+    }
+
+    fn value_refused(&self) {
+        self.secret_refused.notify_one();
     }
 }
 

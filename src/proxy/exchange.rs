@@ -128,7 +128,8 @@ impl Exchange<'_> {
                 // request's future (which is moved, not just polled) by its size.
                 return Box::pin(replay.run(&token, response)).await;
             }
-            TokenVerdict::Refused | TokenVerdict::NotTheToken => {}
+            TokenVerdict::Refused => slot.fixed_value_refused(),
+            TokenVerdict::NotTheToken => {}
         }
         Ok(Forwarded {
             response,
@@ -166,6 +167,9 @@ impl Exchange<'_> {
             body,
         )?;
         let response = self.send(Some(route), request).await?;
+        if verdict(route, &response) == TokenVerdict::Refused {
+            slot.fixed_value_refused();
+        }
         Ok(Forwarded {
             response,
             retried: false,

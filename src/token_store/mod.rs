@@ -188,6 +188,14 @@ impl CredentialSlot {
         self.refreshable
     }
 
+    /// The upstream refused this credential's fixed value or signature, which no fetch can
+    /// cure: secrets that come from commands are read again (see `TokenSource::value_refused`).
+    pub(crate) fn fixed_value_refused(&self) {
+        if !self.refreshable {
+            self.source.value_refused();
+        }
+    }
+
     /// Whether the slot holds a token that may be sent now (for readiness).
     pub(crate) fn has_usable_token(&self) -> bool {
         self.current

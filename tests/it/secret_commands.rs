@@ -205,3 +205,51 @@ async fn a_refused_secret_runs_the_command_again_and_the_new_value_is_used() {
         "{text}"
     );
 }
+
+/// A fixed value (`static`, `basic`, a signing key) has no token endpoint: the upstream's
+/// refusal is what says it was rotated.
+#[tokio::test]
+async fn a_fixed_value_the_upstream_refuses_runs_the_command_again() {
+    let scripts = tempfile::tempdir().unwrap();
+    let helper = rotating_script(scripts.path(), &["key-old", "key-new"]);
+    let origin = server::serve(|seen| async move {
+        let status = if seen.header("x-api-key") == "key-new" {
+            200
+        } else {
+            401
+        };
+        server::respond(status, "")
+    })
+    .await;
+    let yaml = format!(
+        "tokens:\n  backoff_initial: 50ms\n  backoff_max: 200ms\ncredentials:\n  c:\n    type: static\n    header: X-Api-Key\n    value_command: [\"{}\"]\nroutes:\n  - name: r\n    host: \"{}\"\n    credential: c\n",
+        helper.display(),
+        origin.addr
+    );
+    let proxy = support::proxy(&yaml).await;
+    let url = format!("{}/x", origin.url());
+    let first = proxy.client().get(&url).send().await.unwrap();
+    assert_eq!(first.status(), 401, "the upstream refused the old key");
+    let mut status = 0;
+    for _ in 0..100 {
+        status = proxy
+            .client()
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200);
+    assert_eq!(origin.last().header("x-api-key"), "key-new");
+    assert_eq!(
+        runs(scripts.path()),
+        2,
+        "at start, and once after the refusal"
+    );
+}
