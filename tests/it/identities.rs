@@ -137,36 +137,58 @@ struct PerClient {
     accounts: Arc<Accounts>,
     revoked: Arc<Mutex<HashSet<String>>>,
     api: Origin,
+    /// The config the proxy runs (another replica may start with it).
+    yaml: String,
     proxy: Proxy,
 }
 
 impl PerClient {
     async fn start() -> Self {
+        Self::start_with("", &[]).await
+    }
+
+    /// With top-level `settings` (an admin listener, a token cache) before the routes.
+    async fn start_with(settings: &str, env: &[(&str, &str)]) -> Self {
         let accounts = Accounts::new(&[("billing", "sec-billing-1"), ("crm", "sec-crm-1")]);
         let token_server = token_endpoint(&accounts).await;
         let revoked = Arc::new(Mutex::new(HashSet::new()));
         let api = api(Arc::clone(&revoked)).await;
-        let proxy = support::proxy(&per_client_config(&token_server, &api)).await;
+        let yaml = format!("{settings}{}", per_client_config(&token_server, &api));
+        let proxy = support::proxy_with_env(&yaml, env).await;
         Self {
             accounts,
             revoked,
             api,
+            yaml,
             proxy,
         }
     }
 
     async fn get(&self, user: &str, path: &str) -> (u16, String) {
+        self.get_via(&self.proxy, user, path).await
+    }
+
+    /// `user`'s request for `path` through `proxy` (this one's, or another replica's).
+    async fn get_via(&self, proxy: &Proxy, user: &str, path: &str) -> (u16, String) {
         let password = match user {
             "billing-app" => "pw-billing-3",
             "crm-sync" => "pw-crm-3",
             _ => "pw-stranger-3",
         };
-        let response = client_as(&self.proxy, user, password)
+        let response = client_as(proxy, user, password)
             .get(format!("{}{path}", self.api.url()))
             .send()
             .await
             .unwrap();
         (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    fn issued(&self) -> (usize, usize) {
+        (self.accounts.issued("billing"), self.accounts.issued("crm"))
+    }
+
+    fn revoke(&self, header: &str) {
+        self.revoked.lock().unwrap().insert(header.to_string());
     }
 }
 
@@ -529,27 +551,13 @@ fn query_param_does_not_apply_to_signing_types() {
 
 #[tokio::test]
 async fn the_chosen_credentials_have_their_own_metrics_and_admin_entries() {
-    let accounts = Accounts::new(&[("billing", "sec-billing-1"), ("crm", "sec-crm-1")]);
-    let token_server = token_endpoint(&accounts).await;
-    let revoked = Arc::new(Mutex::new(HashSet::new()));
-    let api = api(Arc::clone(&revoked)).await;
-    let yaml = format!(
-        "admin: 127.0.0.1:0\n{}",
-        per_client_config(&token_server, &api)
-    );
-    let proxy = support::proxy(&yaml).await;
-    let get = |user: &'static str, password: &'static str| {
-        let client = client_as(&proxy, user, password);
-        let url = format!("{}/a/x", api.url());
-        async move { client.get(url).send().await.unwrap().status().as_u16() }
-    };
-    assert_eq!(get("billing-app", "pw-billing-3").await, 200);
-    revoked
-        .lock()
-        .unwrap()
-        .insert("Bearer tok-billing-1".into());
-    assert_eq!(get("billing-app", "pw-billing-3").await, 200);
-    assert_eq!(get("crm-sync", "pw-crm-3").await, 200);
+    let s = PerClient::start_with("admin: 127.0.0.1:0\n", &[]).await;
+    let ok = |token: &str| (200, format!("Bearer {token}"));
+    assert_eq!(s.get("billing-app", "/a/x").await, ok("tok-billing-1"));
+    s.revoke("Bearer tok-billing-1");
+    assert_eq!(s.get("billing-app", "/a/x").await, ok("tok-billing-2"));
+    assert_eq!(s.get("crm-sync", "/a/x").await, ok("tok-crm-1"));
+    let proxy = &s.proxy;
 
     let admin = format!(
         "http://{}",
@@ -670,50 +678,39 @@ async fn a_query_credential_shows_in_no_log_error_or_echoed_header() {
 #[tokio::test]
 async fn replicas_share_each_chosen_credential_apart_through_redis() {
     let redis = crate::support::redis::RedisServer::start();
-    let accounts = Accounts::new(&[("billing", "sec-billing-1"), ("crm", "sec-crm-1")]);
-    let token_server = token_endpoint(&accounts).await;
-    let revoked = Arc::new(Mutex::new(HashSet::new()));
-    let api = api(Arc::clone(&revoked)).await;
-    let yaml = format!(
-        "token_cache:\n  type: redis\n  url: {}\n  encryption_key: ${{CACHE_KEY}}\n{}",
-        redis.url(),
-        per_client_config(&token_server, &api)
+    let cache = format!(
+        "token_cache:\n  type: redis\n  url: {}\n  encryption_key: ${{CACHE_KEY}}\n",
+        redis.url()
     );
     let env = [("CACHE_KEY", "q1n0yF7l3bqk2JXk1pXkq0m8mB7c2fQkA6yO0u1ZxWg=")];
-    let one = support::proxy_with_env(&yaml, &env).await;
-    let two = support::proxy_with_env(&yaml, &env).await;
-    let get = |proxy: &Proxy, user: &'static str| {
-        let password = if user == "billing-app" {
-            "pw-billing-3"
-        } else {
-            "pw-crm-3"
-        };
-        let client = client_as(proxy, user, password);
-        let url = format!("{}/a/x", api.url());
-        async move {
-            let r = client.get(url).send().await.unwrap();
-            (r.status().as_u16(), r.text().await.unwrap())
-        }
-    };
+    let s = PerClient::start_with(&cache, &env).await;
+    let one = &s.proxy;
+    let two = support::proxy_with_env(&s.yaml, &env).await;
     let ok = |token: &str| (200, format!("Bearer {token}"));
-    assert_eq!(get(&one, "billing-app").await, ok("tok-billing-1"));
-    assert_eq!(get(&two, "billing-app").await, ok("tok-billing-1"));
-    assert_eq!(get(&two, "crm-sync").await, ok("tok-crm-1"));
-    assert_eq!(get(&one, "crm-sync").await, ok("tok-crm-1"));
-    assert_eq!((accounts.issued("billing"), accounts.issued("crm")), (1, 1));
-
-    revoked
-        .lock()
-        .unwrap()
-        .insert("Bearer tok-billing-1".into());
-    assert_eq!(get(&one, "billing-app").await, ok("tok-billing-2"));
     assert_eq!(
-        get(&two, "billing-app").await,
+        s.get_via(one, "billing-app", "/a/x").await,
+        ok("tok-billing-1")
+    );
+    assert_eq!(
+        s.get_via(&two, "billing-app", "/a/x").await,
+        ok("tok-billing-1")
+    );
+    assert_eq!(s.get_via(&two, "crm-sync", "/a/x").await, ok("tok-crm-1"));
+    assert_eq!(s.get_via(one, "crm-sync", "/a/x").await, ok("tok-crm-1"));
+    assert_eq!(s.issued(), (1, 1));
+
+    s.revoke("Bearer tok-billing-1");
+    assert_eq!(
+        s.get_via(one, "billing-app", "/a/x").await,
+        ok("tok-billing-2")
+    );
+    assert_eq!(
+        s.get_via(&two, "billing-app", "/a/x").await,
         ok("tok-billing-2"),
         "the refused token's successor comes from Redis"
     );
-    assert_eq!(get(&two, "crm-sync").await, ok("tok-crm-1"));
-    assert_eq!((accounts.issued("billing"), accounts.issued("crm")), (2, 1));
+    assert_eq!(s.get_via(&two, "crm-sync", "/a/x").await, ok("tok-crm-1"));
+    assert_eq!(s.issued(), (2, 1));
 
     let keys: Vec<String> = redis
         .dump()
