@@ -172,7 +172,7 @@ impl RouteTable {
                     .credential
                     .as_ref()
                     .and_then(|choice| route_credential(choice, slots)),
-                metrics: metrics.for_route(&c.name),
+                metrics: metrics.for_route(&c.name, &c.credential_names()),
             };
             if let Some(h) = &c.host {
                 let index = if h.is_exact() {

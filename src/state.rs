@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::config::{Config, ConfigError, Environment, TokenCacheSettings};
+use crate::config::{Config, ConfigError, Environment, RouteConfig, TokenCacheSettings};
 use crate::credentials::{build_credential_source, SourceDeps};
 use crate::intercept::CertAuthority;
 use crate::metrics::{Metrics, RouteMetrics};
@@ -318,8 +318,17 @@ impl State {
 /// Drops the metric series of routes and credentials that the new config no longer has.
 fn drop_removed_series(old: &Config, new: &Config, metrics: &Metrics) {
     for route in &old.routes {
-        if !new.routes.iter().any(|r| r.name == route.name) {
+        let kept = new.routes.iter().find(|r| r.name == route.name);
+        if kept.is_none() {
             metrics.drop_route(&route.name);
+        }
+        let still = kept.map(RouteConfig::credential_names).unwrap_or_default();
+        for credential in route
+            .credential_names()
+            .into_iter()
+            .filter(|c| !still.contains(c))
+        {
+            metrics.drop_replays(&route.name, credential);
         }
     }
     for name in old.credentials.keys() {
@@ -410,7 +419,7 @@ fn build_snapshot(
         config: Arc::new(config),
         routes,
         slots,
-        unmatched_metrics: metrics.for_route("unmatched"),
+        unmatched_metrics: metrics.for_route("unmatched", &[]),
         token_cache,
     }
 }

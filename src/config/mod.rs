@@ -238,6 +238,16 @@ pub struct RouteConfig {
     pub allow_cleartext: bool,
 }
 
+impl RouteConfig {
+    /// Every credential this route may inject (none without `credential`).
+    pub fn credential_names(&self) -> Vec<&str> {
+        self.credential
+            .as_ref()
+            .map(CredentialChoice::names)
+            .unwrap_or_default()
+    }
+}
+
 /// Which credential a route injects: one for every client, or one per authenticated user.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CredentialChoice {

@@ -237,7 +237,7 @@ impl Replay<'_> {
                     })
                 }
                 Err(unavailable) => {
-                    metrics.retried(RetryOutcome::Unavailable);
+                    metrics.retried(self.slot.name(), RetryOutcome::Unavailable);
                     return Err(unavailable.into());
                 }
             };
@@ -263,10 +263,10 @@ impl Replay<'_> {
             let verdict = verdict(self.route, &response);
             if verdict == TokenVerdict::Accepted {
                 self.slot.upstream_accepted(&self.route.name);
-                metrics.retried(RetryOutcome::Success);
+                metrics.retried(self.slot.name(), RetryOutcome::Success);
             } else if last || verdict == TokenVerdict::NotTheToken {
                 self.slot.replay_refused(&self.route.name);
-                metrics.retried(RetryOutcome::Failed);
+                metrics.retried(self.slot.name(), RetryOutcome::Failed);
             } else {
                 rejected = fresh;
                 refused = response;

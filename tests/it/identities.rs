@@ -588,6 +588,19 @@ async fn the_chosen_credentials_have_their_own_metrics_and_admin_entries() {
         (2.0, 1.0),
         "{metrics}"
     );
+    let replays = |credential: &str| {
+        support::metric(
+            &metrics,
+            &format!(
+                "authrelay_unauthorized_retries_total{{route=\"by-app\",credential=\"{credential}\",outcome=\"success\"}}"
+            ),
+        )
+    };
+    assert_eq!(
+        (replays("acct_billing"), replays("acct_crm")),
+        (1.0, 0.0),
+        "{metrics}"
+    );
     for credential in ["acct_billing", "acct_crm"] {
         let usable = format!("authrelay_credential_token_usable{{credential=\"{credential}\"}}");
         assert_eq!(support::metric(&metrics, &usable), 1.0, "{metrics}");
@@ -724,4 +737,28 @@ async fn replicas_share_each_chosen_credential_apart_through_redis() {
         let prefix = format!("authrelay:token:{credential}:");
         assert!(keys.iter().any(|k| k.starts_with(&prefix)), "{keys:?}");
     }
+}
+
+#[tokio::test]
+async fn a_reload_that_takes_a_credential_off_a_route_drops_its_replay_series() {
+    let s = PerClient::start().await;
+    let series = |credential: &str| {
+        format!("authrelay_unauthorized_retries_total{{route=\"by-app\",credential=\"{credential}\",outcome=\"success\"}}")
+    };
+    let text = s.proxy.state().metrics.encode();
+    assert!(
+        text.contains(&series("acct_billing")) && text.contains(&series("acct_crm")),
+        "{text}"
+    );
+    s.proxy
+        .write_config(&s.yaml.replace("        crm-sync: acct_crm\n", ""));
+    s.proxy.state().reload().unwrap();
+    let text = s.proxy.state().metrics.encode();
+    assert!(text.contains(&series("acct_billing")), "{text}");
+    assert!(!text.contains(&series("acct_crm")), "{text}");
+    assert_eq!(
+        s.get("crm-sync", "/a/x").await.0,
+        403,
+        "crm-sync has no entry now"
+    );
 }
