@@ -229,7 +229,7 @@ fn injection(c: &mut Criterion) {
     let slot = routed
         .route
         .as_ref()
-        .and_then(|r| r.credential.clone())
+        .and_then(|r| r.credential_for(None).cloned())
         .expect("route with credential");
     // Fill the cache once; every measured `get` is then a cache hit.
     runtime.block_on(slot.get()).expect("token");
@@ -278,7 +278,7 @@ fn injection(c: &mut Criterion) {
                     else {
                         continue;
                     };
-                    let Some(slot) = routed.route.as_ref().and_then(|r| r.credential.as_ref())
+                    let Some(slot) = routed.route.as_ref().and_then(|r| r.credential_for(None))
                     else {
                         continue;
                     };

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use http::HeaderName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::{Config, Unmatched};
+use crate::config::{Config, CredentialChoice, Unmatched};
 use crate::state::State;
 use crate::vocab::secret::Secret;
 
@@ -21,6 +21,8 @@ pub struct AccessNotes {
     pub open_credentials: Option<&'static str>,
     /// One line per client-certificate key file that group or others may read.
     pub exposed_keys: Vec<String>,
+    /// Per route with a credential, which client gets which credential.
+    pub route_credentials: Vec<String>,
 }
 
 /// The [`AccessNotes`] of `config`.
@@ -35,7 +37,31 @@ pub fn access_notes(config: &Config) -> AccessNotes {
             .clients
             .open_to_local_processes(!config.credentials.is_empty()),
         exposed_keys: config.exposed_key_files(),
+        route_credentials: config
+            .routes
+            .iter()
+            .filter_map(|r| Some(credential_line(&r.name, r.credential.as_ref()?)))
+            .collect(),
     }
+}
+
+/// `route NAME: billing-app -> outseta_billing, any other client -> outseta_ro`.
+fn credential_line(route: &str, choice: &CredentialChoice) -> String {
+    let who = match choice {
+        CredentialChoice::Shared(name) => format!("every client -> {name}"),
+        CredentialChoice::PerClient { by_client, default } => {
+            let mut parts: Vec<String> = by_client
+                .iter()
+                .map(|(user, name)| format!("{user} -> {name}"))
+                .collect();
+            parts.push(match default {
+                Some(name) => format!("any other client -> {name}"),
+                None => "any other client: refused (client_not_allowed)".into(),
+            });
+            parts.join(", ")
+        }
+    };
+    format!("route {route}: {who}")
 }
 
 /// The result of obtaining one credential's token once.

@@ -190,6 +190,9 @@ async fn async_main(cli: Cli) -> ExitCode {
             for line in &notes.exposed_keys {
                 println!("warning: {line}");
             }
+            for line in &notes.route_credentials {
+                println!("{line}");
+            }
             if !fetch {
                 return ExitCode::SUCCESS;
             }

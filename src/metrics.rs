@@ -40,6 +40,7 @@ type SecondsGauge = Gauge<f64, AtomicU64>;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RetryLabels {
     route: String,
+    credential: String,
     outcome: &'static str,
 }
 
@@ -222,7 +223,7 @@ impl Metrics {
         let retries = Family::<RetryLabels, Counter>::default();
         registry.register(
             "unauthorized_retries",
-            "Replays after a 401/403, by route and outcome",
+            "Replays after a 401/403, by route, credential and outcome",
             retries.clone(),
         );
         let reloads = Family::<OutcomeLabels, Counter>::default();
@@ -301,8 +302,9 @@ impl Metrics {
         }
     }
 
-    /// Handles for one route (or `unmatched`), resolved once per route table.
-    pub fn for_route(&self, route: &str) -> RouteMetrics {
+    /// Handles for one route (or `unmatched`) and the `credentials` it may inject (one, or
+    /// one per client), resolved once per route table.
+    pub fn for_route(&self, route: &str, credentials: &[&str]) -> RouteMetrics {
         let requests = CLASSES.map(|class| {
             self.requests
                 .get_or_create(&RequestLabels {
@@ -317,14 +319,21 @@ impl Metrics {
                 route: route.to_string(),
             })
             .clone();
-        let retry = RETRY_OUTCOMES.map(|outcome| {
-            self.retries
-                .get_or_create(&RetryLabels {
-                    route: route.to_string(),
-                    outcome,
-                })
-                .clone()
-        });
+        let retry = credentials
+            .iter()
+            .map(|credential| {
+                let counters = RETRY_OUTCOMES.map(|outcome| {
+                    self.retries
+                        .get_or_create(&RetryLabels {
+                            route: route.to_string(),
+                            credential: credential.to_string(),
+                            outcome,
+                        })
+                        .clone()
+                });
+                (credential.to_string(), counters)
+            })
+            .collect();
         RouteMetrics {
             requests,
             latency,
@@ -344,9 +353,15 @@ impl Metrics {
         self.upstream_latency.remove(&RouteLabels {
             route: route.to_string(),
         });
+    }
+
+    /// Drops the replay series of `credential` on `route`, when a reload removed the route
+    /// or took that credential off it.
+    pub fn drop_replays(&self, route: &str, credential: &str) {
         for outcome in RETRY_OUTCOMES {
             self.retries.remove(&RetryLabels {
                 route: route.to_string(),
+                credential: credential.to_string(),
                 outcome,
             });
         }
@@ -444,7 +459,8 @@ impl Metrics {
 pub struct RouteMetrics {
     requests: [Counter; 6],
     latency: Histogram,
-    retry: [Counter; 3],
+    /// Replay counters by credential name.
+    retry: std::collections::HashMap<String, [Counter; 3]>,
 }
 
 /// How a replay after 401/403 ended.
@@ -473,13 +489,15 @@ impl RouteMetrics {
         self.latency.observe(took.as_secs_f64());
     }
 
-    /// Counts a replay after 401/403.
-    pub fn retried(&self, outcome: RetryOutcome) {
+    /// Counts a replay after 401/403 with `credential`'s token.
+    pub fn retried(&self, credential: &str, outcome: RetryOutcome) {
         let idx = match outcome {
             RetryOutcome::Success => 0,
             RetryOutcome::Failed => 1,
             RetryOutcome::Unavailable => 2,
         };
-        self.retry[idx].inc();
+        if let Some(counters) = self.retry.get(credential) {
+            counters[idx].inc();
+        }
     }
 }

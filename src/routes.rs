@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use http::Method;
 
-use crate::config::{OnUnauthorized, RouteConfig};
+use crate::config::{CredentialChoice, OnUnauthorized, RouteConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::token_store::CredentialSlot;
 pub use crate::vocab::hosts::{HostPattern, UpstreamTarget};
@@ -26,13 +26,36 @@ pub struct Route {
     /// Where to send matched requests (`config.upstream`, or the https origin of a mount
     /// route's host); `None` means the request's own origin.
     pub upstream: Option<UpstreamTarget>,
-    /// The credential injected on matched requests.
-    pub credential: Option<Arc<CredentialSlot>>,
+    /// The credential injected on matched requests: one slot, or one per client.
+    pub credential: Option<RouteCredential>,
     /// This route's metric handles.
     pub metrics: RouteMetrics,
 }
 
+/// The credential slots a route injects from.
+#[derive(Debug)]
+pub enum RouteCredential {
+    /// One slot for every client.
+    Shared(Arc<CredentialSlot>),
+    /// A slot per authenticated user, and the slot of users without an entry.
+    PerClient {
+        by_client: HashMap<String, Arc<CredentialSlot>>,
+        default: Option<Arc<CredentialSlot>>,
+    },
+}
+
 impl Route {
+    /// The slot whose token `user`'s requests on this route carry; `None` on a route without
+    /// credential, and for a user a per-client credential has no entry (and no default) for.
+    pub fn credential_for(&self, user: Option<&str>) -> Option<&Arc<CredentialSlot>> {
+        match self.credential.as_ref()? {
+            RouteCredential::Shared(slot) => Some(slot),
+            RouteCredential::PerClient { by_client, default } => {
+                user.and_then(|u| by_client.get(u)).or(default.as_ref())
+            }
+        }
+    }
+
     /// Whether a request to `port` may use this route. A host written without a port confines
     /// the route to the scheme's `default_port` (a credential for `localhost` is not for every
     /// service on it), unless the route names its `upstream`, where the credential goes anyway.
@@ -70,10 +93,27 @@ impl Route {
                 .is_none_or(|prefix| path_has_prefix(path, prefix))
     }
 
-    /// Whether a 401/403 on this route is worth a refresh and a replay.
-    pub fn refreshes_on_unauthorized(&self) -> bool {
-        self.config.on_unauthorized == OnUnauthorized::Retry
-            && self.credential.as_ref().is_some_and(|c| c.refreshable())
+    /// Whether a 401/403 for `slot`'s token on this route is worth a refresh and a replay.
+    pub fn refreshes_on_unauthorized(&self, slot: &CredentialSlot) -> bool {
+        self.config.on_unauthorized == OnUnauthorized::Retry && slot.refreshable()
+    }
+}
+
+/// The slots of a validated choice; a name without a slot leaves that entry out (validation
+/// guarantees every name has one).
+fn route_credential(
+    choice: &CredentialChoice,
+    slots: &HashMap<String, Arc<CredentialSlot>>,
+) -> Option<RouteCredential> {
+    match choice {
+        CredentialChoice::Shared(name) => slots.get(name).cloned().map(RouteCredential::Shared),
+        CredentialChoice::PerClient { by_client, default } => Some(RouteCredential::PerClient {
+            by_client: by_client
+                .iter()
+                .filter_map(|(user, name)| Some((user.clone(), slots.get(name)?.clone())))
+                .collect(),
+            default: default.as_ref().and_then(|name| slots.get(name).cloned()),
+        }),
     }
 }
 
@@ -128,8 +168,11 @@ impl RouteTable {
                 name: Arc::from(c.name.as_str()),
                 config: c.clone(),
                 upstream,
-                credential: c.credential.as_ref().and_then(|n| slots.get(n).cloned()),
-                metrics: metrics.for_route(&c.name),
+                credential: c
+                    .credential
+                    .as_ref()
+                    .and_then(|choice| route_credential(choice, slots)),
+                metrics: metrics.for_route(&c.name, &c.credential_names()),
             };
             if let Some(h) = &c.host {
                 let index = if h.is_exact() {

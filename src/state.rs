@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::config::{Config, ConfigError, Environment, TokenCacheSettings};
+use crate::config::{Config, ConfigError, Environment, RouteConfig, TokenCacheSettings};
 use crate::credentials::{build_credential_source, SourceDeps};
 use crate::intercept::CertAuthority;
 use crate::metrics::{Metrics, RouteMetrics};
@@ -100,7 +100,10 @@ impl State {
             None => None,
         };
         let metrics = Arc::new(Metrics::new());
-        let deps = SourceDeps { http };
+        let deps = SourceDeps {
+            http,
+            secret_refused: Arc::default(),
+        };
         let token_cache = match &config.token_cache {
             TokenCacheSettings::Memory => None,
             TokenCacheSettings::Redis(settings) => Some(
@@ -109,7 +112,8 @@ impl State {
         };
         let snapshot = build_snapshot(config, None, token_cache, &deps, &metrics);
         let auth_throttle = crate::access::AuthThrottle::new(metrics.proxy_auth_failures.clone());
-        Ok(Arc::new(Self {
+        let secret_refused = Arc::clone(&deps.secret_refused);
+        let state = Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             upstream,
             metrics,
@@ -120,7 +124,9 @@ impl State {
             reload_lock: std::sync::Mutex::new(()),
             own_addresses: std::sync::OnceLock::new(),
             auth_throttle,
-        }))
+        });
+        rerun_secret_commands(Arc::downgrade(&state), secret_refused);
+        Ok(state)
     }
 
     /// The current snapshot. Hold the `Arc` for the whole request.
@@ -312,8 +318,17 @@ impl State {
 /// Drops the metric series of routes and credentials that the new config no longer has.
 fn drop_removed_series(old: &Config, new: &Config, metrics: &Metrics) {
     for route in &old.routes {
-        if !new.routes.iter().any(|r| r.name == route.name) {
+        let kept = new.routes.iter().find(|r| r.name == route.name);
+        if kept.is_none() {
             metrics.drop_route(&route.name);
+        }
+        let still = kept.map(RouteConfig::credential_names).unwrap_or_default();
+        for credential in route
+            .credential_names()
+            .into_iter()
+            .filter(|c| !still.contains(c))
+        {
+            metrics.drop_replays(&route.name, credential);
         }
     }
     for name in old.credentials.keys() {
@@ -336,6 +351,32 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
     {
         tracing::warn!("`tls`, `timeouts.connect` and `timeouts.pool_idle` changes take effect at the next restart");
     }
+}
+
+/// When the vendor refuses a configured secret (a token endpoint for good, or the upstream a
+/// fixed value or a signature) and some secret comes from a command, reloads the config,
+/// which runs the commands again: a changed secret makes a new slot that the next request
+/// uses; an unchanged one keeps the refused slot (and its backoff). Refusals that arrive
+/// meanwhile are folded into one, and after each run the next waits `tokens.backoff_max`, so
+/// that a vendor refusing every request does not keep the commands running.
+fn rerun_secret_commands(state: std::sync::Weak<State>, refused: Arc<tokio::sync::Notify>) {
+    tokio::spawn(async move {
+        loop {
+            refused.notified().await;
+            let Some(state) = state.upgrade() else {
+                return;
+            };
+            let config = &state.snapshot().config;
+            if !config.secret_commands {
+                continue;
+            }
+            let pause = config.tokens.backoff_max;
+            tracing::info!("the vendor refused a secret; running the secret commands again");
+            // Commands block (up to `secret_command_timeout` each).
+            let _ = tokio::task::spawn_blocking(move || state.reload()).await;
+            tokio::time::sleep(pause).await;
+        }
+    });
 }
 
 fn build_snapshot(
@@ -381,7 +422,7 @@ fn build_snapshot(
         config: Arc::new(config),
         routes,
         slots,
-        unmatched_metrics: metrics.for_route("unmatched"),
+        unmatched_metrics: metrics.for_route("unmatched", &[]),
         token_cache,
     }
 }

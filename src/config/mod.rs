@@ -84,6 +84,9 @@ pub struct Config {
     pub admin_hosts: Vec<String>,
     /// Where tokens are kept: this process only, or shared with other replicas via Redis.
     pub token_cache: TokenCacheSettings,
+    /// Whether some secret came from a command (`x_command`): a secret the vendor refuses
+    /// then re-runs the commands (a reload), so that a rotated secret is picked up.
+    pub secret_commands: bool,
 }
 
 /// Where tokens are kept.
@@ -201,8 +204,10 @@ pub struct InterceptCaSettings {
 pub struct CredentialConfig {
     /// Its name in the config; shown in errors, logs and metrics.
     pub name: String,
-    /// The header it sets on matched requests.
+    /// The header it sets on matched requests (unless `query_param` is set).
     pub header: HeaderName,
+    /// The query parameter its value is sent in instead of a header.
+    pub query_param: Option<String>,
     /// Obtain the token at start and keep it fresh in the background.
     pub prefetch: bool,
     /// The token source and its settings.
@@ -221,7 +226,7 @@ pub struct RouteConfig {
     pub methods: Option<Vec<Method>>,
     pub mount: Option<String>,
     pub upstream: Option<UpstreamTarget>,
-    pub credential: Option<String>,
+    pub credential: Option<CredentialChoice>,
     pub on_unauthorized: OnUnauthorized,
     /// Which upstream statuses mean the token was refused.
     pub refresh_on: RefreshOn,
@@ -236,6 +241,54 @@ pub struct RouteConfig {
     /// The client certificate presented to the upstream in the TLS handshake (mutual TLS);
     /// read and checked at load, so a reload is what picks up rotated files.
     pub tls_client_cert: Option<Arc<ClientCert>>,
+}
+
+impl RouteConfig {
+    /// Every credential this route may inject (none without `credential`).
+    pub fn credential_names(&self) -> Vec<&str> {
+        self.credential
+            .as_ref()
+            .map(CredentialChoice::names)
+            .unwrap_or_default()
+    }
+}
+
+/// Which credential a route injects: one for every client, or one per authenticated user.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CredentialChoice {
+    /// Every client's requests carry this credential.
+    Shared(String),
+    /// Each user listed carries its own credential; others carry `default`, or are refused
+    /// when there is none.
+    PerClient {
+        by_client: BTreeMap<String, String>,
+        default: Option<String>,
+    },
+}
+
+impl CredentialChoice {
+    /// The credential name `user`'s requests carry; `None` when the user may not use it.
+    pub fn name_for(&self, user: Option<&str>) -> Option<&str> {
+        match self {
+            CredentialChoice::Shared(name) => Some(name),
+            CredentialChoice::PerClient { by_client, default } => user
+                .and_then(|u| by_client.get(u))
+                .or(default.as_ref())
+                .map(String::as_str),
+        }
+    }
+
+    /// Every credential name the choice may pick.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            CredentialChoice::Shared(name) => vec![name],
+            CredentialChoice::PerClient { by_client, default } => by_client
+                .values()
+                .chain(default)
+                .map(String::as_str)
+                .collect(),
+        }
+    }
 }
 
 /// Which upstream answers mean "the token was refused" on a route (when the upstream sends
@@ -302,10 +355,15 @@ impl Config {
                     .into(),
             });
         }
-        let raw: raw::RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: describe_yaml_error(&e),
-        })?;
+        // A file too broken to read its user names is reported by the full parse below.
+        let users = serde_yaml::from_str::<raw::UserNames>(text)
+            .map(raw::UserNames::into_names)
+            .unwrap_or_default();
+        let raw: raw::RawConfig = raw::with_known_users(users, || serde_yaml::from_str(text))
+            .map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: describe_yaml_error(&e),
+            })?;
         let base_dir = path
             .parent()
             .map(Path::to_path_buf)

@@ -19,6 +19,10 @@ pub struct RawConfig {
     pub admin_token: Option<String>,
     /// `admin_token` read from a file.
     pub admin_token_file: Option<String>,
+    /// `admin_token` printed by a command.
+    pub admin_token_command: Option<Vec<String>>,
+    /// How long a secret command (`x_command`) may run (default 10s).
+    pub secret_command_timeout: Option<ConfigDuration>,
     /// Client connections held open at once; derived from the file-descriptor limit when absent.
     pub max_connections: Option<usize>,
     /// What to do with requests no route matches.
@@ -83,11 +87,13 @@ pub struct RawTokenCache {
     pub url: Option<String>,
     pub password: Option<String>,
     pub password_file: Option<String>,
+    pub password_command: Option<Vec<String>>,
     /// Prefix of every key authrelay writes (default `authrelay:`).
     pub key_prefix: Option<String>,
     /// 32 random bytes, base64 or hex, that seal every stored token.
     pub encryption_key: Option<String>,
     pub encryption_key_file: Option<String>,
+    pub encryption_key_command: Option<Vec<String>>,
     /// Longest wait for one Redis command before falling back to memory.
     pub timeout: Option<ConfigDuration>,
     /// Extra PEM root for a `rediss://` server with a private CA.
@@ -132,12 +138,13 @@ pub struct RawClients {
     pub users: BTreeMap<String, RawUser>,
 }
 
-/// One named client's password, inline (`${VAR}`) or in a file.
+/// One named client's password, inline (`${VAR}`), in a file or printed by a command.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUser {
     pub password: Option<String>,
     pub password_file: Option<String>,
+    pub password_command: Option<Vec<String>>,
 }
 
 /// Policy for requests that match no route.
@@ -240,7 +247,8 @@ pub struct RawRoute {
     pub methods: Option<Vec<String>>,
     pub mount: Option<String>,
     pub upstream: Option<String>,
-    pub credential: Option<String>,
+    /// One credential for every client, or one per authenticated client.
+    pub credential: Option<RawRouteCredential>,
     #[serde(default)]
     pub on_unauthorized: OnUnauthorized,
     /// Upstream statuses that mean "token refused" (default `[401]`; `[401, 403]` for
@@ -267,4 +275,125 @@ pub struct RawClientCert {
     pub cert_file: String,
     /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: String,
+}
+
+/// A route's `credential`: a name, or `{by_client: {USER: NAME}, default: NAME}` so that each
+/// calling app spends its own vendor account.
+#[derive(Debug)]
+pub enum RawRouteCredential {
+    /// The same credential for every client.
+    Shared(String),
+    /// A credential per user of `clients.users`.
+    PerClient(RawPerClient),
+}
+
+/// Read by hand rather than `#[serde(untagged)]`: an untagged enum replaces every error inside
+/// the map (an unknown key, a user that does not exist) with "did not match any variant" and
+/// loses its line and column.
+impl<'de> Deserialize<'de> for RawRouteCredential {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ChoiceVisitor;
+        impl<'de> serde::de::Visitor<'de> for ChoiceVisitor {
+            type Value = RawRouteCredential;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a credential name, or `by_client:` with an optional `default:`")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
+                Ok(RawRouteCredential::Shared(name.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                RawPerClient::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawRouteCredential::PerClient)
+            }
+        }
+        d.deserialize_any(ChoiceVisitor)
+    }
+}
+
+/// The `by_client` form of a route's `credential`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPerClient {
+    /// Credential name by user name.
+    pub by_client: BTreeMap<ClientName, String>,
+    /// The credential of users without an entry; without it they are refused.
+    pub default: Option<String>,
+}
+
+/// A user name in `by_client`. While a file is parsed its `clients.users` names are known
+/// (read first, see [`with_known_users`]), so that a name that is not one of them is reported
+/// at its own line and column.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ClientName(pub String);
+
+thread_local! {
+    static KNOWN_USERS: std::cell::RefCell<Option<std::collections::BTreeSet<String>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `parse` with `users` as the names a `by_client` key may take (on this thread only).
+pub fn with_known_users<R>(
+    users: std::collections::BTreeSet<String>,
+    parse: impl FnOnce() -> R,
+) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            KNOWN_USERS.with(|k| k.borrow_mut().take());
+        }
+    }
+    KNOWN_USERS.with(|k| *k.borrow_mut() = Some(users));
+    let _reset = Reset;
+    parse()
+}
+
+impl<'de> Deserialize<'de> for ClientName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Checked inside the visitor, as `RawNet` is: serde_yaml then marks the error with
+        // the key's own position.
+        struct NameVisitor;
+        impl serde::de::Visitor<'_> for NameVisitor {
+            type Value = ClientName;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a user name from `clients.users`")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<ClientName, E> {
+                let unknown = KNOWN_USERS.with(|k| {
+                    k.borrow()
+                        .as_ref()
+                        .is_some_and(|users| !users.contains(name))
+                });
+                if unknown {
+                    return Err(E::custom(format_args!(
+                        "credential.by_client: `{name}` is not defined under `clients.users`"
+                    )));
+                }
+                Ok(ClientName(name.to_string()))
+            }
+        }
+        d.deserialize_str(NameVisitor)
+    }
+}
+
+/// Just the user names of a file, read before the whole file (unknown keys ignored).
+#[derive(Debug, Default, Deserialize)]
+pub struct UserNames {
+    #[serde(default)]
+    clients: UserNamesClients,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct UserNamesClients {
+    #[serde(default)]
+    users: BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+impl UserNames {
+    /// The names under `clients.users`.
+    pub fn into_names(self) -> std::collections::BTreeSet<String> {
+        self.clients.users.into_keys().collect()
+    }
 }

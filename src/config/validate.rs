@@ -10,17 +10,18 @@ use std::time::Duration;
 use http::Method;
 
 use super::raw::{
-    RawClientCert, RawClients, RawConfig, RawCredential, RawNet, RawRoute, RawTokenCache,
-    TokenCacheType,
+    RawClientCert, RawClients, RawConfig, RawCredential, RawNet, RawPerClient, RawRoute,
+    RawRouteCredential, RawTokenCache, TokenCacheType,
 };
 use super::{
-    Config, ConnectSettings, CredentialConfig, EncryptionKey, InterceptCaSettings,
-    RedisCacheSettings, RefreshOn, RetrySettings, RouteConfig, Timeouts, TlsSettings,
-    TokenCacheSettings, TokenSettings,
+    Config, ConnectSettings, CredentialChoice, CredentialConfig, EncryptionKey,
+    InterceptCaSettings, RedisCacheSettings, RefreshOn, RetrySettings, RouteConfig, Timeouts,
+    TlsSettings, TokenCacheSettings, TokenSettings,
 };
 use crate::access::{ClientPolicy, UnmatchedReach, User, CLOSED_INSIDE_PORTS};
 use crate::vocab::client_cert::{ClientCert, ClientCertFile};
 use crate::vocab::hosts::{HostPattern, UpstreamTarget};
+use crate::vocab::secret_command;
 use crate::vocab::validate_ctx::ValidateCtx;
 use crate::vocab::values::Environment;
 
@@ -58,6 +59,7 @@ fn validate_credential(
     Some(CredentialConfig {
         name: name.to_string(),
         header: v.header,
+        query_param: v.query_param,
         prefetch: v.prefetch,
         kind: v.kind,
         secret_parts: ctx.take_secret_parts(),
@@ -167,18 +169,20 @@ fn validate_route(
         );
         ok = false;
     }
-    if let Some(c) = &raw.credential {
-        if !declared_credentials.contains(c) {
-            let known: Vec<&str> = declared_credentials.iter().map(String::as_str).collect();
-            ctx.problem(
-                "credential",
-                format!(
-                    "`{c}` is not defined under `credentials` (defined: {})",
-                    known.join(", ")
-                ),
-            );
-            ok = false;
+    let credential = raw.credential.map(|c| match c {
+        RawRouteCredential::Shared(name) => CredentialChoice::Shared(name),
+        RawRouteCredential::PerClient(RawPerClient { by_client, default }) => {
+            CredentialChoice::PerClient {
+                by_client: by_client
+                    .into_iter()
+                    .map(|(user, name)| (user.0, name))
+                    .collect(),
+                default,
+            }
         }
+    });
+    if let Some(choice) = &credential {
+        ok &= check_credential_choice(choice, declared_credentials, declared_users, ctx);
     }
     let refresh_on = match raw.refresh_on.as_deref() {
         None => RefreshOn::default(),
@@ -214,7 +218,7 @@ fn validate_route(
             ok = false;
         }
     }
-    if let Some(up) = upstream.as_ref().filter(|_| raw.credential.is_some()) {
+    if let Some(up) = upstream.as_ref().filter(|_| credential.is_some()) {
         if up.scheme == http::uri::Scheme::HTTP
             && !raw.allow_cleartext
             && !crate::access::is_loopback_host(up.authority.host())
@@ -257,7 +261,7 @@ fn validate_route(
         methods,
         mount,
         upstream,
-        credential: raw.credential,
+        credential,
         on_unauthorized: raw.on_unauthorized,
         refresh_on,
         intercept: raw.intercept,
@@ -285,6 +289,47 @@ fn client_cert(ctx: &mut ValidateCtx<'_>, raw: &RawClientCert) -> Option<Arc<Cli
             None
         }
     }
+}
+
+/// Every credential a route's `credential` names must be defined, and every `by_client` key
+/// must be a user of `clients.users` (only an authenticated user can be told apart).
+fn check_credential_choice(
+    choice: &CredentialChoice,
+    declared_credentials: &BTreeSet<String>,
+    declared_users: &BTreeSet<String>,
+    ctx: &mut ValidateCtx<'_>,
+) -> bool {
+    let mut ok = true;
+    for name in choice.names() {
+        if !declared_credentials.contains(name) {
+            let known: Vec<&str> = declared_credentials.iter().map(String::as_str).collect();
+            ctx.problem(
+                "credential",
+                format!(
+                    "`{name}` is not defined under `credentials` (defined: {})",
+                    known.join(", ")
+                ),
+            );
+            ok = false;
+        }
+    }
+    if let CredentialChoice::PerClient { by_client, default } = choice {
+        if by_client.is_empty() && default.is_none() {
+            ctx.problem(
+                "credential.by_client",
+                "must name at least one client (or give a `default`)",
+            );
+            ok = false;
+        }
+        for user in by_client.keys().filter(|u| !declared_users.contains(*u)) {
+            ctx.problem(
+                "credential.by_client",
+                format!("`{user}` is not defined under `clients.users`"),
+            );
+            ok = false;
+        }
+    }
+    ok
 }
 
 /// A list of CIDR ranges with `${VAR}` resolved; each bad one is a problem.
@@ -366,6 +411,7 @@ fn validate_clients(raw: &RawClients, ctx: &mut ValidateCtx<'_>) -> ClientPolicy
             continue;
         }
         let field = format!("clients.users.{name}.password");
+        offer(ctx, &field, &user.password_command);
         if let Some(password) = ctx.required_secret(
             &field,
             user.password.as_deref(),
@@ -405,12 +451,16 @@ fn validate_token_cache(
             ("url", raw.url.is_some()),
             (
                 "password",
-                raw.password.is_some() || raw.password_file.is_some(),
+                raw.password.is_some()
+                    || raw.password_file.is_some()
+                    || raw.password_command.is_some(),
             ),
             ("key_prefix", raw.key_prefix.is_some()),
             (
                 "encryption_key",
-                raw.encryption_key.is_some() || raw.encryption_key_file.is_some(),
+                raw.encryption_key.is_some()
+                    || raw.encryption_key_file.is_some()
+                    || raw.encryption_key_command.is_some(),
             ),
             ("timeout", raw.timeout.is_some()),
             ("ca_file", raw.ca_file.is_some()),
@@ -447,6 +497,12 @@ fn validate_token_cache(
             None
         }
     });
+    offer(ctx, "token_cache.password", &raw.password_command);
+    offer(
+        ctx,
+        "token_cache.encryption_key",
+        &raw.encryption_key_command,
+    );
     let password = ctx.optional_secret(
         "token_cache.password",
         raw.password.as_deref(),
@@ -477,7 +533,10 @@ fn validate_token_cache(
                 None
             }
         });
-    if raw.encryption_key.is_none() && raw.encryption_key_file.is_none() {
+    if raw.encryption_key.is_none()
+        && raw.encryption_key_file.is_none()
+        && raw.encryption_key_command.is_none()
+    {
         ctx.problem(
             "token_cache.encryption_key",
             "is required for `type: redis` (tokens are stored sealed with it; \
@@ -557,6 +616,13 @@ fn decode_key(text: &str) -> Option<[u8; 32]> {
         .and_then(|bytes| bytes.try_into().ok())
 }
 
+/// Offers `x_command` for the next read of secret `field` (a list checked non-empty there).
+fn offer(ctx: &mut ValidateCtx<'_>, field: &str, command: &Option<Vec<String>>) {
+    if let Some(argv) = command {
+        ctx.offer_command(field, argv.clone());
+    }
+}
+
 fn dur(v: Option<crate::vocab::values::ConfigDuration>, default: Duration) -> Duration {
     v.map(|d| d.0).unwrap_or(default)
 }
@@ -568,6 +634,11 @@ pub fn validate(
     env: &dyn Environment,
 ) -> Result<Config, Vec<String>> {
     let mut ctx = ValidateCtx::new(env, base_dir);
+    let command_timeout = dur(raw.secret_command_timeout, secret_command::DEFAULT_TIMEOUT);
+    if command_timeout.is_zero() {
+        ctx.problem("secret_command_timeout", "must be greater than 0");
+    }
+    ctx.set_command_timeout(command_timeout);
     let listen = socket_addr(
         &mut ctx,
         "listen",
@@ -628,6 +699,7 @@ pub fn validate(
              (README: token lifecycle)",
         );
     }
+    offer(&mut ctx, "admin_token", &raw.admin_token_command);
     let admin_token = ctx.optional_secret(
         "admin_token",
         raw.admin_token.as_deref(),
@@ -736,6 +808,7 @@ pub fn validate(
         }
     }
     ctx.scope("");
+    let secret_commands = ctx.ran_commands();
     let mut files = ctx.take_files();
     files.sort();
     files.dedup();
@@ -761,6 +834,7 @@ pub fn validate(
             unmatched_reach,
             admin_hosts,
             token_cache: token_cache.unwrap_or_default(),
+            secret_commands,
         }),
         _ => Err(problems),
     }

@@ -121,7 +121,8 @@ pub fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::credentials::{
-        jwt, login, oauth2, outreach, outseta, static_header, validate_for_test, CredentialType,
+        basic, jwt, login, oauth2, outreach, outseta, static_header, validate_for_test,
+        CredentialType,
     };
 
     /// A secret for every secret field below: none may show in any `Debug` output.
@@ -181,6 +182,10 @@ mod tests {
     #[test]
     fn every_field_of_every_type_changes_the_fingerprint_and_no_debug_shows_a_secret() {
         each_field_counts::<static_header::StaticHeader>("value: ${S0}\n", &[("${S0}", "${S1}")]);
+        each_field_counts::<basic::Basic>(
+            "username: u\npassword: ${S2}\n",
+            &[("username: u", "username: v"), ("${S2}", "${S3}")],
+        );
         each_field_counts::<oauth2::OAuth2ClientCredentials>(
             "token_url: https://a.test/t\nclient_id: c\nclient_secret: ${S1}\nscope: a\n",
             &[
@@ -260,6 +265,30 @@ mod tests {
                 ),
                 ("username: u", "username: u\nscheme: Token"),
             ],
+        );
+    }
+
+    /// A secret printed by a command counts as the same secret written inline or in a file:
+    /// a command that prints a rotated secret changes the fingerprint, one that prints the
+    /// same secret keeps it (replicas reading one vault agree).
+    #[test]
+    fn a_secret_from_a_command_fingerprints_like_the_secret_itself() {
+        let inline = of::<basic::Basic>("username: u\npassword: ${S2}\n");
+        let printed = |secret: &str| {
+            of::<basic::Basic>(&format!(
+                "username: u\npassword_command: [printf, '%s', {secret}]\n"
+            ))
+        };
+        assert_eq!(printed(SECRETS[2]), inline);
+        assert_ne!(printed(SECRETS[3]), inline, "a rotated secret");
+        let from_login = |line: &str| {
+            of::<login::Login>(&format!(
+                "login_url: https://l.test/login\nusername: u\n{line}\n"
+            ))
+        };
+        assert_eq!(
+            from_login(&format!("password_command: [printf, '%s', {}]", SECRETS[1])),
+            from_login("password: ${S1}")
         );
     }
 

@@ -163,6 +163,10 @@ pub trait TokenSource: Send + Sync + 'static {
     fn refreshable(&self) -> bool {
         true
     }
+
+    /// The upstream refused what this source's fixed value (or signature) was made from:
+    /// whoever holds the config may read secrets that come from commands again.
+    fn value_refused(&self) {}
 }
 
 /// One credential type: the `type:` name YAML selects it by, its own fields, how they are
@@ -336,6 +340,10 @@ pub struct CommonSpec {
     pub scheme: Option<String>,
     /// Fetch a token at start and keep it fresh in the background.
     pub prefetch: Option<bool>,
+    /// Send the value in this query parameter instead of a header.
+    pub query_param: Option<String>,
+    /// `x_command` argv by secret field `x`: run to obtain that secret.
+    pub commands: Vec<(String, Vec<String>)>,
 }
 
 /// The validated settings of one credential, of whichever type. Compared on reload.
@@ -431,6 +439,8 @@ impl<T: CredentialType> Definition for Defined<T> {
 #[derive(Debug)]
 pub struct ValidatedCredential {
     pub header: HeaderName,
+    /// The query parameter the value goes in instead of `header`.
+    pub query_param: Option<String>,
     pub prefetch: bool,
     pub kind: CredentialKind,
 }
@@ -440,6 +450,10 @@ pub struct ValidatedCredential {
 pub struct SourceDeps {
     /// The client for token endpoints (rustls, same trust roots as upstream requests).
     pub http: reqwest::Client,
+    /// Woken when the vendor refuses a configured secret (a token endpoint for good, or the
+    /// upstream a fixed value or a signature): whoever holds the config re-reads secrets
+    /// that come from commands (a rotated one is then used).
+    pub secret_refused: Arc<tokio::sync::Notify>,
 }
 
 /// Builds the runtime source of a validated credential, wrapped so that its errors also hide
@@ -453,6 +467,7 @@ pub fn build_credential_source(
     Arc::new(Redacting {
         inner: kind.0.source(deps),
         redactor: Redactor::new(secret_parts.iter().map(Secret::expose)),
+        secret_refused: Arc::clone(&deps.secret_refused),
     })
 }
 
@@ -515,6 +530,9 @@ fn validate_section<T: CredentialType>(
     ctx: &mut ValidateCtx<'_>,
 ) -> Option<ValidatedCredential> {
     let header = ctx.header_name("header", common.header.as_deref());
+    let query_param = common.query_param.as_deref().and_then(|name| {
+        query_param_name(ctx, name, common.header.is_some()).then(|| name.to_string())
+    });
     let format = match (T::default_scheme(&spec), common.scheme.as_deref()) {
         (None, Some(_)) => {
             ctx.problem(
@@ -527,6 +545,8 @@ fn validate_section<T: CredentialType>(
             None
         }
         (None, None) => Some(TokenFormat::new(None, "")),
+        // In a query string the bare token is what APIs expect (`?api_key=…`).
+        (Some(_), scheme) if common.query_param.is_some() => scheme_format(ctx, scheme, ""),
         (Some(default), scheme) => scheme_format(ctx, scheme, default),
     };
     let prefetch = common.prefetch.unwrap_or(false);
@@ -536,12 +556,63 @@ fn validate_section<T: CredentialType>(
             format!("does not apply to `type: {}`: it is never fetched", T::NAME),
         );
     }
-    let settings = T::validate(spec, format.clone()?, ctx)?;
+    let format = format?;
+    for (field, argv) in &common.commands {
+        ctx.offer_command(field, argv.clone());
+    }
+    let settings = T::validate(spec, format, ctx);
+    // A section that failed may have stopped before reading a secret: only a valid one
+    // proves that a command names no secret of its type.
+    let unused = ctx.take_unused_commands();
+    for field in unused.iter().filter(|_| settings.is_some()) {
+        ctx.problem(
+            &format!("{field}_command"),
+            format!(
+                "`type: {}` has no secret `{field}` to read from a command",
+                T::NAME
+            ),
+        );
+    }
+    let settings = settings?;
+    if common.query_param.is_some() && T::signer(&settings).is_some() {
+        ctx.problem(
+            "query_param",
+            format!(
+                "does not apply to `type: {}`: it signs each request and has no value to send",
+                T::NAME
+            ),
+        );
+        return None;
+    }
     Some(ValidatedCredential {
         header: header?,
+        query_param,
         prefetch,
         kind: CredentialKind(Arc::new(Defined::<T> { settings })),
     })
+}
+
+/// Whether `name` can be a `query_param`: a plain parameter name (so that it never needs
+/// encoding and compares as written), and not together with `header`.
+fn query_param_name(ctx: &mut ValidateCtx<'_>, name: &str, header_set: bool) -> bool {
+    let plain = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.~".contains(c));
+    if !plain {
+        ctx.problem(
+            "query_param",
+            "must be a parameter name of letters, digits, `_`, `-`, `.` and `~`",
+        );
+    }
+    if header_set {
+        ctx.problem(
+            "header",
+            "does not apply with `query_param`: the value goes in the query string instead",
+        );
+    }
+    plain && !header_set
 }
 
 /// Declares the credential modules and the registry YAML reaches them through: one line per
@@ -562,6 +633,7 @@ credential_types! {
     login::Login,
     hmac::HmacSignature,
     aws_sigv4::AwsSigV4,
+    basic::Basic,
 }
 
 /// Every `type:` name YAML accepts, in registry order.
@@ -599,15 +671,43 @@ pub fn parse_credential(mut fields: serde_yaml::Mapping) -> Result<ParsedCredent
             Some(serde_yaml::Value::Bool(b)) => Some(b),
             Some(_) => return Err("prefetch: expected true or false".into()),
         },
+        query_param: take_string(&mut fields, "query_param")?,
+        commands: take_commands(&mut fields)?,
     };
     (registration.parse)(fields, common).map_err(|e| {
         let text = e.to_string();
         if text.contains("unknown field") {
-            format!("{text} (or the shared `header`, `scheme`, `prefetch`)")
+            format!("{text} (or the shared `header`, `scheme`, `prefetch`, `query_param`)")
         } else {
             text
         }
     })
+}
+
+/// Removes every `x_command` key: the registry runs them for the type, which only ever sees
+/// secret `x` (see `ValidateCtx::offer_command`).
+fn take_commands(fields: &mut serde_yaml::Mapping) -> Result<Vec<(String, Vec<String>)>, String> {
+    let keys: Vec<String> = fields
+        .keys()
+        .filter_map(|k| k.as_str())
+        .filter(|k| k.ends_with("_command"))
+        .map(String::from)
+        .collect();
+    let mut commands = Vec::new();
+    for key in keys {
+        let value = fields.remove(key.as_str());
+        let argv: Option<Vec<String>> = value
+            .and_then(|v| serde_yaml::from_value(v).ok())
+            .filter(|argv: &Vec<String>| !argv.is_empty());
+        let Some(argv) = argv else {
+            return Err(format!(
+                "{key}: expected a list like [program, arg, …] (run without a shell)"
+            ));
+        };
+        let field = key.trim_end_matches("_command").to_string();
+        commands.push((field, argv));
+    }
+    Ok(commands)
 }
 
 fn take_string(fields: &mut serde_yaml::Mapping, key: &str) -> Result<Option<String>, String> {
@@ -626,24 +726,31 @@ fn quoted(names: &[&str]) -> String {
         .join(", ")
 }
 
-/// Passes every error of the wrapped source through `redactor` once more.
+/// Passes every error of the wrapped source through `redactor` once more, and wakes
+/// `secret_refused` when the vendor refuses a configured secret for good.
 struct Redacting {
     inner: Arc<dyn TokenSource>,
     redactor: Redactor,
+    secret_refused: Arc<tokio::sync::Notify>,
 }
 
 impl TokenSource for Redacting {
     fn fetch<'a>(&'a self, previous: Option<&'a Token>) -> FetchFuture<'a> {
         Box::pin(async move {
-            self.inner
-                .fetch(previous)
-                .await
-                .map_err(|e| e.redacted(&self.redactor))
+            let result = self.inner.fetch(previous).await;
+            if result.as_ref().is_err_and(CredentialError::is_final) {
+                self.secret_refused.notify_one();
+            }
+            result.map_err(|e| e.redacted(&self.redactor))
         })
     }
 
     fn refreshable(&self) -> bool {
         self.inner.refreshable()
+    }
+
+    fn value_refused(&self) {
+        self.secret_refused.notify_one();
     }
 }
 

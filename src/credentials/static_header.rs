@@ -25,6 +25,14 @@ pub struct StaticSettings {
     value: Secret,
 }
 
+impl StaticSettings {
+    /// Settings that send `value` as the whole header value (other fixed-value types, such
+    /// as `basic`, build their value and share this source).
+    pub fn new(value: Secret) -> Self {
+        Self { value }
+    }
+}
+
 /// `type: static`.
 pub struct StaticHeader;
 

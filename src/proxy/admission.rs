@@ -68,26 +68,25 @@ pub(crate) async fn admit<B>(
     let uri = request.uri();
     check_path(uri.path())?;
     let target = route(ctx, request)?;
-    let pinned = match &target.route {
+    let (pinned, credential) = match &target.route {
         Some(route) => {
-            check_routed(
-                route,
-                ctx.client.user.as_deref(),
-                method,
-                uri,
-                request.headers(),
-            )?;
+            let user = ctx.client.user.as_deref();
+            check_routed(route, user, method, uri, request.headers())?;
             check_cleartext(route, &target.uri)?;
-            None
+            (None, route.credential_for(user).cloned())
         }
         None => {
             let (host, port) = host_and_port(&target.uri);
             let unmatched = Some(&ctx.snapshot.config.unmatched_reach);
             let addrs = destination(ctx, host, port, unmatched).await?;
-            Some(PinnedAddrs(addrs.into()))
+            (Some(PinnedAddrs(addrs.into())), None)
         }
     };
-    Ok(Decision::Forward(Admitted { target, pinned }))
+    Ok(Decision::Forward(Admitted {
+        target,
+        pinned,
+        credential,
+    }))
 }
 
 /// With `clients.users` set, a request on the listener must name its user; requests inside
@@ -257,7 +256,9 @@ const METHOD_OVERRIDES: [&str; 3] = [
     "x-method-override",
 ];
 
-/// Checks a routed request before anything is sent: a route's `clients` list, and on routes
+/// Checks a routed request before anything is sent: a route's `clients` list and, for a
+/// per-client credential, that the user has one (decided here, so that no token is fetched
+/// for a client that may not spend it); on routes
 /// with a credential, methods that would echo it (TRACE, TRACK), method-override headers
 /// that would get around `methods`, and paths that a Java or Windows upstream would resolve
 /// outside the route's `path_prefix`.
@@ -268,7 +269,9 @@ fn check_routed(
     uri: &Uri,
     headers: &http::HeaderMap,
 ) -> Result<(), ProxyError> {
-    if !route.allows_client(user) {
+    if !route.allows_client(user)
+        || (route.credential.is_some() && route.credential_for(user).is_none())
+    {
         return Err(ProxyError::ClientNotAllowed(route.name.to_string()));
     }
     if route.restricts_methods() && METHOD_OVERRIDES.iter().any(|h| headers.contains_key(*h)) {

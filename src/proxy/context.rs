@@ -18,6 +18,7 @@ use super::activity::Activity;
 use super::target::Target;
 use crate::access::Client;
 use crate::state::{Snapshot, State};
+use crate::token_store::CredentialSlot;
 use crate::upstream::{PinnedAddrs, ProxyBody};
 
 /// A request's whole answer, as one boxed future: hyper keeps room for one in-flight future
@@ -97,4 +98,6 @@ pub(crate) struct Admitted {
     /// For traffic no route claims: the addresses its host was checked at, the only ones
     /// it may be connected to.
     pub(crate) pinned: Option<PinnedAddrs>,
+    /// The credential slot chosen for this client on its route (`None` without credential).
+    pub(crate) credential: Option<Arc<CredentialSlot>>,
 }

@@ -33,7 +33,7 @@ pub(crate) fn handle(conn: Arc<Connection>, request: Request<Incoming>) -> Answe
             // Boxed so that requests, the common case, do not carry its size.
             Ok(Decision::Tunnel(plan)) => {
                 let (uri, authority) = (request.uri().clone(), plan.authority.clone());
-                let line = AccessLine::start(&ctx, None, &uri, Some(&authority));
+                let line = AccessLine::start(&ctx, None, None, &uri, Some(&authority));
                 let response = match Box::pin(connect::open(&ctx, plan, request, handle)).await {
                     Ok(response) => response,
                     Err(e) => refusal(&ctx, e),
@@ -41,7 +41,7 @@ pub(crate) fn handle(conn: Arc<Connection>, request: Request<Incoming>) -> Answe
                 line.finish(&ctx, None, response, false)
             }
             Err(e) => {
-                let line = AccessLine::start(&ctx, None, request.uri(), None);
+                let line = AccessLine::start(&ctx, None, None, request.uri(), None);
                 let response = refusal(&ctx, e);
                 line.finish(&ctx, None, response, false)
             }
@@ -81,6 +81,7 @@ impl<'a> AccessLine<'a> {
     fn start(
         ctx: &'a RequestContext,
         route: Option<&'a crate::routes::Route>,
+        credential: Option<&'a crate::token_store::CredentialSlot>,
         uri: &'a http::Uri,
         origin: Option<&'a http::uri::Authority>,
     ) -> Self {
@@ -91,7 +92,7 @@ impl<'a> AccessLine<'a> {
                 fast: None,
             };
         }
-        let fields = access_fields(&ctx.client, route, &ctx.method, uri, origin);
+        let fields = access_fields(&ctx.client, route, credential, &ctx.method, uri, origin);
         match access_log::installed().filter(|_| !tracing::enabled!(tracing::Level::DEBUG)) {
             Some(log) => Self {
                 fast: Some((log, fields.span(log.format()))),
@@ -141,18 +142,28 @@ impl<'a> AccessLine<'a> {
 }
 
 /// Forwards an admitted request (or answers why it failed), with a span and an access-log
-/// line naming client, route, credential, method, the host the client asked for, the
+/// line naming client, route, the credential chosen for the client, method, the host the client asked for, the
 /// upstream it went to, status, latency and whether it was replayed.
 async fn forward(
     ctx: RequestContext,
     admitted: Admitted,
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let Admitted { target, pinned } = admitted;
+    let Admitted {
+        target,
+        pinned,
+        credential,
+    } = admitted;
     let snapshot = &ctx.snapshot;
     let route = target.route.as_ref();
     let origin = target.client_origin.as_ref().map(|(_, a)| a);
-    let line = AccessLine::start(&ctx, route.map(|r| &**r), &target.uri, origin);
+    let line = AccessLine::start(
+        &ctx,
+        route.map(|r| &**r),
+        credential.as_deref(),
+        &target.uri,
+        origin,
+    );
     let span = line.span.clone();
     let answer = async {
         let (mut parts, body) = request.into_parts();
@@ -164,6 +175,7 @@ async fn forward(
             upstream: &ctx.state().upstream,
             config: &snapshot.config,
             target: &target,
+            credential: credential.as_ref(),
             pinned: pinned.as_ref(),
             leg: if websocket.is_some() {
                 Leg::Upgrade
@@ -214,6 +226,7 @@ async fn forward(
 fn access_fields<'a>(
     client: &'a Client,
     route: Option<&'a crate::routes::Route>,
+    credential: Option<&'a crate::token_store::CredentialSlot>,
     method: &'a http::Method,
     uri: &'a http::Uri,
     origin: Option<&'a http::uri::Authority>,
@@ -222,9 +235,7 @@ fn access_fields<'a>(
         client: client.addr,
         user: client.user.as_deref().unwrap_or("-"),
         route: route.map_or("-", |r| &*r.name),
-        credential: route
-            .and_then(|r| r.credential.as_ref())
-            .map_or("-", |c| &**c.name()),
+        credential: credential.map_or("-", |c| &**c.name()),
         method: method.as_str(),
         host: origin.map_or_else(|| uri.host().unwrap_or("-"), |a| a.host()),
         upstream: uri.authority().map_or("-", |a| a.as_str()),

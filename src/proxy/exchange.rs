@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use http::header::{self, HeaderMap};
 use http::request::Parts;
+use http::uri::PathAndQuery;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -28,6 +29,7 @@ use crate::metrics::RetryOutcome;
 use crate::routes::Route;
 use crate::token_store::{CredentialSlot, IssuedToken};
 use crate::upstream::{BoxError, PinnedAddrs, ProxyBody, UpstreamClient};
+use crate::vocab::redact::{form_urlencode, Redactor};
 
 /// What happened to a forwarded request, for the access log.
 pub(crate) struct Forwarded {
@@ -51,6 +53,8 @@ pub(crate) struct Exchange<'a> {
     pub(crate) upstream: &'a UpstreamClient,
     pub(crate) config: &'a Config,
     pub(crate) target: &'a Target,
+    /// The credential admission chose for the client on the target's route.
+    pub(crate) credential: Option<&'a Arc<CredentialSlot>>,
     pub(crate) pinned: Option<&'a PinnedAddrs>,
     pub(crate) leg: Leg,
 }
@@ -73,12 +77,7 @@ impl Exchange<'_> {
     pub(crate) async fn run(&self, parts: Parts, body: Incoming) -> Result<Forwarded, ProxyError> {
         let mut parts = parts;
         let uri = &self.target.uri;
-        let Some((route, slot)) = self
-            .target
-            .route
-            .as_ref()
-            .and_then(|r| Some((r, r.credential.as_ref()?)))
-        else {
+        let Some((route, slot)) = self.target.route.as_ref().zip(self.credential) else {
             let headers = std::mem::take(&mut parts.headers);
             let body = replay::streaming(body, self.config);
             let request = build(&parts.method, uri, headers, None, body);
@@ -100,7 +99,7 @@ impl Exchange<'_> {
             return Box::pin(self.run_signed(route, slot, signer, parts, body)).await;
         }
         let token = slot.get().await?;
-        let mut body = if route.refreshes_on_unauthorized() {
+        let mut body = if route.refreshes_on_unauthorized(slot) {
             let budget = self.upstream.replay_budget();
             replay::prepare(body, &parts.headers, self.config, budget).await?
         } else {
@@ -112,18 +111,14 @@ impl Exchange<'_> {
         } else {
             std::mem::take(&mut parts.headers)
         };
-        let first = build(
-            &parts.method,
-            uri,
-            headers,
-            Some((slot, &token)),
-            body.take(),
-        );
-        let response = self.send(Some(route), first).await?;
+        let (uri, injection) = place(uri, slot, &token);
+        let first = build(&parts.method, &uri, headers, injection, body.take());
+        let mut response = self.send(Some(route), first).await?;
+        mask_echoed_query_credential(&mut response, slot, &token);
 
         match verdict(route, &response) {
             TokenVerdict::Accepted => slot.upstream_accepted(&route.name),
-            TokenVerdict::Refused if body.replayable() && route.refreshes_on_unauthorized() => {
+            TokenVerdict::Refused if body.replayable() && route.refreshes_on_unauthorized(slot) => {
                 let replay = Replay {
                     exchange: self,
                     route,
@@ -135,7 +130,8 @@ impl Exchange<'_> {
                 // request's future (which is moved, not just polled) by its size.
                 return Box::pin(replay.run(&token, response)).await;
             }
-            TokenVerdict::Refused | TokenVerdict::NotTheToken => {}
+            TokenVerdict::Refused => slot.fixed_value_refused(),
+            TokenVerdict::NotTheToken => {}
         }
         Ok(Forwarded {
             response,
@@ -173,6 +169,9 @@ impl Exchange<'_> {
             body,
         )?;
         let response = self.send(Some(route), request).await?;
+        if verdict(route, &response) == TokenVerdict::Refused {
+            slot.fixed_value_refused();
+        }
         Ok(Forwarded {
             response,
             retried: false,
@@ -251,7 +250,7 @@ impl Replay<'_> {
                     })
                 }
                 Err(unavailable) => {
-                    metrics.retried(RetryOutcome::Unavailable);
+                    metrics.retried(self.slot.name(), RetryOutcome::Unavailable);
                     return Err(unavailable.into());
                 }
             };
@@ -264,21 +263,23 @@ impl Replay<'_> {
             } else {
                 self.parts.headers.clone()
             };
+            let (uri, injection) = place(&self.exchange.target.uri, self.slot, &fresh);
             let again = build(
                 &self.parts.method,
-                &self.exchange.target.uri,
+                &uri,
                 headers,
-                Some((self.slot, &fresh)),
+                injection,
                 self.body.take(),
             );
-            let response = self.exchange.send(Some(self.route), again).await?;
+            let mut response = self.exchange.send(Some(self.route), again).await?;
+            mask_echoed_query_credential(&mut response, self.slot, &fresh);
             let verdict = verdict(self.route, &response);
             if verdict == TokenVerdict::Accepted {
                 self.slot.upstream_accepted(&self.route.name);
-                metrics.retried(RetryOutcome::Success);
+                metrics.retried(self.slot.name(), RetryOutcome::Success);
             } else if last || verdict == TokenVerdict::NotTheToken {
                 self.slot.replay_refused(&self.route.name);
-                metrics.retried(RetryOutcome::Failed);
+                metrics.retried(self.slot.name(), RetryOutcome::Failed);
             } else {
                 rejected = fresh;
                 refused = response;
@@ -379,6 +380,78 @@ fn build(
     request
 }
 
+/// Where a token goes: into the slot's `query_param` of the URI (then no header is
+/// injected), or into the slot's header.
+fn place<'a>(
+    uri: &Uri,
+    slot: &'a Arc<CredentialSlot>,
+    token: &'a Arc<IssuedToken>,
+) -> (Uri, Injection<'a>) {
+    match slot.query_param() {
+        Some(name) => (with_query_credential(uri, name, token.header_value()), None),
+        None => (uri.clone(), Some((slot, token))),
+    }
+}
+
+type Injection<'a> = Option<(&'a Arc<CredentialSlot>, &'a Arc<IssuedToken>)>;
+
+/// `uri` with `value` in query parameter `name`: every parameter the client sent under that
+/// name, however percent-encoded, is dropped (an upstream that reads the first or the last of
+/// duplicates must still see the configured one), and the value is percent-encoded.
+pub fn with_query_credential(uri: &Uri, name: &str, value: &HeaderValue) -> Uri {
+    let value = form_urlencode(&String::from_utf8_lossy(value.as_bytes())).replace('+', "%20");
+    let pair = format!("{name}={value}");
+    let mut query: Vec<&str> = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty() && !names_param(p, name))
+        .collect();
+    query.push(&pair);
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query =
+        PathAndQuery::try_from(format!("{}?{}", uri.path(), query.join("&"))).ok();
+    // Every piece was valid in a URI already, so this holds; were it not to, the request
+    // fails (a URI without authority) rather than going out with the client's own value.
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// Masks a query credential wherever the upstream echoes it in a response header (a
+/// redirect or a pagination `Link` naming the URL it was asked for would otherwise hand the
+/// key to the client), in every form an echo shows it in. Following such a link through
+/// the proxy still works: the masked parameter is replaced like any the client sends.
+fn mask_echoed_query_credential(
+    response: &mut Response<ProxyBody>,
+    slot: &CredentialSlot,
+    token: &IssuedToken,
+) {
+    let Some(value) = slot
+        .query_param()
+        .and_then(|_| token.header_value().to_str().ok())
+    else {
+        return;
+    };
+    let redactor = Redactor::new([value]);
+    for header in response.headers_mut().values_mut() {
+        let Ok(text) = header.to_str() else { continue };
+        let masked = redactor.redact(text);
+        if masked != text {
+            if let Ok(masked) = HeaderValue::from_str(&masked) {
+                *header = masked;
+            }
+        }
+    }
+}
+
+/// Whether the query pair `pair` (`name=value`, percent-encoded) is for parameter `name`.
+fn names_param(pair: &str, name: &str) -> bool {
+    let raw_name = pair.split('=').next().unwrap_or_default();
+    serde_urlencoded::from_str::<Vec<(String, String)>>(raw_name)
+        .ok()
+        .and_then(|decoded| decoded.into_iter().next())
+        .is_some_and(|(decoded, _)| decoded == name)
+}
+
 /// Sets the credential header, replacing whatever the client sent under that name.
 pub fn inject(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) {
     headers.insert(name.clone(), value.clone());
@@ -394,6 +467,25 @@ mod tests {
             headers.append(header::WWW_AUTHENTICATE, HeaderValue::from_str(v).unwrap());
         }
         challenge_error(&headers)
+    }
+
+    #[test]
+    fn the_query_credential_replaces_every_client_copy_and_is_encoded() {
+        let value = HeaderValue::from_static("k y&=+/%");
+        let at =
+            |uri: &str| with_query_credential(&uri.parse().unwrap(), "api_key", &value).to_string();
+        assert_eq!(
+            at("http://h.test/p?api_key=mine&x=1&api%5Fkey=again&api_key"),
+            "http://h.test/p?x=1&api_key=k%20y%26%3D%2B%2F%25"
+        );
+        assert_eq!(
+            at("https://h.test"),
+            "https://h.test/?api_key=k%20y%26%3D%2B%2F%25"
+        );
+        assert_eq!(
+            at("http://h.test/p?api_keys=1&&x=%20"),
+            "http://h.test/p?api_keys=1&x=%20&api_key=k%20y%26%3D%2B%2F%25"
+        );
     }
 
     #[test]

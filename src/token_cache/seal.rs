@@ -89,13 +89,18 @@ impl Sealer {
         }
     }
 
-    /// A keyed hash of what identifies the credential (type, header and every setting of
+    /// A keyed hash of what identifies the credential (type, header or query parameter and every setting of
     /// its type, secrets included; see [`Fingerprint`]), as hex. Replicas with the same
     /// definition and key agree on it; without the key it reveals nothing, not even to a
     /// password guesser.
     pub fn fingerprint(&self, config: &CredentialConfig) -> String {
         let mut fp = Fingerprint::new(self.fingerprint.as_ref(), config.kind.type_name());
         fp.text("header", config.header.as_str());
+        // Written only when set, so that the fingerprints of header credentials stay as
+        // they were before `query_param` existed.
+        if let Some(name) = &config.query_param {
+            fp.text("query_param", name);
+        }
         config.kind.fingerprint(&mut fp);
         fp.finish()
     }
@@ -210,7 +215,10 @@ mod tests {
             client:\n    type: oauth2_client_credentials\n    token_url: https://id.test/token\n    \
             client_id: c-1\n    client_secret: s-456\n    scope: read write\n  \
             tt:\n    type: login\n    login_url: https://tt.test/auth/login\n    \
-            username: dispatch\n    password: pw-789\n    account_id: 42\nroutes: []\n";
+            username: dispatch\n    password: pw-789\n    account_id: 42\n  \
+            legacy:\n    type: basic\n    username: svc\n    password: pw-321\n  \
+            keyed:\n    type: oauth2_client_credentials\n    token_url: https://id.test/token\n    \
+            client_id: c-1\n    client_secret: s-456\n    query_param: api_key\nroutes: []\n";
         let config = crate::config::Config::from_yaml(
             yaml,
             std::path::Path::new("/etc/authrelay/routes.yaml"),
@@ -222,6 +230,8 @@ mod tests {
         assert_eq!(fp("fixed"), "184ee5855b093f40a4e280b5ac0a7807");
         assert_eq!(fp("client"), "ff177a9363b4534e02e56a5ff86fe96e");
         assert_eq!(fp("tt"), "7a0691f1085a759829a052f45e2ad7e8");
+        assert_eq!(fp("legacy"), "48d75b03727399525da5675b32aba25f");
+        assert_eq!(fp("keyed"), "acf13c9f309d7e23638c80e709726e16");
     }
 
     #[test]

@@ -154,6 +154,11 @@ impl CredentialSlot {
         &self.config.header
     }
 
+    /// The query parameter this credential's value goes in instead of its header.
+    pub(crate) fn query_param(&self) -> Option<&str> {
+        self.config.query_param.as_deref()
+    }
+
     /// Whether this slot can be kept across a reload to `config`: the token source is the
     /// same, so its cached token is still good. Timing settings do not matter (see
     /// [`Self::use_settings`]).
@@ -181,6 +186,14 @@ impl CredentialSlot {
     /// Whether fetching again can cure a 401/403.
     pub(crate) fn refreshable(&self) -> bool {
         self.refreshable
+    }
+
+    /// The upstream refused this credential's fixed value or signature, which no fetch can
+    /// cure: secrets that come from commands are read again (see `TokenSource::value_refused`).
+    pub(crate) fn fixed_value_refused(&self) {
+        if !self.refreshable {
+            self.source.value_refused();
+        }
     }
 
     /// Whether the slot holds a token that may be sent now (for readiness).

@@ -8,6 +8,7 @@ pub mod hop_by_hop;
 pub mod hosts;
 pub mod redact;
 pub mod secret;
+pub mod secret_command;
 pub mod shutdown;
 pub mod validate_ctx;
 pub mod values;

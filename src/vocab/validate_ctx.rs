@@ -2,12 +2,15 @@
 //! the config file, and one list collecting every problem (so a user fixes a file in one
 //! pass). Every credential type and the config validator write their checks against it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use http::HeaderName;
 
 use super::hop_by_hop::is_hop_by_hop;
 use super::secret::Secret;
+use super::secret_command;
 use super::values::{interpolate, interpolate_with_values, read_secret_file, Environment};
 
 /// What a credential's validation needs: the environment for `${VAR}`, the config file's
@@ -21,6 +24,12 @@ pub struct ValidateCtx<'a> {
     files: Vec<PathBuf>,
     /// The `${VAR}` values used in secret fields of the credential being validated.
     secret_parts: Vec<Secret>,
+    /// `x_command` argv by secret field `x`, offered for the section being validated.
+    commands: BTreeMap<String, Vec<String>>,
+    /// How long one secret command may run.
+    command_timeout: Duration,
+    /// Whether any secret came from a command (a refused secret then re-runs them).
+    ran_commands: bool,
 }
 
 impl<'a> ValidateCtx<'a> {
@@ -33,6 +42,9 @@ impl<'a> ValidateCtx<'a> {
             scope: String::new(),
             files: Vec::new(),
             secret_parts: Vec::new(),
+            commands: BTreeMap::new(),
+            command_timeout: secret_command::DEFAULT_TIMEOUT,
+            ran_commands: false,
         }
     }
 
@@ -78,23 +90,63 @@ impl<'a> ValidateCtx<'a> {
         }
     }
 
-    /// Resolves a secret given either inline (`field`, with `${VAR}`) or as a file
-    /// (`field_file`). Exactly one may be set; `None` with no problem when neither is.
+    /// How long each secret command may run (`secret_command_timeout`).
+    pub fn set_command_timeout(&mut self, timeout: Duration) {
+        self.command_timeout = timeout;
+    }
+
+    /// Makes `argv` the `field_command` of the next read of secret `field`.
+    pub fn offer_command(&mut self, field: &str, argv: Vec<String>) {
+        self.commands.insert(field.to_string(), argv);
+    }
+
+    /// The secret fields whose `_command` was offered but never read (the section has no
+    /// such secret), forgotten.
+    pub fn take_unused_commands(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.commands).into_keys().collect()
+    }
+
+    /// Whether any secret was read from a command.
+    pub fn ran_commands(&self) -> bool {
+        self.ran_commands
+    }
+
+    /// Resolves a secret given inline (`field`, with `${VAR}`), as a file (`field_file`) or
+    /// as a command (`field_command`, offered with [`Self::offer_command`]). At most one may
+    /// be set; `None` with no problem when none is.
     pub fn optional_secret(
         &mut self,
         field: &str,
         inline: Option<&str>,
         file: Option<&str>,
     ) -> Option<Secret> {
-        match (inline, file) {
-            (Some(_), Some(_)) => {
+        let command = self.commands.remove(field);
+        match (inline, file, command) {
+            (None, None, Some(argv)) => {
+                self.ran_commands = true;
+                match secret_command::run(&argv, &self.base_dir, self.command_timeout) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        self.problem(&format!("{field}_command"), e);
+                        None
+                    }
+                }
+            }
+            (_, _, Some(_)) => {
+                self.problem(
+                    field,
+                    format!("set only one of `{field}`, `{field}_file` or `{field}_command`"),
+                );
+                None
+            }
+            (Some(_), Some(_), None) => {
                 self.problem(
                     field,
                     format!("set either `{field}` or `{field}_file`, not both"),
                 );
                 None
             }
-            (Some(raw), None) => match interpolate_with_values(raw, self.env) {
+            (Some(raw), None, None) => match interpolate_with_values(raw, self.env) {
                 Ok((value, parts)) => {
                     self.secret_parts.extend(parts.into_iter().map(Secret::new));
                     Some(Secret::new(value))
@@ -104,7 +156,7 @@ impl<'a> ValidateCtx<'a> {
                     None
                 }
             },
-            (None, Some(path)) => {
+            (None, Some(path), None) => {
                 let path = self.text(&format!("{field}_file"), path)?;
                 self.files.push(self.base_dir.join(&path));
                 match read_secret_file(&self.base_dir, &path) {
@@ -115,21 +167,23 @@ impl<'a> ValidateCtx<'a> {
                     }
                 }
             }
-            (None, None) => None,
+            (None, None, None) => None,
         }
     }
 
-    /// Like [`Self::optional_secret`] but one of the two forms must be present.
+    /// Like [`Self::optional_secret`] but one of the three forms must be present.
     pub fn required_secret(
         &mut self,
         field: &str,
         inline: Option<&str>,
         file: Option<&str>,
     ) -> Option<Secret> {
-        if inline.is_none() && file.is_none() {
+        if inline.is_none() && file.is_none() && !self.commands.contains_key(field) {
             self.problem(
                 field,
-                format!("is required (inline with ${{VAR}} or as `{field}_file`)"),
+                format!(
+                    "is required (inline with ${{VAR}}, as `{field}_file` or `{field}_command`)"
+                ),
             );
             return None;
         }

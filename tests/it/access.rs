@@ -364,7 +364,7 @@ routes:
 
 /// Log output captured in memory.
 #[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+pub(crate) struct Captured(pub(crate) std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl std::io::Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -479,7 +479,7 @@ fn address_ranges_and_ports_are_refused_at_their_line_and_column() {
 }
 
 /// Log lines captured from the current thread for the duration of a test.
-fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
+pub(crate) fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
     support::route_logs_to_thread_subscribers();
     let logs = Captured::default();
     let sink = logs.clone();

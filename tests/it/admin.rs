@@ -227,7 +227,7 @@ async fn readiness_credentials_and_retry_metrics_track_a_refreshing_credential()
     assert_eq!(
         metric(
             &metrics,
-            "authrelay_unauthorized_retries_total{route=\"api\",outcome=\"success\"}"
+            "authrelay_unauthorized_retries_total{route=\"api\",credential=\"vendor\",outcome=\"success\"}"
         ),
         1.0,
         "{metrics}"

@@ -450,6 +450,12 @@ impl Machine {
         machine
             .upstream_ca
             .client_files(&bank, "client", "docs-app");
+        // The secret command the README's `x_command` example runs (a vault client's wrapper).
+        let read_secret = root.join("etc/authrelay/bin/read-secret");
+        std::fs::create_dir_all(read_secret.parent().unwrap()).unwrap();
+        std::fs::write(&read_secret, "#!/bin/sh\necho docs-dummy-secret\n").unwrap();
+        let executable = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+        std::fs::set_permissions(&read_secret, executable).unwrap();
         std::fs::copy(
             repo().join("tests/it/fixtures/outreach_app_key.pem"),
             root.join("run/secrets/outreach_app_key.pem"),

@@ -165,7 +165,7 @@ async fn run_case(policy: Upstream, revoke_first: bool, leg: Leg, attempts: usiz
     let retried = |outcome: &str| {
         support::metric(
             &metrics,
-            &format!("authrelay_unauthorized_retries_total{{route=\"api\",outcome=\"{outcome}\"}}"),
+            &format!("authrelay_unauthorized_retries_total{{route=\"api\",credential=\"oa\",outcome=\"{outcome}\"}}"),
         )
     };
     let upstream_attempts = match leg {

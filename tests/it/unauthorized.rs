@@ -110,7 +110,7 @@ fn retries(proxy: &Proxy, route: &str) -> f64 {
         .map(|outcome| {
             metric(
                 &text,
-                &format!("authrelay_unauthorized_retries_total{{route=\"{route}\",outcome=\"{outcome}\"}}"),
+                &format!("authrelay_unauthorized_retries_total{{route=\"{route}\",credential=\"itsyou\",outcome=\"{outcome}\"}}"),
             )
         })
         .sum()
