@@ -1,4 +1,4 @@
-//! What the `check --fetch`, `token` and `health` commands do, kept in the library so that
+//! What the `check --fetch`, `token`, `authorize`, `revoke` and `health` commands do, kept in the library so that
 //! `main.rs` only parses arguments and prints.
 
 use std::net::SocketAddr;
@@ -7,7 +7,11 @@ use std::time::{Duration, SystemTime};
 use http::HeaderName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use std::sync::Arc;
+
 use crate::config::{Config, Unmatched};
+use crate::credentials::oauth2_code::{self, OAuth2AuthorizationCode};
+use crate::credentials::DurableTokens;
 use crate::state::State;
 use crate::vocab::secret::Secret;
 
@@ -134,6 +138,271 @@ pub async fn fetch_header(
         .map_err(|e| TokenCommandError::Unavailable(e.to_string()))?;
     let value = String::from_utf8_lossy(token.header_value().as_bytes()).into_owned();
     Ok((slot.header().clone(), Secret::new(value)))
+}
+
+/// What `authorize` has to tell the person, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AuthorizeEvent {
+    /// Open this URL in a browser and consent.
+    Open(String),
+    /// The tokens are stored: the credential named here works from now on.
+    Authorized(String),
+}
+
+/// Why `authorize` or `revoke` did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsentCommandError {
+    /// The config has no credential of that name.
+    #[error("no credential named `{0}` in the config (known: {1})")]
+    Unknown(String, String),
+    /// The credential is not one a person consents to.
+    #[error("credential `{0}` is of type `{1}`; only `oauth2_authorization_code` credentials are authorized by a person")]
+    NotConsent(String, &'static str),
+    /// Anything that stopped the flow (never contains a secret).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The settings, endpoint client and token store of consent credential `name`.
+fn consent_credential(
+    state: &State,
+    name: &str,
+) -> Result<(oauth2_code::Client, Arc<dyn DurableTokens>), ConsentCommandError> {
+    let snapshot = state.snapshot();
+    let Some(credential) = snapshot.config.credentials.get(name) else {
+        let known: Vec<&str> = snapshot
+            .config
+            .credentials
+            .keys()
+            .map(String::as_str)
+            .collect();
+        return Err(ConsentCommandError::Unknown(
+            name.to_string(),
+            known.join(", "),
+        ));
+    };
+    let Some(settings) = credential.kind.settings::<OAuth2AuthorizationCode>() else {
+        return Err(ConsentCommandError::NotConsent(
+            name.to_string(),
+            credential.kind.type_name(),
+        ));
+    };
+    let deps = state.source_deps();
+    let store = deps.durable.clone().ok_or_else(|| {
+        ConsentCommandError::Failed("the config has no `token_cache: type: file`".into())
+    })?;
+    Ok((
+        oauth2_code::Client::new(settings.clone(), deps.http.clone()),
+        store,
+    ))
+}
+
+/// `authorize NAME`: listens on the credential's loopback `redirect_uri`, tells the person
+/// the URL to open, takes one authorization code whose state matches (then stops
+/// listening), trades it for tokens and stores them.
+pub async fn authorize(
+    state: &State,
+    name: &str,
+    mut tell: impl FnMut(AuthorizeEvent),
+) -> Result<(), ConsentCommandError> {
+    let (client, store) = consent_credential(state, name)?;
+    let settings = client.settings();
+    let addr = settings.redirect_addr().ok_or_else(|| {
+        ConsentCommandError::Failed("the redirect_uri names no loopback address".into())
+    })?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        ConsentCommandError::Failed(format!("cannot listen on {addr} (the redirect_uri): {e}"))
+    })?;
+    let failed =
+        |e: crate::credentials::CredentialError| ConsentCommandError::Failed(e.to_string());
+    let consent = client.begin().map_err(failed)?;
+    tell(AuthorizeEvent::Open(consent.url.to_string()));
+    let code = callback::wait_for_code(&listener, settings.redirect_path(), &consent, name).await?;
+    drop(listener);
+    let token = client
+        .exchange_code(&consent, code.expose())
+        .await
+        .map_err(failed)?;
+    let identity = settings.identity();
+    let owned = name.to_string();
+    oauth2_code::blocking_store(&store, move |s| s.save(&owned, &identity, &token))
+        .await
+        .map_err(failed)?;
+    tell(AuthorizeEvent::Authorized(name.to_string()));
+    Ok(())
+}
+
+/// What `revoke NAME` did.
+#[derive(Debug)]
+pub struct Revoked {
+    /// Whether the vendor was asked to revoke the refresh token (a `revocation_url` is set
+    /// and a token was stored), and its answer.
+    pub at_vendor: Option<Result<(), String>>,
+    /// Whether stored tokens were deleted.
+    pub deleted: bool,
+}
+
+/// `revoke NAME`: revokes the stored refresh token at the vendor (RFC 7009) when a
+/// `revocation_url` is configured, and deletes the stored tokens either way.
+pub async fn revoke(state: &State, name: &str) -> Result<Revoked, ConsentCommandError> {
+    let (client, store) = consent_credential(state, name)?;
+    let failed =
+        |e: crate::credentials::CredentialError| ConsentCommandError::Failed(e.to_string());
+    let identity = client.settings().identity();
+    let owned = name.to_string();
+    let stored = oauth2_code::blocking_store(&store, move |s| s.load(&owned, &identity))
+        .await
+        .map_err(failed)?;
+    let at_vendor = match stored.and_then(|t| t.refresh) {
+        Some(grant) => match client.revoke(&grant).await {
+            Ok(true) => Some(Ok(())),
+            Ok(false) => None,
+            Err(e) => Some(Err(e.to_string())),
+        },
+        None => None,
+    };
+    let owned = name.to_string();
+    let deleted = oauth2_code::blocking_store(&store, move |s| s.delete(&owned))
+        .await
+        .map_err(failed)?;
+    Ok(Revoked { at_vendor, deleted })
+}
+
+/// The loopback end of the authorization code grant: the one HTTP request the browser
+/// makes when the vendor sends it back.
+mod callback {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::ConsentCommandError;
+    use crate::credentials::oauth2_code::Consent;
+    use crate::vocab::secret::Secret;
+
+    /// Longest request head read from the browser.
+    const MAX_HEAD: usize = 16 * 1024;
+
+    /// What one request to the listener was.
+    enum Visit {
+        /// The vendor's answer with a code and the right state.
+        Code(Secret),
+        /// The vendor's answer with an error (the person declined, or the request was bad).
+        Refused(String),
+        /// Anything else: another path, a wrong state, bytes that are not HTTP.
+        Stray,
+    }
+
+    /// Serves requests on `listener` until one brings a code with `consent`'s state, or the
+    /// vendor's refusal.
+    pub(super) async fn wait_for_code(
+        listener: &TcpListener,
+        path: &str,
+        consent: &Consent,
+        name: &str,
+    ) -> Result<Secret, ConsentCommandError> {
+        loop {
+            let (mut stream, _) = listener.accept().await.map_err(|e| {
+                ConsentCommandError::Failed(format!("the redirect_uri listener failed: {e}"))
+            })?;
+            match visit(&mut stream, path, consent, name).await {
+                Visit::Code(code) => return Ok(code),
+                Visit::Refused(why) => {
+                    return Err(ConsentCommandError::Failed(format!(
+                        "the authorization was refused: {why}"
+                    )))
+                }
+                Visit::Stray => {}
+            }
+        }
+    }
+
+    async fn visit(stream: &mut TcpStream, path: &str, consent: &Consent, name: &str) -> Visit {
+        let Some(target) = read_target(stream).await else {
+            return Visit::Stray;
+        };
+        let Ok(url) = reqwest::Url::parse(&format!("http://callback{target}")) else {
+            answer(stream, "400 Bad Request", "not an HTTP request").await;
+            return Visit::Stray;
+        };
+        if url.path() != path {
+            answer(stream, "404 Not Found", "not found").await;
+            return Visit::Stray;
+        }
+        let query: std::collections::HashMap<String, String> =
+            url.query_pairs().into_owned().collect();
+        if !query.get("state").is_some_and(|s| consent.state_matches(s)) {
+            answer(
+                stream,
+                "400 Bad Request",
+                "this answer does not belong to the authorization authrelay started",
+            )
+            .await;
+            return Visit::Stray;
+        }
+        if let Some(error) = query.get("error") {
+            answer(
+                stream,
+                "400 Bad Request",
+                "authorization refused; see the terminal",
+            )
+            .await;
+            // The vendor's code and description are plain words (RFC 6749 §4.1.2.1), but
+            // are cut short: they are shown, not trusted.
+            let description = query.get("error_description").map_or("", String::as_str);
+            let why = format!("{error} {description}");
+            return Visit::Refused(why.trim().chars().take(200).collect());
+        }
+        match query.get("code") {
+            Some(code) => {
+                answer(
+                    stream,
+                    "200 OK",
+                    &format!("authrelay: `{name}` is authorized; you may close this window"),
+                )
+                .await;
+                Visit::Code(Secret::new(code.clone()))
+            }
+            None => {
+                answer(stream, "400 Bad Request", "no code in the answer").await;
+                Visit::Stray
+            }
+        }
+    }
+
+    /// The request target of a `GET` request head, or `None`.
+    async fn read_target(stream: &mut TcpStream) -> Option<String> {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 2048];
+        let read = async {
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+                let n = stream.read(&mut buf).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            Some(())
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), read)
+            .await
+            .ok()??;
+        let text = String::from_utf8_lossy(&head);
+        let mut words = text.lines().next()?.split(' ');
+        match (words.next(), words.next()) {
+            (Some("GET"), Some(target)) if target.starts_with('/') => Some(target.to_string()),
+            _ => None,
+        }
+    }
+
+    async fn answer(stream: &mut TcpStream, status: &str, text: &str) {
+        let response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n{text}",
+            text.len()
+        );
+        // The browser may be gone; the outcome stands either way.
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    }
 }
 
 /// Authorization schemes shown by [`mask`]; any other first word may be part of a secret

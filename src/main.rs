@@ -65,6 +65,21 @@ enum Command {
         #[arg(long)]
         reveal: bool,
     },
+    /// Ask a person to consent for an `oauth2_authorization_code` credential: prints the URL
+    /// to open, waits for the browser on the loopback redirect_uri, stores the tokens.
+    Authorize {
+        /// The credential's name in the config.
+        name: String,
+        /// One JSON object per line (`{"open": URL}`, then `{"authorized": NAME}`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a consented credential's refresh token at the vendor (when `revocation_url` is
+    /// set) and delete its stored tokens.
+    Revoke {
+        /// The credential's name in the config.
+        name: String,
+    },
     /// Start the proxy in front of a built-in mock API and print commands to try (offline).
     Demo {
         /// The proxy listener.
@@ -238,7 +253,73 @@ async fn async_main(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Command::Authorize { name, json } => {
+            let Some(state) = offline_state(config) else {
+                return ExitCode::from(EXIT_START_FAILED);
+            };
+            let tell = |event: commands::AuthorizeEvent| match (event, json) {
+                (commands::AuthorizeEvent::Open(url), false) => {
+                    eprintln!("Open this URL in a browser and consent:");
+                    println!("{url}");
+                }
+                (commands::AuthorizeEvent::Open(url), true) => {
+                    println!("{}", serde_json::json!({ "open": url }));
+                }
+                (commands::AuthorizeEvent::Authorized(name), false) => {
+                    println!("authorized {name}");
+                }
+                (commands::AuthorizeEvent::Authorized(name), true) => {
+                    println!("{}", serde_json::json!({ "authorized": name }));
+                }
+            };
+            consent_exit(commands::authorize(&state, &name, tell).await)
+        }
+        Command::Revoke { name } => {
+            let Some(state) = offline_state(config) else {
+                return ExitCode::from(EXIT_START_FAILED);
+            };
+            let outcome = commands::revoke(&state, &name).await;
+            if let Ok(revoked) = &outcome {
+                match &revoked.at_vendor {
+                    Some(Ok(())) => println!("{name}: revoked at the vendor"),
+                    Some(Err(e)) => eprintln!("authrelay: {name}: the vendor did not revoke: {e}"),
+                    None => println!("{name}: no revocation_url; the vendor was not asked"),
+                }
+                if revoked.deleted {
+                    println!("{name}: stored tokens deleted");
+                } else {
+                    println!("{name}: no tokens were stored");
+                }
+            }
+            let vendor_failed = outcome
+                .as_ref()
+                .is_ok_and(|r| matches!(r.at_vendor, Some(Err(_))));
+            let code = consent_exit(outcome.map(|_| ()));
+            if vendor_failed {
+                ExitCode::from(EXIT_FAILED)
+            } else {
+                code
+            }
+        }
         _ => run(cli.config, config).await,
+    }
+}
+
+/// The exit code of `authorize` or `revoke`, its error printed.
+fn consent_exit(outcome: Result<(), commands::ConsentCommandError>) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(
+            e @ (commands::ConsentCommandError::Unknown(..)
+            | commands::ConsentCommandError::NotConsent(..)),
+        ) => {
+            eprintln!("authrelay: {e}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("authrelay: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
     }
 }
 

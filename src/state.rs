@@ -13,6 +13,7 @@ use crate::credentials::{build_credential_source, SourceDeps};
 use crate::intercept::CertAuthority;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routes::RouteTable;
+use crate::token_cache::file_store::FileStore;
 use crate::token_cache::RedisCache;
 use crate::token_store::CredentialSlot;
 use crate::upstream::{tls_config, UpstreamClient};
@@ -100,9 +101,12 @@ impl State {
             None => None,
         };
         let metrics = Arc::new(Metrics::new());
-        let deps = SourceDeps { http };
+        let mut deps = SourceDeps::new(http);
+        if let TokenCacheSettings::File(settings) = &config.token_cache {
+            deps.durable = Some(Arc::new(FileStore::new(settings)));
+        }
         let token_cache = match &config.token_cache {
-            TokenCacheSettings::Memory => None,
+            TokenCacheSettings::Memory | TokenCacheSettings::File(_) => None,
             TokenCacheSettings::Redis(settings) => Some(
                 RedisCache::new(settings, Arc::clone(&metrics)).map_err(StartError::TokenCache)?,
             ),
@@ -134,7 +138,8 @@ impl State {
     fn reload_token_cache(&self, previous: &Snapshot, config: &Config) -> Option<Arc<RedisCache>> {
         let running = previous.token_cache.clone();
         match &config.token_cache {
-            TokenCacheSettings::Memory => {
+            // The file store is opened at start (`State::new`); a reload does not move it.
+            TokenCacheSettings::Memory | TokenCacheSettings::File(_) => {
                 if running.is_some() {
                     tracing::info!("token_cache: now memory only; tokens are no longer shared");
                     self.metrics.token_cache_up.set(1);
@@ -363,7 +368,7 @@ fn build_snapshot(
             CredentialSlot::with_cache(
                 cred.clone(),
                 config.tokens.clone(),
-                build_credential_source(&cred.kind, &cred.secret_parts, deps),
+                build_credential_source(&cred.kind, &cred.secret_parts, &deps.for_credential(name)),
                 Arc::clone(metrics),
                 token_cache.as_ref().map(|c| c.slot(cred)),
             )

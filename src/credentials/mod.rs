@@ -77,6 +77,12 @@ pub enum CredentialError {
     /// The answer was not the document the vendor documents.
     #[error("token endpoint answer not understood: {0}")]
     BadResponse(String),
+    /// A person has to consent (again) before tokens can be had: none are stored yet, or
+    /// the vendor refused the stored refresh token (`invalid_grant`: revoked, or expired).
+    /// Only `authrelay authorize` cures it, so it is final and the slot calls no endpoint
+    /// until then.
+    #[error("consent required: {0}")]
+    ConsentRequired(String),
     /// Anything else (an unreadable key, an account that does not exist, …).
     #[error("{0}")]
     Other(String),
@@ -101,6 +107,9 @@ impl CredentialError {
                 detail: redactor.detail(&detail),
             },
             CredentialError::BadResponse(m) => CredentialError::BadResponse(redactor.detail(&m)),
+            CredentialError::ConsentRequired(m) => {
+                CredentialError::ConsentRequired(redactor.detail(&m))
+            }
             CredentialError::Other(m) => CredentialError::Other(redactor.detail(&m)),
         }
     }
@@ -119,7 +128,15 @@ impl CredentialError {
     /// slot backs off straight to `backoff_max` and reports the credential as `rejected`.
     /// Outages (5xx, timeouts, connection errors) are not final.
     pub fn is_final(&self) -> bool {
-        matches!(self, CredentialError::Refused { .. })
+        matches!(
+            self,
+            CredentialError::Refused { .. } | CredentialError::ConsentRequired(_)
+        )
+    }
+
+    /// Whether only a person's consent (`authrelay authorize`) can cure the failure.
+    pub fn needs_consent(&self) -> bool {
+        matches!(self, CredentialError::ConsentRequired(_))
     }
 
     /// The vendor's RFC 6749 `error` code of a refusal (`invalid_client`, …), if it sent one.
@@ -359,6 +376,44 @@ pub struct ValidatedCredential {
 pub struct SourceDeps {
     /// The client for token endpoints (rustls, same trust roots as upstream requests).
     pub http: reqwest::Client,
+    /// Where tokens a person consented to outlive the process (`token_cache: type: file`).
+    pub durable: Option<Arc<dyn DurableTokens>>,
+    /// The name of the credential the source is built for (empty until
+    /// [`SourceDeps::for_credential`]): durable records are kept under it.
+    pub credential: Arc<str>,
+}
+
+impl SourceDeps {
+    /// Dependencies with only the token endpoint client.
+    pub fn new(http: reqwest::Client) -> Self {
+        Self {
+            http,
+            durable: None,
+            credential: Arc::from(""),
+        }
+    }
+
+    /// The same dependencies for credential `name`.
+    pub fn for_credential(&self, name: &str) -> Self {
+        Self {
+            credential: Arc::from(name),
+            ..self.clone()
+        }
+    }
+}
+
+/// A store that keeps tokens across restarts, for credentials whose refresh token cannot be
+/// had again without a person. Calls block (file I/O, fsync): run them off the runtime.
+/// `identity` binds a record to the credential's definition, so that tokens issued to
+/// another client or token endpoint are never sent.
+pub trait DurableTokens: Send + Sync + 'static {
+    /// The stored token of `credential`, if any (a record sealed for another identity or
+    /// key reads as none).
+    fn load(&self, credential: &str, identity: &str) -> Result<Option<Token>, String>;
+    /// Replaces the stored token of `credential`; durable once this returns.
+    fn save(&self, credential: &str, identity: &str, token: &Token) -> Result<(), String>;
+    /// Forgets `credential`'s token; whether there was one.
+    fn delete(&self, credential: &str) -> Result<bool, String>;
 }
 
 /// Builds the runtime source of a validated credential, guarded so that a panic inside a
@@ -479,6 +534,7 @@ credential_types! {
     jwt::AppJwt,
     outseta::Outseta,
     login::Login,
+    oauth2_code::OAuth2AuthorizationCode,
 }
 
 /// Every `type:` name YAML accepts, in registry order.

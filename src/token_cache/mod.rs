@@ -16,6 +16,7 @@
 //! Records are sealed ([`seal`]), keyed by a keyed fingerprint of the credential's whole
 //! definition, and carry no secret in clear.
 
+pub mod file_store;
 pub mod redis_store;
 pub mod seal;
 
