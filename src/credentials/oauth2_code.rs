@@ -532,6 +532,7 @@ mod tests {
              authorize_params: {{prompt: consent}}\nclient_secret: s3cret\n"
         );
         let s = validate_for_test::<OAuth2AuthorizationCode>(&yaml, &[]).unwrap();
+        crate::upstream::install_crypto_provider();
         let client = Client::new(s, reqwest::Client::new());
         let consent = client.begin().unwrap();
         let q: BTreeMap<String, String> = consent.url.query_pairs().into_owned().collect();

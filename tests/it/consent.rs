@@ -1,0 +1,416 @@
+//! Tokens a person consents to (`type: oauth2_authorization_code`), against a real
+//! authorization server: oidc-provider (npm), started by each test on a free loopback port
+//! from `tests/oidc/provider.mjs`, with PKCE required and refresh tokens rotating on every
+//! use (a dead one presented revokes the grant). The tests play the person's browser with
+//! plain HTTP requests through its development login and consent pages, and run
+//! `authrelay authorize` / `revoke` as a person would.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+
+use crate::support;
+
+const BIN: &str = env!("CARGO_BIN_EXE_authrelay");
+/// 32 bytes, base64.
+const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
+/// oidc-provider running under Node; killed on drop.
+struct AuthServer {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for AuthServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl AuthServer {
+    /// Starts the server, or `None` (with the reason printed) where Node or the package is
+    /// not installed (`.ci/run` installs both).
+    fn start(redirect_uri: &str, access_token_seconds: u32) -> Option<Self> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let modules = root.join("target/oidc/node_modules");
+        if !modules.join("oidc-provider").is_dir() {
+            eprintln!(
+                "consent: oidc-provider not in {}; skipping (.ci/run installs it)",
+                modules.display()
+            );
+            return None;
+        }
+        let mut child = match Command::new("node")
+            .arg(root.join("tests/oidc/provider.mjs"))
+            .arg(&modules)
+            .arg(redirect_uri)
+            .arg(access_token_seconds.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("consent: cannot run node ({e}); skipping");
+                return None;
+            }
+        };
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("oidc-provider did not start: {line:?}"))
+            .trim()
+            .parse()
+            .unwrap();
+        Some(Self { child, port })
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    async fn stats(&self) -> Value {
+        support::direct_client()
+            .get(format!("{}/__test/stats", self.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn revoke_grants(&self) {
+        let r = support::direct_client()
+            .post(format!("{}/__test/revoke-grants", self.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}
+
+/// A loopback port nothing listens on right now, for the redirect_uri.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One test's world: the authorization server, and a config file using it with a file
+/// token store in a folder of its own.
+struct World {
+    server: AuthServer,
+    dir: tempfile::TempDir,
+    yaml: String,
+    config: PathBuf,
+}
+
+impl World {
+    fn new(access_token_seconds: u32) -> Option<Self> {
+        let redirect = format!("http://127.0.0.1:{}/callback", free_port());
+        let server = AuthServer::start(&redirect, access_token_seconds)?;
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("tokens.json");
+        let yaml = format!(
+            "admin: 127.0.0.1:0
+tokens:
+  backoff_initial: 50ms
+  backoff_max: 200ms
+token_cache:
+  type: file
+  path: {store}
+  encryption_key: {KEY}
+credentials:
+  idp:
+    type: oauth2_authorization_code
+    authorize_url: {url}/auth
+    token_url: {url}/token
+    revocation_url: {url}/token/revocation
+    client_id: app
+    client_secret: app-secret-value
+    scopes: [openid]
+    redirect_uri: {redirect}
+routes:
+  - name: api
+    host: \"127.0.0.1:{port}\"
+    credential: idp
+",
+            store = store.display(),
+            url = server.url(),
+            port = server.port,
+        );
+        let config = dir.path().join("routes.yaml");
+        std::fs::write(&config, format!("listen: 127.0.0.1:0\n{yaml}")).unwrap();
+        Some(Self {
+            server,
+            dir,
+            yaml,
+            config,
+        })
+    }
+
+    /// `authrelay authorize idp --json`, with the person's browser played in between.
+    async fn authorize(&self) {
+        let mut cli = Command::new(BIN)
+            .args(["authorize", "idp", "--json", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(cli.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let open: Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("authorize printed {line:?}"));
+        let url = open["open"].as_str().unwrap().to_string();
+        let landed = play_browser(&url).await;
+        assert_eq!(landed, 200, "the redirect_uri listener took the code");
+        let status = tokio::task::spawn_blocking(move || {
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+            (cli.wait().unwrap(), rest)
+        })
+        .await
+        .unwrap();
+        assert!(status.0.success(), "authorize failed: {status:?}");
+        let done: Value = serde_json::from_str(status.1.trim()).unwrap();
+        assert_eq!(done, serde_json::json!({"authorized": "idp"}));
+    }
+
+    async fn proxy(&self) -> support::Proxy {
+        support::proxy(&self.yaml).await
+    }
+
+    fn api(&self) -> String {
+        format!("{}/api/whoami", self.server.url())
+    }
+}
+
+/// Follows the authorization URL as a browser would: redirects with cookies, the login form
+/// (any login and password), the consent form, and finally the redirect to the
+/// `redirect_uri`, whose status is returned.
+async fn play_browser(start: &str) -> u16 {
+    authrelay::upstream::install_crypto_provider();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut cookies: HashMap<String, String> = HashMap::new();
+    let mut url = reqwest::Url::parse(start).unwrap();
+    let mut form: Option<Vec<(String, String)>> = None;
+    for _ in 0..20 {
+        let jar = cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let request = match form.take() {
+            Some(fields) => http.post(url.clone()).form(&fields),
+            None => http.get(url.clone()),
+        };
+        let response = request.header("cookie", jar).send().await.unwrap();
+        for c in response.headers().get_all("set-cookie") {
+            let pair = c.to_str().unwrap().split(';').next().unwrap();
+            if let Some((k, v)) = pair.split_once('=') {
+                cookies.insert(k.to_string(), v.to_string());
+            }
+        }
+        let status = response.status().as_u16();
+        if response.status().is_redirection() {
+            let location = response.headers()["location"].to_str().unwrap().to_string();
+            url = url.join(&location).unwrap();
+            continue;
+        }
+        if url.path() == "/callback" {
+            return status;
+        }
+        let page = response.text().await.unwrap();
+        assert_eq!(status, 200, "{url}: {page}");
+        let action = between(&page, "action=\"", "\"").expect("a form");
+        let prompt = between(&page, "name=\"prompt\" value=\"", "\"").expect("a prompt");
+        let mut fields = vec![("prompt".to_string(), prompt.to_string())];
+        if prompt == "login" {
+            fields.push(("login".into(), "alice".into()));
+            fields.push(("password".into(), "any".into()));
+        }
+        url = url.join(action).unwrap();
+        form = Some(fields);
+    }
+    panic!("the browser never reached the redirect_uri");
+}
+
+fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let from = text.find(start)? + start.len();
+    let len = text[from..].find(end)?;
+    Some(&text[from..from + len])
+}
+
+async fn get(proxy: &support::Proxy, url: &str) -> (u16, Value) {
+    let r = proxy.client().get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Consent by code, then refresh tokens rotating under traffic: each rotation is stored
+/// before use, so a restarted proxy carries on without the person and the server never
+/// sees a dead refresh token.
+#[tokio::test]
+async fn consent_by_code_survives_rotations_and_restarts() {
+    let Some(world) = World::new(3600) else {
+        return;
+    };
+    world.authorize().await;
+    assert_eq!(world.server.stats().await["codes"], 1);
+
+    let proxy = world.proxy().await;
+    let (status, body) = get(&proxy, &world.api()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["sub"], "alice");
+    let slot = proxy.state().snapshot().slots["idp"].clone();
+    for round in 1..=5 {
+        slot.refresh_now().await.unwrap();
+        let (status, body) = get(&proxy, &world.api()).await;
+        assert_eq!(status, 200, "rotation {round}: {body}");
+    }
+    proxy.stop().await;
+
+    // A new process: the stored (rotated) tokens, no person.
+    let proxy = world.proxy().await;
+    let (status, _) = get(&proxy, &world.api()).await;
+    assert_eq!(status, 200);
+    let slot = proxy.state().snapshot().slots["idp"].clone();
+    slot.refresh_now().await.unwrap();
+    let (status, _) = get(&proxy, &world.api()).await;
+    assert_eq!(status, 200);
+    let stats = world.server.stats().await;
+    assert_eq!(stats["refreshes"], 6, "{stats}");
+    assert_eq!(
+        stats["invalid_grants"], 0,
+        "no dead refresh token was ever sent: {stats}"
+    );
+    proxy.stop().await;
+    let raw = std::fs::read_to_string(world.dir.path().join("tokens.json")).unwrap();
+    assert!(
+        !raw.contains("app-secret-value") && raw.contains("\"idp\""),
+        "{raw}"
+    );
+}
+
+/// Without consent the credential answers 502 consent_required, naming it, and calls no
+/// token endpoint; `authorize` cures it without a restart.
+#[tokio::test]
+async fn missing_consent_is_answered_without_calling_the_vendor_and_cured_by_authorize() {
+    let Some(world) = World::new(3600) else {
+        return;
+    };
+    let proxy = world.proxy().await;
+    for _ in 0..3 {
+        let (status, body) = get(&proxy, &world.api()).await;
+        assert_eq!(status, 502, "{body}");
+        assert_eq!(body["error"], "consent_required");
+        assert_eq!(body["credential"], "idp");
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("authrelay authorize idp"),
+            "{body}"
+        );
+    }
+    assert_eq!(world.server.stats().await["token_calls"], 0);
+
+    world.authorize().await;
+    let mut status = 0;
+    for _ in 0..200 {
+        status = get(&proxy, &world.api()).await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200, "the running proxy picked up the stored tokens");
+    proxy.stop().await;
+}
+
+/// A person withdrawing consent at the vendor: the refresh is refused (invalid_grant), the
+/// credential needs consent (no retry storm), and `authorize` brings it back.
+#[tokio::test]
+async fn consent_withdrawn_at_the_vendor_needs_consent_again() {
+    let Some(world) = World::new(3600) else {
+        return;
+    };
+    world.authorize().await;
+    let proxy = world.proxy().await;
+    assert_eq!(get(&proxy, &world.api()).await.0, 200);
+    world.server.revoke_grants().await;
+    let slot = proxy.state().snapshot().slots["idp"].clone();
+    let e = slot.refresh_now().await.unwrap_err();
+    assert!(e.source.needs_consent(), "{e}");
+    let calls = world.server.stats().await["token_calls"].clone();
+    for _ in 0..3 {
+        let (status, body) = get(&proxy, &world.api()).await;
+        if status == 502 {
+            assert_eq!(body["error"], "consent_required", "{body}");
+        }
+    }
+    let stats = world.server.stats().await;
+    assert!(
+        stats["token_calls"].as_u64().unwrap() <= calls.as_u64().unwrap() + 1,
+        "no retry storm: {stats}"
+    );
+    world.authorize().await;
+    let mut status = 0;
+    for _ in 0..200 {
+        status = get(&proxy, &world.api()).await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200);
+    proxy.stop().await;
+}
+
+/// `authrelay revoke` revokes the refresh token at the vendor (RFC 7009) and deletes the
+/// stored tokens.
+#[tokio::test]
+async fn revoke_revokes_at_the_vendor_and_forgets() {
+    let Some(world) = World::new(3600) else {
+        return;
+    };
+    world.authorize().await;
+    let out = Command::new(BIN)
+        .args(["revoke", "idp", "--config"])
+        .arg(&world.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("revoked at the vendor") && text.contains("deleted"),
+        "{text}"
+    );
+    let proxy = world.proxy().await;
+    let (status, body) = get(&proxy, &world.api()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("consent_required"))
+    );
+    proxy.stop().await;
+}
