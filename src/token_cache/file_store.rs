@@ -82,7 +82,8 @@ impl FileStore {
         let lock_path = with_suffix(&self.path, ".lock");
         let lock = private_file(&lock_path, false)
             .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
-        lock.lock()
+        // Held until `lock` is dropped at the end of this call (closing the file unlocks).
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| format!("cannot lock {}: {e}", lock_path.display()))?;
         let mut layout = self.read()?;
         layout.layout = LAYOUT;
