@@ -12,7 +12,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{CredentialError, CredentialType, FetchFuture, SourceDeps, Token, TokenFormat, TokenSource};
+use super::{CredentialError, CredentialType, Fingerprint, FetchFuture, SourceDeps, Token, TokenFormat, TokenSource};
 use crate::vocab::validate_ctx::ValidateCtx;
 use crate::vocab::values::ConfigDuration;
 
@@ -32,11 +32,6 @@ pub struct RsaSigningKey {
 
 impl fmt::Debug for RsaSigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if crate::vocab::secret::revealing() {
-            // For a fingerprint: the key itself decides, not where the file happens to be.
-            let digest = ring::digest::digest(&ring::digest::SHA256, self.key.inner());
-            return write!(f, "RsaSigningKey({:?})", digest.as_ref());
-        }
         f.debug_struct("RsaSigningKey")
             .field("path", &self.path)
             .finish_non_exhaustive()
@@ -52,6 +47,11 @@ impl PartialEq for RsaSigningKey {
 }
 
 impl RsaSigningKey {
+    /// Writes the key into a fingerprint: the key itself decides, not where the file is.
+    pub(crate) fn fingerprint(&self, fp: &mut Fingerprint) {
+        fp.secret_bytes("private_key", self.key.inner());
+    }
+
     /// Reads the key at `raw` (relative to the config file's folder). Problems name the
     /// file, never its content.
     pub fn load(ctx: &mut ValidateCtx<'_>, field: &str, raw: &str) -> Option<Self> {
@@ -222,6 +222,15 @@ impl CredentialType for AppJwt {
             format,
         };
         ok.then_some(settings)
+    }
+
+    fn fingerprint(settings: &JwtSettings, fp: &mut Fingerprint) {
+        fp.text("issuer", &settings.issuer);
+        settings.key.fingerprint(fp);
+        fp.duration("lifetime", settings.lifetime);
+        // A `BTreeMap` of `Value`s serializes in one order: keys sorted, nested maps too.
+        fp.text("claims", &Value::from_iter(settings.claims.clone()).to_string());
+        settings.format.fingerprint(fp);
     }
 
     fn source(settings: &JwtSettings, _deps: &SourceDeps) -> Arc<dyn TokenSource> {

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::exchange::{self, EndpointAnswer};
-use super::{CredentialError, CredentialType, FetchFuture, RefreshGrant, SourceDeps, Token, TokenFormat, TokenSource};
+use super::{CredentialError, CredentialType, Fingerprint, FetchFuture, RefreshGrant, SourceDeps, Token, TokenFormat, TokenSource};
 use crate::expiry::{self, Stated};
 use crate::vocab::redact::Redactor;
 use crate::vocab::secret::Secret;
@@ -188,6 +188,37 @@ impl CredentialType for Login {
                 response: response?,
                 format,
             })
+    }
+
+    fn fingerprint(settings: &LoginSettings, fp: &mut Fingerprint) {
+        fp.text("login_url", settings.login_url.as_str());
+        fp.optional_text("refresh_url", settings.refresh_url.as_ref().map(Url::as_str));
+        fp.text("username", &settings.username);
+        fp.secret("password", &settings.password);
+        match settings.account_id {
+            None => fp.optional_text("account_id", None),
+            Some(id) => fp.number("account_id", id),
+        }
+        fp.text(
+            "body",
+            match settings.encoding {
+                BodyEncoding::Json => "json",
+                BodyEncoding::Form => "form",
+            },
+        );
+        let r = &settings.request;
+        fp.text("fields.request.username", &r.username);
+        fp.text("fields.request.password", &r.password);
+        fp.text("fields.request.account_id", &r.account_id);
+        fp.text("fields.request.refresh_token", &r.refresh_token);
+        let a = &settings.response;
+        fp.text("fields.response.success", &a.success);
+        fp.text("fields.response.token", &a.token);
+        fp.text("fields.response.token_expiration", &a.token_expiration);
+        fp.text("fields.response.token_lifetime", &a.token_lifetime);
+        fp.text("fields.response.refresh_token", &a.refresh_token);
+        fp.text("fields.response.refresh_token_expiration", &a.refresh_token_expiration);
+        settings.format.fingerprint(fp);
     }
 
     fn source(settings: &LoginSettings, deps: &SourceDeps) -> Arc<dyn TokenSource> {

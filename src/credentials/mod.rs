@@ -1,9 +1,10 @@
 //! Credentials: where the value of an injected header comes from. One file per token source;
 //! each turns its config section into settings (`validate`) and its settings into a
 //! [`TokenSource`]. Timing, caching, single flight and backoff are not here: they are shared
-//! by every source in `token_store.rs`.
+//! by every source in `token_store/`.
 
 pub mod exchange;
+pub mod fingerprint;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,6 +16,7 @@ use http::HeaderName;
 use crate::vocab::redact::Redactor;
 use crate::vocab::secret::Secret;
 use crate::vocab::validate_ctx::ValidateCtx;
+pub use fingerprint::Fingerprint;
 
 /// A freshly obtained credential.
 #[derive(Debug, Clone)]
@@ -193,7 +195,7 @@ pub trait TokenSource: Send + Sync + 'static {
 /// use std::sync::Arc;
 ///
 /// use authrelay::credentials::{
-///     CredentialType, FetchFuture, SourceDeps, Token, TokenFormat, TokenSource,
+///     CredentialType, FetchFuture, Fingerprint, SourceDeps, Token, TokenFormat, TokenSource,
 /// };
 /// use authrelay::vocab::secret::Secret;
 /// use authrelay::vocab::validate_ctx::ValidateCtx;
@@ -228,6 +230,10 @@ pub trait TokenSource: Send + Sync + 'static {
 ///     ) -> Option<GreetingSettings> {
 ///         let token = ctx.required_secret("token", spec.token.as_ref().map(Secret::expose), None)?;
 ///         Some(GreetingSettings { value: format.header_value(token.expose()) })
+///     }
+///
+///     fn fingerprint(settings: &GreetingSettings, fp: &mut Fingerprint) {
+///         fp.secret("value", &settings.value);
 ///     }
 ///
 ///     fn source(settings: &GreetingSettings, _deps: &SourceDeps) -> Arc<dyn TokenSource> {
@@ -279,6 +285,11 @@ pub trait CredentialType: 'static {
         ctx: &mut ValidateCtx<'_>,
     ) -> Option<Self::Settings>;
 
+    /// Writes what identifies these settings (every field that decides which token they
+    /// get, secrets through [`Fingerprint::secret`]; not timing) into `fp`: replicas share
+    /// tokens only between equal fingerprints. Required, so that a new type must say it.
+    fn fingerprint(settings: &Self::Settings, fp: &mut Fingerprint);
+
     /// The runtime source for validated settings.
     fn source(settings: &Self::Settings, deps: &SourceDeps) -> Arc<dyn TokenSource>;
 }
@@ -302,6 +313,11 @@ impl CredentialKind {
     /// The type name as written in the config, for logs and the admin endpoint.
     pub fn type_name(&self) -> &'static str {
         self.0.type_name()
+    }
+
+    /// Writes the type's fields into `fp` (see [`CredentialType::fingerprint`]).
+    pub fn fingerprint(&self, fp: &mut Fingerprint) {
+        self.0.fingerprint(fp);
     }
 
     /// The settings, when they are of type `T` (for tests and embedders).
@@ -332,6 +348,7 @@ trait Definition: Send + Sync {
     fn as_any(&self) -> &dyn std::any::Any;
     fn same(&self, other: &dyn Definition) -> bool;
     fn fmt_settings(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result;
+    fn fingerprint(&self, fp: &mut Fingerprint);
 }
 
 struct Defined<T: CredentialType> {
@@ -360,6 +377,10 @@ impl<T: CredentialType> Definition for Defined<T> {
 
     fn fmt_settings(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Debug::fmt(&self.settings, f)
+    }
+
+    fn fingerprint(&self, fp: &mut Fingerprint) {
+        T::fingerprint(&self.settings, fp);
     }
 }
 
@@ -416,15 +437,15 @@ pub trait DurableTokens: Send + Sync + 'static {
     fn delete(&self, credential: &str) -> Result<bool, String>;
 }
 
-/// Builds the runtime source of a validated credential, guarded so that a panic inside a
-/// fetch becomes an ordinary failure (with backoff and a 502) instead of a stuck credential,
-/// and so that its errors also hide each `${VAR}` value used in its secret fields.
+/// Builds the runtime source of a validated credential, wrapped so that its errors also hide
+/// each `${VAR}` value used in its secret fields. (A panic inside a fetch is turned into an
+/// ordinary failure by the token store, which runs every fetch in a task of its own.)
 pub fn build_credential_source(
     kind: &CredentialKind,
     secret_parts: &[Secret],
     deps: &SourceDeps,
 ) -> Arc<dyn TokenSource> {
-    Arc::new(Guard {
+    Arc::new(Redacting {
         inner: kind.0.source(deps),
         redactor: Redactor::new(secret_parts.iter().map(Secret::expose)),
     })
@@ -599,42 +620,24 @@ fn quoted(names: &[&str]) -> String {
         .join(", ")
 }
 
-/// Runs each fetch of the wrapped source in its own task, so that a panic (a bug, or a vendor
-/// value no check foresaw) is reported as [`CredentialError::Other`], and passes every error
-/// through `redactor` once more. Dropping the fetch (a timeout) aborts the task.
-struct Guard {
+/// Passes every error of the wrapped source through `redactor` once more.
+struct Redacting {
     inner: Arc<dyn TokenSource>,
     redactor: Redactor,
 }
 
-impl TokenSource for Guard {
+impl TokenSource for Redacting {
     fn fetch<'a>(&'a self, previous: Option<&'a Token>) -> FetchFuture<'a> {
-        let source = Arc::clone(&self.inner);
-        let previous = previous.cloned();
-        let task = AbortOnDrop(tokio::spawn(async move {
-            source.fetch(previous.as_ref()).await
-        }));
         Box::pin(async move {
-            let mut task = task;
-            match (&mut task.0).await {
-                Ok(result) => result.map_err(|e| e.redacted(&self.redactor)),
-                Err(_) => Err(CredentialError::Other(
-                    "the token fetch failed unexpectedly (internal error)".into(),
-                )),
-            }
+            self.inner
+                .fetch(previous)
+                .await
+                .map_err(|e| e.redacted(&self.redactor))
         })
     }
 
     fn refreshable(&self) -> bool {
         self.inner.refreshable()
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<Result<Token, CredentialError>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -651,6 +654,11 @@ impl TokenFormat {
         Self {
             scheme: scheme.unwrap_or(default_scheme).to_string(),
         }
+    }
+
+    /// Writes the scheme into a fingerprint (it changes every header value sent).
+    pub fn fingerprint(&self, fp: &mut Fingerprint) {
+        fp.text("scheme", &self.scheme);
     }
 
     /// The header value for `token`.
@@ -706,31 +714,6 @@ pub(crate) fn validate_for_test<T: CredentialType>(
             .cloned()
             .ok_or_else(|| vec!["settings of another type".to_string()]),
         _ => Err(problems),
-    }
-}
-
-#[cfg(test)]
-mod panic_guard_tests {
-    use super::*;
-
-    struct Panics;
-
-    impl TokenSource for Panics {
-        fn fetch<'a>(&'a self, _previous: Option<&'a Token>) -> FetchFuture<'a> {
-            Box::pin(async { panic!("a vendor number no check foresaw") })
-        }
-    }
-
-    #[tokio::test]
-    async fn a_panicking_fetch_is_an_ordinary_failure() {
-        let guarded = Guard {
-            inner: Arc::new(Panics),
-            redactor: Redactor::default(),
-        };
-        for _ in 0..2 {
-            let e = guarded.fetch(None).await.unwrap_err();
-            assert!(matches!(e, CredentialError::Other(_)), "{e}");
-        }
     }
 }
 

@@ -11,7 +11,7 @@ use base64::Engine;
 use serde::Deserialize;
 
 use super::exchange::{self, EndpointAnswer};
-use super::{CredentialError, CredentialType, FetchFuture, RefreshGrant, SourceDeps, Token, TokenFormat, TokenSource};
+use super::{CredentialError, CredentialType, Fingerprint, FetchFuture, RefreshGrant, SourceDeps, Token, TokenFormat, TokenSource};
 use crate::expiry::{self, Stated};
 use crate::vocab::redact::{form_urlencode, Redactor};
 use crate::vocab::secret::Secret;
@@ -147,6 +147,33 @@ impl CredentialType for OAuth2ClientCredentials {
                 jwt_exchange: jwt_exchange?,
                 format,
             })
+    }
+
+    fn fingerprint(settings: &OAuth2Settings, fp: &mut Fingerprint) {
+        fp.text("token_url", settings.token_url.as_str());
+        fp.text("client_id", &settings.client_id);
+        fp.secret("client_secret", &settings.client_secret);
+        fp.optional_text("scope", settings.scope.as_deref());
+        fp.text(
+            "auth",
+            match settings.auth {
+                ClientAuth::Post => "post",
+                ClientAuth::Basic => "basic",
+            },
+        );
+        match &settings.jwt_exchange {
+            None => fp.optional_text("jwt_exchange", None),
+            Some(x) => {
+                fp.text("jwt_exchange.url", x.url.as_str());
+                fp.optional_text("jwt_exchange.scope", x.scope.as_deref());
+                fp.optional_text("jwt_exchange.aud", x.aud.as_deref());
+                match x.validity {
+                    None => fp.optional_text("jwt_exchange.validity", None),
+                    Some(v) => fp.duration("jwt_exchange.validity", v),
+                }
+            }
+        }
+        settings.format.fingerprint(fp);
     }
 
     fn source(settings: &OAuth2Settings, deps: &SourceDeps) -> Arc<dyn TokenSource> {

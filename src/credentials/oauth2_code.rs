@@ -21,7 +21,7 @@ use serde::Deserialize;
 use super::exchange;
 use super::oauth2::{basic_credentials, ClientAuth};
 use super::{
-    CredentialError, CredentialType, DurableTokens, FetchFuture, RefreshGrant, SourceDeps, Token,
+    CredentialError, CredentialType, DurableTokens, FetchFuture, Fingerprint, RefreshGrant, SourceDeps, Token,
     TokenFormat, TokenSource,
 };
 use crate::expiry::{self, Stated};
@@ -144,6 +144,32 @@ impl CredentialType for OAuth2AuthorizationCode {
             revocation_url: revocation_url?,
             format,
         })
+    }
+
+    fn fingerprint(settings: &CodeSettings, fp: &mut Fingerprint) {
+        fp.text("authorize_url", settings.authorize_url.as_str());
+        fp.text("token_url", settings.token_url.as_str());
+        fp.text("client_id", &settings.client_id);
+        match &settings.client_secret {
+            Some(secret) => fp.secret("client_secret", secret),
+            None => fp.optional_text("client_secret", None),
+        }
+        fp.text("scopes", &settings.scopes.join(" "));
+        fp.text("redirect_uri", settings.redirect_uri.as_str());
+        fp.optional_text("audience", settings.audience.as_deref());
+        fp.optional_text("resource", settings.resource.as_deref());
+        for (k, v) in &settings.authorize_params {
+            fp.text(&format!("authorize_params.{k}"), v);
+        }
+        fp.text(
+            "auth",
+            match settings.auth {
+                ClientAuth::Post => "post",
+                ClientAuth::Basic => "basic",
+            },
+        );
+        fp.optional_text("revocation_url", settings.revocation_url.as_ref().map(reqwest::Url::as_str));
+        settings.format.fingerprint(fp);
     }
 
     fn source(settings: &CodeSettings, deps: &SourceDeps) -> Arc<dyn TokenSource> {

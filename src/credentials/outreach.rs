@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::exchange;
 use super::jwt::{sign_app_token, RsaSigningKey, DEFAULT_APP_TOKEN_LIFETIME};
-use super::{CredentialError, CredentialType, FetchFuture, SourceDeps, Token, TokenFormat, TokenSource};
+use super::{CredentialError, CredentialType, Fingerprint, FetchFuture, SourceDeps, Token, TokenFormat, TokenSource};
 use crate::expiry::{self, Stated};
 use crate::vocab::redact::Redactor;
 use crate::vocab::validate_ctx::ValidateCtx;
@@ -89,6 +89,13 @@ impl CredentialType for OutreachS2s {
                 access_token_url: access_token_url?,
                 format,
             })
+    }
+
+    fn fingerprint(settings: &OutreachSettings, fp: &mut Fingerprint) {
+        fp.text("s2s_guid", &settings.s2s_guid);
+        settings.key.fingerprint(fp);
+        fp.text("access_token_url", settings.access_token_url.as_str());
+        settings.format.fingerprint(fp);
     }
 
     fn source(settings: &OutreachSettings, deps: &SourceDeps) -> Arc<dyn TokenSource> {

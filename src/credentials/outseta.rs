@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::exchange::{self, EndpointAnswer};
-use super::{CredentialError, CredentialType, FetchFuture, SourceDeps, Token, TokenFormat, TokenSource};
+use super::{CredentialError, CredentialType, Fingerprint, FetchFuture, SourceDeps, Token, TokenFormat, TokenSource};
 use crate::expiry::{self, Stated};
 use crate::vocab::redact::Redactor;
 use crate::vocab::secret::Secret;
@@ -133,6 +133,22 @@ impl CredentialType for Outseta {
                 account: account?,
                 format,
             })
+    }
+
+    fn fingerprint(settings: &OutsetaSettings, fp: &mut Fingerprint) {
+        fp.text("token_url", settings.token_url.as_str());
+        fp.text("subscriptions_url", settings.subscriptions_url.as_str());
+        fp.text("username", &settings.username);
+        match &settings.login {
+            Login::Person { password } => fp.secret("password", password),
+            Login::ServerSide { authorization } => fp.secret("api_key", authorization),
+        }
+        match &settings.account {
+            AccountChoice::Primary => fp.optional_text("account", None),
+            AccountChoice::Subscription(uid) => fp.text("subscription_uid", uid),
+            AccountChoice::Account(uid) => fp.text("account_uid", uid),
+        }
+        settings.format.fingerprint(fp);
     }
 
     fn source(settings: &OutsetaSettings, deps: &SourceDeps) -> Arc<dyn TokenSource> {

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use std::sync::Arc;
 
-use super::{CredentialType, FetchFuture, SourceDeps, Token, TokenFormat, TokenSource};
+use super::{CredentialType, FetchFuture, Fingerprint, SourceDeps, Token, TokenFormat, TokenSource};
 use crate::vocab::secret::Secret;
 use crate::vocab::validate_ctx::ValidateCtx;
 
@@ -59,6 +59,10 @@ impl CredentialType for StaticHeader {
             ok
         })?;
         Some(StaticSettings { value })
+    }
+
+    fn fingerprint(settings: &StaticSettings, fp: &mut Fingerprint) {
+        fp.secret("value", &settings.value);
     }
 
     fn source(settings: &StaticSettings, _deps: &SourceDeps) -> Arc<dyn TokenSource> {

@@ -139,6 +139,8 @@ impl DurableTokens for FileStore {
         let shared = SharedToken {
             token: token.clone(),
             issued_at: SystemTime::now(),
+            // One writer at a time (the lock) and no replicas reading: nothing to order.
+            generation: 0,
         };
         let sealed = self
             .sealer

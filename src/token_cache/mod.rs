@@ -7,32 +7,42 @@
 //! credential's lease (`SET NX PX`) and is the only one to call the vendor — using the refresh
 //! grant stored in Redis, so a single-use refresh token is used exactly once — and writes the
 //! result with a compare-and-swap fenced by the lease; the others wait for it (pub/sub, with
-//! polling as a fallback). A lease holder that dies releases by expiry.
+//! polling as a fallback), but never longer than `tokens.fetch_timeout`: then each fetches by
+//! itself, as during an outage. A lease holder that dies releases by expiry.
+//!
+//! Redis is not trusted to hand back what was written. Each record carries a generation
+//! (sealed with it) one above any the writer has seen, and a replica never takes a record
+//! older than one it has seen or than the token it holds, so a record put back cannot roll a
+//! replica back. A value that is no record of ours (another type, beyond the read cap, not
+//! opening) is only described, never obeyed, and the lease holder replaces it.
 //!
 //! Redis is never a single point of failure: any error or slow answer marks the cache down,
 //! the replica fetches by itself as without Redis (logged once, `authrelay_token_cache_up 0`,
 //! a fallback counted), and a probe brings it back.
 //!
-//! Records are sealed ([`seal`]), keyed by a keyed fingerprint of the credential's whole
-//! definition, and carry no secret in clear.
+//! Records are sealed (`seal.rs`), keyed by the credential's fingerprint
+//! ([`crate::credentials::Fingerprint`]), and carry no secret in clear.
 
 pub mod file_store;
-pub mod redis_store;
-pub mod seal;
+pub(crate) mod redis_store;
+pub(crate) mod seal;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::config::{CredentialConfig, RedisCacheSettings};
 use crate::credentials::{CredentialError, Token};
 use crate::metrics::Metrics;
-use redis_store::{RedisStore, StoreError};
-pub use seal::{Sealer, SharedToken};
+use redis_store::{RedisStore, StoreError, Stored};
+pub(crate) use seal::{Sealer, SharedToken};
 
+/// How much longer than the fetch timeout a replica's lease on a credential lasts: a lease
+/// outlives any fetch its holder can still be making.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
 /// Longest a record is kept (a token or refresh grant that never expires is still dropped
 /// after this, and re-fetched).
 const MAX_RECORD_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -89,7 +99,7 @@ pub struct CacheStatus {
 
 impl CacheStatus {
     /// The in-process cache, always up.
-    pub fn memory() -> Self {
+    pub(crate) fn memory() -> Self {
         Self {
             kind: "memory",
             url: None,
@@ -100,16 +110,32 @@ impl CacheStatus {
 
 /// One credential's place in the cache.
 #[derive(Clone)]
-pub struct SharedSlot {
+pub(crate) struct SharedSlot {
     cache: Arc<RedisCache>,
     key: String,
     lease_key: String,
     aad: String,
+    /// The newest record this replica has taken or written, and when it last obtained a
+    /// token at all: nothing older is ever taken from Redis.
+    seen: Arc<Mutex<Seen>>,
+}
+
+/// How new a record must be for a replica to take it. Generations are compared first; the
+/// issue time covers tokens this replica fetched alone (Redis down), which have none. (Issue
+/// times come from each writer's clock: a replica whose clock is far behind only makes the
+/// others fetch once more, never take an older token.)
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    /// The highest generation taken or written.
+    generation: u64,
+    /// When (ms since the epoch, as records hold it) the newest token this replica obtained
+    /// was issued, by whichever way it came.
+    issued_ms: u64,
 }
 
 /// Where a fetch's token came from.
 #[derive(Debug)]
-pub enum Obtained {
+pub(crate) enum Obtained {
     /// Another replica (or an earlier run) stored it: no vendor call.
     Shared { token: SharedToken, sealed: Vec<u8> },
     /// This replica called the vendor; `sealed` is what it stored (`None`: not stored,
@@ -122,7 +148,10 @@ pub enum Obtained {
 
 impl RedisCache {
     /// A cache for `settings`. Nothing connects until [`Self::start`].
-    pub fn new(settings: &RedisCacheSettings, metrics: Arc<Metrics>) -> Result<Arc<Self>, String> {
+    pub(crate) fn new(
+        settings: &RedisCacheSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, String> {
         let store = RedisStore::new(settings)?;
         metrics.token_cache_up.set(0);
         Ok(Arc::new(Self {
@@ -138,13 +167,13 @@ impl RedisCache {
     }
 
     /// Whether this cache was built from `settings` (a reload keeps it then).
-    pub fn same_settings(&self, settings: &RedisCacheSettings) -> bool {
+    pub(crate) fn same_settings(&self, settings: &RedisCacheSettings) -> bool {
         &self.settings == settings
     }
 
     /// Connects, subscribes and keeps checking health in the background (once; must run
     /// inside a tokio runtime). The tasks end when the cache is dropped.
-    pub fn start(self: &Arc<Self>) {
+    pub(crate) fn start(self: &Arc<Self>) {
         if self.started.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -212,6 +241,7 @@ impl RedisCache {
                 refresh: None,
             },
             issued_at: SystemTime::UNIX_EPOCH,
+            generation: 0,
         };
         let unreachable = |e: StoreError| KeyCheck::Unreachable(e.to_string());
         let sealed = self
@@ -243,7 +273,7 @@ impl RedisCache {
     }
 
     /// For `check --fetch`: Redis answers, and this key opens what other replicas sealed.
-    pub async fn verify(&self) -> Result<(), String> {
+    pub(crate) async fn verify(&self) -> Result<(), String> {
         self.store.ping().await.map_err(|e| e.to_string())?;
         self.verify_key().await.map_err(|e| match e {
             KeyCheck::Foreign(m) | KeyCheck::Unreachable(m) => m,
@@ -251,19 +281,20 @@ impl RedisCache {
     }
 
     /// The cache's place for one credential (its keys depend on the whole definition).
-    pub fn slot(self: &Arc<Self>, config: &CredentialConfig) -> SharedSlot {
+    pub(crate) fn slot(self: &Arc<Self>, config: &CredentialConfig) -> SharedSlot {
         let fingerprint = self.sealer.fingerprint(config);
         let prefix = &self.settings.key_prefix;
         SharedSlot {
             cache: Arc::clone(self),
             key: format!("{prefix}token:{}:{fingerprint}", config.name),
             lease_key: format!("{prefix}lease:{}:{fingerprint}", config.name),
-            aad: format!("authrelay token v1\0{}\0{fingerprint}", config.name),
+            aad: format!("authrelay token v2\0{}\0{fingerprint}", config.name),
+            seen: Arc::default(),
         }
     }
 
     /// The admin view.
-    pub fn status(&self) -> CacheStatus {
+    pub(crate) fn status(&self) -> CacheStatus {
         CacheStatus {
             kind: "redis",
             url: Some(self.settings.display_url.clone()),
@@ -318,15 +349,34 @@ enum KeyCheck {
 /// What one look at Redis found.
 enum Step {
     Take(SharedToken, Vec<u8>),
-    /// The lease is ours; the token key holds this (raw bytes, empty for nothing).
-    Leased(Option<SharedToken>, Vec<u8>),
+    /// The lease is ours; the token key holds this.
+    Leased(Read),
     Wait,
+}
+
+/// A token key as read: what it means to this replica, and what it holds (the expectation
+/// of the compare-and-swap that replaces it).
+struct Read {
+    found: Found,
+    stored: Stored,
+}
+
+/// What a token key means to this replica.
+enum Found {
+    Nothing,
+    /// A record that opens and is not older than one this replica has seen.
+    Current(SharedToken),
+    /// A record that opens but is older than one this replica has seen or the token it
+    /// holds: put back by someone, or written before this replica's own fetch.
+    Older(SharedToken),
+    /// No record of ours: what it is (for the log).
+    Unreadable(String),
 }
 
 fn fence() -> String {
     let mut bytes = [0u8; 16];
     let _ = SystemRandom::new().fill(&mut bytes);
-    seal::hex(&bytes)
+    crate::credentials::fingerprint::hex(&bytes)
 }
 
 /// How long Redis keeps a record: as long as its token or its refresh grant can be used.
@@ -355,13 +405,15 @@ impl SharedSlot {
 
     /// Obtains a token through the cache: one that `accept` takes from Redis, or one this
     /// replica fetches with `fetch` under the credential's lease. `fetch` runs at most once,
-    /// with the refresh grant stored in Redis (or `local_previous` when Redis has none or is
-    /// down). `lease_ttl` must exceed the longest fetch.
+    /// with the refresh grant stored in Redis (or `local_previous` when Redis has none, holds
+    /// an older one, or is down) and must end within `fetch_timeout`. Another replica's lease
+    /// is waited for no longer than `fetch_timeout`: a holder that never finishes costs a
+    /// request that much, then this replica fetches alone (as during an outage).
     pub async fn obtain<F, Fut>(
         &self,
         accept: &(dyn Fn(&SharedToken) -> bool + Send + Sync),
         local_previous: Option<Token>,
-        lease_ttl: Duration,
+        fetch_timeout: Duration,
         fetch: F,
     ) -> Result<Obtained, CredentialError>
     where
@@ -373,7 +425,8 @@ impl SharedSlot {
             return self.fetch_alone(fetch, local_previous).await;
         }
         let fence = fence();
-        let deadline = Instant::now() + lease_ttl * 2;
+        let lease_ttl = fetch_timeout.saturating_add(LEASE_MARGIN);
+        let deadline = Instant::now().checked_add(fetch_timeout);
         let waiter = cache.store.waiter(&self.key);
         loop {
             let woken = waiter.notified();
@@ -384,14 +437,17 @@ impl SharedSlot {
                     cache.mark_down(&e);
                     return self.fetch_alone(fetch, local_previous).await;
                 }
-                Ok(Step::Take(token, sealed)) => return Ok(Obtained::Shared { token, sealed }),
-                Ok(Step::Leased(current, raw)) => {
+                Ok(Step::Take(token, sealed)) => {
+                    self.saw(&token);
+                    return Ok(Obtained::Shared { token, sealed });
+                }
+                Ok(Step::Leased(read)) => {
                     return self
-                        .fetch_under_lease(current, raw, &fence, local_previous, fetch)
+                        .fetch_under_lease(read, &fence, local_previous, fetch)
                         .await
                 }
-                Ok(Step::Wait) if Instant::now() >= deadline => {
-                    tracing::warn!(key = %self.key, "another replica held the token lease too long; fetching alone");
+                Ok(Step::Wait) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                    tracing::warn!(key = %self.key, "another replica has held the token lease longer than tokens.fetch_timeout; fetching alone");
                     return self.fetch_alone(fetch, local_previous).await;
                 }
                 Ok(Step::Wait) => {
@@ -414,20 +470,29 @@ impl SharedSlot {
     ) -> Result<Step, StoreError> {
         let store = &self.cache.store;
         store.connect().await?;
-        let (token, raw) = self.read().await?;
-        if let Some(token) = token.filter(|t| accept(t)) {
-            return Ok(Step::Take(token, raw));
+        if let step @ Step::Take(..) = Self::take_or_lease(self.read().await?, accept) {
+            return Ok(step);
         }
         if !store.try_lease(&self.lease_key, fence, lease_ttl).await? {
             return Ok(Step::Wait);
         }
         // Another replica may have written between the read and the lease.
-        match self.read().await? {
-            (Some(token), raw) if accept(&token) => {
-                store.release(&self.key, &self.lease_key, fence).await?;
-                Ok(Step::Take(token, raw))
-            }
-            (token, raw) => Ok(Step::Leased(token, raw)),
+        let step = Self::take_or_lease(self.read().await?, accept);
+        if let Step::Take(..) = step {
+            store.release(&self.key, &self.lease_key, fence).await?;
+        }
+        Ok(step)
+    }
+
+    /// Takes what was read when it is a current record `accept` takes; else what was read
+    /// is what the lease holder replaces.
+    fn take_or_lease(read: Read, accept: &(dyn Fn(&SharedToken) -> bool + Send + Sync)) -> Step {
+        match read {
+            Read {
+                found: Found::Current(token),
+                stored: Stored::Value(raw),
+            } if accept(&token) => Step::Take(token, raw),
+            read => Step::Leased(read),
         }
     }
 
@@ -442,27 +507,68 @@ impl SharedSlot {
         Fut: Future<Output = Result<Token, CredentialError>>,
     {
         self.cache.metrics.token_cache_fallbacks.inc();
-        fetch(previous).await.map(|token| Obtained::Fetched {
+        let token = fetch(previous).await?;
+        self.saw_issue(seal::to_ms(SystemTime::now()), 0);
+        Ok(Obtained::Fetched {
             token,
             sealed: None,
         })
     }
 
-    /// The record under this slot's key, opened, and its raw bytes (empty when there is
-    /// none). A record that does not open (tampered with, or from a future format) gives no
-    /// token, but its bytes let the lease holder replace it.
-    async fn read(&self) -> Result<(Option<SharedToken>, Vec<u8>), StoreError> {
-        let raw = self.cache.store.get(&self.key).await?;
-        let token = (!raw.is_empty())
-            .then(|| self.cache.sealer.open(&self.aad, &raw))
-            .flatten();
-        Ok((token, raw))
+    fn seen(&self) -> Seen {
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Raises the floor below which no record is taken.
+    fn saw_issue(&self, issued_ms: u64, generation: u64) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.issued_ms = seen.issued_ms.max(issued_ms);
+        seen.generation = seen.generation.max(generation);
+    }
+
+    fn saw(&self, token: &SharedToken) {
+        self.saw_issue(seal::to_ms(token.issued_at), token.generation);
+    }
+
+    /// The token key, and what it means here: nothing, a record to consider, an older record
+    /// than this replica has seen, or something that is no record of ours.
+    async fn read(&self) -> Result<Read, StoreError> {
+        let stored = self.cache.store.read(&self.key).await?;
+        let found = match &stored {
+            Stored::Nothing => Found::Nothing,
+            Stored::Value(raw) => match self.cache.sealer.open(&self.aad, raw) {
+                None => Found::Unreadable(format!(
+                    "a value of {} bytes that does not open as a token record (another key or \
+                     format, or tampered with)",
+                    raw.len()
+                )),
+                Some(token) => {
+                    let seen = self.seen();
+                    if token.generation < seen.generation
+                        || seal::to_ms(token.issued_at) < seen.issued_ms
+                    {
+                        Found::Older(token)
+                    } else {
+                        Found::Current(token)
+                    }
+                }
+            },
+            Stored::TooLarge(len) => Found::Unreadable(format!(
+                "a value of {len} bytes, too large to be a token record (at most {})",
+                redis_store::MAX_VALUE
+            )),
+            Stored::OtherType(kind) => Found::Unreadable(format!(
+                "a value of the wrong type ({kind}; token records are strings)"
+            )),
+        };
+        Ok(Read { found, stored })
+    }
+
+    /// This replica holds the lease: fetches the next token with the best grant it has and
+    /// writes it in place of whatever the key held, one generation above anything seen.
     async fn fetch_under_lease<F, Fut>(
         &self,
-        current: Option<SharedToken>,
-        expected: Vec<u8>,
+        read: Read,
         fence: &str,
         local_previous: Option<Token>,
         fetch: F,
@@ -472,7 +578,24 @@ impl SharedSlot {
         Fut: Future<Output = Result<Token, CredentialError>>,
     {
         let cache = &self.cache;
-        let previous = current.map(|shared| shared.token).or(local_previous);
+        let seen = self.seen().generation;
+        let (previous, stored_generation) = match read.found {
+            Found::Nothing => (local_previous, 0),
+            Found::Current(shared) => (Some(shared.token), shared.generation),
+            Found::Older(shared) => {
+                tracing::warn!(
+                    key = %self.key,
+                    generation = shared.generation,
+                    seen,
+                    "the stored token record is older than one this replica has seen or the token it holds (put back?); not taken, replacing it"
+                );
+                (local_previous, shared.generation)
+            }
+            Found::Unreadable(what) => {
+                tracing::warn!(key = %self.key, found = %what, "the token key holds no readable record; replacing it");
+                (local_previous, 0)
+            }
+        };
         let token = match fetch(previous).await {
             Ok(token) => token,
             Err(error) => {
@@ -480,11 +603,16 @@ impl SharedSlot {
                 return Err(error);
             }
         };
-        let now = SystemTime::now();
+        // Whole milliseconds, as the record holds it, so that reading it back finds it
+        // exactly as new as the floor it sets.
+        let now_ms = seal::to_ms(SystemTime::now());
+        let now = UNIX_EPOCH + Duration::from_millis(now_ms);
         let shared = SharedToken {
             token,
             issued_at: now,
+            generation: stored_generation.max(seen).saturating_add(1),
         };
+        self.saw(&shared);
         let Some(sealed) = cache.sealer.seal(&self.aad, &shared) else {
             let _ = cache.store.release(&self.key, &self.lease_key, fence).await;
             return Ok(Obtained::Fetched {
@@ -495,7 +623,14 @@ impl SharedSlot {
         let ttl = record_ttl(&shared.token, now);
         let written = cache
             .store
-            .compare_and_write(&self.key, &self.lease_key, fence, &expected, &sealed, ttl)
+            .compare_and_write(
+                &self.key,
+                &self.lease_key,
+                fence,
+                &read.stored,
+                &sealed,
+                ttl,
+            )
             .await;
         match written {
             Ok(true) => Ok(Obtained::Fetched {
@@ -503,11 +638,21 @@ impl SharedSlot {
                 sealed: Some(sealed),
             }),
             Ok(false) => {
-                tracing::warn!(key = %self.key, "the lease expired during the fetch and another replica stored a token; keeping the stored one");
+                tracing::warn!(key = %self.key, "the token key changed during the fetch (the lease expired and another replica wrote); keeping the stored token if it is newer");
                 let _ = cache.store.release(&self.key, &self.lease_key, fence).await;
-                match self.read().await {
-                    Ok((Some(token), sealed)) => Ok(Obtained::Shared { token, sealed }),
-                    _ => Ok(Obtained::Fetched {
+                let stored = match self.read().await {
+                    Ok(Read {
+                        found: Found::Current(token),
+                        stored: Stored::Value(sealed),
+                    }) => Some((token, sealed)),
+                    _ => None,
+                };
+                match stored {
+                    Some((token, sealed)) => {
+                        self.saw(&token);
+                        Ok(Obtained::Shared { token, sealed })
+                    }
+                    None => Ok(Obtained::Fetched {
                         token: shared.token,
                         sealed: None,
                     }),

@@ -42,18 +42,34 @@ fn redis_error(e: &redis::RedisError) -> StoreError {
     StoreError::Redis(format!("{:?}: {}", e.kind(), e.detail().unwrap_or("")))
 }
 
+/// What a token key holds, read atomically: its type, and for a string its bytes unless it is
+/// longer than the read cap (`ARGV[1]`), then only its length. Values the cache never wrote
+/// (another type, a huge string) are described, not read, so that nothing planted there can
+/// make a read fail or allocate without bound.
+const READ_SCRIPT: &str = r"
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'string' then return {kind, ''} end
+local len = redis.call('STRLEN', KEYS[1])
+if len > tonumber(ARGV[1]) then return {'large', tostring(len)} end
+return {'string', redis.call('GET', KEYS[1])}
+";
+
 /// Writes `ARGV[2]` to the token key only if the lease (when one exists) is ours and the
-/// token key still holds what the writer last read (`ARGV[1]`, "" for nothing): a
-/// compare-and-swap fenced by the lease, so a slow former lease holder can never overwrite a
-/// newer token. Releases the lease and announces the new token.
+/// token key still holds what the writer last read (kind `ARGV[5]`; for a string within the
+/// cap, the bytes `ARGV[1]`): a compare-and-swap fenced by the lease, so a slow former lease
+/// holder can never overwrite a newer token. Whatever was there (a value of another type
+/// included) is deleted first. Releases the lease and announces the new token.
 const WRITE_SCRIPT: &str = r"
 local lease = redis.call('GET', KEYS[2])
 if lease and lease ~= ARGV[3] then return 0 end
-local current = redis.call('GET', KEYS[1]) or ''
-if current ~= ARGV[1] then return 0 end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'string' and redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[6]) then kind = 'large' end
+if kind ~= ARGV[5] then return 0 end
+if kind == 'string' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
 if lease then redis.call('DEL', KEYS[2]) end
-redis.call('PUBLISH', ARGV[5], KEYS[1])
+redis.call('PUBLISH', ARGV[7], KEYS[1])
 return 1
 ";
 
@@ -71,12 +87,38 @@ return 0
 /// Deletes the token key only if it still holds `ARGV[1]` (an operator dropping a token
 /// must not drop a newer one another replica just wrote).
 const FORGET_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if redis.call('TYPE', KEYS[1])['ok'] == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1
 end
 return 0
 ";
+
+/// What a token key holds, as [`RedisStore::read`] found it. Also what a compare-and-swap
+/// expects to find still there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// No such key.
+    Nothing,
+    /// A string of at most [`MAX_VALUE`] bytes.
+    Value(Vec<u8>),
+    /// A string longer than [`MAX_VALUE`]; its length.
+    TooLarge(u64),
+    /// A value of another type (`list`, `hash`, ...); the type's name.
+    OtherType(String),
+}
+
+impl Stored {
+    /// The kind name the scripts use.
+    fn kind(&self) -> &str {
+        match self {
+            Stored::Nothing => "none",
+            Stored::Value(_) => "string",
+            Stored::TooLarge(_) => "large",
+            Stored::OtherType(kind) => kind,
+        }
+    }
+}
 
 /// One Redis server as the cache sees it.
 pub struct RedisStore {
@@ -84,6 +126,7 @@ pub struct RedisStore {
     conn: ArcSwapOption<ConnectionManager>,
     timeout: Duration,
     channel: String,
+    read: Script,
     write: Script,
     release: Script,
     forget: Script,
@@ -133,6 +176,7 @@ impl RedisStore {
             conn: ArcSwapOption::empty(),
             timeout: settings.timeout,
             channel: format!("{}updates", settings.key_prefix),
+            read: Script::new(READ_SCRIPT),
             write: Script::new(WRITE_SCRIPT),
             release: Script::new(RELEASE_SCRIPT),
             forget: Script::new(FORGET_SCRIPT),
@@ -186,20 +230,26 @@ impl RedisStore {
             .map(drop)
     }
 
-    /// The bytes under `key` (empty: none), at most [`MAX_VALUE`] + 1 of them: a value
-    /// someone wrote to make every fetch allocate hundreds of megabytes is cut, and then
-    /// fails to open like any other foreign value.
-    pub async fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+    /// What `key` holds: a value of at most [`MAX_VALUE`] bytes is read, anything else only
+    /// described (see [`Stored`]).
+    pub async fn read(&self, key: &str) -> Result<Stored, StoreError> {
         let mut conn = self.connection()?;
-        self.bounded(async {
-            redis::cmd("GETRANGE")
-                .arg(key)
-                .arg(0)
-                .arg(MAX_VALUE)
-                .query_async::<Vec<u8>>(&mut conn)
-                .await
+        let mut call = self.read.prepare_invoke();
+        call.key(key).arg(MAX_VALUE);
+        let (kind, payload): (String, Vec<u8>) = self
+            .bounded(async { call.invoke_async(&mut conn).await })
+            .await?;
+        Ok(match kind.as_str() {
+            "none" => Stored::Nothing,
+            "string" => Stored::Value(payload),
+            "large" => Stored::TooLarge(
+                std::str::from_utf8(&payload)
+                    .ok()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(u64::MAX),
+            ),
+            _ => Stored::OtherType(kind),
         })
-        .await
     }
 
     /// Takes the lease `key` for `ttl` unless someone holds it (`SET NX PX`).
@@ -236,26 +286,32 @@ impl RedisStore {
             .map(drop)
     }
 
-    /// Replaces `expected` (empty: nothing) under `key` with `new` for `ttl`, if the lease is
-    /// ours or free; returns whether it wrote.
+    /// Replaces `expected` under `key` with `new` for `ttl`, if the lease is ours or free;
+    /// returns whether it wrote.
     pub async fn compare_and_write(
         &self,
         key: &str,
         lease_key: &str,
         fence: &str,
-        expected: &[u8],
+        expected: &Stored,
         new: &[u8],
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let mut conn = self.connection()?;
         let ms = millis(ttl);
+        let expected_bytes: &[u8] = match expected {
+            Stored::Value(bytes) => bytes,
+            _ => &[],
+        };
         let mut call = self.write.prepare_invoke();
         call.key(key)
             .key(lease_key)
-            .arg(expected)
+            .arg(expected_bytes)
             .arg(new)
             .arg(fence)
             .arg(ms)
+            .arg(expected.kind())
+            .arg(MAX_VALUE)
             .arg(&self.channel);
         let wrote: i64 = self
             .bounded(async { call.invoke_async(&mut conn).await })

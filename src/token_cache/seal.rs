@@ -13,16 +13,19 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{CredentialConfig, EncryptionKey};
+use crate::credentials::Fingerprint;
 use crate::credentials::{RefreshGrant, Token};
-use crate::vocab::secret::{with_revealed_debug, Secret};
+use crate::vocab::secret::Secret;
 
 /// Version byte in front of every sealed record: a future format can tell old records apart.
-const FORMAT: u8 = 1;
+/// Format 2 added the generation.
+const FORMAT: u8 = 2;
 
 /// Seals and opens records, and fingerprints credential definitions.
 pub struct Sealer {
     aead: LessSafeKey,
-    fingerprint: hmac::Key,
+    /// The key credential fingerprints are made with (derived, never the configured key).
+    fingerprint: hmac::Tag,
     rng: SystemRandom,
 }
 
@@ -40,6 +43,10 @@ pub struct SharedToken {
     /// When the vendor issued it (wall clock), so every replica computes the same refresh
     /// time however late it reads the token.
     pub issued_at: SystemTime,
+    /// Grows by one with each record written for the credential. Sealed inside the record,
+    /// so that nobody without the key can make an old record look new: a replica never
+    /// takes a record older than one it has seen.
+    pub generation: u64,
 }
 
 /// The plaintext of a record. Field names are short: the record is sealed, nobody reads it.
@@ -50,14 +57,11 @@ struct Record {
     rt: Option<String>,
     rexp: Option<u64>,
     iat: u64,
+    generation: u64,
 }
 
-/// Lower-case hex, for key names and lease fences.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn to_ms(t: SystemTime) -> u64 {
+/// Milliseconds since the epoch, as records hold times.
+pub fn to_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
@@ -80,19 +84,20 @@ impl Sealer {
         };
         Self {
             aead,
-            fingerprint: hmac::Key::new(hmac::HMAC_SHA256, fp_key.as_ref()),
+            fingerprint: fp_key,
             rng: SystemRandom::new(),
         }
     }
 
-    /// A keyed hash of the credential's whole definition (type, header and every setting,
-    /// secrets included), as hex. Replicas with the same definition and key agree on it;
-    /// without the key it reveals nothing, not even to a password guesser.
+    /// A keyed hash of what identifies the credential (type, header and every setting of
+    /// its type, secrets included; see [`Fingerprint`]), as hex. Replicas with the same
+    /// definition and key agree on it; without the key it reveals nothing, not even to a
+    /// password guesser.
     pub fn fingerprint(&self, config: &CredentialConfig) -> String {
-        let tag = with_revealed_debug(&(&config.header, &config.kind), |text| {
-            hmac::sign(&self.fingerprint, text.as_bytes())
-        });
-        hex(&tag.as_ref()[..16])
+        let mut fp = Fingerprint::new(self.fingerprint.as_ref(), config.kind.type_name());
+        fp.text("header", config.header.as_str());
+        config.kind.fingerprint(&mut fp);
+        fp.finish()
     }
 
     /// Seals `shared` for the credential named `aad` (its name and fingerprint).
@@ -104,6 +109,7 @@ impl Sealer {
             rt: token.refresh.as_ref().map(|g| g.token.expose().to_string()),
             rexp: token.refresh.as_ref().and_then(|g| g.expires_at).map(to_ms),
             iat: to_ms(shared.issued_at),
+            generation: shared.generation,
         };
         let mut body = serde_json::to_vec(&record).ok()?;
         let mut nonce = [0u8; NONCE_LEN];
@@ -147,6 +153,7 @@ impl Sealer {
                 }),
             },
             issued_at: from_ms(record.iat).unwrap_or(UNIX_EPOCH),
+            generation: record.generation,
         })
     }
 }
@@ -166,6 +173,7 @@ mod tests {
                 }),
             },
             issued_at: SystemTime::now(),
+            generation: 7,
         }
     }
 
@@ -177,6 +185,10 @@ mod tests {
         assert!(!text.contains("access-123") && !text.contains("refresh-456"));
         let opened = sealer.open("login\0abc", &sealed).unwrap();
         assert_eq!(opened.token.value.expose(), "Bearer access-123");
+        assert_eq!(
+            opened.generation, 7,
+            "the generation is sealed with the token"
+        );
         assert_eq!(opened.token.refresh.unwrap().token.expose(), "refresh-456");
         assert!(sealer.open("login\0abd", &sealed).is_none());
         assert!(sealer.open("other\0abc", &sealed).is_none());
@@ -188,6 +200,28 @@ mod tests {
         assert!(sealer.open("login\0abc", &tampered).is_none());
         assert!(sealer.open("login\0abc", &[]).is_none());
         assert!(sealer.open("login\0abc", &[FORMAT, 1, 2]).is_none());
+    }
+
+    /// Pins the fingerprint encoding (`authrelay-credential-fp/v2`): replicas on two builds
+    /// share tokens only while this holds. A change here is a deliberate version bump.
+    #[test]
+    fn fingerprints_are_pinned_to_the_v2_encoding() {
+        let yaml = "credentials:\n  fixed:\n    type: static\n    value: k-123\n    header: X-Api-Key\n  \
+            client:\n    type: oauth2_client_credentials\n    token_url: https://id.test/token\n    \
+            client_id: c-1\n    client_secret: s-456\n    scope: read write\n  \
+            tt:\n    type: login\n    login_url: https://tt.test/auth/login\n    \
+            username: dispatch\n    password: pw-789\n    account_id: 42\nroutes: []\n";
+        let config = crate::config::Config::from_yaml(
+            yaml,
+            std::path::Path::new("/etc/authrelay/routes.yaml"),
+            &std::collections::HashMap::new(),
+        )
+        .unwrap();
+        let sealer = Sealer::new(&EncryptionKey([1; 32]));
+        let fp = |name: &str| sealer.fingerprint(&config.credentials[name]);
+        assert_eq!(fp("fixed"), "184ee5855b093f40a4e280b5ac0a7807");
+        assert_eq!(fp("client"), "ff177a9363b4534e02e56a5ff86fe96e");
+        assert_eq!(fp("tt"), "7a0691f1085a759829a052f45e2ad7e8");
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod hostile_admin;
 mod hostile_vendors;
 mod https;
 mod layers;
+mod pipeline;
 mod props;
 mod proxy_basics;
 mod raw;

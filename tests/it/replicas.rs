@@ -1,8 +1,11 @@
 //! Several replicas sharing one token through a real Redis (`token_cache: type: redis`):
 //! one vendor call per token across replicas (cold start, early refresh, a revocation seen
 //! by all), single-use refresh tokens used exactly once, Redis outages that fail no request,
-//! nothing readable at rest, a restarted replica that needs no vendor call, and replicas
-//! whose credential or key differ never reading each other's tokens.
+//! nothing readable at rest, a restarted replica that needs no vendor call, replicas
+//! whose credential or key differ never reading each other's tokens, and a Redis someone
+//! else writes to: an older record put back is not taken, a value that is no record (another
+//! type, too large, sealed otherwise) is replaced, and a lease that never ends holds a
+//! request no longer than `tokens.fetch_timeout`.
 //!
 //! Each replica is an in-process authrelay with its own state, slots and Redis connections;
 //! the vendor is the in-process TeleTracker-like login API, whose refresh tokens are
@@ -151,6 +154,17 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The Redis key of the stored token (there must be one).
+    async fn token_key(&self) -> String {
+        self.redis
+            .dump()
+            .await
+            .iter()
+            .map(|(k, _)| String::from_utf8_lossy(k).to_string())
+            .find(|k| k.starts_with("authrelay:token:teletracker:"))
+            .expect("a stored token")
     }
 
     fn origin(proxy: &Proxy) -> Option<&'static str> {
@@ -500,12 +514,7 @@ async fn a_reload_moves_a_replica_from_memory_to_redis() {
 async fn a_lease_left_by_a_dead_replica_expires() {
     let c = cluster(Duration::from_secs(60), 1).await;
     assert_all_ok(&c.burst(1).await);
-    let stored = c.redis.dump().await;
-    let token_key = stored
-        .iter()
-        .map(|(k, _)| String::from_utf8_lossy(k).to_string())
-        .find(|k| k.starts_with("authrelay:token:teletracker:"))
-        .expect("a stored token");
+    let token_key = c.token_key().await;
     let lease_key = token_key.replace(":token:", ":lease:");
     // A replica took the lease and died mid-fetch: its lease is there, no token.
     c.redis.command(&["DEL", &token_key]).await;
@@ -565,14 +574,7 @@ async fn an_invalidated_token_is_not_taken_back_from_redis() {
 async fn a_corrupt_record_is_replaced_not_obeyed() {
     let c = cluster(Duration::from_secs(60), 1).await;
     assert_all_ok(&c.burst(1).await);
-    let token_key = c
-        .redis
-        .dump()
-        .await
-        .iter()
-        .map(|(k, _)| String::from_utf8_lossy(k).to_string())
-        .find(|k| k.starts_with("authrelay:token:teletracker:"))
-        .expect("a stored token");
+    let token_key = c.token_key().await;
     c.redis
         .command(&["SET", &token_key, "\u{1}not a sealed record, Bearer forged"])
         .await;
@@ -603,25 +605,57 @@ async fn a_corrupt_record_is_replaced_not_obeyed() {
         .all(|r| !r.header("authorization").contains("forged")));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_oversized_value_is_read_only_in_part_and_not_obeyed() {
+/// Log output captured in memory (the test's runtime runs every task on its thread).
+#[derive(Clone, Default)]
+struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        support::route_logs_to_thread_subscribers();
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).to_string()
+    }
+}
+
+/// Plants `commands` (`{key}` stands for the token key) where a replica stored its token,
+/// then shows that the next replica's lease replaces it (one vendor call), that the one
+/// after takes the new record (no vendor call), and that the log names what was found.
+async fn an_unreadable_value_is_replaced(commands: &[&[&str]], found: &str) {
+    let logs = CapturedLogs::default();
+    let _guard = logs.install();
     let c = cluster(Duration::from_secs(60), 1).await;
     assert_all_ok(&c.burst(1).await);
-    let token_key = c
-        .redis
-        .dump()
-        .await
-        .iter()
-        .map(|(k, _)| String::from_utf8_lossy(k).to_string())
-        .find(|k| k.starts_with("authrelay:token:teletracker:"))
-        .expect("a stored token");
-    let huge = "x".repeat(3 * 1024 * 1024);
-    c.redis.command(&["SET", &token_key, &huge]).await;
+    let token_key = c.token_key().await;
+    for command in commands {
+        let args: Vec<String> = command
+            .iter()
+            .map(|a| a.replace("{key}", &token_key))
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        c.redis.command(&args).await;
+    }
     let second = support::proxy_with_env(&c.yaml, &env(CACHE_KEY, "")).await;
-    assert_eq!(
-        second.client().get(c.url()).send().await.unwrap().status(),
-        200
-    );
+    let res = second.client().get(c.url()).send().await.unwrap();
+    assert_eq!(res.status(), 200);
     assert_eq!(
         c.vendor.book.token_calls(),
         2,
@@ -632,4 +666,166 @@ async fn an_oversized_value_is_read_only_in_part_and_not_obeyed() {
         1.0,
         "and Redis is not counted as down"
     );
+    assert_eq!(
+        c.redis.command(&["TYPE", &token_key]).await,
+        redis::Value::SimpleString("string".into()),
+        "replaced by a record"
+    );
+    let third = support::proxy_with_env(&c.yaml, &env(CACHE_KEY, "")).await;
+    let res = third.client().get(c.url()).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        c.vendor.book.token_calls(),
+        2,
+        "sharing goes on: the next replica took the new record"
+    );
+    assert_eq!(Cluster::origin(&third), Some("redis"));
+    let text = logs.text();
+    assert!(
+        text.contains("holds no readable record") && text.contains(found),
+        "the log says what was found ({found}):\n{text}"
+    );
+    assert!(!text.contains("another replica wrote"), "{text}");
+}
+
+#[tokio::test]
+async fn an_oversized_value_is_replaced_and_named_in_the_log() {
+    let huge = "x".repeat(3 * 1024 * 1024);
+    an_unreadable_value_is_replaced(&[&["SET", "{key}", &huge]], "too large").await;
+}
+
+#[tokio::test]
+async fn a_value_of_another_type_is_replaced_and_named_in_the_log() {
+    an_unreadable_value_is_replaced(
+        &[&["DEL", "{key}"], &["RPUSH", "{key}", "a", "b"]],
+        "wrong type (list",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_record_that_does_not_open_is_named_in_the_log() {
+    an_unreadable_value_is_replaced(
+        &[&["SET", "{key}", "\u{1}not a sealed record"]],
+        "does not open",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_record_put_back_is_never_taken() {
+    let c = cluster(Duration::from_secs(60), 2).await;
+    assert_all_ok(&c.burst(2).await);
+    assert_eq!(c.vendor.book.token_calls(), 1, "generation 1, shared");
+    let token_key = c.token_key().await;
+    let first = c
+        .redis
+        .dump()
+        .await
+        .into_iter()
+        .find(|(k, _)| *k == token_key.as_bytes())
+        .map(|(_, v)| v)
+        .unwrap();
+    c.vendor.book.revoke_all();
+    assert_all_ok(&c.burst(10).await);
+    assert_eq!(c.vendor.book.token_calls(), 2, "generation 2, seen by both");
+    // Someone with access to Redis (not to the key) puts the older sealed record back.
+    c.redis.set_bytes(&token_key, &first).await;
+    let (_, refused_before) = c.vendor.book.api_stats();
+    for proxy in &c.replicas {
+        proxy.state().snapshot().slots["teletracker"].invalidate();
+        let res = proxy.client().get(c.url()).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let (_, refused_after) = c.vendor.book.api_stats();
+    assert_eq!(
+        refused_after, refused_before,
+        "no replica sent the revoked generation-1 token"
+    );
+    assert_eq!(
+        Cluster::origin(&c.replicas[0]),
+        Some("fetched"),
+        "the first replica fetched instead of taking the old record"
+    );
+    assert_eq!(c.vendor.book.token_calls(), 3, "once, for both replicas");
+    assert_eq!(Cluster::origin(&c.replicas[1]), Some("redis"));
+    assert_eq!(
+        c.vendor.reused_refreshes(),
+        0,
+        "no refresh token used twice"
+    );
+    let stored = c.redis.dump().await;
+    assert!(
+        stored.iter().all(|(_, v)| *v != first),
+        "the old record was replaced"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_never_ends_holds_requests_no_longer_than_fetch_timeout() {
+    let c = cluster(Duration::from_secs(60), 0).await;
+    let yaml = c
+        .yaml
+        .replace("tokens:\n", "tokens:\n  fetch_timeout: 1s\n");
+    assert_ne!(yaml, c.yaml);
+    let first = support::proxy_with_env(&yaml, &env(CACHE_KEY, "")).await;
+    assert_eq!(
+        first.client().get(c.url()).send().await.unwrap().status(),
+        200
+    );
+    let token_key = c.token_key().await;
+    let lease_key = token_key.replace(":token:", ":lease:");
+    let first_record = c
+        .redis
+        .dump()
+        .await
+        .into_iter()
+        .find(|(k, _)| *k == token_key.as_bytes())
+        .map(|(_, v)| v)
+        .unwrap();
+    // A writer took the lease and hangs: its lease outlives the whole test.
+    c.redis.command(&["DEL", &token_key]).await;
+    c.redis
+        .command(&["SET", &lease_key, "stuck-writer", "PX", "600000"])
+        .await;
+    let late = support::proxy_with_env(&yaml, &env(CACHE_KEY, "")).await;
+    let client = late.client();
+    let requests = (0..5).map(|_| client.get(c.url()).send());
+    // Not a measurement: the bound only tells fetch_timeout (1 s) from the former wait of
+    // twice the lease, (1 s + 5 s) × 2.
+    let answers = tokio::time::timeout(
+        Duration::from_secs(8),
+        futures_util::future::join_all(requests),
+    )
+    .await
+    .expect("answered once fetch_timeout passed, not held for the lease");
+    for answer in answers {
+        assert_eq!(answer.unwrap().status(), 200);
+    }
+    assert_eq!(
+        c.vendor.book.token_calls(),
+        2,
+        "the replica fetched alone, once for all its requests"
+    );
+    assert_eq!(Cluster::origin(&late), Some("fetched"));
+    assert_eq!(
+        c.redis.command(&["GET", &lease_key]).await,
+        redis::Value::BulkString(b"stuck-writer".to_vec()),
+        "the lease was not taken from its holder"
+    );
+    let text = late.state().metrics.encode();
+    assert!(support::metric(&text, "authrelay_token_cache_fallbacks_total") >= 1.0);
+    // The record of the first replica comes back, the writer is gone: it was issued before
+    // the token the late replica fetched alone, so that replica does not go back to it.
+    c.redis.set_bytes(&token_key, &first_record).await;
+    c.redis.command(&["DEL", &lease_key]).await;
+    late.state().snapshot().slots["teletracker"].invalidate();
+    let res = late.client().get(c.url()).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        Cluster::origin(&late),
+        Some("fetched"),
+        "not the older record"
+    );
+    assert_eq!(c.vendor.book.token_calls(), 3);
 }

@@ -160,6 +160,18 @@ impl RedisServer {
         cmd.query_async(&mut conn).await.expect("command")
     }
 
+    /// Sets `key` to `value`, bytes as they are (a record put back by someone with access
+    /// to Redis).
+    pub async fn set_bytes(&self, key: &str, value: &[u8]) {
+        let mut conn = self.connection().await;
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .expect("SET");
+    }
+
     /// Deletes every key (a flushed cache).
     pub async fn flush(&self) {
         let mut conn = self.connection().await;
