@@ -330,6 +330,29 @@ async fn missing_consent_is_answered_without_calling_the_vendor_and_cured_by_aut
         );
     }
     assert_eq!(world.server.stats().await["token_calls"], 0);
+    let admin = format!(
+        "http://{}",
+        proxy.running.as_ref().unwrap().admin_addr.unwrap()
+    );
+    let metrics = support::direct_client()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = "authrelay_credential_needs_consent{credential=\"idp\"}";
+    assert_eq!(support::metric(&metrics, series), 1.0, "{metrics}");
+    let listed: Value = support::direct_client()
+        .get(format!("{admin}/credentials"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["state"], "needs_consent", "{listed}");
 
     world.authorize().await;
     let mut status = 0;
