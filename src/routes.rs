@@ -9,37 +9,25 @@ use std::sync::Arc;
 
 use http::Method;
 
-use crate::config::{OnUnauthorized, RefreshOn, RouteConfig};
+use crate::config::{OnUnauthorized, RouteConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::token_store::CredentialSlot;
 pub use crate::vocab::hosts::{HostPattern, UpstreamTarget};
 
-/// A route ready for traffic: the rule plus a handle on its credential's token slot.
+/// A route ready for traffic: the validated rule as configured, plus what is resolved once
+/// for it — its credential's token slot, the upstream a mount route defaults to, its metric
+/// handles. A new route option is a field of `RouteConfig` read from here; nothing is copied.
 #[derive(Debug)]
 pub struct Route {
-    /// The route's name, for logs and metrics.
+    /// The route's name, for logs and metrics (shared, not copied per request).
     pub name: Arc<str>,
-    pub host: Option<HostPattern>,
-    path_prefix: Option<String>,
-    methods: Option<Vec<Method>>,
-    /// Reverse-proxy entry prefix, without trailing `/`.
-    pub mount: Option<String>,
-    /// Where to send matched requests; `None` means the request's own origin.
+    /// The rule as configured and validated.
+    pub config: RouteConfig,
+    /// Where to send matched requests (`config.upstream`, or the https origin of a mount
+    /// route's host); `None` means the request's own origin.
     pub upstream: Option<UpstreamTarget>,
     /// The credential injected on matched requests.
     pub credential: Option<Arc<CredentialSlot>>,
-    /// Whether a 401/403 triggers refresh and replay.
-    pub on_unauthorized: OnUnauthorized,
-    /// Which upstream statuses mean the token was refused.
-    pub refresh_on: RefreshOn,
-    /// Whether CONNECT tunnels to this host are decrypted so that credentials can be injected.
-    pub intercept: bool,
-    /// Whether upstream redirects are mapped back to the client's view.
-    pub rewrite_location: bool,
-    /// The users allowed to use this route; `None` lets every admitted client.
-    pub clients: Option<Vec<String>>,
-    /// Whether the credential may travel over plain HTTP to a non-loopback host.
-    pub allow_cleartext: bool,
     /// This route's metric handles.
     pub metrics: RouteMetrics,
 }
@@ -49,7 +37,7 @@ impl Route {
     /// the route to the scheme's `default_port` (a credential for `localhost` is not for every
     /// service on it), unless the route names its `upstream`, where the credential goes anyway.
     fn accepts_port(&self, port: u16, default_port: u16) -> bool {
-        match self.host.as_ref().and_then(HostPattern::port) {
+        match self.config.host.as_ref().and_then(HostPattern::port) {
             Some(p) => p == port,
             None => self.upstream.is_some() || port == default_port,
         }
@@ -57,7 +45,7 @@ impl Route {
 
     /// Whether `user` (the authenticated client, if any) may use this route.
     pub fn allows_client(&self, user: Option<&str>) -> bool {
-        match (&self.clients, user) {
+        match (&self.config.clients, user) {
             (None, _) => true,
             (Some(list), Some(u)) => list.iter().any(|c| c == u),
             (Some(_), None) => false,
@@ -67,12 +55,16 @@ impl Route {
     /// Whether requests on this route must not name a method other than their own (the
     /// route restricts `methods`, so `X-HTTP-Method-Override` would get around it).
     pub fn restricts_methods(&self) -> bool {
-        self.methods.is_some()
+        self.config.methods.is_some()
     }
 
     fn matches_request(&self, path: &str, method: &Method) -> bool {
-        self.methods.as_ref().is_none_or(|m| m.contains(method))
+        self.config
+            .methods
+            .as_ref()
+            .is_none_or(|m| m.contains(method))
             && self
+                .config
                 .path_prefix
                 .as_deref()
                 .is_none_or(|prefix| path_has_prefix(path, prefix))
@@ -80,7 +72,7 @@ impl Route {
 
     /// Whether a 401/403 on this route is worth a refresh and a replay.
     pub fn refreshes_on_unauthorized(&self) -> bool {
-        self.on_unauthorized == OnUnauthorized::Retry
+        self.config.on_unauthorized == OnUnauthorized::Retry
             && self.credential.as_ref().is_some_and(|c| c.refreshable())
     }
 }
@@ -134,18 +126,9 @@ impl RouteTable {
             });
             let route = Route {
                 name: Arc::from(c.name.as_str()),
-                host: c.host.clone(),
-                path_prefix: c.path_prefix.clone(),
-                methods: c.methods.clone(),
-                mount: c.mount.clone(),
+                config: c.clone(),
                 upstream,
                 credential: c.credential.as_ref().and_then(|n| slots.get(n).cloned()),
-                on_unauthorized: c.on_unauthorized,
-                refresh_on: c.refresh_on,
-                intercept: c.intercept,
-                rewrite_location: c.rewrite_location,
-                clients: c.clients.clone(),
-                allow_cleartext: c.allow_cleartext,
                 metrics: metrics.for_route(&c.name),
             };
             if let Some(h) = &c.host {
@@ -195,7 +178,10 @@ impl RouteTable {
                     break;
                 }
                 let r = &self.routes[i];
-                if r.host.as_ref().is_some_and(|h| h.matches(host, port))
+                if r.config
+                    .host
+                    .as_ref()
+                    .is_some_and(|h| h.matches(host, port))
                     && r.accepts_port(port, default_port)
                     && r.matches_request(path, method)
                 {
@@ -221,12 +207,13 @@ impl RouteTable {
         let mut found = TunnelRoutes::default();
         for r in &self.routes {
             if r.accepts_port(port, 443)
-                && r.host
+                && r.config
+                    .host
                     .as_ref()
                     .is_some_and(|h| h.matches(host.as_ref(), port))
             {
                 found.routed = true;
-                if r.intercept {
+                if r.config.intercept {
                     found.intercepted = true;
                     break;
                 }
@@ -240,7 +227,7 @@ impl RouteTable {
     pub fn find_mount<'p>(&self, path: &'p str, method: &Method) -> Option<(&Arc<Route>, &'p str)> {
         self.mounts.iter().find_map(|&i| {
             let r = &self.routes[i];
-            let mount = r.mount.as_deref()?;
+            let mount = r.config.mount.as_deref()?;
             let rest = path.strip_prefix(mount)?;
             if !(rest.is_empty() || rest.starts_with('/')) {
                 return None;

@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use http::HeaderName;
+use http::{HeaderMap, HeaderName, Method};
 
 use crate::vocab::redact::Redactor;
 use crate::vocab::secret::Secret;
@@ -292,6 +292,56 @@ pub trait CredentialType: 'static {
 
     /// The runtime source for validated settings.
     fn source(settings: &Self::Settings, deps: &SourceDeps) -> Arc<dyn TokenSource>;
+
+    /// For types that sign each request instead of sending a token (`hmac`, `aws_sigv4`):
+    /// the signer. Their [`TokenSource`] is [`NoToken`].
+    fn signer(_settings: &Self::Settings) -> Option<&dyn RequestSigner> {
+        None
+    }
+}
+
+/// A request about to go upstream, as a signer sees it.
+pub struct SigningRequest<'a> {
+    pub method: &'a Method,
+    /// The `Host` the upstream receives (no default port).
+    pub host: &'a str,
+    /// The path as sent (percent-encoded), never empty.
+    pub path: &'a str,
+    /// The query as sent, without `?` (empty when none).
+    pub query: &'a str,
+    /// The request's headers; the signer adds its own.
+    pub headers: &'a mut HeaderMap,
+    /// The whole body, when [`RequestSigner::signs_body`] says the signature covers it.
+    pub body: Option<&'a [u8]>,
+    pub now: SystemTime,
+}
+
+/// Signs one attempt of a request: every send (a replay included) is signed afresh, with
+/// its own timestamp and nonce.
+pub trait RequestSigner: Send + Sync {
+    /// Whether the signature covers the body: then the body is read whole before the head
+    /// goes out (within `retry.max_body_bytes`); otherwise it streams.
+    fn signs_body(&self) -> bool;
+
+    /// Adds the signature, in `header` (the credential's shared `header` field), and
+    /// whatever else it needs (a timestamp header) to `request.headers`. The error names what
+    /// is missing, never a secret.
+    fn sign(&self, header: &HeaderName, request: SigningRequest<'_>) -> Result<(), String>;
+}
+
+/// The token source of a type that signs requests: there is no token to fetch, so a fetch
+/// (an operator's refresh on the admin endpoint) says so.
+pub struct NoToken(pub &'static str);
+
+impl TokenSource for NoToken {
+    fn fetch<'a>(&'a self, _previous: Option<&'a Token>) -> FetchFuture<'a> {
+        let message = format!("`type: {}` signs each request; it has no token", self.0);
+        Box::pin(async move { Err(CredentialError::Other(message)) })
+    }
+
+    fn refreshable(&self) -> bool {
+        false
+    }
 }
 
 /// The fields every credential type shares, as written.
@@ -320,6 +370,11 @@ impl CredentialKind {
         self.0.fingerprint(fp);
     }
 
+    /// The signer of a type that signs each request (`None` for token types).
+    pub fn signer(&self) -> Option<&dyn RequestSigner> {
+        self.0.signer()
+    }
+
     /// The settings, when they are of type `T` (for tests and embedders).
     pub fn settings<T: CredentialType>(&self) -> Option<&T::Settings> {
         self.0
@@ -345,6 +400,7 @@ impl std::fmt::Debug for CredentialKind {
 trait Definition: Send + Sync {
     fn type_name(&self) -> &'static str;
     fn source(&self, deps: &SourceDeps) -> Arc<dyn TokenSource>;
+    fn signer(&self) -> Option<&dyn RequestSigner>;
     fn as_any(&self) -> &dyn std::any::Any;
     fn same(&self, other: &dyn Definition) -> bool;
     fn fmt_settings(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result;
@@ -362,6 +418,10 @@ impl<T: CredentialType> Definition for Defined<T> {
 
     fn source(&self, deps: &SourceDeps) -> Arc<dyn TokenSource> {
         T::source(&self.settings, deps)
+    }
+
+    fn signer(&self) -> Option<&dyn RequestSigner> {
+        T::signer(&self.settings)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -556,6 +616,8 @@ credential_types! {
     outseta::Outseta,
     login::Login,
     oauth2_code::OAuth2AuthorizationCode,
+    hmac::HmacSignature,
+    aws_sigv4::AwsSigV4,
 }
 
 /// Every `type:` name YAML accepts, in registry order.

@@ -221,7 +221,7 @@ fn access_event(outcome: Outcome) {
 
 /// The access line of `fields` through `tracing` (span and event), for the test that holds
 /// the access-log thread's lines to what `tracing` prints.
-#[doc(hidden)]
-pub fn access_line_through_tracing(fields: &AccessFields<'_>, outcome: Outcome) {
+#[cfg(test)]
+pub(crate) fn access_line_through_tracing(fields: &AccessFields<'_>, outcome: Outcome) {
     request_span(fields).in_scope(|| access_event(outcome));
 }

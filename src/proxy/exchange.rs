@@ -20,8 +20,10 @@ use hyper::body::Incoming;
 
 use super::replay::{self, PreparedBody};
 use super::respond::ProxyError;
+use super::sign;
 use super::target::Target;
 use crate::config::Config;
+use crate::credentials::RequestSigner;
 use crate::metrics::RetryOutcome;
 use crate::routes::Route;
 use crate::token_store::{CredentialSlot, IssuedToken};
@@ -87,6 +89,14 @@ impl Exchange<'_> {
             });
         };
 
+        if let Some(signer) = self
+            .config
+            .credentials
+            .get(&**slot.name())
+            .and_then(|c| c.kind.signer())
+        {
+            return self.run_signed(route, slot, signer, parts, body).await;
+        }
         let token = slot.get().await?;
         let mut body = if route.refreshes_on_unauthorized() {
             let budget = self.upstream.replay_budget();
@@ -125,6 +135,42 @@ impl Exchange<'_> {
             }
             TokenVerdict::Refused | TokenVerdict::NotTheToken => {}
         }
+        Ok(Forwarded {
+            response,
+            retried: false,
+        })
+    }
+
+    /// Sends a request whose credential signs it (`proxy/sign.rs`). Never replayed after a
+    /// 401/403: the key is fixed in the config, so signing again cannot cure a refusal.
+    async fn run_signed(
+        &self,
+        route: &Route,
+        slot: &CredentialSlot,
+        signer: &dyn RequestSigner,
+        parts: Parts,
+        body: Incoming,
+    ) -> Result<Forwarded, ProxyError> {
+        let budget = self.upstream.replay_budget();
+        let body = sign::prepare(
+            signer,
+            slot.name(),
+            body,
+            &parts.headers,
+            self.config,
+            budget,
+        )
+        .await?;
+        let request = sign::build(
+            signer,
+            slot.header(),
+            slot.name(),
+            &parts.method,
+            &self.target.uri,
+            parts.headers,
+            body,
+        )?;
+        let response = self.send(Some(route), request).await?;
         Ok(Forwarded {
             response,
             retried: false,
@@ -243,7 +289,7 @@ pub fn verdict<B>(route: &Route, response: &Response<B>) -> TokenVerdict {
     match challenge_error(response.headers()).as_deref() {
         Some("invalid_token") => TokenVerdict::Refused,
         Some("insufficient_scope" | "invalid_request") => TokenVerdict::NotTheToken,
-        _ if route.refresh_on.includes(status) => TokenVerdict::Refused,
+        _ if route.config.refresh_on.includes(status) => TokenVerdict::Refused,
         _ => TokenVerdict::NotTheToken,
     }
 }

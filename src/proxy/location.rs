@@ -24,7 +24,7 @@ impl Rewrite {
     /// The rewrite for `target`, when its route has an `upstream:` and `rewrite_location`.
     pub fn for_target(target: &Target) -> Option<Self> {
         let route = target.route.as_ref()?;
-        if !route.rewrite_location || route.upstream.is_none() {
+        if !route.config.rewrite_location || route.upstream.is_none() {
             return None;
         }
         Some(Self {
@@ -71,7 +71,7 @@ impl Rewrite {
     /// The client's view of `url`, or `None` when it stays as it is.
     fn map(&self, upstream: &UpstreamTarget, url: &str) -> Option<String> {
         map_url(
-            self.route.mount.as_deref(),
+            self.route.config.mount.as_deref(),
             self.client_origin.as_ref(),
             upstream,
             url,

@@ -12,11 +12,12 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::respond::ProxyError;
 use crate::config::Config;
+use crate::upstream::body::{empty, full};
 pub use crate::upstream::budget::{ReplayBudget, Reservation};
 use crate::upstream::idle::{IdleTimeout, Side, Stalled};
 use crate::upstream::{BoxError, ClientBodyError, ProxyBody};
@@ -25,7 +26,11 @@ use crate::upstream::{BoxError, ClientBodyError, ProxyBody};
 pub enum PreparedBody {
     /// The whole body, in memory: can be sent again. Its bytes count against the replay
     /// budget until this value is dropped.
-    Replayable(Bytes, Reservation),
+    Replayable {
+        bytes: Bytes,
+        /// Held, not read: dropping it gives the bytes back to the budget.
+        _reserved: Reservation,
+    },
     /// A body too large (or with trailers) to keep: sent once.
     Streaming(ProxyBody),
     /// A streaming body that has been sent: there is nothing to send again, and a replay
@@ -37,7 +42,7 @@ impl PreparedBody {
     /// A body for one send; for `Replayable` the bytes are shared, not copied.
     pub fn take(&mut self) -> ProxyBody {
         match self {
-            PreparedBody::Replayable(bytes, _) => full(bytes.clone()),
+            PreparedBody::Replayable { bytes, .. } => full(bytes.clone()),
             PreparedBody::Streaming(_) => match std::mem::replace(self, PreparedBody::Spent) {
                 PreparedBody::Streaming(body) => body,
                 _ => empty(),
@@ -48,18 +53,8 @@ impl PreparedBody {
 
     /// Whether another send is possible (true for kept bytes only, before or after `take`).
     pub fn replayable(&self) -> bool {
-        matches!(self, PreparedBody::Replayable(..))
+        matches!(self, PreparedBody::Replayable { .. })
     }
-}
-
-/// A body of known bytes.
-pub fn full(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed()
-}
-
-/// An empty body.
-pub fn empty() -> ProxyBody {
-    Empty::new().map_err(|never| match never {}).boxed()
 }
 
 /// The client's body, streamed as is; it fails when the client sends nothing for
@@ -89,7 +84,10 @@ pub async fn prepare(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if body.is_end_stream() {
-        return Ok(PreparedBody::Replayable(Bytes::new(), Reservation::none()));
+        return Ok(PreparedBody::Replayable {
+            bytes: Bytes::new(),
+            _reserved: Reservation::none(),
+        });
     }
     let mut body = guarded(body, config.timeouts.client_body);
     let mut reserved = Reservation::new(budget);
@@ -131,7 +129,10 @@ pub async fn prepare(
             }
         }
     }
-    Ok(PreparedBody::Replayable(buffer.freeze(), reserved))
+    Ok(PreparedBody::Replayable {
+        bytes: buffer.freeze(),
+        _reserved: reserved,
+    })
 }
 
 /// What was read ahead, then the rest of the client's body.

@@ -65,6 +65,17 @@ pub enum ProxyError {
     /// connection is closed, as the rest of the body can no longer be framed).
     #[error("the request body sent nothing for {}", humantime::format_duration(*.0))]
     ClientBodyTimeout(std::time::Duration),
+    /// The route's credential signs the body, and the body is larger than
+    /// `retry.max_body_bytes`, the most read before signing (413).
+    #[error("credential `{credential}` signs the request body, which may be at most {limit} bytes (retry.max_body_bytes)")]
+    SignedBodyTooLarge { credential: String, limit: u64 },
+    /// Bodies held for signing and replay already fill `retry.max_buffered_total` (503).
+    #[error("credential `{credential}` signs the request body, and too many bodies are held right now; try again", credential = .0)]
+    SigningBusy(String),
+    /// The request lacks something the signature must cover, such as a header the
+    /// credential's `string_to_sign` names (400).
+    #[error("credential `{credential}` cannot sign this request: {detail}")]
+    CannotSign { credential: String, detail: String },
 }
 
 impl From<crate::access::AuthFailure> for ProxyError {
@@ -93,7 +104,9 @@ impl ProxyError {
     /// The status this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::CannotSign { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::SignedBodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::SigningBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::NoMount(_) => StatusCode::NOT_FOUND,
             ProxyError::Denied(_)
             | ProxyError::PortNotAllowed(_)
@@ -131,6 +144,9 @@ impl ProxyError {
             ProxyError::CleartextRefused(_) => "cleartext_refused",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::ClientBodyTimeout(_) => "client_body_timeout",
+            ProxyError::SignedBodyTooLarge { .. } => "signed_body_too_large",
+            ProxyError::SigningBusy(_) => "signing_busy",
+            ProxyError::CannotSign { .. } => "cannot_sign",
         }
     }
 
@@ -146,6 +162,12 @@ impl ProxyError {
             ProxyError::Credential(u) => {
                 describe_unavailable(&mut body, u);
                 retry_after = u.retry_in.map(|d| d.as_secs().max(1));
+            }
+            ProxyError::SignedBodyTooLarge { credential, .. }
+            | ProxyError::SigningBusy(credential)
+            | ProxyError::CannotSign { credential, .. } => {
+                body["credential"] = json!(credential);
+                body["detail"] = json!(self.to_string());
             }
             ProxyError::ProxyAuthThrottled(left) => {
                 body["detail"] = json!(self.to_string());

@@ -149,7 +149,9 @@ pub fn mount_target(snapshot: &Snapshot, method: &Method, uri: &Uri) -> Result<T
 /// network: the route has a credential, did not say `allow_cleartext`, and `host` is not this
 /// machine.
 pub(crate) fn sends_in_clear(route: &Route, host: &str) -> bool {
-    route.credential.is_some() && !route.allow_cleartext && !crate::access::is_loopback_host(host)
+    route.credential.is_some()
+        && !route.config.allow_cleartext
+        && !crate::access::is_loopback_host(host)
 }
 
 /// The same request to the host's `https://` origin (default port), so that a legacy client

@@ -29,6 +29,7 @@ mod raw;
 mod redirects;
 mod reload;
 mod replicas;
+mod signing;
 mod soak;
 mod streaming;
 mod token_admin;
