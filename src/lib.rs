@@ -12,6 +12,7 @@
 pub mod access;
 pub mod access_log;
 pub mod admin;
+pub mod authorize;
 pub mod commands;
 pub mod config;
 pub mod credentials;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use authrelay::authorize::{self, AuthorizeEvent};
 use authrelay::commands;
 use authrelay::telemetry::{self, LogFormat};
 use authrelay::{Config, ProcessEnv, StartOptions, State};
@@ -65,12 +66,15 @@ enum Command {
         #[arg(long)]
         reveal: bool,
     },
-    /// Ask a person to consent for an `oauth2_authorization_code` credential: prints the URL
-    /// to open, waits for the browser on the loopback redirect_uri, stores the tokens.
+    /// Ask a person to consent for an `oauth2_authorization_code` credential (prints the URL
+    /// to open, waits for the browser on the loopback redirect_uri) or an
+    /// `oauth2_device_code` credential (prints where to enter which code, polls); stores the
+    /// tokens.
     Authorize {
         /// The credential's name in the config.
         name: String,
-        /// One JSON object per line (`{"open": URL}`, then `{"authorized": NAME}`).
+        /// One JSON object per line (`{"open": URL}` or `{"verification_uri": …,
+        /// "user_code": …}`, then `{"authorized": NAME}`).
         #[arg(long)]
         json: bool,
     },
@@ -257,28 +261,40 @@ async fn async_main(cli: Cli) -> ExitCode {
             let Some(state) = offline_state(config) else {
                 return ExitCode::from(EXIT_START_FAILED);
             };
-            let tell = |event: commands::AuthorizeEvent| match (event, json) {
-                (commands::AuthorizeEvent::Open(url), false) => {
-                    eprintln!("Open this URL in a browser and consent:");
-                    println!("{url}");
+            let tell = |event: AuthorizeEvent| {
+                if json {
+                    println!("{}", event.to_json());
+                    return;
                 }
-                (commands::AuthorizeEvent::Open(url), true) => {
-                    println!("{}", serde_json::json!({ "open": url }));
-                }
-                (commands::AuthorizeEvent::Authorized(name), false) => {
-                    println!("authorized {name}");
-                }
-                (commands::AuthorizeEvent::Authorized(name), true) => {
-                    println!("{}", serde_json::json!({ "authorized": name }));
+                match event {
+                    AuthorizeEvent::Open(url) => {
+                        eprintln!("Open this URL in a browser and consent:");
+                        println!("{url}");
+                    }
+                    AuthorizeEvent::EnterCode {
+                        verification_uri,
+                        user_code,
+                        verification_uri_complete,
+                    } => {
+                        eprintln!("On any device, open the first URL and enter the code:");
+                        println!("{verification_uri}");
+                        println!("{user_code}");
+                        if let Some(complete) = verification_uri_complete {
+                            eprintln!("or open this URL, which carries the code:");
+                            println!("{complete}");
+                        }
+                        eprintln!("Waiting for consent…");
+                    }
+                    AuthorizeEvent::Authorized(name) => println!("authorized {name}"),
                 }
             };
-            consent_exit(commands::authorize(&state, &name, tell).await)
+            consent_exit(authorize::authorize(&state, &name, tell).await)
         }
         Command::Revoke { name } => {
             let Some(state) = offline_state(config) else {
                 return ExitCode::from(EXIT_START_FAILED);
             };
-            let outcome = commands::revoke(&state, &name).await;
+            let outcome = authorize::revoke(&state, &name).await;
             if let Ok(revoked) = &outcome {
                 match &revoked.at_vendor {
                     Some(Ok(())) => println!("{name}: revoked at the vendor"),
@@ -306,12 +322,12 @@ async fn async_main(cli: Cli) -> ExitCode {
 }
 
 /// The exit code of `authorize` or `revoke`, its error printed.
-fn consent_exit(outcome: Result<(), commands::ConsentCommandError>) -> ExitCode {
+fn consent_exit(outcome: Result<(), authorize::ConsentCommandError>) -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(
-            e @ (commands::ConsentCommandError::Unknown(..)
-            | commands::ConsentCommandError::NotConsent(..)),
+            e @ (authorize::ConsentCommandError::Unknown(..)
+            | authorize::ConsentCommandError::NotConsent(..)),
         ) => {
             eprintln!("authrelay: {e}");
             ExitCode::from(EXIT_BAD_CONFIG)

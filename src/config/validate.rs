@@ -544,19 +544,18 @@ fn check_consent_store(
     token_cache: Option<&TokenCacheSettings>,
     ctx: &mut ValidateCtx<'_>,
 ) {
-    use crate::credentials::{oauth2_code::OAuth2AuthorizationCode, CredentialType};
     if matches!(token_cache, Some(TokenCacheSettings::File(_)) | None) {
         return;
     }
     for (name, c) in credentials {
-        if c.kind.type_name() == OAuth2AuthorizationCode::NAME {
+        if crate::credentials::is_consent_type(c.kind.type_name()) {
             ctx.scope(format!("credentials.{name}"));
             ctx.problem(
                 "type",
                 format!(
                     "`{}` needs `token_cache: type: file` (its refresh token must outlive \
                      the process; Redis is not supported for it yet)",
-                    OAuth2AuthorizationCode::NAME
+                    c.kind.type_name()
                 ),
             );
         }

@@ -3,6 +3,7 @@
 //! [`TokenSource`]. Timing, caching, single flight and backoff are not here: they are shared
 //! by every source in `token_store/`.
 
+pub mod consent;
 pub mod exchange;
 pub mod fingerprint;
 
@@ -616,8 +617,16 @@ credential_types! {
     outseta::Outseta,
     login::Login,
     oauth2_code::OAuth2AuthorizationCode,
+    oauth2_device::OAuth2DeviceCode,
     hmac::HmacSignature,
     aws_sigv4::AwsSigV4,
+}
+
+/// Whether `type_name` is a type a person consents to (`authrelay authorize`): its refresh
+/// token lives in the durable store.
+pub fn is_consent_type(type_name: &str) -> bool {
+    type_name == oauth2_code::OAuth2AuthorizationCode::NAME
+        || type_name == oauth2_device::OAuth2DeviceCode::NAME
 }
 
 /// Every `type:` name YAML accepts, in registry order.

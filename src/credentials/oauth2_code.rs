@@ -1,36 +1,24 @@
 //! `type: oauth2_authorization_code` — RFC 6749 §4.1 with PKCE (RFC 7636, always S256): a
 //! person consents once (`authrelay authorize NAME`), and the refresh token keeps the
-//! credential alive from then on. Many vendors rotate the refresh token on every use and
-//! kill the previous one at once, so the newest is written to the durable store
-//! (`token_cache: type: file`) before the access token that came with it is handed out:
-//! a crash can lose consent only between the vendor's answer and that write.
-//!
-//! The store is the source of truth: every fetch reads it first, so tokens written by
-//! `authrelay authorize` in another process, or by an earlier run, are picked up without a
-//! restart, and a refresh whose answer was lost is retried with the same refresh token.
+//! credential alive from then on (`consent.rs`: the token endpoint, the refresh and the
+//! durable store, shared with the device grant).
+
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Deserialize;
 
-use super::exchange;
-use super::oauth2::{basic_credentials, ClientAuth};
+use super::consent::{required_url, ConsentSource, EndpointClient, EndpointSpec, TokenEndpoint};
+use super::oauth2::ClientAuth;
 use super::{
-    CredentialError, CredentialType, DurableTokens, FetchFuture, Fingerprint, RefreshGrant, SourceDeps, Token,
-    TokenFormat, TokenSource,
+    CredentialError, CredentialType, Fingerprint, SourceDeps, Token, TokenFormat, TokenSource,
 };
-use crate::expiry::{self, Stated};
-use crate::vocab::redact::Redactor;
 use crate::vocab::secret::Secret;
 use crate::vocab::validate_ctx::ValidateCtx;
-
-/// A stored access token with less than this left is refreshed rather than sent.
-const STORED_TOKEN_MARGIN: Duration = Duration::from_secs(60);
 
 /// The config section as written.
 #[derive(Debug, Deserialize)]
@@ -67,17 +55,10 @@ pub struct CodeSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CodeSettings {
     authorize_url: reqwest::Url,
-    token_url: reqwest::Url,
-    client_id: String,
-    client_secret: Option<Secret>,
-    scopes: Vec<String>,
     redirect_uri: reqwest::Url,
     audience: Option<String>,
-    resource: Option<String>,
     authorize_params: BTreeMap<String, String>,
-    auth: ClientAuth,
-    revocation_url: Option<reqwest::Url>,
-    format: TokenFormat,
+    endpoint: TokenEndpoint,
 }
 
 /// `type: oauth2_authorization_code`.
@@ -97,87 +78,49 @@ impl CredentialType for OAuth2AuthorizationCode {
         format: TokenFormat,
         ctx: &mut ValidateCtx<'_>,
     ) -> Option<CodeSettings> {
-        let url = |ctx: &mut ValidateCtx<'_>, field: &str, raw: Option<&str>| match raw {
-            Some(raw) => ctx.url(field, raw),
-            None => {
-                ctx.problem(field, "is required");
-                None
-            }
-        };
-        let authorize_url = url(ctx, "authorize_url", spec.authorize_url.as_deref());
-        let token_url = url(ctx, "token_url", spec.token_url.as_deref());
-        let redirect_uri = url(ctx, "redirect_uri", spec.redirect_uri.as_deref())
+        let authorize_url = required_url(ctx, "authorize_url", spec.authorize_url.as_deref());
+        let redirect_uri = required_url(ctx, "redirect_uri", spec.redirect_uri.as_deref())
             .filter(|u| loopback_redirect(ctx, u));
-        let revocation_url = match spec.revocation_url.as_deref() {
-            Some(raw) => ctx.url("revocation_url", raw).map(Some),
-            None => Some(None),
-        };
-        let client_id = ctx
-            .required_text("client_id", spec.client_id.as_deref())
-            .filter(|id| {
-                let ok = !id.is_empty();
-                if !ok {
-                    ctx.problem("client_id", "is empty");
-                }
-                ok
-            });
-        let client_secret = ctx.optional_secret(
-            "client_secret",
-            spec.client_secret.as_ref().map(Secret::expose),
-            spec.client_secret_file.as_deref(),
+        let endpoint = TokenEndpoint::validate(
+            EndpointSpec {
+                token_url: spec.token_url.as_deref(),
+                client_id: spec.client_id.as_deref(),
+                client_secret: spec.client_secret.as_ref(),
+                client_secret_file: spec.client_secret_file.as_deref(),
+                auth: spec.auth,
+                revocation_url: spec.revocation_url.as_deref(),
+                resource: spec.resource,
+                scopes: spec.scopes,
+            },
+            format,
+            ctx,
         );
-        let public = spec.client_secret.is_none() && spec.client_secret_file.is_none();
-        if public && spec.auth == ClientAuth::Basic {
-            ctx.problem("auth", "`basic` needs a `client_secret`");
-        }
         Some(CodeSettings {
             authorize_url: authorize_url?,
-            token_url: token_url?,
-            client_id: client_id?,
-            client_secret: if public { None } else { Some(client_secret?) },
-            scopes: spec.scopes,
             redirect_uri: redirect_uri?,
             audience: spec.audience,
-            resource: spec.resource,
             authorize_params: spec.authorize_params,
-            auth: spec.auth,
-            revocation_url: revocation_url?,
-            format,
+            endpoint: endpoint?,
         })
     }
 
     fn fingerprint(settings: &CodeSettings, fp: &mut Fingerprint) {
         fp.text("authorize_url", settings.authorize_url.as_str());
-        fp.text("token_url", settings.token_url.as_str());
-        fp.text("client_id", &settings.client_id);
-        match &settings.client_secret {
-            Some(secret) => fp.secret("client_secret", secret),
-            None => fp.optional_text("client_secret", None),
-        }
-        fp.text("scopes", &settings.scopes.join(" "));
         fp.text("redirect_uri", settings.redirect_uri.as_str());
         fp.optional_text("audience", settings.audience.as_deref());
-        fp.optional_text("resource", settings.resource.as_deref());
         for (k, v) in &settings.authorize_params {
             fp.text(&format!("authorize_params.{k}"), v);
         }
-        fp.text(
-            "auth",
-            match settings.auth {
-                ClientAuth::Post => "post",
-                ClientAuth::Basic => "basic",
-            },
-        );
-        fp.optional_text("revocation_url", settings.revocation_url.as_ref().map(reqwest::Url::as_str));
-        settings.format.fingerprint(fp);
+        settings.endpoint.fingerprint(fp);
     }
 
     fn source(settings: &CodeSettings, deps: &SourceDeps) -> Arc<dyn TokenSource> {
-        Arc::new(CodeSource {
-            client: Client::new(settings.clone(), deps.http.clone()),
-            store: deps.durable.clone(),
-            name: Arc::clone(&deps.credential),
-        })
+        Arc::new(ConsentSource::new(
+            Self::NAME,
+            EndpointClient::new(settings.endpoint.clone(), deps.http.clone()),
+            deps.durable.clone(),
+            Arc::clone(&deps.credential),
+        ))
     }
 }
 
@@ -215,20 +158,9 @@ impl CodeSettings {
         self.redirect_uri.path()
     }
 
-    /// What binds a stored record to this definition: tokens issued to another client or
-    /// by another token endpoint are never sent.
-    pub fn identity(&self) -> String {
-        format!(
-            "{}\n{}\n{}\n{}",
-            Self::kind(),
-            self.token_url,
-            self.client_id,
-            self.scopes.join(" ")
-        )
-    }
-
-    fn kind() -> &'static str {
-        OAuth2AuthorizationCode::NAME
+    /// The token endpoint.
+    pub fn endpoint(&self) -> &TokenEndpoint {
+        &self.endpoint
     }
 }
 
@@ -271,30 +203,24 @@ fn random_text() -> Result<String, CredentialError> {
 /// Talks to the vendor's endpoints for one credential.
 pub struct Client {
     settings: CodeSettings,
-    http: reqwest::Client,
-    redactor: Redactor,
+    endpoint: EndpointClient,
 }
 
 impl Client {
     /// The endpoints of `settings`, reached with `http`.
     pub fn new(settings: CodeSettings, http: reqwest::Client) -> Self {
-        let mut hidden: Vec<String> = Vec::new();
-        if let Some(secret) = &settings.client_secret {
-            let basic = basic_credentials(&settings.client_id, secret);
-            hidden.push(secret.expose().to_string());
-            hidden.push(basic.expose().trim_start_matches("Basic ").to_string());
-        }
-        let redactor = Redactor::new(hidden.iter().map(String::as_str));
-        Self {
-            settings,
-            http,
-            redactor,
-        }
+        let endpoint = EndpointClient::new(settings.endpoint.clone(), http);
+        Self { settings, endpoint }
     }
 
     /// The settings this client uses.
     pub fn settings(&self) -> &CodeSettings {
         &self.settings
+    }
+
+    /// The token endpoint client (refresh, revoke).
+    pub fn endpoint(&self) -> &EndpointClient {
+        &self.endpoint
     }
 
     /// Starts an authorization request: a fresh state and PKCE verifier, and the URL.
@@ -309,18 +235,18 @@ impl Client {
             let mut query = url.query_pairs_mut();
             query
                 .append_pair("response_type", "code")
-                .append_pair("client_id", &s.client_id)
+                .append_pair("client_id", &s.endpoint.client_id)
                 .append_pair("redirect_uri", s.redirect_uri.as_str())
                 .append_pair("state", &state)
                 .append_pair("code_challenge", &challenge)
                 .append_pair("code_challenge_method", "S256");
-            if !s.scopes.is_empty() {
-                query.append_pair("scope", &s.scopes.join(" "));
+            if !s.endpoint.scopes.is_empty() {
+                query.append_pair("scope", &s.endpoint.scopes.join(" "));
             }
             if let Some(a) = &s.audience {
                 query.append_pair("audience", a);
             }
-            if let Some(r) = &s.resource {
+            if let Some(r) = s.endpoint.resource() {
                 query.append_pair("resource", r);
             }
             for (k, v) in &s.authorize_params {
@@ -340,193 +266,14 @@ impl Client {
         consent: &Consent,
         code: &str,
     ) -> Result<Token, CredentialError> {
-        let s = &self.settings;
         let form = vec![
             ("grant_type", "authorization_code"),
             ("code", code),
-            ("redirect_uri", s.redirect_uri.as_str()),
+            ("redirect_uri", self.settings.redirect_uri.as_str()),
             ("code_verifier", consent.verifier.expose()),
         ];
-        let redactor = self.redactor.with([code, consent.verifier.expose()]);
-        self.token_request(form, None, &redactor).await
-    }
-
-    /// RFC 6749 §6: the next tokens for `grant`. A vendor that sends no new refresh token
-    /// leaves the old one in force.
-    pub async fn refresh(&self, grant: &RefreshGrant) -> Result<Token, CredentialError> {
-        let form = vec![
-            ("grant_type", "refresh_token"),
-            ("refresh_token", grant.token.expose()),
-        ];
-        let redactor = self.redactor.with([grant.token.expose()]);
-        self.token_request(form, Some(grant), &redactor).await
-    }
-
-    async fn token_request(
-        &self,
-        mut form: Vec<(&str, &str)>,
-        kept: Option<&RefreshGrant>,
-        redactor: &Redactor,
-    ) -> Result<Token, CredentialError> {
-        let s = &self.settings;
-        if let Some(r) = &s.resource {
-            form.push(("resource", r));
-        }
-        let request = self.authenticated(s.token_url.clone(), &mut form);
-        let answer = exchange::send(request.form(&form), redactor).await?;
-        let doc = answer.json()?;
-        let redactor = redactor.with_answer_secrets(&doc);
-        let access_token = exchange::string_at(&doc, "/access_token").map_err(|e| {
-            match exchange::vendor_detail(&answer.body, &redactor) {
-                m if m.is_empty() => e,
-                m => CredentialError::BadResponse(format!("no access_token: {m}")),
-            }
-        })?;
-        let expires_at = expiry::expires_at(
-            access_token,
-            [
-                Stated::jwt_exp(access_token),
-                Stated::seconds_at(&doc, "/expires_in"),
-            ],
-        );
-        let refresh = match exchange::string_at(&doc, "/refresh_token") {
-            Ok(rotated) => Some(RefreshGrant {
-                token: Secret::new(rotated),
-                expires_at: Stated::seconds_at(&doc, "/refresh_token_expires_in")
-                    .map(|stated| expiry::expires_at(rotated, [Some(stated)])),
-            }),
-            Err(_) => kept.cloned(),
-        };
-        Ok(Token {
-            value: s.format.header_value(access_token),
-            expires_at: Some(expires_at),
-            refresh,
-        })
-    }
-
-    /// RFC 7009: asks the vendor to revoke `grant`. `Ok(false)` when no `revocation_url` is
-    /// configured.
-    pub async fn revoke(&self, grant: &RefreshGrant) -> Result<bool, CredentialError> {
-        let Some(url) = self.settings.revocation_url.clone() else {
-            return Ok(false);
-        };
-        let mut form = vec![
-            ("token", grant.token.expose()),
-            ("token_type_hint", "refresh_token"),
-        ];
-        let request = self.authenticated(url, &mut form);
-        let redactor = self.redactor.with([grant.token.expose()]);
-        exchange::send(request.form(&form), &redactor).await?;
-        Ok(true)
-    }
-
-    /// A POST to `url` with the client's authentication (form fields or HTTP Basic).
-    fn authenticated<'a>(
-        &'a self,
-        url: reqwest::Url,
-        form: &mut Vec<(&'a str, &'a str)>,
-    ) -> reqwest::RequestBuilder {
-        let s = &self.settings;
-        let mut request = self
-            .http
-            .post(url)
-            .header(http::header::ACCEPT, "application/json");
-        match (&s.client_secret, s.auth) {
-            (Some(secret), ClientAuth::Basic) => {
-                request = request.header(
-                    http::header::AUTHORIZATION,
-                    basic_credentials(&s.client_id, secret).expose(),
-                );
-            }
-            (secret, _) => {
-                form.push(("client_id", &s.client_id));
-                if let Some(secret) = secret {
-                    form.push(("client_secret", secret.expose()));
-                }
-            }
-        }
-        request
-    }
-}
-
-/// The runtime source: stored tokens first, then the stored refresh token.
-struct CodeSource {
-    client: Client,
-    store: Option<Arc<dyn DurableTokens>>,
-    name: Arc<str>,
-}
-
-impl CodeSource {
-    fn consent_required(&self, why: &str) -> CredentialError {
-        CredentialError::ConsentRequired(format!(
-            "{why}; run `authrelay authorize {}` once",
-            self.name
-        ))
-    }
-
-    async fn fetch_token(&self, previous: Option<&Token>) -> Result<Token, CredentialError> {
-        let store = self.store.clone().ok_or_else(|| {
-            CredentialError::Other(
-                "no token store is open (`token_cache: type: file` takes effect at start)".into(),
-            )
-        })?;
-        let identity = self.client.settings().identity();
-        let stored = blocking_store(&store, {
-            let (name, identity) = (Arc::clone(&self.name), identity.clone());
-            move |s| s.load(&name, &identity)
-        })
-        .await?;
-        let Some(stored) = stored else {
-            return Err(self.consent_required("no tokens are stored for this credential"));
-        };
-        // A stored access token this process has not sent yet (an earlier run's, or one
-        // `authorize` just wrote) is used as is while it lasts.
-        let unsent = previous.is_none_or(|p| p.value != stored.value);
-        let lasting = stored
-            .expires_at
-            .is_some_and(|e| e > SystemTime::now() + STORED_TOKEN_MARGIN);
-        if unsent && lasting {
-            return Ok(stored);
-        }
-        let Some(grant) = stored.refresh.as_ref().filter(|g| g.usable_at(SystemTime::now()))
-        else {
-            return Err(self.consent_required("the stored refresh token has expired"));
-        };
-        let token = match self.client.refresh(grant).await {
-            Ok(token) => token,
-            Err(e) if e.vendor_error() == Some("invalid_grant") => {
-                return Err(self.consent_required(
-                    "the vendor refused the stored refresh token (invalid_grant: revoked or expired)",
-                ));
-            }
-            Err(e) => return Err(e),
-        };
-        // Written before anyone sends the new access token: with a rotating vendor the old
-        // refresh token is already dead, and this write is all that keeps consent.
-        blocking_store(&store, {
-            let (name, token) = (Arc::clone(&self.name), token.clone());
-            move |s| s.save(&name, &identity, &token)
-        })
-        .await?;
-        Ok(token)
-    }
-}
-
-/// Runs a store call off the async runtime (it reads, writes and fsyncs a file).
-pub async fn blocking_store<T: Send + 'static>(
-    store: &Arc<dyn DurableTokens>,
-    call: impl FnOnce(&dyn DurableTokens) -> Result<T, String> + Send + 'static,
-) -> Result<T, CredentialError> {
-    let store = Arc::clone(store);
-    tokio::task::spawn_blocking(move || call(store.as_ref()))
-        .await
-        .map_err(|_| CredentialError::Other("the token store call failed unexpectedly".into()))?
-        .map_err(|e| CredentialError::Other(format!("token store: {e}")))
-}
-
-impl TokenSource for CodeSource {
-    fn fetch<'a>(&'a self, previous: Option<&'a Token>) -> FetchFuture<'a> {
-        Box::pin(self.fetch_token(previous))
+        let redactor = self.endpoint.redactor([code, consent.verifier.expose()]);
+        self.endpoint.token_request(form, None, &redactor).await
     }
 }
 
@@ -541,7 +288,7 @@ mod tests {
     #[test]
     fn a_public_client_needs_no_secret_and_the_redirect_stays_on_loopback() {
         let s = validate_for_test::<OAuth2AuthorizationCode>(BASE, &[]).unwrap();
-        assert!(s.client_secret.is_none());
+        assert!(s.endpoint.public());
         assert_eq!(s.redirect_addr(), Some("127.0.0.1:8765".parse().unwrap()));
         let remote = BASE.replace("127.0.0.1:8765", "example.com:8765");
         let e = validate_for_test::<OAuth2AuthorizationCode>(&remote, &[]).unwrap_err();

@@ -1,9 +1,10 @@
-//! Tokens a person consents to (`type: oauth2_authorization_code`), against a real
-//! authorization server: oidc-provider (npm), started by each test on a free loopback port
-//! from `tests/oidc/provider.mjs`, with PKCE required and refresh tokens rotating on every
-//! use (a dead one presented revokes the grant). The tests play the person's browser with
-//! plain HTTP requests through its development login and consent pages, and run
-//! `authrelay authorize` / `revoke` as a person would.
+//! Tokens a person consents to (`type: oauth2_authorization_code`, `oauth2_device_code`),
+//! against a real authorization server: oidc-provider (npm), started by each test on a free
+//! loopback port from `tests/oidc/provider.mjs`, with PKCE required, the device grant on
+//! (polling paced as RFC 8628 says) and refresh tokens rotating on every use (a dead one
+//! presented revokes the grant). The tests play the person's browser with plain HTTP
+//! requests through its development login and consent pages (and the device grant's code
+//! pages), and run `authrelay authorize` / `revoke` as a person would.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -35,6 +36,15 @@ impl AuthServer {
     /// Starts the server, or `None` (with the reason printed) where Node or the package is
     /// not installed (`.ci/run` installs both).
     fn start(redirect_uri: &str, access_token_seconds: u32) -> Option<Self> {
+        Self::start_polling(redirect_uri, access_token_seconds, 1)
+    }
+
+    /// [`Self::start`], the device grant stating `poll_seconds` as its interval.
+    fn start_polling(
+        redirect_uri: &str,
+        access_token_seconds: u32,
+        poll_seconds: u32,
+    ) -> Option<Self> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let modules = root.join("target/oidc/node_modules");
         if !modules.join("oidc-provider").is_dir() {
@@ -49,6 +59,7 @@ impl AuthServer {
             .arg(&modules)
             .arg(redirect_uri)
             .arg(access_token_seconds.to_string())
+            .arg(poll_seconds.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -87,6 +98,16 @@ impl AuthServer {
             .unwrap()
     }
 
+    /// The next device poll is answered `slow_down` (a vendor under load).
+    async fn slow_down_next_poll(&self) {
+        let r = support::direct_client()
+            .post(format!("{}/__test/slow-down", self.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
     async fn revoke_grants(&self) {
         let r = support::direct_client()
             .post(format!("{}/__test/revoke-grants", self.url()))
@@ -113,12 +134,32 @@ struct World {
     dir: tempfile::TempDir,
     yaml: String,
     config: PathBuf,
+    /// The credential the route uses: `idp` (code grant) or `tv` (device grant).
+    name: &'static str,
+}
+
+/// How the person consents in a test.
+#[derive(Clone, Copy, PartialEq)]
+enum Person {
+    Consents,
+    Declines,
 }
 
 impl World {
     fn new(access_token_seconds: u32) -> Option<Self> {
         let redirect = format!("http://127.0.0.1:{}/callback", free_port());
         let server = AuthServer::start(&redirect, access_token_seconds)?;
+        Some(Self::around(server, &redirect, "idp"))
+    }
+
+    /// A world whose route uses the device grant credential `tv`.
+    fn device(access_token_seconds: u32) -> Option<Self> {
+        let redirect = format!("http://127.0.0.1:{}/callback", free_port());
+        let server = AuthServer::start(&redirect, access_token_seconds)?;
+        Some(Self::around(server, &redirect, "tv"))
+    }
+
+    fn around(server: AuthServer, redirect: &str, name: &'static str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("tokens.json");
         let yaml = format!(
@@ -140,10 +181,18 @@ credentials:
     client_secret: app-secret-value
     scopes: [openid]
     redirect_uri: {redirect}
+  tv:
+    type: oauth2_device_code
+    device_authorization_url: {url}/device/auth
+    token_url: {url}/token
+    revocation_url: {url}/token/revocation
+    client_id: app
+    client_secret: app-secret-value
+    scopes: [openid]
 routes:
   - name: api
     host: \"127.0.0.1:{port}\"
-    credential: idp
+    credential: {name}
 ",
             store = store.display(),
             url = server.url(),
@@ -151,18 +200,28 @@ routes:
         );
         let config = dir.path().join("routes.yaml");
         std::fs::write(&config, format!("listen: 127.0.0.1:0\n{yaml}")).unwrap();
-        Some(Self {
+        Self {
             server,
             dir,
             yaml,
             config,
-        })
+            name,
+        }
     }
 
-    /// `authrelay authorize idp --json`, with the person's browser played in between.
+    /// `authrelay authorize NAME --json`, with the person's browser played in between.
     async fn authorize(&self) {
+        let (success, last) = self.authorize_as(Person::Consents).await;
+        assert!(success, "authorize failed: {last}");
+        let done: Value = serde_json::from_str(last.trim()).unwrap();
+        assert_eq!(done, serde_json::json!({"authorized": self.name}));
+    }
+
+    /// `authrelay authorize NAME --json` with the person acting as `person`: whether it
+    /// exited 0, and what it printed after the first line (and on stderr).
+    async fn authorize_as(&self, person: Person) -> (bool, String) {
         let mut cli = Command::new(BIN)
-            .args(["authorize", "idp", "--json", "--config"])
+            .args(["authorize", self.name, "--json", "--config"])
             .arg(&self.config)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -171,21 +230,38 @@ routes:
         let mut out = BufReader::new(cli.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
-        let open: Value =
+        let first: Value =
             serde_json::from_str(&line).unwrap_or_else(|_| panic!("authorize printed {line:?}"));
-        let url = open["open"].as_str().unwrap().to_string();
-        let landed = play_browser(&url).await;
-        assert_eq!(landed, 200, "the redirect_uri listener took the code");
-        let status = tokio::task::spawn_blocking(move || {
+        let url = match first["open"].as_str() {
+            Some(url) => url.to_string(),
+            None => {
+                let user_code = first["user_code"].as_str().expect("a user code");
+                assert!(first["verification_uri"]
+                    .as_str()
+                    .is_some_and(|u| u.starts_with(&self.server.url())));
+                let complete = first["verification_uri_complete"].as_str().unwrap();
+                assert!(complete.contains("user_code="), "{first}");
+                format!(
+                    "{}?user_code={}",
+                    first["verification_uri"].as_str().unwrap(),
+                    user_code
+                )
+            }
+        };
+        let landed = play_browser(&url, person).await;
+        if person == Person::Consents {
+            assert_eq!(landed, 200, "the browser reached the end of the consent");
+        }
+        let mut stderr = cli.stderr.take().unwrap();
+        let (status, rest) = tokio::task::spawn_blocking(move || {
             let mut rest = String::new();
             std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+            std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
             (cli.wait().unwrap(), rest)
         })
         .await
         .unwrap();
-        assert!(status.0.success(), "authorize failed: {status:?}");
-        let done: Value = serde_json::from_str(status.1.trim()).unwrap();
-        assert_eq!(done, serde_json::json!({"authorized": "idp"}));
+        (status.success(), rest)
     }
 
     async fn proxy(&self) -> support::Proxy {
@@ -197,10 +273,12 @@ routes:
     }
 }
 
-/// Follows the authorization URL as a browser would: redirects with cookies, the login form
-/// (any login and password), the consent form, and finally the redirect to the
-/// `redirect_uri`, whose status is returned.
-async fn play_browser(start: &str) -> u16 {
+/// Follows the authorization URL (or the device grant's verification URL with its code) as
+/// a browser would: redirects with cookies, every form with its hidden fields — the device
+/// code confirmation (or its Abort button when the person declines), the login form (any
+/// login and password), the consent form — up to the redirect to the `redirect_uri` or the
+/// device grant's success page, whose status is returned.
+async fn play_browser(start: &str, person: Person) -> u16 {
     authrelay::upstream::install_crypto_provider();
     let http = reqwest::Client::builder()
         .no_proxy()
@@ -237,11 +315,18 @@ async fn play_browser(start: &str) -> u16 {
             return status;
         }
         let page = response.text().await.unwrap();
+        if page.contains("Sign-in Success") || page.contains("interrupted") {
+            return status;
+        }
         assert_eq!(status, 200, "{url}: {page}");
         let action = between(&page, "action=\"", "\"").expect("a form");
-        let prompt = between(&page, "name=\"prompt\" value=\"", "\"").expect("a prompt");
-        let mut fields = vec![("prompt".to_string(), prompt.to_string())];
-        if prompt == "login" {
+        let mut fields = hidden_fields(&page);
+        let confirming = fields.iter().any(|(k, _)| k == "confirm");
+        if confirming && person == Person::Declines {
+            fields.retain(|(k, _)| k != "confirm");
+            fields.push(("abort".into(), "yes".into()));
+        }
+        if fields.iter().any(|(k, v)| k == "prompt" && v == "login") {
             fields.push(("login".into(), "alice".into()));
             fields.push(("password".into(), "any".into()));
         }
@@ -249,6 +334,18 @@ async fn play_browser(start: &str) -> u16 {
         form = Some(fields);
     }
     panic!("the browser never reached the redirect_uri");
+}
+
+/// The `<input type="hidden">` fields of a page, in order.
+fn hidden_fields(page: &str) -> Vec<(String, String)> {
+    page.split("<input type=\"hidden\" ")
+        .skip(1)
+        .filter_map(|rest| {
+            let name = between(rest, "name=\"", "\"")?;
+            let value = between(rest, "value=\"", "\"")?;
+            Some((name.to_string(), value.to_string()))
+        })
+        .collect()
 }
 
 fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<&'a str> {
@@ -429,6 +526,80 @@ async fn revoke_revokes_at_the_vendor_and_forgets() {
         text.contains("revoked at the vendor") && text.contains("deleted"),
         "{text}"
     );
+    let proxy = world.proxy().await;
+    let (status, body) = get(&proxy, &world.api()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("consent_required"))
+    );
+    proxy.stop().await;
+}
+
+/// Consent by device code (the person enters the code shown on another device), then
+/// steady traffic while two-second access tokens run out again and again: every rotated
+/// refresh token is adopted and stored before use, no request of the app sees a 401, and
+/// a restarted proxy carries on without the person.
+#[tokio::test]
+async fn consent_by_device_code_and_steady_traffic_across_rotations() {
+    let Some(world) = World::device(2) else {
+        return;
+    };
+    world.authorize().await;
+    let stats = world.server.stats().await;
+    assert_eq!(stats["devices"], 1, "{stats}");
+    assert_eq!(
+        stats["too_fast"], 0,
+        "polled at the stated interval: {stats}"
+    );
+
+    let proxy = world.proxy().await;
+    let mut requests = 0;
+    while world.server.stats().await["refreshes"].as_u64().unwrap() < 5 {
+        let (status, body) = get(&proxy, &world.api()).await;
+        assert_eq!(status, 200, "request {requests}: {body}");
+        assert_eq!(body["sub"], "alice");
+        requests += 1;
+        assert!(requests < 2000, "the access tokens never ran out");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    proxy.stop().await;
+
+    let proxy = world.proxy().await;
+    for _ in 0..3 {
+        let (status, body) = get(&proxy, &world.api()).await;
+        assert_eq!(status, 200, "after a restart: {body}");
+    }
+    proxy.stop().await;
+    let stats = world.server.stats().await;
+    assert_eq!(
+        stats["invalid_grants"], 0,
+        "no dead refresh token was sent: {stats}"
+    );
+}
+
+/// RFC 8628 polling: a `slow_down` adds five seconds to the interval (the server answers
+/// `slow_down` again to any poll sooner than that), and a person who declines ends
+/// `authorize` with `access_denied` and nothing stored.
+#[tokio::test]
+async fn device_polling_honours_slow_down_and_a_refusal() {
+    let Some(world) = World::device(3600) else {
+        return;
+    };
+    world.server.slow_down_next_poll().await;
+    world.authorize().await;
+    let stats = world.server.stats().await;
+    assert_eq!(stats["slow_downs"], 1, "only the one asked for: {stats}");
+    assert_eq!(stats["too_fast"], 0, "{stats}");
+
+    let out = Command::new(BIN)
+        .args(["revoke", "tv", "--config"])
+        .arg(&world.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (success, printed) = world.authorize_as(Person::Declines).await;
+    assert!(!success, "{printed}");
+    assert!(printed.contains("access_denied"), "{printed}");
     let proxy = world.proxy().await;
     let (status, body) = get(&proxy, &world.api()).await;
     assert_eq!(

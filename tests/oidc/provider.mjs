@@ -1,18 +1,24 @@
 // A real OAuth 2.0 authorization server for tests/it/consent.rs: the npm package
 // oidc-provider (installed by .ci/run into target/oidc) on a free loopback port, with the
-// authorization code grant + PKCE, refresh-token rotation and revocation switched on, and its
-// development login/consent pages for the tests to walk through with plain HTTP requests.
+// authorization code grant + PKCE, the device authorization grant (RFC 8628), refresh-token
+// rotation and revocation switched on, and its development login/consent pages for the tests
+// to walk through with plain HTTP requests.
 //
 // It also serves a protected API at /api/whoami that answers 200 only to an access token the
 // provider issued and still honours, so the tests see exactly what a vendor's API would.
 //
-// Usage: node provider.mjs MODULES_DIR REDIRECT_URI ACCESS_TOKEN_SECONDS
+// The device grant's polling is held to RFC 8628 §3.5 as a strict vendor would: a poll
+// sooner than the interval since the previous one is answered `slow_down`, and every
+// `slow_down` adds five seconds to the interval. oidc-provider itself sends no `interval` and
+// never `slow_down`, so this file adds both around it.
+//
+// Usage: node provider.mjs MODULES_DIR REDIRECT_URI ACCESS_TOKEN_SECONDS [POLL_INTERVAL_SECONDS]
 // Prints `listening PORT` on stdout once it accepts connections.
 
 import { pathToFileURL } from 'node:url';
 import path from 'node:path';
 
-const [modules, redirectUri, accessTtl] = process.argv.slice(2);
+const [modules, redirectUri, accessTtl, pollInterval = '1'] = process.argv.slice(2);
 const { default: Provider } = await import(
   pathToFileURL(path.join(modules, 'oidc-provider', 'lib', 'index.js')).href
 );
@@ -28,7 +34,11 @@ const provider = new Provider(issuer, {
       client_id: 'app',
       client_secret: 'app-secret-value',
       redirect_uris: [redirectUri],
-      grant_types: ['authorization_code', 'refresh_token'],
+      grant_types: [
+        'authorization_code',
+        'refresh_token',
+        'urn:ietf:params:oauth:grant-type:device_code',
+      ],
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_post',
     },
@@ -36,6 +46,7 @@ const provider = new Provider(issuer, {
   pkce: { required: () => true },
   features: {
     devInteractions: { enabled: true },
+    deviceFlow: { enabled: true },
     revocation: { enabled: true },
   },
   // Every refresh answers a new refresh token and kills the one presented; presenting a
@@ -48,17 +59,37 @@ const provider = new Provider(issuer, {
     Grant: 24 * 3600,
     Session: 24 * 3600,
     Interaction: 3600,
+    DeviceCode: 600,
   },
 });
 // Plain HTTP on loopback: the tests play the browser without TLS.
 provider.proxy = false;
 
 // What the tests count: calls to the token endpoint by grant type, and refusals.
-const stats = { token_calls: 0, refreshes: 0, codes: 0, invalid_grants: 0 };
+const stats = {
+  token_calls: 0,
+  refreshes: 0,
+  codes: 0,
+  devices: 0,
+  invalid_grants: 0,
+  device_polls: 0,
+  slow_downs: 0,
+  too_fast: 0,
+};
 const grants = new Set();
 provider.on('grant.success', (ctx) => {
   if (ctx.oidc.params.grant_type === 'refresh_token') stats.refreshes += 1;
   if (ctx.oidc.params.grant_type === 'authorization_code') stats.codes += 1;
+  if (ctx.oidc.params.grant_type === 'urn:ietf:params:oauth:grant-type:device_code') {
+    stats.devices += 1;
+  }
+});
+// The polling interval this vendor states, and the pacing it holds clients to.
+const pacing = { interval: Number(pollInterval) * 1000, lastPoll: 0, slowDownNext: false };
+provider.on('device_authorization.success', (ctx, body) => {
+  body.interval = Number(pollInterval);
+  pacing.interval = Number(pollInterval) * 1000;
+  pacing.lastPoll = Date.now();
 });
 provider.on('grant.error', (ctx, err) => {
   if (err.error === 'invalid_grant') stats.invalid_grants += 1;
@@ -95,8 +126,34 @@ server.on('request', async (req, res) => {
     send(res, 200, {});
     return;
   }
+  // The next device poll is answered `slow_down` whatever its timing (a vendor under load).
+  if (req.url === '/__test/slow-down' && req.method === 'POST') {
+    pacing.slowDownNext = true;
+    send(res, 200, {});
+    return;
+  }
   if (req.url.startsWith('/token')) stats.token_calls += 1;
+  // While a device authorization is pending every token call is a poll (the device tests
+  // make no other); RFC 8628 §3.5 pacing is enforced on them.
+  if (req.url === '/token' && pacing.lastPoll && !stats.devices) {
+    stats.device_polls += 1;
+    const now = Date.now();
+    const early = now - pacing.lastPoll < pacing.interval - 50;
+    pacing.lastPoll = now;
+    if (early || pacing.slowDownNext) {
+      if (early) stats.too_fast += 1;
+      pacing.slowDownNext = false;
+      pacing.interval += 5000;
+      stats.slow_downs += 1;
+      req.resume();
+      send(res, 400, { error: 'slow_down', error_description: 'poll less often' });
+      return;
+    }
+  }
   callback(req, res);
 });
 
+// The tests read this one line and close the pipe: anything the package prints later goes
+// to stderr instead of killing the process with EPIPE.
 process.stdout.write(`listening ${port}\n`);
+console.log = console.info = console.error;
