@@ -111,7 +111,7 @@ impl State {
                 RedisCache::new(settings, Arc::clone(&metrics)).map_err(StartError::TokenCache)?,
             ),
         };
-        let snapshot = build_snapshot(config, None, token_cache, &deps, &metrics);
+        let snapshot = build_snapshot(config, None, token_cache, &deps, &metrics, false);
         let auth_throttle = crate::access::AuthThrottle::new(metrics.proxy_auth_failures.clone());
         Ok(Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -125,6 +125,22 @@ impl State {
             own_addresses: std::sync::OnceLock::new(),
             auth_throttle,
         }))
+    }
+
+    /// Whether this is the running proxy's state (its listeners are bound), not a command's.
+    fn serving(&self) -> bool {
+        self.own_addresses.get().is_some()
+    }
+
+    /// Marks the state as the running proxy's, its listeners bound at `own`, and starts the
+    /// keepers of credentials whose grant must not go unused (`keepalive_refresh`).
+    pub fn serve(&self, own: Vec<std::net::SocketAddr>) {
+        let _ = self.own_addresses.set(own);
+        for slot in self.snapshot().slots.values() {
+            if slot.keeps_alive() {
+                slot.start_keeper();
+            }
+        }
     }
 
     /// The current snapshot. Hold the `Arc` for the whole request.
@@ -196,6 +212,7 @@ impl State {
             token_cache,
             &self.deps,
             &self.metrics,
+            self.serving(),
         );
         drop_removed_series(&previous.config, &next.config, &self.metrics);
         self.snapshot.store(Arc::new(next));
@@ -218,7 +235,7 @@ impl State {
             Arc::clone(&self.metrics),
             current.token_cache.as_ref().map(|c| c.slot(cred)),
         );
-        if cred.prefetch {
+        if cred.prefetch || (slot.keeps_alive() && self.serving()) {
             slot.start_keeper();
         }
         let mut slots = current.slots.clone();
@@ -343,12 +360,16 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
     }
 }
 
+/// `serving`: the state is the running proxy's (not a command's), so credentials whose
+/// grant must be kept alive get their keeper: two processes refreshing one rotating refresh
+/// token would kill it.
 fn build_snapshot(
     config: Config,
     previous: Option<&Snapshot>,
     token_cache: Option<Arc<RedisCache>>,
     deps: &SourceDeps,
     metrics: &Arc<Metrics>,
+    serving: bool,
 ) -> Snapshot {
     if let Some(cache) = &token_cache {
         cache.start();
@@ -373,7 +394,7 @@ fn build_snapshot(
                 token_cache.as_ref().map(|c| c.slot(cred)),
             )
         });
-        if cred.prefetch {
+        if cred.prefetch || (slot.keeps_alive() && serving) {
             slot.start_keeper();
         }
         slots.insert(name.clone(), slot);

@@ -24,9 +24,13 @@ use crate::expiry::{self, Stated};
 use crate::vocab::redact::Redactor;
 use crate::vocab::secret::Secret;
 use crate::vocab::validate_ctx::ValidateCtx;
+use crate::vocab::values::ConfigDuration;
 
 /// A stored access token with less than this left is refreshed rather than sent.
 const STORED_TOKEN_MARGIN: Duration = Duration::from_secs(60);
+/// `keepalive_refresh` when not set: vendors expire refresh tokens left unused (Xero after
+/// 60 days), so an idle credential is refreshed at least this often.
+const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(24 * 3600);
 
 /// The token endpoint fields both grants write the same way.
 pub struct EndpointSpec<'a> {
@@ -38,6 +42,7 @@ pub struct EndpointSpec<'a> {
     pub revocation_url: Option<&'a str>,
     pub resource: Option<String>,
     pub scopes: Vec<String>,
+    pub keepalive_refresh: Option<ConfigDuration>,
 }
 
 /// The validated token endpoint of a consent credential.
@@ -52,6 +57,8 @@ pub struct TokenEndpoint {
     resource: Option<String>,
     pub(super) scopes: Vec<String>,
     format: TokenFormat,
+    /// The longest the refresh token goes unused, traffic or not.
+    keepalive: Duration,
 }
 
 impl TokenEndpoint {
@@ -82,6 +89,10 @@ impl TokenEndpoint {
         if public && spec.auth == ClientAuth::Basic {
             ctx.problem("auth", "`basic` needs a `client_secret`");
         }
+        let keepalive = spec.keepalive_refresh.map_or(DEFAULT_KEEPALIVE, |d| d.0);
+        if keepalive < Duration::from_secs(1) {
+            ctx.problem("keepalive_refresh", "must be at least 1s");
+        }
         Some(Self {
             token_url: token_url?,
             client_id: client_id?,
@@ -91,6 +102,7 @@ impl TokenEndpoint {
             resource: spec.resource,
             scopes: spec.scopes,
             format,
+            keepalive,
         })
     }
 
@@ -377,6 +389,10 @@ impl ConsentSource {
 impl TokenSource for ConsentSource {
     fn fetch<'a>(&'a self, previous: Option<&'a Token>) -> FetchFuture<'a> {
         Box::pin(self.fetch_token(previous))
+    }
+
+    fn keepalive(&self) -> Option<Duration> {
+        Some(self.client.endpoint().keepalive)
     }
 }
 

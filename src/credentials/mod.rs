@@ -181,6 +181,12 @@ pub trait TokenSource: Send + Sync + 'static {
     fn refreshable(&self) -> bool {
         true
     }
+
+    /// The longest this source's grant may go unused, traffic or not (a refresh token the
+    /// vendor expires when idle); `None` when only traffic decides.
+    fn keepalive(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// One credential type: the `type:` name YAML selects it by, its own fields, how they are
@@ -709,6 +715,10 @@ impl TokenSource for Redacting {
 
     fn refreshable(&self) -> bool {
         self.inner.refreshable()
+    }
+
+    fn keepalive(&self) -> Option<std::time::Duration> {
+        self.inner.keepalive()
     }
 }
 

@@ -19,6 +19,7 @@ use super::{
 };
 use crate::vocab::secret::Secret;
 use crate::vocab::validate_ctx::ValidateCtx;
+use crate::vocab::values::ConfigDuration;
 
 /// The config section as written.
 #[derive(Debug, Deserialize)]
@@ -49,6 +50,9 @@ pub struct CodeSpec {
     pub auth: ClientAuth,
     /// RFC 7009 revocation endpoint, used by `authrelay revoke`.
     pub revocation_url: Option<String>,
+    /// The longest the refresh token goes unused (default `24h`): an idle credential is
+    /// refreshed anyway, since vendors expire unused refresh tokens.
+    pub keepalive_refresh: Option<ConfigDuration>,
 }
 
 /// Validated settings.
@@ -91,6 +95,7 @@ impl CredentialType for OAuth2AuthorizationCode {
                 revocation_url: spec.revocation_url.as_deref(),
                 resource: spec.resource,
                 scopes: spec.scopes,
+                keepalive_refresh: spec.keepalive_refresh,
             },
             format,
             ctx,

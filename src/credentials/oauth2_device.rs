@@ -16,6 +16,7 @@ use super::{
 };
 use crate::vocab::secret::Secret;
 use crate::vocab::validate_ctx::ValidateCtx;
+use crate::vocab::values::ConfigDuration;
 
 /// RFC 8628 §3.2: the polling interval when the vendor states none.
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
@@ -48,6 +49,9 @@ pub struct DeviceSpec {
     pub auth: ClientAuth,
     /// RFC 7009 revocation endpoint, used by `authrelay revoke`.
     pub revocation_url: Option<String>,
+    /// The longest the refresh token goes unused (default `24h`): an idle credential is
+    /// refreshed anyway, since vendors expire unused refresh tokens.
+    pub keepalive_refresh: Option<ConfigDuration>,
 }
 
 /// Validated settings.
@@ -96,6 +100,7 @@ impl CredentialType for OAuth2DeviceCode {
                 revocation_url: spec.revocation_url.as_deref(),
                 resource: spec.resource,
                 scopes: spec.scopes,
+                keepalive_refresh: spec.keepalive_refresh,
             },
             format,
             ctx,

@@ -209,11 +209,20 @@ routes:
         }
     }
 
+    /// The same world with `from` replaced by `to` in its config.
+    fn changed(mut self, from: &str, to: &str) -> Self {
+        assert!(self.yaml.contains(from), "{from}");
+        self.yaml = self.yaml.replace(from, to);
+        std::fs::write(&self.config, format!("listen: 127.0.0.1:0\n{}", self.yaml)).unwrap();
+        self
+    }
+
     /// `authrelay authorize NAME --json`, with the person's browser played in between.
     async fn authorize(&self) {
         let (success, last) = self.authorize_as(Person::Consents).await;
         assert!(success, "authorize failed: {last}");
-        let done: Value = serde_json::from_str(last.trim()).unwrap();
+        let done: Value = serde_json::from_str(last.lines().next().unwrap_or_default())
+            .unwrap_or_else(|_| panic!("authorize printed {last:?}"));
         assert_eq!(done, serde_json::json!({"authorized": self.name}));
     }
 
@@ -607,4 +616,34 @@ async fn device_polling_honours_slow_down_and_a_refusal() {
         (502, Some("consent_required"))
     );
     proxy.stop().await;
+}
+
+/// An idle credential is still refreshed every `keepalive_refresh` (vendors expire refresh
+/// tokens left unused): no request is made, yet the refresh token rotates, each rotation
+/// stored, and the first request after the idle spell is served.
+#[tokio::test]
+async fn an_idle_credential_is_refreshed_every_keepalive_period() {
+    let Some(world) = World::device(3600) else {
+        return;
+    };
+    let world = world.changed(
+        "    scopes: [openid]\nroutes:",
+        "    scopes: [openid]\n    keepalive_refresh: 1s\nroutes:",
+    );
+    world.authorize().await;
+    let proxy = world.proxy().await;
+    let mut refreshes = 0;
+    for _ in 0..200 {
+        refreshes = world.server.stats().await["refreshes"].as_u64().unwrap();
+        if refreshes >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(refreshes >= 3, "idle, yet refreshed: {refreshes}");
+    let (status, body) = get(&proxy, &world.api()).await;
+    assert_eq!(status, 200, "{body}");
+    proxy.stop().await;
+    let stats = world.server.stats().await;
+    assert_eq!(stats["invalid_grants"], 0, "{stats}");
 }
