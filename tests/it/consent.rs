@@ -282,6 +282,41 @@ routes:
     }
 }
 
+/// `POST /credentials/NAME/authorize` on `proxy`'s admin listener, with `token` as the
+/// admin token and `origin` as a browser's `Origin` header: the status and the answer.
+async fn admin_authorize(
+    proxy: &support::Proxy,
+    name: &str,
+    token: Option<&str>,
+    origin: Option<&str>,
+) -> (u16, Value) {
+    let admin = proxy.running.as_ref().unwrap().admin_addr.unwrap();
+    let mut request =
+        support::direct_client().post(format!("http://{admin}/credentials/{name}/authorize"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(origin) = origin {
+        request = request.header("origin", origin);
+    }
+    let r = request.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Sends requests until one is answered 200 (the running proxy took up new tokens).
+async fn until_served(proxy: &support::Proxy, url: &str) -> u16 {
+    let mut status = 0;
+    for _ in 0..200 {
+        status = get(proxy, url).await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    status
+}
+
 /// Follows the authorization URL (or the device grant's verification URL with its code) as
 /// a browser would: redirects with cookies, every form with its hidden fields — the device
 /// code confirmation (or its Abort button when the person declines), the login form (any
@@ -646,4 +681,64 @@ async fn an_idle_credential_is_refreshed_every_keepalive_period() {
     proxy.stop().await;
     let stats = world.server.stats().await;
     assert_eq!(stats["invalid_grants"], 0, "{stats}");
+}
+
+/// Consent through the running proxy's admin listener, behind its admin token and refused
+/// to web pages: the answer is the URL (code grant, whose callback the proxy serves on the
+/// loopback `redirect_uri`) or the user code (device grant), and the proxy serves with the
+/// new tokens without a restart.
+#[tokio::test]
+async fn the_admin_listener_starts_consent_and_the_running_proxy_takes_the_tokens() {
+    let Some(world) = World::new(3600) else {
+        return;
+    };
+    let world = world.changed(
+        "admin: 127.0.0.1:0\n",
+        "admin: 127.0.0.1:0\nadmin_token: adm-9f3\n",
+    );
+    let proxy = world.proxy().await;
+    assert_eq!(get(&proxy, &world.api()).await.0, 502);
+
+    let (status, body) = admin_authorize(&proxy, "idp", None, None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("admin_token_required"))
+    );
+    let (status, body) =
+        admin_authorize(&proxy, "idp", Some("adm-9f3"), Some("https://evil.test")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("cross_origin_refused"))
+    );
+    let (status, body) = admin_authorize(&proxy, "nope", Some("adm-9f3"), None).await;
+    assert_eq!(status, 404, "{body}");
+
+    let (status, body) = admin_authorize(&proxy, "idp", Some("adm-9f3"), None).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["credential"], "idp");
+    let url = body["open"].as_str().expect("the URL to open").to_string();
+    assert_eq!(play_browser(&url, Person::Consents).await, 200);
+    assert_eq!(until_served(&proxy, &world.api()).await, 200);
+    proxy.stop().await;
+}
+
+/// The device grant through the admin listener: the answer carries the user code.
+#[tokio::test]
+async fn the_admin_listener_answers_the_device_user_code() {
+    let Some(world) = World::device(3600) else {
+        return;
+    };
+    let proxy = world.proxy().await;
+    let (status, body) = admin_authorize(&proxy, "tv", None, None).await;
+    assert_eq!(status, 202, "{body}");
+    let code = body["user_code"].as_str().expect("a user code");
+    let url = format!(
+        "{}?user_code={code}",
+        body["verification_uri"].as_str().unwrap()
+    );
+    assert_eq!(play_browser(&url, Person::Consents).await, 200);
+    assert_eq!(until_served(&proxy, &world.api()).await, 200);
+    let stats = world.server.stats().await;
+    assert_eq!(stats["too_fast"], 0, "{stats}");
+    proxy.stop().await;
 }
