@@ -98,6 +98,18 @@ impl AuthServer {
             .unwrap()
     }
 
+    /// Waits until no token request is being answered (one whose caller was killed
+    /// included), so that the counts are final.
+    async fn settled(&self) {
+        for _ in 0..500 {
+            if self.stats().await["in_flight"] == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("a token request never finished");
+    }
+
     /// The next device poll is answered `slow_down` (a vendor under load).
     async fn slow_down_next_poll(&self) {
         let r = support::direct_client()
@@ -741,4 +753,102 @@ async fn the_admin_listener_answers_the_device_user_code() {
     let stats = world.server.stats().await;
     assert_eq!(stats["too_fast"], 0, "{stats}");
     proxy.stop().await;
+}
+
+/// The proxy binary on a fixed loopback port, killed with SIGKILL when dropped.
+struct ProxyProcess {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ProxyProcess {
+    /// Starts `authrelay --config` on `world`'s config listening on a free port, and waits
+    /// until it accepts connections.
+    async fn start(world: &World) -> Self {
+        let port = free_port();
+        let config = world.dir.path().join("process.yaml");
+        let yaml = world.yaml.replace("admin: 127.0.0.1:0\n", "");
+        std::fs::write(&config, format!("listen: 127.0.0.1:{port}\n{yaml}")).unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Self { child, port };
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the proxy did not start");
+    }
+
+    fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::http(format!("http://127.0.0.1:{}", self.port)).unwrap())
+            .build()
+            .unwrap()
+    }
+}
+
+/// SIGKILL at random moments while refresh tokens rotate (access tokens live one second,
+/// so every process start refreshes, twice per round): consent is lost exactly when the
+/// kill lands between the vendor's answer and the write of the rotated refresh token — the
+/// vendor rotated (its count went up) but the sealed file did not change — and never
+/// otherwise. Losses are cured by `authorize`, and counted.
+#[tokio::test]
+async fn sigkill_through_rotations_loses_consent_only_inside_the_window() {
+    let Some(world) = World::device(1) else {
+        return;
+    };
+    world.authorize().await;
+    let store = world.dir.path().join("tokens.json");
+    let (mut rounds, mut losses) = (0, 0);
+    while world.server.stats().await["refreshes"].as_u64().unwrap() < 50 {
+        rounds += 1;
+        assert!(rounds < 200, "rotations stalled");
+        let before = (
+            world.server.stats().await["refreshes"].clone(),
+            std::fs::read(&store).unwrap(),
+        );
+        let doomed = ProxyProcess::start(&world).await;
+        let request = tokio::spawn(doomed.client().get(world.api()).send());
+        let delay = rand::random_range(0..60);
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        drop(doomed);
+        let _ = request.await;
+        world.server.settled().await;
+        let rotated = world.server.stats().await["refreshes"] != before.0;
+        let in_window = rotated && std::fs::read(&store).unwrap() == before.1;
+
+        let next = ProxyProcess::start(&world).await;
+        let r = next.client().get(world.api()).send().await.unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        drop(next);
+        let lost = status == 502 && body["error"] == "consent_required";
+        assert!(lost || status == 200, "round {rounds}: {status} {body}");
+        assert_eq!(
+            lost, in_window,
+            "round {rounds}: consent lost only (and always) when the kill landed between \
+             the vendor's answer and the store write"
+        );
+        if lost {
+            losses += 1;
+            world.authorize().await;
+        }
+    }
+    eprintln!("sigkill: {rounds} rounds, {losses} consent losses (kills inside the window)");
 }

@@ -75,6 +75,8 @@ const stats = {
   device_polls: 0,
   slow_downs: 0,
   too_fast: 0,
+  // Token requests still being answered (one whose caller died is still finished here).
+  in_flight: 0,
 };
 const grants = new Set();
 provider.on('grant.success', (ctx) => {
@@ -132,7 +134,11 @@ server.on('request', async (req, res) => {
     send(res, 200, {});
     return;
   }
-  if (req.url.startsWith('/token')) stats.token_calls += 1;
+  if (req.url.startsWith('/token')) {
+    stats.token_calls += 1;
+    stats.in_flight += 1;
+    res.on('close', () => { stats.in_flight -= 1; });
+  }
   // While a device authorization is pending every token call is a poll (the device tests
   // make no other); RFC 8628 §3.5 pacing is enforced on them.
   if (req.url === '/token' && pacing.lastPoll && !stats.devices) {
