@@ -776,19 +776,22 @@ impl ProxyProcess {
         let config = world.dir.path().join("process.yaml");
         let yaml = world.yaml.replace("admin: 127.0.0.1:0\n", "");
         std::fs::write(&config, format!("listen: 127.0.0.1:{port}\n{yaml}")).unwrap();
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let process = Self {
+            child: Command::new(BIN)
+                .arg("--config")
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+            port,
+        };
         for _ in 0..500 {
             if tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_ok()
             {
-                return Self { child, port };
+                return process;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
