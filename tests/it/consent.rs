@@ -855,3 +855,44 @@ async fn sigkill_through_rotations_loses_consent_only_inside_the_window() {
     }
     eprintln!("sigkill: {rounds} rounds, {losses} consent losses (kills inside the window)");
 }
+
+/// An access token the vendor revokes early: the API answers 401, the proxy refreshes
+/// (rotating the refresh token, stored first) and replays, and the app sees only the 200.
+#[tokio::test]
+async fn a_401_refreshes_and_replays_without_the_app_noticing() {
+    let Some(world) = World::new(3600) else {
+        return;
+    };
+    world.authorize().await;
+    let proxy = world.proxy().await;
+    assert_eq!(get(&proxy, &world.api()).await.0, 200);
+    let out = Command::new(BIN)
+        .args(["token", "idp", "--reveal", "--config"])
+        .arg(&world.config)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let access_token = printed
+        .trim()
+        .rsplit(' ')
+        .next()
+        .expect("the header value")
+        .to_string();
+    let revoked = support::direct_client()
+        .post(format!("{}/token/revocation", world.server.url()))
+        .form(&[
+            ("token", access_token.as_str()),
+            ("client_id", "app"),
+            ("client_secret", "app-secret-value"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    let (status, body) = get(&proxy, &world.api()).await;
+    assert_eq!(status, 200, "{body}");
+    let stats = world.server.stats().await;
+    assert_eq!(stats["refreshes"], 1, "{stats}");
+    assert_eq!(stats["invalid_grants"], 0, "{stats}");
+    proxy.stop().await;
+}
