@@ -341,16 +341,21 @@ impl ConsentSource {
                 "no token store is open (`token_cache: type: file` takes effect at start)".into(),
             )
         })?;
-        let stored = blocking_store(&store, {
+        // Read, spent and replaced under the refresh lock: another process sharing the store
+        // may be refreshing, and the refresh token it leaves is the one that counts.
+        let (_lock, stored) = blocking_store(&store, {
             let (name, identity) = (Arc::clone(&self.name), self.identity.clone());
-            move |s| s.load(&name, &identity)
+            move |s| {
+                let lock = s.lock_refresh()?;
+                Ok((lock, s.load(&name, &identity)?))
+            }
         })
         .await?;
         let Some(stored) = stored else {
             return Err(self.consent_required("no tokens are stored for this credential"));
         };
-        // A stored access token this process has not sent yet (an earlier run's, or one
-        // `authorize` just wrote) is used as is while it lasts.
+        // A stored access token this process has not sent yet (an earlier run's, one
+        // `authorize` or another process just wrote) is used as is while it lasts.
         let unsent = previous.is_none_or(|p| p.value != stored.value);
         let lasting = stored
             .expires_at

@@ -502,7 +502,15 @@ pub trait DurableTokens: Send + Sync + 'static {
     fn save(&self, credential: &str, identity: &str, token: &Token) -> Result<(), String>;
     /// Forgets `credential`'s token; whether there was one.
     fn delete(&self, credential: &str) -> Result<bool, String>;
+    /// Waits until no other holder (another process sharing the store included) is
+    /// refreshing, and keeps them out until the guard is dropped: a single-use refresh token
+    /// is read and spent under it, so it is never sent twice.
+    fn lock_refresh(&self) -> Result<RefreshLock, String>;
 }
+
+/// Held while a refresh token is read, spent and its successor written; dropping it lets
+/// the next refresher in.
+pub struct RefreshLock(pub Box<dyn Send>);
 
 /// Builds the runtime source of a validated credential, wrapped so that its errors also hide
 /// each `${VAR}` value used in its secret fields. (A panic inside a fetch is turned into an

@@ -7,7 +7,10 @@
 //! fsync'd and renamed over the old one, and the folder is fsync'd, so a crash at any
 //! moment leaves either the old file or the new one, never half of each. Writers (the proxy
 //! and `authrelay authorize`, possibly at once) take an exclusive lock on `PATH.lock` around
-//! their read-modify-write, so neither drops the other's record.
+//! their read-modify-write, so neither drops the other's record. Refreshers take
+//! `PATH.refresh.lock` around reading a refresh token, spending it and writing its
+//! successor, so that two processes sharing the file never send one single-use refresh
+//! token twice.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -20,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::seal::{Sealer, SharedToken};
 use crate::config::FileCacheSettings;
-use crate::credentials::{DurableTokens, Token};
+use crate::credentials::{DurableTokens, RefreshLock, Token};
 
 /// Version of the file's layout (the records inside carry their own).
 const LAYOUT: u32 = 1;
@@ -154,6 +157,17 @@ impl DurableTokens for FileStore {
 
     fn delete(&self, credential: &str) -> Result<bool, String> {
         self.update(|layout| layout.credentials.remove(credential).is_some())
+    }
+
+    /// An exclusive lock on `PATH.refresh.lock`, apart from the writers' lock (which a save
+    /// made under this one takes).
+    fn lock_refresh(&self) -> Result<RefreshLock, String> {
+        let lock_path = with_suffix(&self.path, ".refresh.lock");
+        let lock = private_file(&lock_path, false)
+            .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| format!("cannot lock {}: {e}", lock_path.display()))?;
+        Ok(RefreshLock(Box::new(lock)))
     }
 }
 

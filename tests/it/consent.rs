@@ -773,7 +773,7 @@ impl ProxyProcess {
     /// until it accepts connections.
     async fn start(world: &World) -> Self {
         let port = free_port();
-        let config = world.dir.path().join("process.yaml");
+        let config = world.dir.path().join(format!("process-{port}.yaml"));
         let yaml = world.yaml.replace("admin: 127.0.0.1:0\n", "");
         std::fs::write(&config, format!("listen: 127.0.0.1:{port}\n{yaml}")).unwrap();
         let process = Self {
@@ -895,4 +895,35 @@ async fn a_401_refreshes_and_replays_without_the_app_noticing() {
     assert_eq!(stats["refreshes"], 1, "{stats}");
     assert_eq!(stats["invalid_grants"], 0, "{stats}");
     proxy.stop().await;
+}
+
+/// Two proxies sharing one token file (replicas on one machine), steady traffic through
+/// both while one-second access tokens run out: refreshes are serialized across the
+/// processes, each reads the refresh token the other left, and the vendor never sees one
+/// twice (a strict rotating vendor would revoke the grant).
+#[tokio::test]
+async fn two_processes_sharing_the_store_never_spend_a_refresh_token_twice() {
+    let Some(world) = World::device(1) else {
+        return;
+    };
+    world.authorize().await;
+    let replicas = [
+        ProxyProcess::start(&world).await,
+        ProxyProcess::start(&world).await,
+    ];
+    let clients: Vec<reqwest::Client> = replicas.iter().map(ProxyProcess::client).collect();
+    let mut requests = 0;
+    while world.server.stats().await["refreshes"].as_u64().unwrap() < 10 {
+        let answers =
+            futures_util::future::join_all(clients.iter().map(|c| c.get(world.api()).send())).await;
+        for answer in answers {
+            let answer = answer.unwrap();
+            assert_eq!(answer.status(), 200, "request {requests}");
+        }
+        requests += 1;
+        assert!(requests < 2000, "the access tokens never ran out");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let stats = world.server.stats().await;
+    assert_eq!(stats["invalid_grants"], 0, "{stats}");
 }
