@@ -133,7 +133,9 @@ pub fn consent_credential(
         ));
     };
     let store = deps.durable.clone().ok_or_else(|| {
-        ConsentCommandError::Failed("the config has no `token_cache: type: file`".into())
+        ConsentCommandError::Failed(
+            "the config has no `token_cache` of `type: file` or `type: redis`".into(),
+        )
     })?;
     Ok(ConsentCredential {
         name: name.to_string(),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::config::{Config, ConfigError, Environment, TokenCacheSettings};
-use crate::credentials::{build_credential_source, SourceDeps};
+use crate::credentials::{build_credential_source, is_consent_type, SourceDeps};
 use crate::intercept::CertAuthority;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routes::RouteTable;
@@ -111,6 +111,9 @@ impl State {
                 RedisCache::new(settings, Arc::clone(&metrics)).map_err(StartError::TokenCache)?,
             ),
         };
+        if let Some(cache) = &token_cache {
+            deps.durable = Some(Arc::new(cache.durable(config.tokens.fetch_timeout)));
+        }
         let snapshot = build_snapshot(config, None, token_cache, &deps, &metrics, false);
         let auth_throttle = crate::access::AuthThrottle::new(metrics.proxy_auth_failures.clone());
         Ok(Arc::new(Self {
@@ -391,7 +394,12 @@ fn build_snapshot(
                 config.tokens.clone(),
                 build_credential_source(&cred.kind, &cred.secret_parts, &deps.for_credential(name)),
                 Arc::clone(metrics),
-                token_cache.as_ref().map(|c| c.slot(cred)),
+                // Consent credentials share their tokens through the durable store (on the
+                // same Redis) and its refresh lease instead.
+                token_cache
+                    .as_ref()
+                    .filter(|_| !is_consent_type(cred.kind.type_name()))
+                    .map(|c| c.slot(cred)),
             )
         });
         if cred.prefetch || (slot.keeps_alive() && serving) {

@@ -544,7 +544,10 @@ fn check_consent_store(
     token_cache: Option<&TokenCacheSettings>,
     ctx: &mut ValidateCtx<'_>,
 ) {
-    if matches!(token_cache, Some(TokenCacheSettings::File(_)) | None) {
+    if matches!(
+        token_cache,
+        Some(TokenCacheSettings::File(_) | TokenCacheSettings::Redis(_)) | None
+    ) {
         return;
     }
     for (name, c) in credentials {
@@ -553,8 +556,8 @@ fn check_consent_store(
             ctx.problem(
                 "type",
                 format!(
-                    "`{}` needs `token_cache: type: file` (its refresh token must outlive \
-                     the process; Redis is not supported for it yet)",
+                    "`{}` needs `token_cache: type: file` or `type: redis` (its refresh \
+                     token must outlive the process)",
                     c.kind.type_name()
                 ),
             );

@@ -927,3 +927,51 @@ async fn two_processes_sharing_the_store_never_spend_a_refresh_token_twice() {
     let stats = world.server.stats().await;
     assert_eq!(stats["invalid_grants"], 0, "{stats}");
 }
+
+/// Three replicas on one Redis (`token_cache: type: redis`) sharing one rotating refresh
+/// token, steady traffic through all three while one-second access tokens run out: the
+/// replica holding the refresh lease refreshes, the others read what it wrote, the vendor
+/// never sees a refresh token twice (no `invalid_grant`), and no request fails. Consent
+/// itself was written into Redis by `authrelay authorize`.
+#[tokio::test]
+async fn three_replicas_on_redis_share_one_rotating_refresh_token() {
+    let Some(world) = World::device(1) else {
+        return;
+    };
+    let redis = support::redis::RedisServer::start();
+    let file_cache = format!(
+        "token_cache:\n  type: file\n  path: {}\n  encryption_key: {KEY}\n",
+        world.dir.path().join("tokens.json").display()
+    );
+    let redis_cache = format!(
+        "token_cache:\n  type: redis\n  url: {}\n  encryption_key: {KEY}\n",
+        redis.url()
+    );
+    let world = world.changed(&file_cache, &redis_cache);
+    world.authorize().await;
+    assert!(
+        !world.dir.path().join("tokens.json").exists(),
+        "the tokens went to Redis"
+    );
+    let replicas = [
+        world.proxy().await,
+        world.proxy().await,
+        world.proxy().await,
+    ];
+    let api = world.api();
+    let mut rounds = 0;
+    while world.server.stats().await["refreshes"].as_u64().unwrap() < 10 {
+        let answers = futures_util::future::join_all(replicas.iter().map(|p| get(p, &api))).await;
+        for (status, body) in answers {
+            assert_eq!(status, 200, "round {rounds}: {body}");
+        }
+        rounds += 1;
+        assert!(rounds < 2000, "the access tokens never ran out");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let stats = world.server.stats().await;
+    assert_eq!(stats["invalid_grants"], 0, "{stats}");
+    for proxy in replicas {
+        proxy.stop().await;
+    }
+}
