@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime};
 use super::exchange;
 use super::oauth2::{basic_credentials, ClientAuth};
 use super::{
-    CredentialError, DurableTokens, FetchFuture, Fingerprint, RefreshGrant, Token, TokenFormat,
-    TokenSource,
+    CredentialError, DurableTokens, FetchFuture, Fingerprint, RefreshGrant, SourceDeps, Token,
+    TokenFormat, TokenSource,
 };
 use crate::expiry::{self, Stated};
 use crate::vocab::redact::Redactor;
@@ -31,6 +31,25 @@ const STORED_TOKEN_MARGIN: Duration = Duration::from_secs(60);
 /// `keepalive_refresh` when not set: vendors expire refresh tokens left unused (Xero after
 /// 60 days), so an idle credential is refreshed at least this often.
 const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(24 * 3600);
+
+/// The [`EndpointSpec`] of a consent type's spec, whose shared fields are named alike (a
+/// macro because serde's `flatten` cannot be combined with `deny_unknown_fields`).
+macro_rules! endpoint_spec {
+    ($spec:expr) => {
+        $crate::credentials::consent::EndpointSpec {
+            token_url: $spec.token_url.as_deref(),
+            client_id: $spec.client_id.as_deref(),
+            client_secret: $spec.client_secret.as_ref(),
+            client_secret_file: $spec.client_secret_file.as_deref(),
+            auth: $spec.auth,
+            revocation_url: $spec.revocation_url.as_deref(),
+            resource: $spec.resource,
+            scopes: $spec.scopes,
+            keepalive_refresh: $spec.keepalive_refresh,
+        }
+    };
+}
+pub(crate) use endpoint_spec;
 
 /// The token endpoint fields both grants write the same way.
 pub struct EndpointSpec<'a> {
@@ -326,6 +345,19 @@ impl ConsentSource {
             store,
             name,
         }
+    }
+
+    /// The source of a credential of type `kind` with `endpoint`, as [`CredentialType::source`]
+    /// makes it.
+    ///
+    /// [`CredentialType::source`]: super::CredentialType::source
+    pub fn build(kind: &str, endpoint: &TokenEndpoint, deps: &SourceDeps) -> Arc<dyn TokenSource> {
+        Arc::new(Self::new(
+            kind,
+            EndpointClient::new(endpoint.clone(), deps.http.clone()),
+            deps.durable.clone(),
+            Arc::clone(&deps.credential),
+        ))
     }
 
     fn consent_required(&self, why: &str) -> CredentialError {

@@ -12,7 +12,7 @@ use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Deserialize;
 
-use super::consent::{required_url, ConsentSource, EndpointClient, EndpointSpec, TokenEndpoint};
+use super::consent::{endpoint_spec, required_url, ConsentSource, EndpointClient, TokenEndpoint};
 use super::oauth2::ClientAuth;
 use super::{
     CredentialError, CredentialType, Fingerprint, SourceDeps, Token, TokenFormat, TokenSource,
@@ -85,21 +85,7 @@ impl CredentialType for OAuth2AuthorizationCode {
         let authorize_url = required_url(ctx, "authorize_url", spec.authorize_url.as_deref());
         let redirect_uri = required_url(ctx, "redirect_uri", spec.redirect_uri.as_deref())
             .filter(|u| loopback_redirect(ctx, u));
-        let endpoint = TokenEndpoint::validate(
-            EndpointSpec {
-                token_url: spec.token_url.as_deref(),
-                client_id: spec.client_id.as_deref(),
-                client_secret: spec.client_secret.as_ref(),
-                client_secret_file: spec.client_secret_file.as_deref(),
-                auth: spec.auth,
-                revocation_url: spec.revocation_url.as_deref(),
-                resource: spec.resource,
-                scopes: spec.scopes,
-                keepalive_refresh: spec.keepalive_refresh,
-            },
-            format,
-            ctx,
-        );
+        let endpoint = TokenEndpoint::validate(endpoint_spec!(spec), format, ctx);
         Some(CodeSettings {
             authorize_url: authorize_url?,
             redirect_uri: redirect_uri?,
@@ -120,12 +106,7 @@ impl CredentialType for OAuth2AuthorizationCode {
     }
 
     fn source(settings: &CodeSettings, deps: &SourceDeps) -> Arc<dyn TokenSource> {
-        Arc::new(ConsentSource::new(
-            Self::NAME,
-            EndpointClient::new(settings.endpoint.clone(), deps.http.clone()),
-            deps.durable.clone(),
-            Arc::clone(&deps.credential),
-        ))
+        ConsentSource::build(Self::NAME, &settings.endpoint, deps)
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::consent::{required_url, ConsentSource, EndpointClient, EndpointSpec, TokenEndpoint};
+use super::consent::{endpoint_spec, required_url, ConsentSource, EndpointClient, TokenEndpoint};
 use super::exchange;
 use super::oauth2::ClientAuth;
 use super::{
@@ -90,21 +90,7 @@ impl CredentialType for OAuth2DeviceCode {
             "device_authorization_url",
             spec.device_authorization_url.as_deref(),
         );
-        let endpoint = TokenEndpoint::validate(
-            EndpointSpec {
-                token_url: spec.token_url.as_deref(),
-                client_id: spec.client_id.as_deref(),
-                client_secret: spec.client_secret.as_ref(),
-                client_secret_file: spec.client_secret_file.as_deref(),
-                auth: spec.auth,
-                revocation_url: spec.revocation_url.as_deref(),
-                resource: spec.resource,
-                scopes: spec.scopes,
-                keepalive_refresh: spec.keepalive_refresh,
-            },
-            format,
-            ctx,
-        );
+        let endpoint = TokenEndpoint::validate(endpoint_spec!(spec), format, ctx);
         Some(DeviceSettings {
             device_authorization_url: device_authorization_url?,
             endpoint: endpoint?,
@@ -120,12 +106,7 @@ impl CredentialType for OAuth2DeviceCode {
     }
 
     fn source(settings: &DeviceSettings, deps: &SourceDeps) -> Arc<dyn TokenSource> {
-        Arc::new(ConsentSource::new(
-            Self::NAME,
-            EndpointClient::new(settings.endpoint.clone(), deps.http.clone()),
-            deps.durable.clone(),
-            Arc::clone(&deps.credential),
-        ))
+        ConsentSource::build(Self::NAME, &settings.endpoint, deps)
     }
 }
 

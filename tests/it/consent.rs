@@ -19,17 +19,20 @@ const BIN: &str = env!("CARGO_BIN_EXE_authrelay");
 /// 32 bytes, base64.
 const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 
-/// oidc-provider running under Node; killed on drop.
-struct AuthServer {
-    child: Child,
-    port: u16,
+/// A child process killed (SIGKILL) and reaped when dropped.
+struct Owned(Child);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
-impl Drop for AuthServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// oidc-provider running under Node; killed on drop.
+struct AuthServer {
+    _process: Owned,
+    port: u16,
 }
 
 impl AuthServer {
@@ -64,14 +67,14 @@ impl AuthServer {
             .stderr(Stdio::null())
             .spawn()
         {
-            Ok(c) => c,
+            Ok(c) => Owned(c),
             Err(e) => {
                 eprintln!("consent: cannot run node ({e}); skipping");
                 return None;
             }
         };
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
+        BufReader::new(child.0.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
         let port = line
@@ -80,7 +83,10 @@ impl AuthServer {
             .trim()
             .parse()
             .unwrap();
-        Some(Self { child, port })
+        Some(Self {
+            _process: child,
+            port,
+        })
     }
 
     fn url(&self) -> String {
@@ -316,6 +322,62 @@ async fn admin_authorize(
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// Requests through every client at once, round after round, each answered 200 for the
+/// person who consented, until the vendor has rotated the refresh token `rotations` times;
+/// the vendor never saw a refresh token twice.
+async fn steady_traffic(world: &World, clients: &[reqwest::Client], rotations: u64) {
+    let mut round = 0;
+    while world.server.stats().await["refreshes"].as_u64().unwrap() < rotations {
+        let answers =
+            futures_util::future::join_all(clients.iter().map(|c| c.get(world.api()).send())).await;
+        for answer in answers {
+            let answer = answer.unwrap();
+            let status = answer.status().as_u16();
+            let body: Value = answer.json().await.unwrap_or(Value::Null);
+            assert_eq!(
+                (status, &body["sub"]),
+                (200, &Value::from("alice")),
+                "round {round}: {body}"
+            );
+        }
+        round += 1;
+        assert!(round < 2000, "the access tokens never ran out");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let stats = world.server.stats().await;
+    assert_eq!(
+        stats["invalid_grants"], 0,
+        "no refresh token was sent twice: {stats}"
+    );
+}
+
+/// `authrelay revoke NAME`: whether it exited 0, and what it printed.
+fn revoke(world: &World) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["revoke", world.name, "--config"])
+        .arg(&world.config)
+        .output()
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), printed)
+}
+
+/// A fresh proxy answers the credential's requests 502 consent_required.
+async fn assert_consent_required(world: &World) {
+    let proxy = world.proxy().await;
+    let (status, body) = get(&proxy, &world.api()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("consent_required")),
+        "{body}"
+    );
+    proxy.stop().await;
+}
+
 /// Sends requests until one is answered 200 (the running proxy took up new tokens).
 async fn until_served(proxy: &support::Proxy, url: &str) -> u16 {
     let mut status = 0;
@@ -508,15 +570,11 @@ async fn missing_consent_is_answered_without_calling_the_vendor_and_cured_by_aut
     assert_eq!(listed[0]["state"], "needs_consent", "{listed}");
 
     world.authorize().await;
-    let mut status = 0;
-    for _ in 0..200 {
-        status = get(&proxy, &world.api()).await.0;
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(status, 200, "the running proxy picked up the stored tokens");
+    assert_eq!(
+        until_served(&proxy, &world.api()).await,
+        200,
+        "the running proxy picked up the stored tokens"
+    );
     proxy.stop().await;
 }
 
@@ -547,15 +605,7 @@ async fn consent_withdrawn_at_the_vendor_needs_consent_again() {
         "no retry storm: {stats}"
     );
     world.authorize().await;
-    let mut status = 0;
-    for _ in 0..200 {
-        status = get(&proxy, &world.api()).await.0;
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(status, 200);
+    assert_eq!(until_served(&proxy, &world.api()).await, 200);
     proxy.stop().await;
 }
 
@@ -567,28 +617,13 @@ async fn revoke_revokes_at_the_vendor_and_forgets() {
         return;
     };
     world.authorize().await;
-    let out = Command::new(BIN)
-        .args(["revoke", "idp", "--config"])
-        .arg(&world.config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (success, text) = revoke(&world);
+    assert!(success, "{text}");
     assert!(
         text.contains("revoked at the vendor") && text.contains("deleted"),
         "{text}"
     );
-    let proxy = world.proxy().await;
-    let (status, body) = get(&proxy, &world.api()).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (502, Some("consent_required"))
-    );
-    proxy.stop().await;
+    assert_consent_required(&world).await;
 }
 
 /// Consent by device code (the person enters the code shown on another device), then
@@ -609,15 +644,7 @@ async fn consent_by_device_code_and_steady_traffic_across_rotations() {
     );
 
     let proxy = world.proxy().await;
-    let mut requests = 0;
-    while world.server.stats().await["refreshes"].as_u64().unwrap() < 5 {
-        let (status, body) = get(&proxy, &world.api()).await;
-        assert_eq!(status, 200, "request {requests}: {body}");
-        assert_eq!(body["sub"], "alice");
-        requests += 1;
-        assert!(requests < 2000, "the access tokens never ran out");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    steady_traffic(&world, &[proxy.client()], 5).await;
     proxy.stop().await;
 
     let proxy = world.proxy().await;
@@ -647,22 +674,12 @@ async fn device_polling_honours_slow_down_and_a_refusal() {
     assert_eq!(stats["slow_downs"], 1, "only the one asked for: {stats}");
     assert_eq!(stats["too_fast"], 0, "{stats}");
 
-    let out = Command::new(BIN)
-        .args(["revoke", "tv", "--config"])
-        .arg(&world.config)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let (success, text) = revoke(&world);
+    assert!(success, "{text}");
     let (success, printed) = world.authorize_as(Person::Declines).await;
     assert!(!success, "{printed}");
     assert!(printed.contains("access_denied"), "{printed}");
-    let proxy = world.proxy().await;
-    let (status, body) = get(&proxy, &world.api()).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (502, Some("consent_required"))
-    );
-    proxy.stop().await;
+    assert_consent_required(&world).await;
 }
 
 /// An idle credential is still refreshed every `keepalive_refresh` (vendors expire refresh
@@ -757,15 +774,8 @@ async fn the_admin_listener_answers_the_device_user_code() {
 
 /// The proxy binary on a fixed loopback port, killed with SIGKILL when dropped.
 struct ProxyProcess {
-    child: Child,
+    _process: Owned,
     port: u16,
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl ProxyProcess {
@@ -777,13 +787,15 @@ impl ProxyProcess {
         let yaml = world.yaml.replace("admin: 127.0.0.1:0\n", "");
         std::fs::write(&config, format!("listen: 127.0.0.1:{port}\n{yaml}")).unwrap();
         let process = Self {
-            child: Command::new(BIN)
-                .arg("--config")
-                .arg(&config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
+            _process: Owned(
+                Command::new(BIN)
+                    .arg("--config")
+                    .arg(&config)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            ),
             port,
         };
         for _ in 0..500 {
@@ -912,20 +924,7 @@ async fn two_processes_sharing_the_store_never_spend_a_refresh_token_twice() {
         ProxyProcess::start(&world).await,
     ];
     let clients: Vec<reqwest::Client> = replicas.iter().map(ProxyProcess::client).collect();
-    let mut requests = 0;
-    while world.server.stats().await["refreshes"].as_u64().unwrap() < 10 {
-        let answers =
-            futures_util::future::join_all(clients.iter().map(|c| c.get(world.api()).send())).await;
-        for answer in answers {
-            let answer = answer.unwrap();
-            assert_eq!(answer.status(), 200, "request {requests}");
-        }
-        requests += 1;
-        assert!(requests < 2000, "the access tokens never ran out");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let stats = world.server.stats().await;
-    assert_eq!(stats["invalid_grants"], 0, "{stats}");
+    steady_traffic(&world, &clients, 10).await;
 }
 
 /// Three replicas on one Redis (`token_cache: type: redis`) sharing one rotating refresh
@@ -958,19 +957,8 @@ async fn three_replicas_on_redis_share_one_rotating_refresh_token() {
         world.proxy().await,
         world.proxy().await,
     ];
-    let api = world.api();
-    let mut rounds = 0;
-    while world.server.stats().await["refreshes"].as_u64().unwrap() < 10 {
-        let answers = futures_util::future::join_all(replicas.iter().map(|p| get(p, &api))).await;
-        for (status, body) in answers {
-            assert_eq!(status, 200, "round {rounds}: {body}");
-        }
-        rounds += 1;
-        assert!(rounds < 2000, "the access tokens never ran out");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let stats = world.server.stats().await;
-    assert_eq!(stats["invalid_grants"], 0, "{stats}");
+    let clients: Vec<reqwest::Client> = replicas.iter().map(support::Proxy::client).collect();
+    steady_traffic(&world, &clients, 10).await;
     for proxy in replicas {
         proxy.stop().await;
     }
