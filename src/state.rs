@@ -383,7 +383,12 @@ fn build_snapshot(
         // the kept slot's next fetch, and its cached token stays.
         let kept = previous
             .and_then(|p| p.slots.get(name))
-            .filter(|s| s.same_definition(cred) && s.uses_cache(token_cache.as_ref()))
+            .filter(|s| {
+                // A consent credential never uses the shared cache (below), whatever it is.
+                s.same_definition(cred)
+                    && (is_consent_type(cred.kind.type_name())
+                        || s.uses_cache(token_cache.as_ref()))
+            })
             .cloned();
         if let Some(slot) = &kept {
             slot.use_settings(&config.tokens);
