@@ -1,10 +1,10 @@
 //! The admin listener (`admin: 127.0.0.1:9901`, off when absent): health, readiness,
-//! Prometheus metrics and the state of every credential — never a token or secret — plus two
-//! operator actions (refresh a credential now, drop its cached token). Actions are refused to
-//! web pages (a browser's cross-site request reaches loopback too), need `admin_token` when
-//! it is set, never re-send a refused secret during its backoff, and come at most once per
-//! [`ACTION_INTERVAL`] per credential. A plain hyper HTTP/1 server and one route table: six
-//! endpoints do not need a framework.
+//! Prometheus metrics and the state of every credential — never a token or secret — plus
+//! three operator actions (refresh a credential now, drop its cached token, start a person's
+//! consent). Actions are refused to web pages (a browser's cross-site request reaches
+//! loopback too), need `admin_token` when it is set, never re-send a refused secret during
+//! its backoff, and come at most once per [`ACTION_INTERVAL`] per credential. A plain hyper
+//! HTTP/1 server and one route table: seven endpoints do not need a framework.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+use crate::authorize::ConsentCommandError;
 use crate::proxy::activity::Activity;
 use crate::proxy::respond::describe_unavailable;
 use crate::state::State;
@@ -39,6 +40,9 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// Each credential takes at most one admin action per this interval (more get 429): a loop
 /// of requests cannot turn the admin endpoint into a flood of its token endpoint.
 pub const ACTION_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a consent started on the admin listener waits for the person (the code grant's
+/// loopback listener closes then).
+pub const CONSENT_WAIT: Duration = Duration::from_secs(15 * 60);
 
 /// What an admin route does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +53,7 @@ enum Action {
     Credentials,
     Refresh,
     Invalidate,
+    Authorize,
 }
 
 impl Action {
@@ -61,6 +66,7 @@ impl Action {
             Action::Credentials => "credentials",
             Action::Refresh => "refresh",
             Action::Invalidate => "invalidate",
+            Action::Authorize => "authorize",
         }
     }
 }
@@ -78,7 +84,7 @@ struct AdminRoute {
 
 /// Every admin endpoint, in one table: matching, `405` with `Allow`, and the rules for
 /// actions (every non-GET route changes state: no browser, the admin token) all read it.
-const ROUTES: [AdminRoute; 6] = [
+const ROUTES: [AdminRoute; 7] = [
     AdminRoute {
         method: Method::GET,
         path: "/healthz",
@@ -108,6 +114,11 @@ const ROUTES: [AdminRoute; 6] = [
         method: Method::POST,
         path: "/credentials/{name}/invalidate",
         action: Action::Invalidate,
+    },
+    AdminRoute {
+        method: Method::POST,
+        path: "/credentials/{name}/authorize",
+        action: Action::Authorize,
     },
 ];
 
@@ -182,6 +193,7 @@ pub async fn handle<B>(state: &State, request: &Request<B>) -> Response<Full<Byt
         Action::Credentials => json(StatusCode::OK, &credentials(state)),
         Action::Refresh => counted(state, route.action, refresh(state, name).await),
         Action::Invalidate => counted(state, route.action, invalidate(state, name)),
+        Action::Authorize => counted(state, route.action, authorize(state, name).await),
     }
 }
 
@@ -399,6 +411,62 @@ fn invalidate(state: &State, name: &str) -> Answer {
             &serde_json::json!({ "credential": name, "invalidated": true }),
         ),
     )
+}
+
+/// `POST /credentials/{name}/authorize`: starts a person's consent for a consent credential
+/// and answers what to show them (`open`: the URL; or `verification_uri` and `user_code`).
+/// The rest runs in the background for at most [`CONSENT_WAIT`] — the code grant's callback
+/// on its loopback `redirect_uri`, or the device grant's polling — and the tokens, once
+/// stored, are taken up by the slot at once. Not refused for a credential that needs
+/// consent: that is what it is for.
+async fn authorize(state: &State, name: &str) -> Answer {
+    let Some(slot) = state.snapshot().slots.get(name).cloned() else {
+        return Refusal::UnknownCredential.answer(name);
+    };
+    if let Err(wait) = take_turn(&slot) {
+        return Refusal::RateLimited(wait).answer(name);
+    }
+    let started = match crate::authorize::consent_credential(state, name) {
+        Ok(credential) => crate::authorize::start(credential).await,
+        Err(e) => Err(e),
+    };
+    let (event, pending) = match started {
+        Ok(started) => started,
+        Err(e @ ConsentCommandError::NotConsent(..)) => {
+            let body = serde_json::json!({
+                "error": "not_a_consent_credential",
+                "credential": name,
+                "detail": e.to_string(),
+            });
+            return ("not_consent", json(StatusCode::CONFLICT, &body));
+        }
+        Err(e) => {
+            let body = serde_json::json!({
+                "error": "authorize_failed",
+                "credential": name,
+                "detail": e.to_string(),
+            });
+            return ("failed", json(StatusCode::BAD_GATEWAY, &body));
+        }
+    };
+    let owned = name.to_string();
+    tokio::spawn(async move {
+        match tokio::time::timeout(CONSENT_WAIT, pending.finish()).await {
+            Ok(Ok(_)) => {
+                tracing::info!(credential = %owned, "authorized through the admin listener");
+                let _ = slot.refresh_now().await;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(credential = %owned, error = %e, "authorize did not complete")
+            }
+            Err(_) => {
+                tracing::warn!(credential = %owned, "authorize: no consent within {}", humantime::format_duration(CONSENT_WAIT))
+            }
+        }
+    });
+    let mut body = event.to_json();
+    body["credential"] = name.into();
+    ("started", json(StatusCode::ACCEPTED, &body))
 }
 
 /// Sets the per-credential gauges from the current snapshot, just before a scrape.

@@ -12,6 +12,7 @@
 pub mod access;
 pub mod access_log;
 pub mod admin;
+pub mod authorize;
 pub mod commands;
 pub mod config;
 pub mod credentials;
@@ -93,7 +94,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     };
     let mut own = vec![proxy_addr];
     own.extend(admin_listener.as_ref().map(|(_, addr)| *addr));
-    let _ = state.own_addresses.set(own);
+    state.serve(own);
     if let Some(risk) = state.snapshot().config.clients.open_relay_risk(proxy_addr) {
         tracing::warn!("OPEN PROXY: {risk}");
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use authrelay::authorize::{self, AuthorizeEvent};
 use authrelay::commands;
 use authrelay::telemetry::{self, LogFormat};
 use authrelay::{Config, ProcessEnv, StartOptions, State};
@@ -64,6 +65,24 @@ enum Command {
         /// Print the full header value (it is a live secret: mind your terminal history).
         #[arg(long)]
         reveal: bool,
+    },
+    /// Ask a person to consent for an `oauth2_authorization_code` credential (prints the URL
+    /// to open, waits for the browser on the loopback redirect_uri) or an
+    /// `oauth2_device_code` credential (prints where to enter which code, polls); stores the
+    /// tokens.
+    Authorize {
+        /// The credential's name in the config.
+        name: String,
+        /// One JSON object per line (`{"open": URL}` or `{"verification_uri": …,
+        /// "user_code": …}`, then `{"authorized": NAME}`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a consented credential's refresh token at the vendor (when `revocation_url` is
+    /// set) and delete its stored tokens.
+    Revoke {
+        /// The credential's name in the config.
+        name: String,
     },
     /// Start the proxy in front of a built-in mock API and print commands to try (offline).
     Demo {
@@ -244,7 +263,85 @@ async fn async_main(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Command::Authorize { name, json } => {
+            let Some(state) = offline_state(config) else {
+                return ExitCode::from(EXIT_START_FAILED);
+            };
+            let tell = |event: AuthorizeEvent| {
+                if json {
+                    println!("{}", event.to_json());
+                    return;
+                }
+                match event {
+                    AuthorizeEvent::Open(url) => {
+                        eprintln!("Open this URL in a browser and consent:");
+                        println!("{url}");
+                    }
+                    AuthorizeEvent::EnterCode {
+                        verification_uri,
+                        user_code,
+                        verification_uri_complete,
+                    } => {
+                        eprintln!("On any device, open the first URL and enter the code:");
+                        println!("{verification_uri}");
+                        println!("{user_code}");
+                        if let Some(complete) = verification_uri_complete {
+                            eprintln!("or open this URL, which carries the code:");
+                            println!("{complete}");
+                        }
+                        eprintln!("Waiting for consent…");
+                    }
+                    AuthorizeEvent::Authorized(name) => println!("authorized {name}"),
+                }
+            };
+            consent_exit(authorize::authorize(&state, &name, tell).await)
+        }
+        Command::Revoke { name } => {
+            let Some(state) = offline_state(config) else {
+                return ExitCode::from(EXIT_START_FAILED);
+            };
+            let outcome = authorize::revoke(&state, &name).await;
+            if let Ok(revoked) = &outcome {
+                match &revoked.at_vendor {
+                    Some(Ok(())) => println!("{name}: revoked at the vendor"),
+                    Some(Err(e)) => eprintln!("authrelay: {name}: the vendor did not revoke: {e}"),
+                    None => println!("{name}: no revocation_url; the vendor was not asked"),
+                }
+                if revoked.deleted {
+                    println!("{name}: stored tokens deleted");
+                } else {
+                    println!("{name}: no tokens were stored");
+                }
+            }
+            let vendor_failed = outcome
+                .as_ref()
+                .is_ok_and(|r| matches!(r.at_vendor, Some(Err(_))));
+            let code = consent_exit(outcome.map(|_| ()));
+            if vendor_failed {
+                ExitCode::from(EXIT_FAILED)
+            } else {
+                code
+            }
+        }
         _ => run(cli.config, config).await,
+    }
+}
+
+/// The exit code of `authorize` or `revoke`, its error printed.
+fn consent_exit(outcome: Result<(), authorize::ConsentCommandError>) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(
+            e @ (authorize::ConsentCommandError::Unknown(..)
+            | authorize::ConsentCommandError::NotConsent(..)),
+        ) => {
+            eprintln!("authrelay: {e}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("authrelay: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
     }
 }
 

@@ -94,6 +94,8 @@ pub struct CredentialGauges {
     pub consecutive_failures: u32,
     /// Whether the last failure was the token endpoint refusing the configured secret.
     pub refused: bool,
+    /// Whether only a person's consent (`authrelay authorize`) can bring the credential back.
+    pub needs_consent: bool,
 }
 
 /// The per-credential gauge families.
@@ -103,6 +105,7 @@ struct CredentialGaugeFamilies {
     since_last_fetch: Family<CredentialNameLabels, SecondsGauge>,
     failures: Family<CredentialNameLabels, Gauge>,
     refused: Family<CredentialNameLabels, Gauge>,
+    needs_consent: Family<CredentialNameLabels, Gauge>,
 }
 
 /// Every metric the proxy exports.
@@ -194,6 +197,7 @@ impl Metrics {
             since_last_fetch: Family::default(),
             failures: Family::default(),
             refused: Family::default(),
+            needs_consent: Family::default(),
         };
         registry.register(
             "credential_token_usable",
@@ -219,6 +223,11 @@ impl Metrics {
             "credential_refused",
             "1 when the token endpoint refused the configured secret (state `rejected`), else 0",
             credential_gauges.refused.clone(),
+        );
+        registry.register(
+            "credential_needs_consent",
+            "1 when a person must consent again (`authrelay authorize NAME`; state `needs_consent`), else 0",
+            credential_gauges.needs_consent.clone(),
         );
         let retries = Family::<RetryLabels, Counter>::default();
         registry.register(
@@ -408,6 +417,7 @@ impl Metrics {
         g.since_last_fetch.clear();
         g.failures.clear();
         g.refused.clear();
+        g.needs_consent.clear();
         for (name, values) in credentials {
             let labels = CredentialNameLabels {
                 credential: name.to_string(),
@@ -427,6 +437,9 @@ impl Metrics {
             g.refused
                 .get_or_create(&labels)
                 .set(i64::from(values.refused));
+            g.needs_consent
+                .get_or_create(&labels)
+                .set(i64::from(values.needs_consent));
         }
     }
 

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::config::{Config, ConfigError, Environment, RouteConfig, TokenCacheSettings};
-use crate::credentials::{build_credential_source, SourceDeps};
+use crate::credentials::{build_credential_source, is_consent_type, SourceDeps};
 use crate::intercept::CertAuthority;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routes::RouteTable;
+use crate::token_cache::file_store::FileStore;
 use crate::token_cache::RedisCache;
 use crate::token_store::CredentialSlot;
 use crate::upstream::{tls_config, UpstreamClient};
@@ -100,17 +101,20 @@ impl State {
             None => None,
         };
         let metrics = Arc::new(Metrics::new());
-        let deps = SourceDeps {
-            http,
-            secret_refused: Arc::default(),
-        };
+        let mut deps = SourceDeps::new(http);
+        if let TokenCacheSettings::File(settings) = &config.token_cache {
+            deps.durable = Some(Arc::new(FileStore::new(settings)));
+        }
         let token_cache = match &config.token_cache {
-            TokenCacheSettings::Memory => None,
+            TokenCacheSettings::Memory | TokenCacheSettings::File(_) => None,
             TokenCacheSettings::Redis(settings) => Some(
                 RedisCache::new(settings, Arc::clone(&metrics)).map_err(StartError::TokenCache)?,
             ),
         };
-        let snapshot = build_snapshot(config, None, token_cache, &deps, &metrics);
+        if let Some(cache) = &token_cache {
+            deps.durable = Some(Arc::new(cache.durable(config.tokens.fetch_timeout)));
+        }
+        let snapshot = build_snapshot(config, None, token_cache, &deps, &metrics, false);
         let auth_throttle = crate::access::AuthThrottle::new(metrics.proxy_auth_failures.clone());
         let secret_refused = Arc::clone(&deps.secret_refused);
         let state = Arc::new(Self {
@@ -129,6 +133,22 @@ impl State {
         Ok(state)
     }
 
+    /// Whether this is the running proxy's state (its listeners are bound), not a command's.
+    fn serving(&self) -> bool {
+        self.own_addresses.get().is_some()
+    }
+
+    /// Marks the state as the running proxy's, its listeners bound at `own`, and starts the
+    /// keepers of credentials whose grant must not go unused (`keepalive_refresh`).
+    pub fn serve(&self, own: Vec<std::net::SocketAddr>) {
+        let _ = self.own_addresses.set(own);
+        for slot in self.snapshot().slots.values() {
+            if slot.keeps_alive() {
+                slot.start_keeper();
+            }
+        }
+    }
+
     /// The current snapshot. Hold the `Arc` for the whole request.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
@@ -140,7 +160,8 @@ impl State {
     fn reload_token_cache(&self, previous: &Snapshot, config: &Config) -> Option<Arc<RedisCache>> {
         let running = previous.token_cache.clone();
         match &config.token_cache {
-            TokenCacheSettings::Memory => {
+            // The file store is opened at start (`State::new`); a reload does not move it.
+            TokenCacheSettings::Memory | TokenCacheSettings::File(_) => {
                 if running.is_some() {
                     tracing::info!("token_cache: now memory only; tokens are no longer shared");
                     self.metrics.token_cache_up.set(1);
@@ -197,6 +218,7 @@ impl State {
             token_cache,
             &self.deps,
             &self.metrics,
+            self.serving(),
         );
         drop_removed_series(&previous.config, &next.config, &self.metrics);
         self.snapshot.store(Arc::new(next));
@@ -219,7 +241,7 @@ impl State {
             Arc::clone(&self.metrics),
             current.token_cache.as_ref().map(|c| c.slot(cred)),
         );
-        if cred.prefetch {
+        if cred.prefetch || (slot.keeps_alive() && self.serving()) {
             slot.start_keeper();
         }
         let mut slots = current.slots.clone();
@@ -379,12 +401,16 @@ fn rerun_secret_commands(state: std::sync::Weak<State>, refused: Arc<tokio::sync
     });
 }
 
+/// `serving`: the state is the running proxy's (not a command's), so credentials whose
+/// grant must be kept alive get their keeper: two processes refreshing one rotating refresh
+/// token would kill it.
 fn build_snapshot(
     config: Config,
     previous: Option<&Snapshot>,
     token_cache: Option<Arc<RedisCache>>,
     deps: &SourceDeps,
     metrics: &Arc<Metrics>,
+    serving: bool,
 ) -> Snapshot {
     if let Some(cache) = &token_cache {
         cache.start();
@@ -398,7 +424,12 @@ fn build_snapshot(
         // the kept slot's next fetch, and its cached token stays.
         let kept = previous
             .and_then(|p| p.slots.get(name))
-            .filter(|s| s.same_definition(cred) && s.uses_cache(token_cache.as_ref()))
+            .filter(|s| {
+                // A consent credential never uses the shared cache (below), whatever it is.
+                s.same_definition(cred)
+                    && (is_consent_type(cred.kind.type_name())
+                        || s.uses_cache(token_cache.as_ref()))
+            })
             .cloned();
         if let Some(slot) = &kept {
             slot.use_settings(&config.tokens);
@@ -407,12 +438,17 @@ fn build_snapshot(
             CredentialSlot::with_cache(
                 cred.clone(),
                 config.tokens.clone(),
-                build_credential_source(&cred.kind, &cred.secret_parts, deps),
+                build_credential_source(&cred.kind, &cred.secret_parts, &deps.for_credential(name)),
                 Arc::clone(metrics),
-                token_cache.as_ref().map(|c| c.slot(cred)),
+                // Consent credentials share their tokens through the durable store (on the
+                // same Redis) and its refresh lease instead.
+                token_cache
+                    .as_ref()
+                    .filter(|_| !is_consent_type(cred.kind.type_name()))
+                    .map(|c| c.slot(cred)),
             )
         });
-        if cred.prefetch {
+        if cred.prefetch || (slot.keeps_alive() && serving) {
             slot.start_keeper();
         }
         slots.insert(name.clone(), slot);

@@ -97,6 +97,17 @@ pub enum TokenCacheSettings {
     Memory,
     /// Shared through Redis by every replica with the same settings.
     Redis(RedisCacheSettings),
+    /// Kept in one sealed file (`token_cache: type: file`), for tokens a person consented to.
+    File(FileCacheSettings),
+}
+
+/// A validated `token_cache: type: file`. `Debug` shows no key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileCacheSettings {
+    /// The store file (absolute, or relative to the config file's folder).
+    pub path: PathBuf,
+    /// 32 bytes that seal stored tokens.
+    pub encryption_key: EncryptionKey,
 }
 
 /// A validated `token_cache: type: redis`. `Debug` shows no password and no key.

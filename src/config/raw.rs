@@ -75,6 +75,9 @@ pub enum TokenCacheType {
     Memory,
     /// Replicas share tokens, leases and refresh tokens through Redis.
     Redis,
+    /// One sealed file on this machine keeps the tokens a person consented to across
+    /// restarts.
+    File,
 }
 
 /// The `token_cache:` section.
@@ -98,6 +101,8 @@ pub struct RawTokenCache {
     pub timeout: Option<ConfigDuration>,
     /// Extra PEM root for a `rediss://` server with a private CA.
     pub ca_file: Option<String>,
+    /// `type: file`: the file that holds the sealed tokens.
+    pub path: Option<String>,
 }
 
 /// An address range (CIDR) or single address as written. Checked while the file is parsed,

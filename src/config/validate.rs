@@ -14,7 +14,7 @@ use super::raw::{
     RawRouteCredential, RawTokenCache, TokenCacheType,
 };
 use super::{
-    Config, ConnectSettings, CredentialChoice, CredentialConfig, EncryptionKey,
+    Config, ConnectSettings, CredentialChoice, CredentialConfig, EncryptionKey, FileCacheSettings,
     InterceptCaSettings, RedisCacheSettings, RefreshOn, RetrySettings, RouteConfig, Timeouts,
     TlsSettings, TokenCacheSettings, TokenSettings,
 };
@@ -464,14 +464,21 @@ fn validate_token_cache(
             ),
             ("timeout", raw.timeout.is_some()),
             ("ca_file", raw.ca_file.is_some()),
+            ("path", raw.path.is_some()),
         ];
         for (field, _) in set.iter().filter(|(_, present)| *present) {
             ctx.problem(
                 &format!("token_cache.{field}"),
-                "applies only to `type: redis` (the memory cache has no settings)",
+                "applies only to `type: redis` or `type: file` (the memory cache has no settings)",
             );
         }
         return Some(TokenCacheSettings::Memory);
+    }
+    if raw.kind == TokenCacheType::File {
+        return validate_file_cache(raw, ctx);
+    }
+    if raw.path.is_some() {
+        ctx.problem("token_cache.path", "applies only to `type: file`");
     }
     let url_text = match raw.url.as_deref() {
         Some(u) => interpolated_secret(ctx, "token_cache.url", u),
@@ -516,33 +523,7 @@ fn validate_token_cache(
             );
         }
     }
-    let key = ctx
-        .optional_secret(
-            "token_cache.encryption_key",
-            raw.encryption_key.as_deref(),
-            raw.encryption_key_file.as_deref(),
-        )
-        .and_then(|k| match decode_key(k.expose().trim()) {
-            Some(bytes) => Some(EncryptionKey(bytes)),
-            None => {
-                ctx.problem(
-                    "token_cache.encryption_key",
-                    "must be 32 random bytes written as base64 (44 characters) or hex (64); \
-                     create one with `openssl rand -base64 32`",
-                );
-                None
-            }
-        });
-    if raw.encryption_key.is_none()
-        && raw.encryption_key_file.is_none()
-        && raw.encryption_key_command.is_none()
-    {
-        ctx.problem(
-            "token_cache.encryption_key",
-            "is required for `type: redis` (tokens are stored sealed with it; \
-             `openssl rand -base64 32` makes one; inline with ${VAR} or as `encryption_key_file`)",
-        );
-    }
+    let key = encryption_key(raw, "redis", ctx);
     let key_prefix = raw
         .key_prefix
         .clone()
@@ -582,6 +563,109 @@ fn validate_token_cache(
         timeout,
         ca_file,
     }))
+}
+
+/// `token_cache.encryption_key` (or `_file`), required for the `kind` cache.
+fn encryption_key(
+    raw: &RawTokenCache,
+    kind: &str,
+    ctx: &mut ValidateCtx<'_>,
+) -> Option<EncryptionKey> {
+    let key = ctx
+        .optional_secret(
+            "token_cache.encryption_key",
+            raw.encryption_key.as_deref(),
+            raw.encryption_key_file.as_deref(),
+        )
+        .and_then(|k| match decode_key(k.expose().trim()) {
+            Some(bytes) => Some(EncryptionKey(bytes)),
+            None => {
+                ctx.problem(
+                    "token_cache.encryption_key",
+                    "must be 32 random bytes written as base64 (44 characters) or hex (64); \
+                     create one with `openssl rand -base64 32`",
+                );
+                None
+            }
+        });
+    if raw.encryption_key.is_none()
+        && raw.encryption_key_file.is_none()
+        && raw.encryption_key_command.is_none()
+    {
+        ctx.problem(
+            "token_cache.encryption_key",
+            format!(
+                "is required for `type: {kind}` (tokens are stored sealed with it; \
+                 `openssl rand -base64 32` makes one; inline with ${{VAR}} or as `encryption_key_file`)"
+            ),
+        );
+    }
+    key
+}
+
+/// `token_cache: type: file`: a path and a key; the Redis settings do not apply.
+fn validate_file_cache(
+    raw: &RawTokenCache,
+    ctx: &mut ValidateCtx<'_>,
+) -> Option<TokenCacheSettings> {
+    let redis_only = [
+        ("url", raw.url.is_some()),
+        (
+            "password",
+            raw.password.is_some() || raw.password_file.is_some(),
+        ),
+        ("key_prefix", raw.key_prefix.is_some()),
+        ("timeout", raw.timeout.is_some()),
+        ("ca_file", raw.ca_file.is_some()),
+    ];
+    for (field, _) in redis_only.iter().filter(|(_, present)| *present) {
+        ctx.problem(
+            &format!("token_cache.{field}"),
+            "applies only to `type: redis`",
+        );
+    }
+    let path = match raw.path.as_deref() {
+        Some(p) => ctx
+            .text("token_cache.path", p)
+            .map(|p| ctx.base_dir().join(p)),
+        None => {
+            ctx.problem("token_cache.path", "is required for `type: file`");
+            None
+        }
+    };
+    let encryption_key = encryption_key(raw, "file", ctx);
+    Some(TokenCacheSettings::File(FileCacheSettings {
+        path: path?,
+        encryption_key: encryption_key?,
+    }))
+}
+
+/// Credentials a person consents to need a store that outlives the process: without one,
+/// every restart would ask the person again.
+fn check_consent_store(
+    credentials: &BTreeMap<String, CredentialConfig>,
+    token_cache: Option<&TokenCacheSettings>,
+    ctx: &mut ValidateCtx<'_>,
+) {
+    if matches!(
+        token_cache,
+        Some(TokenCacheSettings::File(_) | TokenCacheSettings::Redis(_)) | None
+    ) {
+        return;
+    }
+    for (name, c) in credentials {
+        if crate::credentials::is_consent_type(c.kind.type_name()) {
+            ctx.scope(format!("credentials.{name}"));
+            ctx.problem(
+                "type",
+                format!(
+                    "`{}` needs `token_cache: type: file` or `type: redis` (its refresh \
+                     token must outlive the process)",
+                    c.kind.type_name()
+                ),
+            );
+        }
+    }
 }
 
 /// A `${VAR}`-interpolated value that may hold a secret (a URL with a password): problems
@@ -781,6 +865,7 @@ pub fn validate(
             credentials.insert(name, c);
         }
     }
+    check_consent_store(&credentials, token_cache.as_ref(), &mut ctx);
     let mut routes = Vec::new();
     let mut names = HashSet::new();
     let mut mounts = HashSet::new();

@@ -118,9 +118,13 @@ async fn receive(
     })
 }
 
-/// RFC 6749 §5.2 error codes; only these are ever repeated from a vendor's `error` field
-/// (free text there could echo a secret).
-const OAUTH_ERROR_CODES: [&str; 6] = [
+/// RFC 6749 §5.2 and RFC 8628 §3.5 (device grant) error codes; only these are ever
+/// repeated from a vendor's `error` field (free text there could echo a secret).
+const OAUTH_ERROR_CODES: [&str; 10] = [
+    "authorization_pending",
+    "slow_down",
+    "access_denied",
+    "expired_token",
     "invalid_request",
     "invalid_client",
     "invalid_grant",

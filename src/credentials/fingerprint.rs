@@ -121,8 +121,8 @@ pub fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::credentials::{
-        basic, jwt, login, oauth2, outreach, outseta, static_header, validate_for_test,
-        CredentialType,
+        basic, jwt, login, oauth2, oauth2_code, oauth2_device, outreach, outseta, static_header,
+        validate_for_test, CredentialType,
     };
 
     /// A secret for every secret field below: none may show in any `Debug` output.
@@ -241,6 +241,50 @@ mod tests {
                 ("username: u", "username: u\nsubscription_uid: s1"),
                 ("username: u", "username: u\naccount_uid: a1"),
                 ("username: u", "username: u\nscheme: Token"),
+            ],
+        );
+        each_field_counts::<oauth2_code::OAuth2AuthorizationCode>(
+            "authorize_url: https://a.test/auth\ntoken_url: https://a.test/t\nclient_id: c\n\
+             client_secret: ${S1}\nredirect_uri: http://127.0.0.1:8765/cb\n",
+            &[
+                ("https://a.test/auth", "https://b.test/auth"),
+                ("https://a.test/t", "https://b.test/t"),
+                ("client_id: c", "client_id: d"),
+                ("${S1}", "${S2}"),
+                ("client_secret: ${S1}\n", ""),
+                ("8765/cb", "8766/cb"),
+                ("client_id: c", "client_id: c\nscopes: [a]"),
+                ("client_id: c", "client_id: c\naudience: x"),
+                ("client_id: c", "client_id: c\nresource: https://r.test/"),
+                (
+                    "client_id: c",
+                    "client_id: c\nauthorize_params: {prompt: consent}",
+                ),
+                ("client_id: c", "client_id: c\nauth: basic"),
+                (
+                    "client_id: c",
+                    "client_id: c\nrevocation_url: https://a.test/r",
+                ),
+                ("client_id: c", "client_id: c\nscheme: Token"),
+            ],
+        );
+        each_field_counts::<oauth2_device::OAuth2DeviceCode>(
+            "device_authorization_url: https://a.test/d\ntoken_url: https://a.test/t\n\
+             client_id: c\nclient_secret: ${S1}\n",
+            &[
+                ("https://a.test/d", "https://b.test/d"),
+                ("https://a.test/t", "https://b.test/t"),
+                ("client_id: c", "client_id: d"),
+                ("${S1}", "${S2}"),
+                ("client_secret: ${S1}\n", ""),
+                ("client_id: c", "client_id: c\nscopes: [a]"),
+                ("client_id: c", "client_id: c\nresource: https://r.test/"),
+                ("client_id: c", "client_id: c\nauth: basic"),
+                (
+                    "client_id: c",
+                    "client_id: c\nrevocation_url: https://a.test/r",
+                ),
+                ("client_id: c", "client_id: c\nscheme: Token"),
             ],
         );
         each_field_counts::<login::Login>(

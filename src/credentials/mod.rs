@@ -3,6 +3,7 @@
 //! [`TokenSource`]. Timing, caching, single flight and backoff are not here: they are shared
 //! by every source in `token_store/`.
 
+pub mod consent;
 pub mod exchange;
 pub mod fingerprint;
 
@@ -79,6 +80,12 @@ pub enum CredentialError {
     /// The answer was not the document the vendor documents.
     #[error("token endpoint answer not understood: {0}")]
     BadResponse(String),
+    /// A person has to consent (again) before tokens can be had: none are stored yet, or
+    /// the vendor refused the stored refresh token (`invalid_grant`: revoked, or expired).
+    /// Only `authrelay authorize` cures it, so it is final and the slot calls no endpoint
+    /// until then.
+    #[error("consent required: {0}")]
+    ConsentRequired(String),
     /// Anything else (an unreadable key, an account that does not exist, …).
     #[error("{0}")]
     Other(String),
@@ -103,6 +110,9 @@ impl CredentialError {
                 detail: redactor.detail(&detail),
             },
             CredentialError::BadResponse(m) => CredentialError::BadResponse(redactor.detail(&m)),
+            CredentialError::ConsentRequired(m) => {
+                CredentialError::ConsentRequired(redactor.detail(&m))
+            }
             CredentialError::Other(m) => CredentialError::Other(redactor.detail(&m)),
         }
     }
@@ -121,7 +131,15 @@ impl CredentialError {
     /// slot backs off straight to `backoff_max` and reports the credential as `rejected`.
     /// Outages (5xx, timeouts, connection errors) are not final.
     pub fn is_final(&self) -> bool {
-        matches!(self, CredentialError::Refused { .. })
+        matches!(
+            self,
+            CredentialError::Refused { .. } | CredentialError::ConsentRequired(_)
+        )
+    }
+
+    /// Whether only a person's consent (`authrelay authorize`) can cure the failure.
+    pub fn needs_consent(&self) -> bool {
+        matches!(self, CredentialError::ConsentRequired(_))
     }
 
     /// The vendor's RFC 6749 `error` code of a refusal (`invalid_client`, …), if it sent one.
@@ -167,6 +185,12 @@ pub trait TokenSource: Send + Sync + 'static {
     /// The upstream refused what this source's fixed value (or signature) was made from:
     /// whoever holds the config may read secrets that come from commands again.
     fn value_refused(&self) {}
+
+    /// The longest this source's grant may go unused, traffic or not (a refresh token the
+    /// vendor expires when idle); `None` when only traffic decides.
+    fn keepalive(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// One credential type: the `type:` name YAML selects it by, its own fields, how they are
@@ -454,7 +478,54 @@ pub struct SourceDeps {
     /// upstream a fixed value or a signature): whoever holds the config re-reads secrets
     /// that come from commands (a rotated one is then used).
     pub secret_refused: Arc<tokio::sync::Notify>,
+    /// Where tokens a person consented to outlive the process (`token_cache: type: file`).
+    pub durable: Option<Arc<dyn DurableTokens>>,
+    /// The name of the credential the source is built for (empty until
+    /// [`SourceDeps::for_credential`]): durable records are kept under it.
+    pub credential: Arc<str>,
 }
+
+impl SourceDeps {
+    /// Dependencies with only the token endpoint client.
+    pub fn new(http: reqwest::Client) -> Self {
+        Self {
+            http,
+            secret_refused: Arc::default(),
+            durable: None,
+            credential: Arc::from(""),
+        }
+    }
+
+    /// The same dependencies for credential `name`.
+    pub fn for_credential(&self, name: &str) -> Self {
+        Self {
+            credential: Arc::from(name),
+            ..self.clone()
+        }
+    }
+}
+
+/// A store that keeps tokens across restarts, for credentials whose refresh token cannot be
+/// had again without a person. Calls block (file I/O, fsync): run them off the runtime.
+/// `identity` binds a record to the credential's definition, so that tokens issued to
+/// another client or token endpoint are never sent.
+pub trait DurableTokens: Send + Sync + 'static {
+    /// The stored token of `credential`, if any (a record sealed for another identity or
+    /// key reads as none).
+    fn load(&self, credential: &str, identity: &str) -> Result<Option<Token>, String>;
+    /// Replaces the stored token of `credential`; durable once this returns.
+    fn save(&self, credential: &str, identity: &str, token: &Token) -> Result<(), String>;
+    /// Forgets `credential`'s token; whether there was one.
+    fn delete(&self, credential: &str) -> Result<bool, String>;
+    /// Waits until no other holder (another process sharing the store included) is
+    /// refreshing, and keeps them out until the guard is dropped: a single-use refresh token
+    /// is read and spent under it, so it is never sent twice.
+    fn lock_refresh(&self) -> Result<RefreshLock, String>;
+}
+
+/// Held while a refresh token is read, spent and its successor written; dropping it lets
+/// the next refresher in.
+pub struct RefreshLock(pub Box<dyn Send>);
 
 /// Builds the runtime source of a validated credential, wrapped so that its errors also hide
 /// each `${VAR}` value used in its secret fields. (A panic inside a fetch is turned into an
@@ -631,9 +702,18 @@ credential_types! {
     jwt::AppJwt,
     outseta::Outseta,
     login::Login,
+    oauth2_code::OAuth2AuthorizationCode,
+    oauth2_device::OAuth2DeviceCode,
     hmac::HmacSignature,
     aws_sigv4::AwsSigV4,
     basic::Basic,
+}
+
+/// Whether `type_name` is a type a person consents to (`authrelay authorize`): its refresh
+/// token lives in the durable store.
+pub fn is_consent_type(type_name: &str) -> bool {
+    type_name == oauth2_code::OAuth2AuthorizationCode::NAME
+        || type_name == oauth2_device::OAuth2DeviceCode::NAME
 }
 
 /// Every `type:` name YAML accepts, in registry order.
@@ -751,6 +831,10 @@ impl TokenSource for Redacting {
 
     fn value_refused(&self) {
         self.secret_refused.notify_one();
+    }
+
+    fn keepalive(&self) -> Option<std::time::Duration> {
+        self.inner.keepalive()
     }
 }
 

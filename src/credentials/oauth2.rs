@@ -408,7 +408,7 @@ fn jwt_from_answer(answer: &EndpointAnswer) -> Result<String, CredentialError> {
 }
 
 /// `Basic base64(urlencode(id):urlencode(secret))` as RFC 6749 §2.3.1 requires.
-fn basic_credentials(client_id: &str, client_secret: &Secret) -> Secret {
+pub(super) fn basic_credentials(client_id: &str, client_secret: &Secret) -> Secret {
     let pair = format!(
         "{}:{}",
         form_urlencode(client_id),

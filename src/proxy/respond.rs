@@ -133,6 +133,7 @@ impl ProxyError {
             ProxyError::Denied(_) => "unmatched_denied",
             ProxyError::PortNotAllowed(_) => "connect_port_denied",
             ProxyError::Interception(_) => "interception_unavailable",
+            ProxyError::Credential(u) if u.source.needs_consent() => "consent_required",
             ProxyError::Credential(_) => "credential_unavailable",
             ProxyError::Upstream(_) | ProxyError::Unreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",

@@ -23,6 +23,8 @@
 //! Records are sealed (`seal.rs`), keyed by the credential's fingerprint
 //! ([`crate::credentials::Fingerprint`]), and carry no secret in clear.
 
+pub mod file_store;
+pub(crate) mod redis_durable;
 pub(crate) mod redis_store;
 pub(crate) mod seal;
 
@@ -163,6 +165,17 @@ impl RedisCache {
             foreign_key: AtomicBool::new(false),
             stop: tokio::sync::watch::channel(false).0,
         }))
+    }
+
+    /// The store of consent credentials' tokens on this cache's Redis; refresh leases last
+    /// `fetch_timeout` plus a margin. Must be called inside a tokio runtime.
+    pub(crate) fn durable(&self, fetch_timeout: Duration) -> redis_durable::RedisDurable {
+        redis_durable::RedisDurable::new(
+            Arc::clone(&self.store),
+            Sealer::new(&self.settings.encryption_key),
+            &self.settings.key_prefix,
+            fetch_timeout.saturating_add(LEASE_MARGIN),
+        )
     }
 
     /// Whether this cache was built from `settings` (a reload keeps it then).

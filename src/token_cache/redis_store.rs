@@ -322,6 +322,14 @@ impl RedisStore {
         Ok(wrote == 1)
     }
 
+    /// Sets `key` to `value` without expiry (a consent record: its refresh token outlives
+    /// any access token; written only under the refresh lease).
+    pub async fn write_forever(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let mut conn = self.connection()?;
+        self.bounded(async { conn.set::<_, _, ()>(key, value).await })
+            .await
+    }
+
     /// Deletes `key` if it still holds `expected`.
     pub async fn forget(&self, key: &str, expected: &[u8]) -> Result<(), StoreError> {
         let mut conn = self.connection()?;

@@ -38,6 +38,9 @@ pub(super) enum Trigger {
     Rejected(Arc<IssuedToken>),
     /// An operator asked for a fetch now: ignores both the cached token and the backoff.
     Operator,
+    /// The keeper of a source whose grant must not go unused longer than this: nothing to
+    /// do while a fetch succeeded more recently (and, with `prefetch`, the token is not due).
+    Keepalive(Duration),
 }
 
 impl Trigger {
@@ -61,7 +64,7 @@ impl Trigger {
         };
         match self {
             Trigger::Missing => usable,
-            Trigger::Due => usable && !due,
+            Trigger::Due | Trigger::Keepalive(_) => usable && !due,
             Trigger::Rejected(rejected) => usable && !is(rejected),
             Trigger::Operator => false,
         }
@@ -171,6 +174,16 @@ impl CredentialSlot {
             }
             (Trigger::Rejected(r), Some(c)) if Arc::ptr_eq(r, &c) => self.current.store(None),
             (Trigger::Rejected(_), Some(c)) if c.usable_at(now) => return Begin::Ready(c),
+            // The keeper discards what it gets: without `prefetch` an expired token waits
+            // for traffic (or the end of the period).
+            (Trigger::Keepalive(period), Some(c))
+                if (!self.config.prefetch || (c.usable_at(now) && !c.due_at(now)))
+                    && inner
+                        .last_success
+                        .is_some_and(|(_, at)| now.saturating_duration_since(at) < *period) =>
+            {
+                return Begin::Ready(c)
+            }
             _ => {}
         }
         if !matches!(trigger, Trigger::Operator) {
@@ -310,7 +323,17 @@ impl CredentialSlot {
                     backoff_delay(consecutive, &inner.settings)
                 };
                 let now = Instant::now();
-                tracing::warn!(credential = %self.name, %error, failures = consecutive, retry_in = ?delay, "token fetch failed");
+                let still_needs_consent = error.needs_consent()
+                    && inner
+                        .failure
+                        .as_ref()
+                        .is_some_and(|f| f.error.needs_consent());
+                if still_needs_consent {
+                    // Said once (the line names the command to run); not every backoff.
+                    tracing::debug!(credential = %self.name, %error, "token fetch failed");
+                } else {
+                    tracing::warn!(credential = %self.name, %error, failures = consecutive, retry_in = ?delay, "token fetch failed");
+                }
                 inner.failure = Some(Failure {
                     error: error.clone(),
                     consecutive,

@@ -69,6 +69,9 @@ pub struct CredentialSlot {
     config: CredentialConfig,
     source: Arc<dyn TokenSource>,
     refreshable: bool,
+    /// The longest the keeper lets the slot go without a successful fetch (see
+    /// [`TokenSource::keepalive`]).
+    keepalive: Option<Duration>,
     metrics: Arc<Metrics>,
     /// This credential's place in the shared token cache (`token_cache: type: redis`).
     shared: Option<SharedSlot>,
@@ -118,6 +121,7 @@ impl CredentialSlot {
             shared,
             name: Arc::from(config.name.as_str()),
             refreshable: source.refreshable(),
+            keepalive: source.keepalive(),
             config,
             source,
             metrics,
@@ -255,8 +259,15 @@ impl CredentialSlot {
         self.refresh(Trigger::Operator).await
     }
 
-    /// Starts a task that obtains the token now and keeps it fresh until the slot is
-    /// dropped (for `prefetch: true`). Calling it twice has no effect.
+    /// Whether the slot needs its keeper even without `prefetch: true`: its source's grant
+    /// must be used at least every so often.
+    pub(crate) fn keeps_alive(&self) -> bool {
+        self.keepalive.is_some()
+    }
+
+    /// Starts a task, until the slot is dropped, that obtains the token now and keeps it
+    /// fresh (for `prefetch: true`), and refreshes it when no fetch succeeded for the
+    /// source's keepalive period (traffic or not). Calling it twice has no effect.
     pub(crate) fn start_keeper(self: &Arc<Self>) {
         let mut stop = self.keeper_stop.lock().unwrap_or_else(|p| p.into_inner());
         if stop.is_some() {
@@ -268,7 +279,11 @@ impl CredentialSlot {
         tokio::spawn(async move {
             loop {
                 let Some(slot) = weak.upgrade() else { break };
-                let _ = slot.refresh(Trigger::Due).await;
+                let trigger = match slot.keepalive {
+                    Some(period) => Trigger::Keepalive(period),
+                    None => Trigger::Due,
+                };
+                let _ = slot.refresh(trigger).await;
                 let wait = slot.next_wake();
                 drop(slot);
                 tokio::select! {
@@ -279,14 +294,24 @@ impl CredentialSlot {
         });
     }
 
-    /// When the keeper should look again: at the end of a backoff, when the token falls due,
-    /// or at once when there is none.
+    /// When the keeper should look again: at the end of a backoff, when the token falls due
+    /// (with `prefetch: true`) or the keepalive period ends, or at once when there is none.
     fn next_wake(&self) -> Duration {
         let inner = self.lock();
         let now = Instant::now();
+        let keepalive_at = self
+            .keepalive
+            .zip(inner.last_success)
+            .map(|(period, (_, at))| at + period);
         let at = match (&inner.failure, self.current.load().as_ref()) {
+            // Only a person cures it; `authorize` on the admin listener wakes the slot.
+            (Some(f), _) if f.error.needs_consent() => None,
             (Some(f), _) if f.retry_at > now => Some(f.retry_at),
-            (_, Some(t)) => t.refresh_at,
+            (_, Some(t)) if self.config.prefetch => match (t.refresh_at, keepalive_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            (_, Some(_)) => keepalive_at,
             (_, None) => Some(now),
         };
         at.map(|a| {

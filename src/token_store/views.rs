@@ -15,7 +15,8 @@ pub struct SlotStatus {
     #[serde(rename = "type")]
     pub type_name: &'static str,
     /// `valid`, `refreshing`, `failing`, `rejected` (the token endpoint refused the
-    /// configured secret) or `empty` (no usable token and no failure).
+    /// configured secret), `needs_consent` (a person must run `authrelay authorize`) or
+    /// `empty` (no usable token and no failure).
     pub state: &'static str,
     pub expires_at: Option<String>,
     pub last_refresh: Option<String>,
@@ -42,6 +43,7 @@ impl CredentialSlot {
             .is_some_and(|t| t.usable_at(Instant::now()));
         let state = match (&inner.phase, &inner.failure) {
             (Phase::Fetching(_), _) => "refreshing",
+            (Phase::Idle, Some(f)) if f.error.needs_consent() => "needs_consent",
             (Phase::Idle, Some(f)) if f.error.is_final() => "rejected",
             (Phase::Idle, Some(_)) => "failing",
             (Phase::Idle, None) if usable => "valid",
@@ -93,7 +95,14 @@ impl CredentialSlot {
                 .last_success
                 .map_or(f64::INFINITY, |(_, at)| at.elapsed().as_secs_f64()),
             consecutive_failures: inner.failure.as_ref().map_or(0, |f| f.consecutive),
-            refused: inner.failure.as_ref().is_some_and(|f| f.error.is_final()),
+            refused: inner
+                .failure
+                .as_ref()
+                .is_some_and(|f| f.error.is_final() && !f.error.needs_consent()),
+            needs_consent: inner
+                .failure
+                .as_ref()
+                .is_some_and(|f| f.error.needs_consent()),
         }
     }
 }

@@ -11,6 +11,7 @@ mod cli;
 mod client_recipes;
 mod confinement;
 mod connect_http;
+mod consent;
 mod credentials_login;
 mod credentials_oauth2;
 mod credentials_outreach;
