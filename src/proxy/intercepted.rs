@@ -55,7 +55,7 @@ where
         let answer = pipeline(Arc::clone(&service_conn), request);
         async move { Ok::<_, Infallible>(in_flight.until_sent(answer.await)) }
     });
-    let server = super::limits::http_server();
+    let server = super::limits::tunnel_server();
     let connection = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let mut check = tokio::time::interval((client_idle / 4).max(Duration::from_millis(10)));

@@ -3,6 +3,7 @@
 //! idle sockets cannot use up every descriptor and starve upstream and token connections;
 //! and the HTTP server settings every client connection and read tunnel is served with.
 
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustix::process::{getrlimit, setrlimit, Resource};
@@ -53,11 +54,32 @@ pub fn default_max_connections(fd_limit: Option<u64>) -> usize {
 /// `max_connections` was sized for).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 
-/// The HTTP server every client connection and every read tunnel is served with: HTTP/1.1,
-/// or HTTP/2 when the client starts with its preface. No hyper header-read timer (it arms
-/// one per request head): the caller closes a connection with nothing in flight for
-/// `client_idle`, a partly sent head included.
-pub(crate) fn http_server() -> auto::Builder<TokioExecutor> {
+/// HTTP/1.1 as every client connection that does not start with the HTTP/2 preface is
+/// served. No hyper header-read timer (it arms one per request head): the caller closes a
+/// connection with nothing in flight for `client_idle`, a partly sent head included.
+pub(crate) fn http1() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .max_buf_size(crate::upstream::CONNECTION_BUFFER)
+        .header_read_timeout(None)
+        .keep_alive(true);
+    builder
+}
+
+/// HTTP/2 as a client connection that starts with its preface (h2c prior knowledge) is
+/// served.
+pub(crate) fn http2() -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
+    builder
+}
+
+/// The server for requests inside a tunnel (an intercepted TLS stream or a plain-HTTP
+/// tunnel): the same HTTP/1.1 and HTTP/2 settings, the protocol told from the first bytes
+/// read. (The listener tells it by peeking at the socket instead, see `listener.rs`.)
+pub(crate) fn tunnel_server() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

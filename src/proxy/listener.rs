@@ -4,6 +4,8 @@
 //! pipeline with its connection's context.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -168,9 +170,6 @@ async fn serve_connection(conn: Arc<Connection>, stream: TrackedStream) {
         let answer = super::dispatch::handle(Arc::clone(&service_conn), request);
         async move { Ok::<_, Infallible>(in_flight.until_sent(answer.await)) }
     });
-    let server = limits::http_server();
-    let connection = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(connection);
     let activity = &conn.activity;
     let mut shutdown = conn.shutdown.clone();
     // Eviction, shutdown and the idle limit, in one future that is polled only when one of
@@ -198,6 +197,80 @@ async fn serve_connection(conn: Arc<Connection>, stream: TrackedStream) {
             }
         }
     });
+    tokio::pin!(control);
+    let protocol = tokio::select! {
+        biased;
+        protocol = client_protocol(&stream.stream) => protocol,
+        // Evicted, stopping or idle before its first bytes: nothing to finish.
+        _ = control.as_mut() => return,
+    };
+    let io = TokioIo::new(stream);
+    match protocol {
+        Ok(Some(Protocol::Http1)) => {
+            let connection = limits::http1()
+                .serve_connection(io, service)
+                .with_upgrades();
+            drive(connection, |c| c.graceful_shutdown(), control, &conn).await;
+        }
+        Ok(Some(Protocol::Http2)) => {
+            // Boxed: an HTTP/2 connection's state is several KB, and unboxed every
+            // connection's task would be that large (and touch that much memory).
+            let connection = limits::http2().serve_connection(io, service);
+            Box::pin(drive(connection, |c| c.graceful_shutdown(), control, &conn)).await;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::debug!(error = %e, "client connection failed before its first request"),
+    }
+}
+
+/// What a client connection speaks, told from its first bytes.
+enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): the connection starts with the HTTP/2 preface.
+    Http2,
+}
+
+/// The HTTP/2 connection preface (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells the protocol from the client's first bytes without consuming them (`None`: closed
+/// before sending any), so that each connection is served by hyper's own HTTP/1 or HTTP/2
+/// connection. hyper-util's auto-detecting server reads the bytes and replays them through a
+/// wrapper instead; measured with 10 000 idle keep-alive connections, that cost 219 MB of RSS
+/// where this costs 83 MB.
+async fn client_protocol(stream: &tokio::net::TcpStream) -> std::io::Result<Option<Protocol>> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if first[..n] != H2_PREFACE[..n] {
+            return Ok(Some(Protocol::Http1));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Some(Protocol::Http2));
+        }
+        // Part of the preface: more is on its way. A peek does not consume, so the socket
+        // stays readable; wait a moment rather than spin (the caller's idle limit bounds it).
+        tokio::time::sleep(PREFACE_PAUSE).await;
+    }
+}
+
+/// How long to wait for the rest of a preface that arrived in pieces.
+const PREFACE_PAUSE: Duration = Duration::from_millis(2);
+
+/// Runs `connection` until it ends, or until `control` fires: then a busy connection (or
+/// every connection, at shutdown) finishes its requests first, after `graceful` asked it to.
+async fn drive<C>(
+    connection: C,
+    graceful: impl Fn(Pin<&mut C>),
+    control: Pin<&mut Gated<impl Future<Output = Control>>>,
+    conn: &Connection,
+) where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::pin!(connection);
     tokio::select! {
         biased;
         result = connection.as_mut() => {
@@ -207,13 +280,13 @@ async fn serve_connection(conn: Arc<Connection>, stream: TrackedStream) {
         }
         control = control => match control {
             Control::Evict => {
-                if activity.busy() {
-                    connection.as_mut().graceful_shutdown();
+                if conn.activity.busy() {
+                    graceful(connection.as_mut());
                     let _ = connection.await;
                 }
             }
             Control::Stop => {
-                connection.as_mut().graceful_shutdown();
+                graceful(connection.as_mut());
                 let _ = connection.await;
             }
             Control::Idle => {

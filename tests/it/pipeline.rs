@@ -623,3 +623,97 @@ async fn http2_prior_knowledge_routes_by_authority() {
     }
     proxy.stop().await;
 }
+
+/// The HTTP/2 preface told apart from HTTP/1.1 when it arrives in pieces: the listener peeks
+/// at the first bytes without consuming them, and waits for the rest of a partial preface.
+#[tokio::test]
+async fn an_http2_preface_sent_in_pieces_is_still_http2() {
+    let (origin, proxy) = client_scene().await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(Trickle::new(stream)),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get("http://api.test/items?via=pieces")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(origin.last().header("authorization"), "Bearer sk");
+
+    // An HTTP/1.1 request that starts like the preface ("PRI" is a method name) is HTTP/1.1.
+    let answer = crate::raw::send(proxy.addr, "PRI /x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+    proxy.stop().await;
+}
+
+/// A stream whose first 24 bytes (the length of the HTTP/2 preface) go out 5 bytes per
+/// write, each after a short pause, so that they reach the proxy in separate segments.
+struct Trickle {
+    stream: TcpStream,
+    trickled: usize,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Trickle {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            trickled: 0,
+            pause: None,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Trickle {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Trickle {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.trickled >= 24 {
+            return std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
+        }
+        if let Some(pause) = self.pause.as_mut() {
+            std::task::ready!(std::future::Future::poll(pause.as_mut(), cx));
+            self.pause = None;
+        }
+        let n = buf.len().min(5).min(24 - self.trickled);
+        let written =
+            std::task::ready!(std::pin::Pin::new(&mut self.stream).poll_write(cx, &buf[..n]))?;
+        self.trickled += written;
+        self.pause = Some(Box::pin(tokio::time::sleep(
+            std::time::Duration::from_millis(20),
+        )));
+        std::task::Poll::Ready(Ok(written))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
