@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Loopback load benchmark: direct vs authrelay (forward proxy and mount) vs nginx.
+# Loopback load benchmark: direct vs authrelay (forward proxy and mount) vs nginx vs the hyper
+# floor (examples/hyper_floor.rs: hyper + tokio alone, no routing or logging).
 #
 #   benches/load.sh                      # full run: 32 and 256 connections, 3 runs of 5 s
 #   DURATION=3 RUNS=1 benches/load.sh    # quick look
 #
 # What it does (everything on 127.0.0.1, every loop bounded):
-#   1. builds authrelay and examples/bench_upstream in release mode;
+#   1. builds authrelay, examples/bench_upstream and examples/hyper_floor in release mode;
 #   2. installs wrk and nginx from the OS packages when missing (apt-get);
 #   3. starts the upstream (answers 100 bytes only when `Authorization: Bearer bench-token`
 #      is present, else 401) over plain HTTP and over TLS, authrelay (static credential,
@@ -42,8 +43,9 @@ AR_LOG_PORT=${AR_LOG_PORT:-18186}       # authrelay with RUST_LOG=info (access l
 NGX_LOG_PORT=${NGX_LOG_PORT:-18187}     # nginx with its access log on
 NGX_HTTPS_PORT=${NGX_HTTPS_PORT:-18188} # nginx: plain HTTP in, TLS to the upstream
 NGX_TLS_PORT=${NGX_TLS_PORT:-18189}     # nginx: TLS in (as authrelay's intercepted CONNECT), TLS out
+FLOOR_PORT=${FLOOR_PORT:-18191}         # the hyper floor
 # Which targets run (all by default); e.g. TARGETS="direct authrelay nginx".
-TARGETS=${TARGETS:-"direct authrelay authrelay-mount nginx authrelay-log nginx-log authrelay-https nginx-https authrelay-connect nginx-tls"}
+TARGETS=${TARGETS:-"direct authrelay authrelay-mount nginx floor authrelay-log nginx-log authrelay-https nginx-https authrelay-connect nginx-tls"}
 # BEFORE=path/to/other/authrelay adds the target authrelay-before: that build, same config,
 # interleaved with the others, so a change is measured before and after in one sitting.
 BEFORE=${BEFORE:-}
@@ -84,7 +86,7 @@ install_if_missing nginx nginx-light nginx
 NGINX=$(command -v nginx)
 
 log "building (release)"
-cargo build --release --quiet --bin authrelay --example bench_upstream --example bench_tls_client
+cargo build --release --quiet --bin authrelay --example bench_upstream --example bench_tls_client --example hyper_floor
 AUTHRELAY=target/release/authrelay
 UPSTREAM=target/release/examples/bench_upstream
 TLS_CLIENT=target/release/examples/bench_tls_client
@@ -172,6 +174,15 @@ if [ -n "$BEFORE" ]; then
         2>>"$WORK/authrelay-before.log" &
     AR_BEFORE_PID=$!; PIDS+=("$AR_BEFORE_PID")
     wait_port "$AR_BEFORE_PORT"
+fi
+
+# --- the hyper floor -----------------------------------------------------------------------
+# The same header injection on hyper + tokio alone: what authrelay spends above it is its own.
+if [[ " $TARGETS " == *" floor "* ]]; then
+    taskset -c "$PROXY_CORE" target/release/examples/hyper_floor "127.0.0.1:$FLOOR_PORT" \
+        "127.0.0.1:$UP_PORT" "$TOKEN" 2>>"$WORK/floor.log" &
+    FLOOR_PID=$!; PIDS+=("$FLOOR_PID")
+    wait_port "$FLOOR_PORT"
 fi
 
 # --- nginx ----------------------------------------------------------------------------------
@@ -357,6 +368,7 @@ for c in $CONNS; do
         if wanted authrelay; then run_once authrelay "$c" "$run" "http://127.0.0.1:$AR_PORT/" "$WORK/forward.lua" "" "$AR_PID"; fi
         if wanted authrelay-before; then run_once authrelay-before "$c" "$run" "http://127.0.0.1:$AR_BEFORE_PORT/" "$WORK/forward.lua" "" "$AR_BEFORE_PID"; fi
         if wanted authrelay-mount; then run_once authrelay-mount "$c" "$run" "http://127.0.0.1:$AR_PORT/m$PATH_QS" "" "" "$AR_PID"; fi
+        if wanted floor; then run_once floor "$c" "$run" "http://127.0.0.1:$FLOOR_PORT/" "$WORK/forward.lua" "" "$FLOOR_PID"; fi
         if wanted nginx; then run_once nginx "$c" "$run" "http://127.0.0.1:$NGX_PORT/" "$WORK/forward.lua" "" "$NGX_WORKER"; fi
         if wanted authrelay-log; then run_once authrelay-log "$c" "$run" "http://127.0.0.1:$AR_LOG_PORT/" "$WORK/forward.lua" "" "$AR_LOG_PID"; fi
         if wanted nginx-log; then run_once nginx-log "$c" "$run" "http://127.0.0.1:$NGX_LOG_PORT/" "$WORK/forward.lua" "" "$NGX_WORKER"; fi
@@ -419,7 +431,7 @@ instructions_per_request() { # name pid -> instructions per request
     n=$(awk '/ requests in / { print $1 }' <<<"$out")
     cat "$WORK/callgrind.$name".* | awk -v n="$n" '/^totals:/ { s += $2 } END { printf "%d", s / n }'
 }
-AR_INSTR=- AR_INFO_INSTR=- NGX_INSTR=-
+AR_INSTR=- AR_INFO_INSTR=- NGX_INSTR=- FLOOR_INSTR=-
 if [ "$CALLGRIND" = 1 ]; then
     log "instructions per request under callgrind"
     kill "$AR_PID" "$NGX_MASTER" 2>/dev/null || true
@@ -447,6 +459,15 @@ if [ "$CALLGRIND" = 1 ]; then
     wait_port "$CG_PORT"
     NGX_INSTR=$(instructions_per_request nginx "$CG_PID")
     kill "$CG_PID"; wait "$CG_PID" 2>/dev/null || true
+    if [[ " $TARGETS " == *" floor "* ]]; then
+        kill "$FLOOR_PID" 2>/dev/null || true
+        taskset -c "$PROXY_CORE" valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.floor" \
+            target/release/examples/hyper_floor "127.0.0.1:$CG_PORT" "127.0.0.1:$UP_PORT" "$TOKEN" 2>/dev/null &
+        CG_PID=$!; PIDS+=("$CG_PID")
+        wait_port "$CG_PORT"
+        FLOOR_INSTR=$(instructions_per_request floor "$CG_PID")
+        kill "$CG_PID"; wait "$CG_PID" 2>/dev/null || true
+    fi
 fi
 
 # --- report ---------------------------------------------------------------------------------
@@ -469,9 +490,9 @@ for c in $CONNS; do
     done
 done
 echo
-printf '%-6s %-18s %-12s %10s %10s %10s %10s\n' conns authrelay 'vs' 'req/s x' 'CPU/req x' 'p99 ms' 'nginx p99'
+printf '%-6s %-18s %-12s %10s %10s %10s %10s\n' conns authrelay 'vs' 'req/s x' 'CPU/req x' 'p99 ms' 'p99 (2nd)'
 for c in $CONNS; do
-    for pair in authrelay:nginx authrelay:authrelay-before authrelay-mount:nginx authrelay-log:nginx-log authrelay-https:nginx-https authrelay-connect:nginx-tls; do
+    for pair in authrelay:nginx authrelay:floor authrelay-log:floor floor:nginx authrelay:authrelay-before authrelay-mount:nginx authrelay-log:nginx-log authrelay-https:nginx-https authrelay-connect:nginx-tls; do
         a=${pair%%:*} n=${pair##*:}
         [ -n "${RPS[$a/$c]:-}" ] && [ -n "${RPS[$n/$c]:-}" ] || continue
         printf '%-6s %-18s %-12s %10s %10s %10s %10s\n' "$c" "$a" "$n" \
@@ -479,8 +500,8 @@ for c in $CONNS; do
             "${P99[$a/$c]}" "${P99[$n/$c]}"
     done
 done
-echo "(req/s x, CPU/req x: authrelay relative to nginx doing the same; CPU/req below 1.00 means"
-echo " authrelay spends less CPU time per request; access lines written: authrelay $AR_LOG_LINES, nginx $NGX_LOG_LINES)"
+echo "(req/s x, CPU/req x: the first target relative to the second doing the same; CPU/req below 1.00"
+echo " means the first spends less CPU time per request; access lines written: authrelay $AR_LOG_LINES, nginx $NGX_LOG_LINES)"
 echo
 echo "memory (RSS, MB)            authrelay    nginx (master+worker)"
 printf 'idle, before load           %9s    %9s\n' "$(mb "$AR_IDLE_RSS")" "$(mb "$NGX_IDLE_RSS")"
@@ -490,6 +511,7 @@ printf '%s idle keep-alive conns %7s    %9s   (answered 200: %s / %s)\n' "$IDLE_
     "$(mb "$AR_CONN_RSS")" "$(mb "$NGX_CONN_RSS")" "$AR_CONN_OK" "$NGX_CONN_OK"
 echo
 echo "user-space instructions per request (callgrind, 8 conns): authrelay $AR_INSTR, nginx $NGX_INSTR" \
-    "($(ratio "$AR_INSTR" "$NGX_INSTR") x nginx); authrelay with RUST_LOG=info (access log on): $AR_INFO_INSTR"
+    "($(ratio "$AR_INSTR" "$NGX_INSTR") x nginx, $(ratio "$AR_INSTR" "$FLOOR_INSTR") x the hyper floor's $FLOOR_INSTR);" \
+    "authrelay with RUST_LOG=info (access log on): $AR_INFO_INSTR"
 [ "${AR_CONN_FAIL:-0}" = 0 ] && [ "${NGX_CONN_FAIL:-0}" = 0 ] || echo "failed idle connections: authrelay $AR_CONN_FAIL, nginx $NGX_CONN_FAIL"
 echo "upstream peak RSS: $(mb "$UP_PEAK") MB; raw wrk output: $WORK"
