@@ -240,6 +240,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// where this costs 83 MB.
 async fn client_protocol(stream: &tokio::net::TcpStream) -> std::io::Result<Option<Protocol>> {
     let mut first = [0u8; H2_PREFACE.len()];
+    let mut pause = PREFACE_PAUSE_FIRST;
     loop {
         let n = stream.peek(&mut first).await?;
         if n == 0 {
@@ -252,13 +253,18 @@ async fn client_protocol(stream: &tokio::net::TcpStream) -> std::io::Result<Opti
             return Ok(Some(Protocol::Http2));
         }
         // Part of the preface: more is on its way. A peek does not consume, so the socket
-        // stays readable; wait a moment rather than spin (the caller's idle limit bounds it).
-        tokio::time::sleep(PREFACE_PAUSE).await;
+        // stays readable; wait rather than spin, longer each time, so that a client that sends
+        // a few bytes and stops costs a handful of wake-ups a second until the caller's idle
+        // limit closes it.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(PREFACE_PAUSE_MAX);
     }
 }
 
-/// How long to wait for the rest of a preface that arrived in pieces.
-const PREFACE_PAUSE: Duration = Duration::from_millis(2);
+/// The first wait for the rest of a preface that arrived in pieces, doubled after each look.
+const PREFACE_PAUSE_FIRST: Duration = Duration::from_millis(1);
+/// The longest wait between two looks at a partial preface.
+const PREFACE_PAUSE_MAX: Duration = Duration::from_millis(200);
 
 /// Runs `connection` until it ends, or until `control` fires: then a busy connection (or
 /// every connection, at shutdown) finishes its requests first, after `graceful` asked it to.

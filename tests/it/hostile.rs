@@ -392,6 +392,20 @@ fn client_cases(api: SocketAddr, echo: SocketAddr) -> Vec<ClientCase> {
             true,
         ),
         case(
+            "half an HTTP/2 preface, stalled",
+            // Told neither HTTP/1.1 nor HTTP/2 yet: waited for (ever more patiently, never in
+            // a spin) until the idle limit closes the connection.
+            "PRI * HTTP/2.0\r\n".to_string(),
+            &[],
+            true,
+        ),
+        case(
+            "an HTTP/2 preface, then no HTTP/2",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nGET / HTTP/1.1\r\n\r\n".to_string(),
+            &[],
+            true,
+        ),
+        case(
             "pipelined requests",
             format!("GET http://{echo}/one HTTP/1.1\r\nHost: {echo}\r\n\r\nGET http://{echo}/two HTTP/1.1\r\nHost: {echo}\r\n\r\nGET http://{echo}/three HTTP/1.1\r\nHost: {echo}\r\nConnection: close\r\n\r\n"),
             &[200, 200, 200],
@@ -447,7 +461,7 @@ async fn hostile_clients_get_their_expected_answer_and_the_proxy_keeps_serving()
             "the upstream got a Content-Length that does not frame its body: {length}"
         );
     }
-    assert!(cases.len() >= 14);
+    assert!(cases.len() >= 16);
 }
 
 /// Idle sockets (silent, or sending a head byte by byte) cannot hold every slot: at
