@@ -19,7 +19,7 @@ use crate::access::{DestinationError, DestinationPolicy, UnmatchedReach};
 use crate::config::Unmatched;
 use crate::routes::Route;
 use crate::state::Snapshot;
-use crate::upstream::PinnedAddrs;
+use crate::upstream::{authority, PinnedAddrs};
 
 /// What admission lets a request do.
 pub(crate) enum Decision {
@@ -140,17 +140,18 @@ pub fn resolve(snapshot: &Snapshot, method: &Method, uri: &Uri) -> Result<Target
     target::resolve(snapshot, method, uri)
 }
 
-/// The host and port an absolute URI names (the scheme's default port when it names none).
+/// The host and port (the scheme's default when none is given) a request URI names, read
+/// by the one authority parser of the request path.
 fn host_and_port(uri: &Uri) -> (&str, u16) {
     let default_port = if uri.scheme() == Some(&Scheme::HTTPS) {
         443
     } else {
         80
     };
-    (
-        uri.host().unwrap_or_default(),
-        uri.port_u16().unwrap_or(default_port),
-    )
+    let (host, port) = uri
+        .authority()
+        .map_or(("", None), |a| authority::host_and_port(a.as_str()));
+    (host, port.unwrap_or(default_port))
 }
 
 /// A credential never travels in clear beyond this machine: plain `http://` to a
@@ -159,7 +160,7 @@ fn host_and_port(uri: &Uri) -> (&str, u16) {
 fn check_cleartext(route: &Route, upstream: &Uri) -> Result<(), ProxyError> {
     if upstream.scheme() == Some(&Scheme::HTTP)
         && route.upstream.is_none()
-        && target::sends_in_clear(route, upstream.host().unwrap_or_default())
+        && target::sends_in_clear(route, host_and_port(upstream).0)
     {
         return Err(ProxyError::CleartextRefused(route.name.to_string()));
     }

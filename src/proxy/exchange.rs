@@ -88,12 +88,7 @@ impl Exchange<'_> {
             });
         };
 
-        if let Some(signer) = self
-            .config
-            .credentials
-            .get(&**slot.name())
-            .and_then(|c| c.kind.signer())
-        {
+        if let Some(signer) = slot.signer() {
             // Boxed: its body buffering and signing would otherwise be part of every
             // request's future.
             return Box::pin(self.run_signed(route, slot, signer, parts, body)).await;

@@ -26,7 +26,7 @@ use http::HeaderName;
 use tokio::sync::oneshot;
 
 use crate::config::{CredentialConfig, TokenSettings};
-use crate::credentials::{CredentialError, TokenSource};
+use crate::credentials::{CredentialError, RequestSigner, TokenSource};
 use crate::metrics::Metrics;
 use crate::token_cache::{RedisCache, SharedSlot};
 use flight::{Failure, Phase, Trigger};
@@ -161,6 +161,12 @@ impl CredentialSlot {
     /// The query parameter this credential's value goes in instead of its header.
     pub(crate) fn query_param(&self) -> Option<&str> {
         self.config.query_param.as_deref()
+    }
+
+    /// The signer of a credential that signs each request (`hmac`, `aws_sigv4`), read from
+    /// the slot's own definition: no lookup by name on the request path.
+    pub(crate) fn signer(&self) -> Option<&dyn RequestSigner> {
+        self.config.kind.signer()
     }
 
     /// Whether this slot can be kept across a reload to `config`: the token source is the
