@@ -24,6 +24,11 @@ const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
 /// The longest a person is given when the vendor states no `expires_in`.
 const DEFAULT_EXPIRES_IN: Duration = Duration::from_secs(900);
+/// The most of `expires_in` and `interval` taken from a vendor's answer: a user code is
+/// meant for minutes (Microsoft 15, Google 30), and an absurd value must neither overflow
+/// the deadline nor keep `authorize` waiting for days.
+const MAX_EXPIRES_IN: Duration = Duration::from_secs(3600);
+const MAX_INTERVAL: Duration = Duration::from_secs(60);
 /// The grant type of the polling requests.
 const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 
@@ -179,8 +184,12 @@ impl Client {
             // Google names it `verification_url`.
             verification_uri: text("/verification_uri").or_else(|_| text("/verification_url"))?,
             verification_uri_complete: text("/verification_uri_complete").ok(),
-            interval: seconds("/interval").unwrap_or(DEFAULT_INTERVAL),
-            expires_in: seconds("/expires_in").unwrap_or(DEFAULT_EXPIRES_IN),
+            interval: seconds("/interval")
+                .unwrap_or(DEFAULT_INTERVAL)
+                .min(MAX_INTERVAL),
+            expires_in: seconds("/expires_in")
+                .unwrap_or(DEFAULT_EXPIRES_IN)
+                .min(MAX_EXPIRES_IN),
         })
     }
 
@@ -248,5 +257,42 @@ mod tests {
         )
         .unwrap();
         assert!(s.endpoint.public());
+    }
+
+    /// A vendor's absurd `expires_in` and `interval` are capped: no overflowing deadline (a
+    /// panic), no wait of days.
+    #[tokio::test]
+    async fn absurd_lifetimes_in_a_device_answer_are_capped() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await.unwrap();
+            let body = format!(
+                "{{\"device_code\":\"dc\",\"user_code\":\"UC\",\"verification_uri\":\"https://idp.test/d\",\"expires_in\":{},\"interval\":{}}}",
+                u64::MAX,
+                u64::MAX
+            );
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(answer.as_bytes()).await.unwrap();
+        });
+        let settings = validate_for_test::<OAuth2DeviceCode>(
+            &format!(
+                "device_authorization_url: http://{addr}/device\ntoken_url: http://{addr}/token\nclient_id: tv\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = Client::new(settings, reqwest::Client::new());
+        let authorization = client.begin().await.unwrap();
+        assert_eq!(authorization.expires_in, MAX_EXPIRES_IN);
+        assert_eq!(authorization.interval, MAX_INTERVAL);
+        assert_eq!(authorization.user_code, "UC");
     }
 }
