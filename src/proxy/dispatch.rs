@@ -20,6 +20,7 @@ use super::respond::ProxyError;
 use super::{connect, headers, location, upgrade};
 use crate::access::Client;
 use crate::access_log::{self, Outcome, RequestFields as AccessFields};
+use crate::upstream::authority::host_and_port;
 use crate::upstream::idle::{IdleTimeout, Side};
 use crate::upstream::ProxyBody;
 
@@ -237,7 +238,11 @@ fn access_fields<'a>(
         route: route.map_or("-", |r| &*r.name),
         credential: credential.map_or("-", |c| &**c.name()),
         method: method.as_str(),
-        host: origin.map_or_else(|| uri.host().unwrap_or("-"), |a| a.host()),
+        // The request path's one authority parser (the `http` crate's `host()` searches
+        // with `str` patterns, and this runs for every request at the default level).
+        host: origin
+            .or_else(|| uri.authority())
+            .map_or("-", |a| host_and_port(a.as_str()).0),
         upstream: uri.authority().map_or("-", |a| a.as_str()),
     }
 }
