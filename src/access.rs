@@ -623,16 +623,6 @@ pub enum DestinationError {
     Timeout(Duration),
 }
 
-/// Whether `host` (a request's or an upstream's) is this machine: a loopback IP literal or
-/// `localhost`. A credential may travel there over plain HTTP.
-pub fn is_loopback_host(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    bare.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.to_canonical().is_loopback())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -221,7 +221,7 @@ fn validate_route(
     if let Some(up) = upstream.as_ref().filter(|_| credential.is_some()) {
         if up.scheme == http::uri::Scheme::HTTP
             && !raw.allow_cleartext
-            && !crate::access::is_loopback_host(up.authority.host())
+            && !crate::vocab::hosts::is_loopback_host(up.authority.host())
         {
             ctx.problem(
                 "upstream",

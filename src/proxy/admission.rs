@@ -72,7 +72,9 @@ pub(crate) async fn admit<B>(
         Some(route) => {
             let user = ctx.client.user.as_deref();
             check_routed(route, user, method, uri, request.headers())?;
-            check_cleartext(route, &target.uri)?;
+            if target.in_clear {
+                return Err(ProxyError::CleartextRefused(route.name.to_string()));
+            }
             (None, route.credential_for(user).cloned())
         }
         None => {
@@ -152,19 +154,6 @@ fn host_and_port(uri: &Uri) -> (&str, u16) {
         .authority()
         .map_or(("", None), |a| authority::host_and_port(a.as_str()));
     (host, port.unwrap_or(default_port))
-}
-
-/// A credential never travels in clear beyond this machine: plain `http://` to a
-/// non-loopback host on a route with a credential is refused unless it says
-/// `allow_cleartext` (on the scheme's default port routing already took it to `https://`).
-fn check_cleartext(route: &Route, upstream: &Uri) -> Result<(), ProxyError> {
-    if upstream.scheme() == Some(&Scheme::HTTP)
-        && route.upstream.is_none()
-        && target::sends_in_clear(route, host_and_port(upstream).0)
-    {
-        return Err(ProxyError::CleartextRefused(route.name.to_string()));
-    }
-    Ok(())
 }
 
 /// Resolves `host:port` (within `timeouts.connect`) and returns its addresses once every

@@ -21,6 +21,10 @@ pub struct Target {
     /// The scheme and authority the client addressed (forward and tunnel mode; `None` for
     /// mount requests), for the access log and redirect rewriting.
     pub client_origin: Option<(Scheme, http::uri::Authority)>,
+    /// Whether the request would carry its route's credential (or need its client
+    /// certificate) over plain HTTP beyond this machine: read here, where the host is
+    /// parsed anyway; admission refuses it (`cleartext_refused`).
+    pub in_clear: bool,
 }
 
 /// Routes a request by its URI: absolute-form is a forward-proxy request, origin-form a
@@ -94,8 +98,11 @@ fn forward_target(
             route: None,
             uri: uri.clone(),
             client_origin: None,
+            in_clear: false,
         });
     };
+    let in_clear =
+        scheme == Scheme::HTTP && route.upstream.is_none() && sends_in_clear(&route, host);
     let upstream_uri = match &route.upstream {
         // The request's own path and query, unchanged: shared rather than copied and parsed.
         Some(up) if up.base_path.is_empty() => {
@@ -113,13 +120,12 @@ fn forward_target(
         Some(up) => rebase(up, uri.path(), uri.query())?,
         // On the scheme's own port, plain http to a credential host is taken to its https
         // origin; on another port it stays, and admission refuses it (`cleartext_refused`).
-        None if scheme == Scheme::HTTP && port == default_port && sends_in_clear(&route, host) => {
-            to_https(uri)?
-        }
+        None if in_clear && port == default_port => to_https(uri)?,
         None => uri.clone(),
     };
     let client_origin = Some((scheme, authority.clone()));
     Ok(Target {
+        in_clear: in_clear && port != default_port,
         route: Some(route),
         uri: upstream_uri,
         client_origin,
@@ -142,6 +148,7 @@ pub fn mount_target(snapshot: &Snapshot, method: &Method, uri: &Uri) -> Result<T
         route: Some(Arc::clone(route)),
         uri: target,
         client_origin: None,
+        in_clear: false,
     })
 }
 
@@ -153,7 +160,16 @@ pub(crate) fn sends_in_clear(route: &Route, host: &str) -> bool {
     route.config.tls_client_cert.is_some()
         || (route.credential.is_some()
             && !route.config.allow_cleartext
-            && !crate::access::is_loopback_host(host))
+            && !route_host_is_loopback(route, host))
+}
+
+/// Whether `host`, which matched `route`, is this machine: known from the config when the
+/// route names one exact host (no parsing per request), read from `host` otherwise.
+fn route_host_is_loopback(route: &Route, host: &str) -> bool {
+    match &route.config.host {
+        Some(pattern) if pattern.is_exact() => pattern.is_loopback(),
+        _ => crate::vocab::hosts::is_loopback_host(host),
+    }
 }
 
 /// The same request to the host's `https://` origin (default port), so that a legacy client

@@ -1,30 +1,61 @@
 //! Reading an upstream authority (`host[:port]`) on the request path.
 
 /// `Authority::host()` and `Authority::port_u16()` in one pass over the bytes: the `http`
-/// crate's versions search with `str` patterns, several hundred instructions per request
-/// for what is a short scan.
+/// crate's versions search with `str` patterns and parse the port with `str::parse`,
+/// several hundred instructions per request for what is a short scan.
 pub fn host_and_port(authority: &str) -> (&str, Option<u16>) {
     let bytes = authority.as_bytes();
-    let host_port = match bytes.iter().rposition(|&b| b == b'@') {
-        Some(at) => &authority[at + 1..],
-        None => authority,
-    };
-    let end = if host_port.as_bytes().first() == Some(&b'[') {
-        host_port.bytes().position(|b| b == b']').map(|i| i + 1)
+    // One pass for the last `@` (user info ends there) and the last `:` (the port's).
+    let (mut at, mut last_colon) = (None, None);
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'@' => at = Some(i),
+            b':' => last_colon = Some(i),
+            _ => {}
+        }
+    }
+    let start = at.map_or(0, |at| at + 1);
+    let host_port = &bytes[start..];
+    let host_len = if host_port.first() == Some(&b'[') {
+        host_port
+            .iter()
+            .position(|&b| b == b']')
+            .map_or(host_port.len(), |i| i + 1)
     } else {
-        host_port.bytes().position(|b| b == b':')
+        host_port
+            .iter()
+            .position(|&b| b == b':')
+            .unwrap_or(host_port.len())
     };
-    let host = &host_port[..end.unwrap_or(host_port.len())];
-    let port = bytes
-        .iter()
-        .rposition(|&b| b == b':')
-        .and_then(|colon| authority[colon + 1..].parse().ok());
+    let host = &authority[start..start + host_len];
+    let port = last_colon.and_then(|colon| parse_port(&bytes[colon + 1..]));
     (host, port)
+}
+
+/// A port as `str::parse::<u16>` reads one (an optional `+`, then decimal digits, at most
+/// 65535), without its generic overflow checks.
+fn parse_port(text: &[u8]) -> Option<u16> {
+    let digits = text.strip_prefix(b"+").unwrap_or(text);
+    if digits.is_empty() {
+        return None;
+    }
+    let mut value: u32 = 0;
+    for &b in digits {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        value = value * 10 + u32::from(digit);
+        if value > u32::from(u16::MAX) {
+            return None;
+        }
+    }
+    u16::try_from(value).ok()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::host_and_port;
+    use super::{host_and_port, parse_port};
     use http::uri::Authority;
 
     #[test]
@@ -41,12 +72,42 @@ mod tests {
             "user@[::1]",
             "a:99999",
             "a:+80",
+            "a:+",
+            "a:-1",
+            "a:65535",
+            "a:65536",
+            "a:0080",
+            "[::1]:",
         ] {
             let authority: Authority = text.parse().unwrap();
             assert_eq!(
                 host_and_port(authority.as_str()),
                 (authority.host(), authority.port_u16()),
                 "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn ports_read_as_str_parse_reads_them() {
+        for text in [
+            "",
+            "+",
+            "-1",
+            "0",
+            "80",
+            "+80",
+            "0080",
+            "65535",
+            "65536",
+            "8a",
+            " 80",
+            "99999999999",
+        ] {
+            assert_eq!(
+                parse_port(text.as_bytes()),
+                text.parse::<u16>().ok(),
+                "{text:?}"
             );
         }
     }

@@ -1,6 +1,8 @@
 //! Host patterns and upstream targets: the words routes are written in. Parsed once from the
 //! config; matched on every request by the route table.
 
+use std::net::IpAddr;
+
 use http::uri::{Authority, Scheme};
 
 /// The host part of a route rule: exact (`api.example.com`) or a wildcard (`*.example.com`,
@@ -11,6 +13,8 @@ pub struct HostPattern {
     host: String,
     wildcard: bool,
     port: Option<u16>,
+    /// An exact host that is this machine (read once here, not per request).
+    loopback: bool,
 }
 
 impl HostPattern {
@@ -44,6 +48,7 @@ impl HostPattern {
             ));
         }
         Ok(Self {
+            loopback: !wildcard && is_loopback_host(host),
             host: host.to_string(),
             wildcard,
             port,
@@ -53,6 +58,11 @@ impl HostPattern {
     /// True for a pattern naming exactly one host (no `*.`).
     pub fn is_exact(&self) -> bool {
         !self.wildcard
+    }
+
+    /// True for an exact host that is this machine (`localhost`, a loopback address).
+    pub fn is_loopback(&self) -> bool {
+        self.loopback
     }
 
     /// The host (for a wildcard, the suffix after `*.`).
@@ -148,4 +158,14 @@ impl UpstreamTarget {
             base_path: String::new(),
         })
     }
+}
+
+/// Whether `host` (a request's or an upstream's) is this machine: a loopback IP literal or
+/// `localhost`. A credential may travel there over plain HTTP.
+pub fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
