@@ -143,10 +143,14 @@ pub struct TunnelRoutes {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
-    exact: HashMap<String, Vec<usize>>,
-    wildcard: HashMap<String, Vec<usize>>,
+    exact: HostIndex,
+    wildcard: HostIndex,
     mounts: Vec<usize>,
 }
+
+/// Route indexes by host, in file order. Looked up with every request's host: foldhash
+/// (seeded per process) rather than SipHash.
+type HostIndex = HashMap<String, Vec<usize>, foldhash::fast::RandomState>;
 
 impl RouteTable {
     /// Builds the table; `slots` must hold every credential the routes name (validation
