@@ -42,9 +42,19 @@ pub(crate) fn handle(conn: Arc<Connection>, request: Request<Incoming>) -> Answe
                 line.finish(&ctx, None, response, false)
             }
             Err(e) => {
-                let line = AccessLine::start(&ctx, None, None, request.uri(), None);
+                // A refusal that knows its route (client not allowed, cleartext) is counted
+                // and logged under it, not under `unmatched`.
+                let snapshot = Arc::clone(&ctx.snapshot);
+                let route = e.route_name().and_then(|name| {
+                    snapshot
+                        .routes
+                        .iter()
+                        .find(|r| *r.name == *name)
+                        .map(|r| &**r)
+                });
+                let line = AccessLine::start(&ctx, route, None, request.uri(), None);
                 let response = refusal(&ctx, e);
-                line.finish(&ctx, None, response, false)
+                line.finish(&ctx, route, response, false)
             }
         }
     })
@@ -52,10 +62,7 @@ pub(crate) fn handle(conn: Arc<Connection>, request: Request<Incoming>) -> Answe
 
 /// The proxy's own answer to a request it did not let through.
 fn refusal(ctx: &RequestContext, e: ProxyError) -> Response<ProxyBody> {
-    let route = match &e {
-        ProxyError::ClientNotAllowed(r) | ProxyError::CleartextRefused(r) => Some(r.clone()),
-        _ => None,
-    };
+    let route = e.route_name().map(str::to_string);
     // At debug: the access line records every refusal, and a guessing client would write a
     // line per guess (the login throttle logs once per burst).
     tracing::debug!(client = %ctx.client.addr, method = %ctx.method, error = %e, "request refused by the proxy");
@@ -131,7 +138,9 @@ impl<'a> AccessLine<'a> {
         }
         let outcome = Outcome {
             status,
-            latency_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
+            latency_ms: ctx
+                .started
+                .map_or(0.0, |started| started.elapsed().as_secs_f64() * 1000.0),
             retried,
         };
         match &self.fast {

@@ -150,6 +150,17 @@ impl ProxyError {
         }
     }
 
+    /// The route a refusal of an admitted route's rules names (its metrics and access line
+    /// count it there), for the refusals that know one.
+    pub fn route_name(&self) -> Option<&str> {
+        match self {
+            ProxyError::ClientNotAllowed(route) | ProxyError::CleartextRefused(route) => {
+                Some(route)
+            }
+            _ => None,
+        }
+    }
+
     /// The answer sent to the client. `route` is named in the body when known.
     pub fn into_response(self, route: Option<&str>) -> Response<ProxyBody> {
         let status = self.status();

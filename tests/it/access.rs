@@ -229,6 +229,20 @@ routes:
         assert!(res.contains("client_not_allowed"), "{res}");
     }
     assert_eq!(origin.count(), 0, "the upstream was not contacted");
+    // Counted on the routes that refused them, not as unmatched traffic.
+    let metrics = proxy.state().metrics.encode();
+    for route in ["billing-only", "mount-billing"] {
+        let series = format!("authrelay_requests_total{{route=\"{route}\",class=\"4xx\"}}");
+        assert_eq!(metric(&metrics, &series), 1.0, "{series}\n{metrics}");
+    }
+    assert_eq!(
+        metric(
+            &metrics,
+            "authrelay_requests_total{route=\"unmatched\",class=\"4xx\"}"
+        ),
+        0.0,
+        "{metrics}"
+    );
     for request in requests(basic("billing", "b-pw")) {
         let res = crate::raw::send(proxy.addr, &request).await;
         assert!(res.starts_with("HTTP/1.1 200"), "{res}");
