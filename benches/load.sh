@@ -22,7 +22,10 @@
 #      (valgrind, installed when missing; CALLGRIND=0 skips it): repeatable where timings are not.
 #
 # Pinning: the proxy under test (authrelay or nginx) runs alone on PROXY_CORE; wrk and the
-# upstream share LOAD_CORE. The direct run (wrk sends the header itself) uses LOAD_CORE only. Numbers from a shared machine
+# upstream share LOAD_CORE. The exception is authrelay-mt: authrelay unpinned, so that it runs
+# tokio's multi-threaded runtime with a worker per core, and wrk unpinned beside it (the
+# upstream stays on LOAD_CORE); its CPU per request against the pinned authrelay's is what work
+# stealing and cross-thread wake-ups cost. The direct run (wrk sends the header itself) uses LOAD_CORE only. Numbers from a shared machine
 # are noisy: read the ratios, not the absolute values.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,8 +47,9 @@ NGX_LOG_PORT=${NGX_LOG_PORT:-18187}     # nginx with its access log on
 NGX_HTTPS_PORT=${NGX_HTTPS_PORT:-18188} # nginx: plain HTTP in, TLS to the upstream
 NGX_TLS_PORT=${NGX_TLS_PORT:-18189}     # nginx: TLS in (as authrelay's intercepted CONNECT), TLS out
 FLOOR_PORT=${FLOOR_PORT:-18191}         # the hyper floor
+AR_MT_PORT=${AR_MT_PORT:-18192}         # authrelay on every core (multi-threaded runtime)
 # Which targets run (all by default); e.g. TARGETS="direct authrelay nginx".
-TARGETS=${TARGETS:-"direct authrelay authrelay-mount nginx floor authrelay-log nginx-log authrelay-https nginx-https authrelay-connect nginx-tls"}
+TARGETS=${TARGETS:-"direct authrelay authrelay-mount nginx floor authrelay-log nginx-log authrelay-https nginx-https authrelay-connect nginx-tls authrelay-mt"}
 # BEFORE=path/to/other/authrelay adds the target authrelay-before: that build, same config,
 # interleaved with the others, so a change is measured before and after in one sitting.
 BEFORE=${BEFORE:-}
@@ -174,6 +178,13 @@ if [ -n "$BEFORE" ]; then
         2>>"$WORK/authrelay-before.log" &
     AR_BEFORE_PID=$!; PIDS+=("$AR_BEFORE_PID")
     wait_port "$AR_BEFORE_PORT"
+fi
+
+if [[ " $TARGETS " == *" authrelay-mt "* ]]; then
+    sed "s/^listen: .*/listen: 127.0.0.1:$AR_MT_PORT/" "$WORK/routes.yaml" >"$WORK/routes-mt.yaml"
+    RUST_LOG=warn "$AUTHRELAY" --config "$WORK/routes-mt.yaml" run 2>>"$WORK/authrelay-mt.log" &
+    AR_MT_PID=$!; PIDS+=("$AR_MT_PID")
+    wait_port "$AR_MT_PORT"
 fi
 
 # --- the hyper floor -----------------------------------------------------------------------
@@ -311,11 +322,11 @@ CLK_TCK=$(getconf CLK_TCK)
 
 # Samples of each target/conns, space-separated; medians are taken at the end.
 declare -A RPS P50 P99 BAD CPU
-run_once() { # name conns run url lua header [proxy-pid]
-    local name=$1 conns=$2 run=$3 url=$4 lua=${5:-} header=${6:-} pid=${7:-}
+run_once() { # name conns run url lua header [proxy-pid] [wrk-cores]
+    local name=$1 conns=$2 run=$3 url=$4 lua=${5:-} header=${6:-} pid=${7:-} cores=${8:-$LOAD_CORE}
     local key=$name/$conns out="$WORK/wrk-$name-$conns-$run.txt" ticks=0 rps p50 p99
     [ -n "$pid" ] && ticks=$(cpu_ticks "$pid")
-    taskset -c "$LOAD_CORE" timeout $((DURATION + 30)) wrk -t1 -c"$conns" -d"${DURATION}s" \
+    taskset -c "$cores" timeout $((DURATION + 30)) wrk -t1 -c"$conns" -d"${DURATION}s" \
         --timeout 5s --latency ${lua:+-s "$lua"} ${header:+-H "$header"} "$url" >"$out"
     if [ -n "$pid" ]; then # CPU time the proxy spent per request, in microseconds
         CPU[$key]+=" $(awk -v t=$(( $(cpu_ticks "$pid") - ticks )) -v hz="$CLK_TCK" \
@@ -367,6 +378,7 @@ for c in $CONNS; do
         if wanted direct; then run_once direct "$c" "$run" "http://127.0.0.1:$UP_PORT$PATH_QS" "" "Authorization: $TOKEN"; fi
         if wanted authrelay; then run_once authrelay "$c" "$run" "http://127.0.0.1:$AR_PORT/" "$WORK/forward.lua" "" "$AR_PID"; fi
         if wanted authrelay-before; then run_once authrelay-before "$c" "$run" "http://127.0.0.1:$AR_BEFORE_PORT/" "$WORK/forward.lua" "" "$AR_BEFORE_PID"; fi
+        if wanted authrelay-mt; then run_once authrelay-mt "$c" "$run" "http://127.0.0.1:$AR_MT_PORT/" "$WORK/forward.lua" "" "$AR_MT_PID" "$PROXY_CORE,$LOAD_CORE"; fi
         if wanted authrelay-mount; then run_once authrelay-mount "$c" "$run" "http://127.0.0.1:$AR_PORT/m$PATH_QS" "" "" "$AR_PID"; fi
         if wanted floor; then run_once floor "$c" "$run" "http://127.0.0.1:$FLOOR_PORT/" "$WORK/forward.lua" "" "$FLOOR_PID"; fi
         if wanted nginx; then run_once nginx "$c" "$run" "http://127.0.0.1:$NGX_PORT/" "$WORK/forward.lua" "" "$NGX_WORKER"; fi
@@ -480,7 +492,8 @@ echo "authrelay load benchmark — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) co
 echo "wrk -t1, ${DURATION}s x ${RUNS} runs (medians); proxy on core $PROXY_CORE, wrk + upstream on core $LOAD_CORE; RUST_LOG=warn, nginx access_log off"
 echo "(authrelay-log / nginx-log: RUST_LOG=info and nginx's access_log, each to a file; -https: plain HTTP"
 echo " in, TLS kept alive to the upstream; authrelay-connect: CONNECT + TLS to the proxy (interception),"
-echo " nginx-tls: TLS to nginx; both TLS out; bench_tls_client instead of wrk, handshakes before the clock)"
+echo " nginx-tls: TLS to nginx; both TLS out; bench_tls_client instead of wrk, handshakes before the clock;"
+echo " authrelay-mt: authrelay and wrk unpinned, the multi-threaded runtime on $(nproc) cores)"
 echo
 printf '%-18s %6s %12s %10s %10s %8s %14s\n' target conns 'req/s' 'p50 ms' 'p99 ms' errors 'proxy CPU us/req'
 for c in $CONNS; do
@@ -492,7 +505,7 @@ done
 echo
 printf '%-6s %-18s %-12s %10s %10s %10s %10s\n' conns authrelay 'vs' 'req/s x' 'CPU/req x' 'p99 ms' 'p99 (2nd)'
 for c in $CONNS; do
-    for pair in authrelay:nginx authrelay:floor authrelay-log:floor floor:nginx authrelay:authrelay-before authrelay-mount:nginx authrelay-log:nginx-log authrelay-https:nginx-https authrelay-connect:nginx-tls; do
+    for pair in authrelay:nginx authrelay:floor authrelay-log:floor floor:nginx authrelay:authrelay-before authrelay-mount:nginx authrelay-log:nginx-log authrelay-https:nginx-https authrelay-connect:nginx-tls authrelay-mt:authrelay; do
         a=${pair%%:*} n=${pair##*:}
         [ -n "${RPS[$a/$c]:-}" ] && [ -n "${RPS[$n/$c]:-}" ] || continue
         printf '%-6s %-18s %-12s %10s %10s %10s %10s\n' "$c" "$a" "$n" \
