@@ -12,11 +12,12 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::error::{describe, UpstreamError};
 use super::pinned::PinnedAddrs;
+use super::plain::open_tcp;
+use super::tls::server_name;
 
 /// Opens upgrade connections. Cheap to clone.
 #[derive(Clone)]
@@ -46,18 +47,11 @@ impl UpgradeConnector {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let (request, origin, scheme) = origin_form(request)?;
         let exchange = async {
-            let stream = self.tcp(&origin, &scheme, pinned).await?;
+            let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+            let stream = open_tcp(&origin, default_port, pinned, self.connect_timeout).await?;
             if scheme == Scheme::HTTPS {
-                let name = rustls::pki_types::ServerName::try_from(
-                    origin
-                        .host()
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_string(),
-                )
-                .map_err(|_| UpstreamError::Failed("the upstream host is not a TLS name".into()))?;
                 let tls = tokio_rustls::TlsConnector::from(Arc::clone(&self.tls))
-                    .connect(name, stream)
+                    .connect(server_name(&origin)?, stream)
                     .await
                     .map_err(|e| UpstreamError::Failed(describe(&e)))?;
                 handshake(tls, request).await
@@ -68,35 +62,6 @@ impl UpgradeConnector {
         tokio::time::timeout(timeout, exchange)
             .await
             .unwrap_or(Err(UpstreamError::Timeout(timeout)))
-    }
-
-    /// A connection to `origin`, or to the addresses its host was checked at.
-    async fn tcp(
-        &self,
-        origin: &Authority,
-        scheme: &Scheme,
-        pinned: Option<&PinnedAddrs>,
-    ) -> Result<TcpStream, UpstreamError> {
-        let host = origin.host().trim_start_matches('[').trim_end_matches(']');
-        let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
-        let port = origin.port_u16().unwrap_or(default_port);
-        let connecting = async {
-            match pinned {
-                Some(pinned) => TcpStream::connect(&pinned.0[..]).await,
-                None => TcpStream::connect((host, port)).await,
-            }
-        };
-        let stream = tokio::time::timeout(self.connect_timeout, connecting)
-            .await
-            .map_err(|_| {
-                UpstreamError::Failed(format!(
-                    "tcp connect error: no connection within {:?}",
-                    self.connect_timeout
-                ))
-            })?
-            .map_err(|e| UpstreamError::Failed(format!("tcp connect error: {e}")))?;
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
     }
 }
 

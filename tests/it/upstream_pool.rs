@@ -1,17 +1,20 @@
-//! The plain-HTTP upstream pool: keep-alive reuse across bodies of every framing, upstreams
-//! that close idle connections or cut a response short, the idle sweep, and concurrency.
-//! The upstream here is a hand-written HTTP/1.1 server so that each test decides exactly
-//! when connections are closed, and counts them.
+//! The upstream pool: keep-alive reuse across bodies of every framing, upstreams that close
+//! idle connections or cut a response short, the idle sweep, and concurrency; over TCP and
+//! over TLS (HTTP/1.1 chosen by ALPN), which never share a connection, and HTTP/2 upstreams
+//! that still get HTTP/2. The upstream here is a hand-written HTTP/1.1 server so that each
+//! test decides exactly when connections are closed, and counts them.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::support;
+use crate::support::tls::{https_origin, TestCa};
 
 /// What the raw upstream does after writing an answer.
 #[derive(Clone, Copy)]
@@ -24,19 +27,43 @@ enum After {
     Close,
 }
 
-/// A hand-written upstream that counts the connections it accepted and closed.
+/// How the raw upstream takes its connections.
+#[derive(Clone)]
+enum Wire {
+    Plain,
+    Tls(TlsAcceptor),
+    /// TLS when the first byte opens a TLS handshake record, else plain: one port for both.
+    Either(TlsAcceptor),
+}
+
+/// A hand-written upstream that counts the connections it accepted and closed, and the
+/// requests it read over TLS and in clear.
 struct RawUpstream {
     addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    closed: Arc<AtomicUsize>,
+    counts: Arc<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    accepted: AtomicUsize,
+    closed: AtomicUsize,
+    over_tls: AtomicUsize,
+    in_clear: AtomicUsize,
 }
 
 impl RawUpstream {
     fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
+        self.counts.accepted.load(Ordering::SeqCst)
     }
     fn closed(&self) -> usize {
-        self.closed.load(Ordering::SeqCst)
+        self.counts.closed.load(Ordering::SeqCst)
+    }
+    /// Requests read over TLS and in clear.
+    fn requests(&self) -> (usize, usize) {
+        (
+            self.counts.over_tls.load(Ordering::SeqCst),
+            self.counts.in_clear.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -47,34 +74,72 @@ async fn raw_upstream<F>(answer: F) -> RawUpstream
 where
     F: Fn(&str, usize) -> (Vec<u8>, After) + Send + Sync + 'static,
 {
+    raw_upstream_on(Wire::Plain, answer).await
+}
+
+/// [`raw_upstream`] taking its connections as `wire` says.
+async fn raw_upstream_on<F>(wire: Wire, answer: F) -> RawUpstream
+where
+    F: Fn(&str, usize) -> (Vec<u8>, After) + Send + Sync + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let closed = Arc::new(AtomicUsize::new(0));
-    let answer = Arc::new(answer);
-    let (acc, clo) = (Arc::clone(&accepted), Arc::clone(&closed));
+    let counts = Arc::new(Counts::default());
+    let answer: Arc<Answer> = Arc::new(answer);
+    let all = Arc::clone(&counts);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            acc.fetch_add(1, Ordering::SeqCst);
-            let answer = Arc::clone(&answer);
-            let clo = Arc::clone(&clo);
+            all.accepted.fetch_add(1, Ordering::SeqCst);
+            let (answer, counts, wire) = (Arc::clone(&answer), Arc::clone(&all), wire.clone());
             tokio::spawn(async move {
-                serve_raw(stream, &*answer).await;
-                clo.fetch_add(1, Ordering::SeqCst);
+                let mut first = [0u8; 1];
+                let acceptor = match wire {
+                    Wire::Plain => None,
+                    Wire::Tls(acceptor) => Some(acceptor),
+                    Wire::Either(acceptor) => {
+                        let handshake =
+                            matches!(stream.peek(&mut first).await, Ok(1) if first[0] == 0x16);
+                        handshake.then_some(acceptor)
+                    }
+                };
+                match acceptor {
+                    None => serve_raw(stream, &*answer, &counts.in_clear).await,
+                    Some(acceptor) => {
+                        if let Ok(tls) = acceptor.accept(stream).await {
+                            serve_raw(tls, &*answer, &counts.over_tls).await;
+                        }
+                    }
+                }
+                counts.closed.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
-    RawUpstream {
-        addr,
-        accepted,
-        closed,
-    }
+    RawUpstream { addr, counts }
+}
+
+/// A TLS acceptor for `127.0.0.1` with a leaf `ca` signed, offering `alpn`.
+fn acceptor(ca: &TestCa, alpn: &[&str]) -> TlsAcceptor {
+    let (chain, key) = ca.leaf(&["127.0.0.1"]);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    TlsAcceptor::from(Arc::new(config))
 }
 
 /// What the raw upstream answers: request head and index on its connection -> bytes, then.
 type Answer = dyn Fn(&str, usize) -> (Vec<u8>, After) + Send + Sync;
 
-async fn serve_raw(mut stream: TcpStream, answer: &Answer) {
+/// Serves one connection, counting its requests in `requests`. A close after an idle pause
+/// is a clean one (TLS: close_notify first); a close right after an answer is abrupt.
+async fn serve_raw<S>(mut stream: S, answer: &Answer, requests: &AtomicUsize)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut buf = Vec::new();
     for nth in 0.. {
         let head_end = loop {
@@ -104,6 +169,7 @@ async fn serve_raw(mut stream: TcpStream, answer: &Answer) {
             }
         }
         buf.drain(..head_end + body_len);
+        requests.fetch_add(1, Ordering::SeqCst);
         let (response, after) = answer(&head, nth);
         if response.is_empty() {
             return;
@@ -116,6 +182,7 @@ async fn serve_raw(mut stream: TcpStream, answer: &Answer) {
             After::Close => return,
             After::CloseIdle(delay) => {
                 tokio::time::sleep(delay).await;
+                let _ = stream.shutdown().await;
                 return;
             }
         }
@@ -362,5 +429,225 @@ async fn an_idle_connection_closed_as_a_bodiless_get_goes_out_is_retried_once() 
     let res = client.post(&url).body("once").send().await.unwrap();
     assert_eq!(res.status(), 502);
     assert_eq!(upstream.accepted(), 3);
+    proxy.stop().await;
+}
+
+/// Routes for `host: {upstream}` sent to `https://{upstream}`, trusting `ca`; with `extra`
+/// YAML on top. Returns the YAML and the folder holding the CA file.
+fn tls_routes(upstream: SocketAddr, ca: &TestCa, extra: &str) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path(), "upstream-ca.pem");
+    let yaml = format!(
+        r#"
+tls:
+  ca_file: {ca}
+credentials:
+  api:
+    type: static
+    value: "Bearer pool-token"
+routes:
+  - name: api
+    host: "{upstream}"
+    upstream: "https://{upstream}"
+    credential: api
+{extra}"#,
+        ca = ca_file.display()
+    );
+    (yaml, dir)
+}
+
+/// An HTTP/1.1 TLS upstream (ALPN `http/1.1` only) answering `answer`, and a proxy in front.
+async fn tls_upstream_and_proxy<F>(extra: &str, answer: F) -> (RawUpstream, support::Proxy)
+where
+    F: Fn(&str, usize) -> (Vec<u8>, After) + Send + Sync + 'static,
+{
+    let ca = TestCa::new();
+    let upstream = raw_upstream_on(Wire::Tls(acceptor(&ca, &["http/1.1"])), answer).await;
+    let (yaml, _dir) = tls_routes(upstream.addr, &ca, extra);
+    let proxy = support::proxy(&yaml).await;
+    (upstream, proxy)
+}
+
+#[tokio::test]
+async fn an_https_upstream_that_chooses_http1_keeps_one_connection_alive() {
+    let slot = Arc::new(std::sync::OnceLock::<String>::new());
+    let host = Arc::clone(&slot);
+    let (upstream, proxy) = tls_upstream_and_proxy("", move |head, _| {
+        (
+            by_path(head, host.get().map_or("", String::as_str)),
+            After::KeepAlive,
+        )
+    })
+    .await;
+    slot.set(upstream.addr.to_string()).unwrap();
+    let client = proxy.client();
+    let base = format!("http://{}", upstream.addr);
+    for round in 0..3 {
+        for path in ["length", "chunked"] {
+            let res = client.get(format!("{base}/{path}")).send().await.unwrap();
+            assert_eq!(res.status(), 200, "{path} {round}");
+            assert_eq!(res.text().await.unwrap(), "hello");
+        }
+        let res = client.get(format!("{base}/empty")).send().await.unwrap();
+        assert_eq!(res.status(), 204);
+        let res = client
+            .post(format!("{base}/length"))
+            .body("a body")
+            .send()
+            .await;
+        assert_eq!(res.unwrap().text().await.unwrap(), "hello");
+    }
+    assert_eq!(upstream.requests(), (12, 0), "all over TLS");
+    assert_eq!(
+        upstream.accepted(),
+        1,
+        "every request reused the first connection"
+    );
+    assert_eq!(proxy.state().upstream.idle_https_connections(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_http_and_an_https_connection_to_one_authority_never_mix() {
+    let ca = TestCa::new();
+    let upstream = raw_upstream_on(Wire::Either(acceptor(&ca, &["http/1.1"])), |_, _| {
+        (OK_LENGTH.to_vec(), After::KeepAlive)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "tls:\n  ca_file: {ca}\nroutes:\n  - name: clear\n    host: clear.test\n    upstream: http://{up}\
+         \n  - name: secure\n    host: secure.test\n    upstream: https://{up}\n",
+        ca = ca.write(dir.path(), "ca.pem").display(),
+        up = upstream.addr,
+    );
+    let proxy = support::proxy(&yaml).await;
+    let client = proxy.client();
+    for _ in 0..3 {
+        for host in ["clear.test", "secure.test"] {
+            let res = client.get(format!("http://{host}/x")).send().await.unwrap();
+            assert_eq!(res.status(), 200, "{host}");
+        }
+    }
+    assert_eq!(
+        upstream.requests(),
+        (3, 3),
+        "https over TLS only, http in clear only"
+    );
+    assert_eq!(upstream.accepted(), 2, "one kept-alive connection each");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_tls_connection_the_upstream_closed_while_idle_is_not_used_again() {
+    let (upstream, proxy) = tls_upstream_and_proxy("", |_, _| {
+        (
+            OK_LENGTH.to_vec(),
+            After::CloseIdle(Duration::from_millis(50)),
+        )
+    })
+    .await;
+    let client = proxy.client();
+    let url = format!("http://{}/x", upstream.addr);
+    for _ in 0..3 {
+        let res = client.get(&url).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.text().await.unwrap(), "hello");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        upstream.accepted(),
+        3,
+        "a fresh connection after each close"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_tls_connection_cut_as_a_bodiless_get_goes_out_is_retried_once() {
+    // Every connection answers its first request, then drops the TCP connection (no TLS
+    // close_notify) when the second arrives.
+    let (upstream, proxy) = tls_upstream_and_proxy("", |_, nth| {
+        if nth == 0 {
+            (OK_LENGTH.to_vec(), After::KeepAlive)
+        } else {
+            (Vec::new(), After::Close)
+        }
+    })
+    .await;
+    let client = proxy.client();
+    let url = format!("http://{}/x", upstream.addr);
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let res = client.get(&url).send().await.unwrap();
+    assert_eq!(res.status(), 200, "sent again on a new connection");
+    assert_eq!(res.text().await.unwrap(), "hello");
+    assert_eq!(upstream.accepted(), 2);
+
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let res = client.post(&url).body("once").send().await.unwrap();
+    assert_eq!(res.status(), 502, "a POST with a body is not sent twice");
+    assert_eq!(upstream.accepted(), 2);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn idle_tls_connections_are_closed_after_the_pool_idle_timeout() {
+    let (upstream, proxy) = tls_upstream_and_proxy("timeouts:\n  pool_idle: 200ms\n", |_, _| {
+        (OK_LENGTH.to_vec(), After::KeepAlive)
+    })
+    .await;
+    let url = format!("http://{}/x", upstream.addr);
+    let res = proxy.client().get(&url).send().await.unwrap();
+    assert_eq!(res.text().await.unwrap(), "hello");
+    assert_eq!(proxy.state().upstream.idle_https_connections(), 1);
+    let mut waited = Duration::ZERO;
+    while upstream.closed() == 0 && waited < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
+    assert_eq!(
+        upstream.closed(),
+        1,
+        "the idle connection was closed by the proxy"
+    );
+    assert_eq!(proxy.state().upstream.idle_https_connections(), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_https_upstream_that_chooses_h2_gets_every_request_over_http2() {
+    let ca = TestCa::new();
+    let origin = https_origin(&ca, &["127.0.0.1"], &["h2", "http/1.1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "tls:\n  ca_file: {ca}\nroutes:\n  - name: api\n    host: api.test\n    upstream: {url}\n",
+        ca = ca.write(dir.path(), "ca.pem").display(),
+        url = origin.url(),
+    );
+    let proxy = support::proxy(&yaml).await;
+    let client = proxy.client();
+    for i in 0..4 {
+        let res = client
+            .get(format!("http://api.test/n/{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.text().await.unwrap(), "secure ok");
+    }
+    let seen = origin.requests();
+    assert!(
+        seen.iter().all(|s| s.version == http::Version::HTTP_2),
+        "{seen:?}"
+    );
+    // The first request went on the connection that found out; the rest share one.
+    let later: std::collections::BTreeSet<usize> = seen[1..].iter().map(|s| s.connection).collect();
+    assert_eq!(later.len(), 1, "{later:?}");
+    assert_eq!(
+        proxy.state().upstream.idle_https_connections(),
+        0,
+        "none in the HTTP/1.1 pool"
+    );
     proxy.stop().await;
 }
