@@ -7,15 +7,19 @@
 //! from pushing out another's).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use super::body::{BoxError, ProxyBody};
 use super::error::UpstreamError;
@@ -63,19 +67,37 @@ impl TlsLegs {
 
     /// Sends `request` (absolute `https://` URI) on a pooled HTTP/1.1 connection, or through
     /// the HTTP/2 client when its origin chose `h2`; see [`Pool::send`].
-    pub(crate) async fn send(
+    ///
+    /// Not an `async fn`: the request moves straight into the pool's future instead of also
+    /// being kept in this one (a few hundred bytes that every await level would move).
+    pub(crate) fn send(
         &self,
         request: Request<ProxyBody>,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, UpstreamError>> + Send + '_ {
+        self.http1.send(request, None).then(move |sent| async move {
+            match sent? {
+                Outcome::Answered(response) => Ok(response),
+                // Boxed: the HTTP/2 leg's future would otherwise be part of (and moved with)
+                // every HTTP/1.1 request's.
+                Outcome::SpeaksHttp2(request, new) => Box::pin(self.send_http2(request, new)).await,
+            }
+        })
+    }
+
+    /// Sends `request` to an origin that chose HTTP/2: on `new`, the connection that told so,
+    /// or else through the multiplexing client.
+    async fn send_http2(
+        &self,
+        request: Request<ProxyBody>,
+        new: Option<Box<TlsStream<TcpStream>>>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
-        let response = match self.http1.send(request, None).await? {
-            Outcome::Answered(response) => return Ok(response),
-            Outcome::SpeaksHttp2(request, None) => self
-                .http2
-                .request(request)
+        let response = match new {
+            Some(new) => send_on_new_http2(new, request)
                 .await
                 .map_err(|e| super::idle::exchange_error(&e))?,
-            // Boxed: an HTTP/2 handshake's future is rare and large.
-            Outcome::SpeaksHttp2(request, Some(new)) => Box::pin(send_on_new_http2(new, request))
+            None => self
+                .http2
+                .request(request)
                 .await
                 .map_err(|e| super::idle::exchange_error(&e))?,
         };

@@ -81,8 +81,9 @@ pub(crate) enum Connected<S> {
     /// A connection for HTTP/1.1.
     Http1(S),
     /// The server chose HTTP/2 (ALPN `h2`) on this new connection, or did so before (`None`:
-    /// nothing was opened). Its requests go to a client that multiplexes.
-    Http2(Option<S>),
+    /// nothing was opened). Its requests go to a client that multiplexes. Boxed: a TLS
+    /// stream is a kilobyte, and this type is part of every request's future.
+    Http2(Option<Box<S>>),
 }
 
 /// What [`Pool::send`] did with a request.
@@ -91,7 +92,7 @@ pub(crate) enum Outcome<S> {
     Answered(Response<ProxyBody>),
     /// Not sent: the origin speaks HTTP/2. The request is back in absolute form, with the new
     /// connection that told so, if one was opened.
-    SpeaksHttp2(Request<ProxyBody>, Option<S>),
+    SpeaksHttp2(Request<ProxyBody>, Option<Box<S>>),
 }
 
 type Driver<S> = Pin<Box<http1::Connection<TokioIo<S>, ProxyBody>>>;
@@ -325,7 +326,7 @@ impl<T: Transport> PoolInner<T> {
         &self,
         origin: &Authority,
         pinned: Option<&PinnedAddrs>,
-    ) -> Result<Result<Conn<T::Stream>, Option<T::Stream>>, UpstreamError> {
+    ) -> Result<Result<Conn<T::Stream>, Option<Box<T::Stream>>>, UpstreamError> {
         let stream = match self.transport.connect(origin, pinned).await? {
             Connected::Http1(stream) => stream,
             Connected::Http2(stream) => return Ok(Err(stream)),
@@ -355,7 +356,7 @@ async fn sweep_every<T: Transport>(pool: Weak<PoolInner<T>>, period: Duration) {
 /// Rewrites an absolute-form request for an origin server: `Host` from the URI (without the
 /// scheme's `default_port`), origin-form request target, HTTP/1.1. Returns the origin it goes
 /// to.
-fn origin_form(
+pub(crate) fn origin_form(
     mut request: Request<ProxyBody>,
     default_port: u16,
 ) -> Result<(Request<ProxyBody>, Authority), UpstreamError> {

@@ -117,7 +117,7 @@ impl Transport for Tls {
                 "the upstream chose HTTP/2; its requests go to the multiplexing client"
             );
             self.remember_http2(origin.as_str());
-            return Ok(Connected::Http2(Some(stream)));
+            return Ok(Connected::Http2(Some(Box::new(stream))));
         }
         Ok(Connected::Http1(stream))
     }
@@ -127,7 +127,7 @@ impl Transport for Tls {
 /// and returns the response head. The connection runs in a task of its own and closes when
 /// this exchange is over.
 pub(crate) async fn send_on_new_http2(
-    stream: TlsStream<TcpStream>,
+    stream: Box<TlsStream<TcpStream>>,
     request: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, hyper::Error> {
     let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
