@@ -41,6 +41,51 @@ enum Wire {
 struct RawUpstream {
     addr: SocketAddr,
     counts: Arc<Counts>,
+    /// The folder of the CA file the proxy trusts it by, when it speaks TLS.
+    files: Option<tempfile::TempDir>,
+}
+
+/// Which leg of the pool a test goes through: TCP, or TLS (the upstream offering only
+/// `http/1.1`).
+#[derive(Clone, Copy, Debug)]
+enum Leg {
+    Clear,
+    Tls,
+}
+
+/// An upstream answering `answer` on `leg`, and a proxy in front with a route for it (and
+/// `extra` YAML on top).
+async fn upstream_and_proxy<F>(leg: Leg, extra: &str, answer: F) -> (RawUpstream, support::Proxy)
+where
+    F: Fn(&str, usize) -> (Vec<u8>, After) + Send + Sync + 'static,
+{
+    match leg {
+        Leg::Clear => {
+            let upstream = raw_upstream(answer).await;
+            let proxy = support::proxy(&routes(upstream.addr, extra)).await;
+            (upstream, proxy)
+        }
+        Leg::Tls => {
+            let ca = TestCa::new();
+            let mut upstream =
+                raw_upstream_on(Wire::Tls(acceptor(&ca, &["http/1.1"])), answer).await;
+            let files = tempfile::tempdir().unwrap();
+            let ca_file = ca.write(files.path(), "upstream-ca.pem");
+            let route = format!("    upstream: \"https://{}\"\n", upstream.addr);
+            let extra = format!("tls:\n  ca_file: {}\n{extra}", ca_file.display());
+            let proxy = support::proxy(&routes_via(upstream.addr, &route, &extra)).await;
+            upstream.files = Some(files);
+            (upstream, proxy)
+        }
+    }
+}
+
+/// Idle pooled connections of `leg` the proxy holds now.
+fn idle_connections(proxy: &support::Proxy, leg: Leg) -> usize {
+    match leg {
+        Leg::Clear => proxy.state().upstream.idle_plain_connections(),
+        Leg::Tls => proxy.state().upstream.idle_https_connections(),
+    }
 }
 
 #[derive(Default)]
@@ -114,7 +159,11 @@ where
             });
         }
     });
-    RawUpstream { addr, counts }
+    RawUpstream {
+        addr,
+        counts,
+        files: None,
+    }
 }
 
 /// A TLS acceptor for `127.0.0.1` with a leaf `ca` signed, offering `alpn`.
@@ -190,6 +239,11 @@ where
 }
 
 fn routes(upstream: SocketAddr, extra: &str) -> String {
+    routes_via(upstream, "", extra)
+}
+
+/// [`routes`] with more lines for the route (4 spaces in), such as its `upstream`.
+fn routes_via(upstream: SocketAddr, route: &str, extra: &str) -> String {
     format!(
         r#"
 credentials:
@@ -200,7 +254,7 @@ routes:
   - name: api
     host: "{upstream}"
     credential: api
-{extra}"#
+{route}{extra}"#
     )
 }
 
@@ -277,28 +331,30 @@ async fn one_upstream_connection_serves_every_kind_of_body_in_turn() {
 
 #[tokio::test]
 async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
-    let upstream = raw_upstream(|_, _| {
-        (
-            OK_LENGTH.to_vec(),
-            After::CloseIdle(Duration::from_millis(50)),
-        )
-    })
-    .await;
-    let proxy = support::proxy(&routes(upstream.addr, "")).await;
-    let client = proxy.client();
-    let url = format!("http://{}/x", upstream.addr);
-    for _ in 0..3 {
-        let res = client.get(&url).send().await.unwrap();
-        assert_eq!(res.status(), 200);
-        assert_eq!(res.text().await.unwrap(), "hello");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    for leg in [Leg::Clear, Leg::Tls] {
+        // The close is a clean one: over TLS, close_notify first.
+        let (upstream, proxy) = upstream_and_proxy(leg, "", |_, _| {
+            (
+                OK_LENGTH.to_vec(),
+                After::CloseIdle(Duration::from_millis(50)),
+            )
+        })
+        .await;
+        let client = proxy.client();
+        let url = format!("http://{}/x", upstream.addr);
+        for _ in 0..3 {
+            let res = client.get(&url).send().await.unwrap();
+            assert_eq!(res.status(), 200, "{leg:?}");
+            assert_eq!(res.text().await.unwrap(), "hello");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert_eq!(
+            upstream.accepted(),
+            3,
+            "{leg:?}: a fresh connection after each close"
+        );
+        proxy.stop().await;
     }
-    assert_eq!(
-        upstream.accepted(),
-        3,
-        "a fresh connection after each close"
-    );
-    proxy.stop().await;
 }
 
 #[tokio::test]
@@ -332,28 +388,33 @@ async fn a_response_cut_short_fails_that_request_only() {
 
 #[tokio::test]
 async fn idle_connections_are_closed_after_the_pool_idle_timeout() {
-    let upstream = raw_upstream(|_, _| (OK_LENGTH.to_vec(), After::KeepAlive)).await;
-    let proxy = support::proxy(&routes(upstream.addr, "timeouts:\n  pool_idle: 200ms\n")).await;
-    let res = proxy
-        .client()
-        .get(format!("http://{}/x", upstream.addr))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.text().await.unwrap(), "hello");
-    assert_eq!(proxy.state().upstream.idle_plain_connections(), 1);
-    let mut waited = Duration::ZERO;
-    while upstream.closed() == 0 && waited < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        waited += Duration::from_millis(50);
+    for leg in [Leg::Clear, Leg::Tls] {
+        let (upstream, proxy) =
+            upstream_and_proxy(leg, "timeouts:\n  pool_idle: 200ms\n", |_, _| {
+                (OK_LENGTH.to_vec(), After::KeepAlive)
+            })
+            .await;
+        let res = proxy
+            .client()
+            .get(format!("http://{}/x", upstream.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.text().await.unwrap(), "hello");
+        assert_eq!(idle_connections(&proxy, leg), 1, "{leg:?}");
+        let mut waited = Duration::ZERO;
+        while upstream.closed() == 0 && waited < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += Duration::from_millis(50);
+        }
+        assert_eq!(
+            upstream.closed(),
+            1,
+            "{leg:?}: the idle connection was closed by the proxy"
+        );
+        assert_eq!(idle_connections(&proxy, leg), 0, "{leg:?}");
+        proxy.stop().await;
     }
-    assert_eq!(
-        upstream.closed(),
-        1,
-        "the idle connection was closed by the proxy"
-    );
-    assert_eq!(proxy.state().upstream.idle_plain_connections(), 0);
-    proxy.stop().await;
 }
 
 #[tokio::test]
@@ -394,9 +455,20 @@ async fn futures_join<T: Send + 'static>(
 
 #[tokio::test]
 async fn an_idle_connection_closed_as_a_bodiless_get_goes_out_is_retried_once() {
+    // Both legs at once (the test waits on idle time): over TLS the close is abrupt, a TCP
+    // close without close_notify.
+    let (clear, tls) = tokio::join!(
+        retried_once_after_a_close(Leg::Clear),
+        retried_once_after_a_close(Leg::Tls)
+    );
+    clear.stop().await;
+    tls.stop().await;
+}
+
+async fn retried_once_after_a_close(leg: Leg) -> support::Proxy {
     // Every connection answers its first request, then closes when the second arrives:
     // the upstream's keep-alive timeout firing just as the proxy reuses the connection.
-    let upstream = raw_upstream(|_, nth| {
+    let (upstream, proxy) = upstream_and_proxy(leg, "", |_, nth| {
         if nth == 0 {
             (OK_LENGTH.to_vec(), After::KeepAlive)
         } else {
@@ -404,7 +476,6 @@ async fn an_idle_connection_closed_as_a_bodiless_get_goes_out_is_retried_once() 
         }
     })
     .await;
-    let proxy = support::proxy(&routes(upstream.addr, "")).await;
     let client = proxy.client();
     let url = format!("http://{}/x", upstream.addr);
     assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
@@ -412,7 +483,7 @@ async fn an_idle_connection_closed_as_a_bodiless_get_goes_out_is_retried_once() 
     // Reused at once: the connection was not idle long enough to be at risk, no copy was
     // kept, so the close reaches the client as a 502.
     let res = client.get(&url).send().await.unwrap();
-    assert_eq!(res.status(), 502);
+    assert_eq!(res.status(), 502, "{leg:?}");
     assert_eq!(upstream.accepted(), 1);
 
     assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
@@ -420,59 +491,23 @@ async fn an_idle_connection_closed_as_a_bodiless_get_goes_out_is_retried_once() 
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // Idle over a second: the GET meets the close, goes out again on a new connection.
     let res = client.get(&url).send().await.unwrap();
-    assert_eq!(res.status(), 200);
+    assert_eq!(res.status(), 200, "{leg:?}");
     assert_eq!(res.text().await.unwrap(), "hello");
-    assert_eq!(upstream.accepted(), 3);
+    assert_eq!(upstream.accepted(), 3, "{leg:?}");
 
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // A POST with a body may have been acted on: it is not sent twice.
     let res = client.post(&url).body("once").send().await.unwrap();
-    assert_eq!(res.status(), 502);
+    assert_eq!(res.status(), 502, "{leg:?}");
     assert_eq!(upstream.accepted(), 3);
-    proxy.stop().await;
-}
-
-/// Routes for `host: {upstream}` sent to `https://{upstream}`, trusting `ca`; with `extra`
-/// YAML on top. Returns the YAML and the folder holding the CA file.
-fn tls_routes(upstream: SocketAddr, ca: &TestCa, extra: &str) -> (String, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = ca.write(dir.path(), "upstream-ca.pem");
-    let yaml = format!(
-        r#"
-tls:
-  ca_file: {ca}
-credentials:
-  api:
-    type: static
-    value: "Bearer pool-token"
-routes:
-  - name: api
-    host: "{upstream}"
-    upstream: "https://{upstream}"
-    credential: api
-{extra}"#,
-        ca = ca_file.display()
-    );
-    (yaml, dir)
-}
-
-/// An HTTP/1.1 TLS upstream (ALPN `http/1.1` only) answering `answer`, and a proxy in front.
-async fn tls_upstream_and_proxy<F>(extra: &str, answer: F) -> (RawUpstream, support::Proxy)
-where
-    F: Fn(&str, usize) -> (Vec<u8>, After) + Send + Sync + 'static,
-{
-    let ca = TestCa::new();
-    let upstream = raw_upstream_on(Wire::Tls(acceptor(&ca, &["http/1.1"])), answer).await;
-    let (yaml, _dir) = tls_routes(upstream.addr, &ca, extra);
-    let proxy = support::proxy(&yaml).await;
-    (upstream, proxy)
+    proxy
 }
 
 #[tokio::test]
 async fn an_https_upstream_that_chooses_http1_keeps_one_connection_alive() {
     let slot = Arc::new(std::sync::OnceLock::<String>::new());
     let host = Arc::clone(&slot);
-    let (upstream, proxy) = tls_upstream_and_proxy("", move |head, _| {
+    let (upstream, proxy) = upstream_and_proxy(Leg::Tls, "", move |head, _| {
         (
             by_path(head, host.get().map_or("", String::as_str)),
             After::KeepAlive,
@@ -539,83 +574,6 @@ async fn an_http_and_an_https_connection_to_one_authority_never_mix() {
 }
 
 #[tokio::test]
-async fn a_tls_connection_the_upstream_closed_while_idle_is_not_used_again() {
-    let (upstream, proxy) = tls_upstream_and_proxy("", |_, _| {
-        (
-            OK_LENGTH.to_vec(),
-            After::CloseIdle(Duration::from_millis(50)),
-        )
-    })
-    .await;
-    let client = proxy.client();
-    let url = format!("http://{}/x", upstream.addr);
-    for _ in 0..3 {
-        let res = client.get(&url).send().await.unwrap();
-        assert_eq!(res.status(), 200);
-        assert_eq!(res.text().await.unwrap(), "hello");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    assert_eq!(
-        upstream.accepted(),
-        3,
-        "a fresh connection after each close"
-    );
-    proxy.stop().await;
-}
-
-#[tokio::test]
-async fn an_idle_tls_connection_cut_as_a_bodiless_get_goes_out_is_retried_once() {
-    // Every connection answers its first request, then drops the TCP connection (no TLS
-    // close_notify) when the second arrives.
-    let (upstream, proxy) = tls_upstream_and_proxy("", |_, nth| {
-        if nth == 0 {
-            (OK_LENGTH.to_vec(), After::KeepAlive)
-        } else {
-            (Vec::new(), After::Close)
-        }
-    })
-    .await;
-    let client = proxy.client();
-    let url = format!("http://{}/x", upstream.addr);
-    assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let res = client.get(&url).send().await.unwrap();
-    assert_eq!(res.status(), 200, "sent again on a new connection");
-    assert_eq!(res.text().await.unwrap(), "hello");
-    assert_eq!(upstream.accepted(), 2);
-
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let res = client.post(&url).body("once").send().await.unwrap();
-    assert_eq!(res.status(), 502, "a POST with a body is not sent twice");
-    assert_eq!(upstream.accepted(), 2);
-    proxy.stop().await;
-}
-
-#[tokio::test]
-async fn idle_tls_connections_are_closed_after_the_pool_idle_timeout() {
-    let (upstream, proxy) = tls_upstream_and_proxy("timeouts:\n  pool_idle: 200ms\n", |_, _| {
-        (OK_LENGTH.to_vec(), After::KeepAlive)
-    })
-    .await;
-    let url = format!("http://{}/x", upstream.addr);
-    let res = proxy.client().get(&url).send().await.unwrap();
-    assert_eq!(res.text().await.unwrap(), "hello");
-    assert_eq!(proxy.state().upstream.idle_https_connections(), 1);
-    let mut waited = Duration::ZERO;
-    while upstream.closed() == 0 && waited < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        waited += Duration::from_millis(50);
-    }
-    assert_eq!(
-        upstream.closed(),
-        1,
-        "the idle connection was closed by the proxy"
-    );
-    assert_eq!(proxy.state().upstream.idle_https_connections(), 0);
-    proxy.stop().await;
-}
-
-#[tokio::test]
 async fn an_https_upstream_that_chooses_h2_gets_every_request_over_http2() {
     let ca = TestCa::new();
     let origin = https_origin(&ca, &["127.0.0.1"], &["h2", "http/1.1"]).await;
@@ -649,5 +607,45 @@ async fn an_https_upstream_that_chooses_h2_gets_every_request_over_http2() {
         0,
         "none in the HTTP/1.1 pool"
     );
+    proxy.stop().await;
+}
+
+/// An HTTP/2 client's request to an upstream that speaks HTTP/1.1 only goes out as
+/// HTTP/1.1 (hyper-util's client refuses an HTTP/2 request on an HTTP/1 connection).
+#[tokio::test]
+async fn an_http2_clients_request_reaches_an_http1_tls_upstream_as_http1() {
+    let (upstream, proxy) = upstream_and_proxy(Leg::Tls, "", |head, _| {
+        let http1 = head
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .ends_with(" HTTP/1.1");
+        let answer = if http1 {
+            OK_LENGTH.to_vec()
+        } else {
+            Vec::new()
+        };
+        (answer, After::KeepAlive)
+    })
+    .await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    for _ in 0..2 {
+        let request = http::Request::get(format!("http://{}/x", upstream.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = http_body_util::BodyExt::collect(response.into_body()).await;
+        assert_eq!(body.unwrap().to_bytes(), "hello");
+    }
+    assert_eq!(upstream.requests(), (2, 0));
+    assert_eq!(upstream.accepted(), 1);
     proxy.stop().await;
 }
