@@ -36,7 +36,7 @@ use crate::config::{Timeouts, TlsSettings};
 use crate::vocab::client_cert::{pem_certificates, ClientCert};
 
 /// Builds the rustls client config shared by upstream requests and token endpoints (ALPN is
-/// left to each client: hyper-rustls offers h2 and http/1.1).
+/// left to each client: the pool's TLS transport offers h2 and http/1.1, upgrades http/1.1).
 pub fn tls_config(settings: &TlsSettings) -> Result<Arc<rustls::ClientConfig>, String> {
     install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
