@@ -1,5 +1,5 @@
 //! Upstream TLS by client certificate (mutual TLS). Each certificate gets clients of its own —
-//! a pool and an upgrade connector — built from the shared trust settings, so a connection
+//! the HTTP/1.1 pool, the HTTP/2 client and an upgrade connector — built from the shared trust settings, so a connection
 //! made with one certificate (or with none) is never taken out of the pool for a request that
 //! must present another. Each also gets its own TLS session store: a resumed session carries
 //! the client authentication of the handshake it came from (rustls already refuses to resume
@@ -7,24 +7,35 @@
 //! from pushing out another's).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use http::{Request, Response};
+use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
-use super::body::ProxyBody;
+use super::body::{BoxError, ProxyBody};
+use super::error::UpstreamError;
+use super::pool::{Outcome, Pool};
+use super::tls::{send_on_new_http2, Tls};
 use super::upgrade::UpgradeConnector;
 use crate::config::Timeouts;
 use crate::vocab::client_cert::ClientCert;
 
-/// The two ways to an https upstream with one TLS client configuration: the pooled client
-/// (HTTP/2 when offered) and connections of their own for upgrades. Cheap to clone.
+/// The ways to an https upstream with one TLS client configuration: HTTP/1.1 connections
+/// driven by the request (`pool.rs`), hyper-util's pooled client for origins that chose
+/// HTTP/2, and connections of their own for upgrades. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct TlsLegs {
-    pub(crate) pooled: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    pub(crate) http1: Pool<Tls>,
+    http2: Client<HttpsConnector<HttpConnector>, ProxyBody>,
     pub(crate) upgrades: UpgradeConnector,
 }
 
@@ -41,16 +52,56 @@ impl TlsLegs {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let pooled = Client::builder(TokioExecutor::new())
+        let http2 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(timeouts.pool_idle)
             .pool_max_idle_per_host(1024)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(https);
         Self {
-            pooled,
+            http1: Pool::new(Tls::new(tls, timeouts.connect), timeouts.pool_idle),
+            http2,
             upgrades: UpgradeConnector::new(tls, timeouts.connect),
         }
+    }
+
+    /// Sends `request` (absolute `https://` URI) on a pooled HTTP/1.1 connection, or through
+    /// the HTTP/2 client when its origin chose `h2`; see [`Pool::send`].
+    ///
+    /// Not an `async fn`: the request moves straight into the pool's future instead of also
+    /// being kept in this one (a few hundred bytes that every await level would move).
+    pub(crate) fn send(
+        &self,
+        request: Request<ProxyBody>,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, UpstreamError>> + Send + '_ {
+        self.http1.send(request, None).then(move |sent| async move {
+            match sent? {
+                Outcome::Answered(response) => Ok(response),
+                // Boxed: the HTTP/2 leg's future would otherwise be part of (and moved with)
+                // every HTTP/1.1 request's.
+                Outcome::SpeaksHttp2(request, new) => Box::pin(self.send_http2(request, new)).await,
+            }
+        })
+    }
+
+    /// Sends `request` to an origin that chose HTTP/2: on `new`, the connection that told so,
+    /// or else through the multiplexing client.
+    async fn send_http2(
+        &self,
+        request: Request<ProxyBody>,
+        new: Option<Box<TlsStream<TcpStream>>>,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let response = match new {
+            Some(new) => send_on_new_http2(new, request)
+                .await
+                .map_err(|e| super::idle::exchange_error(&e))?,
+            None => self
+                .http2
+                .request(request)
+                .await
+                .map_err(|e| super::idle::exchange_error(&e))?,
+        };
+        Ok(response.map(|body| body.map_err(BoxError::from).boxed()))
     }
 }
 

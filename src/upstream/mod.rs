@@ -1,6 +1,7 @@
-//! The client every proxied request goes out through: keep-alive per origin; plain HTTP on
-//! connections driven by the request itself (`plain`), https by rustls with webpki roots plus
-//! an optional private CA, and HTTP/2 when an https upstream offers it.
+//! The client every proxied request goes out through: keep-alive per origin on HTTP/1.1
+//! connections driven by the request itself (`pool`), over TCP (`plain`) or TLS (`tls`:
+//! rustls with webpki roots plus an optional private CA), and hyper-util's pooled client for
+//! https upstreams that choose HTTP/2.
 
 pub mod authority;
 pub mod body;
@@ -9,7 +10,9 @@ pub mod error;
 mod identity;
 pub mod idle;
 pub mod pinned;
-pub mod plain;
+mod plain;
+mod pool;
+mod tls;
 pub mod upgrade;
 
 use std::borrow::Cow;
@@ -27,12 +30,13 @@ pub use self::error::{ClientBodyError, UpstreamError};
 
 use self::identity::{IdentityLegs, TlsLegs};
 pub use self::pinned::PinnedAddrs;
-use self::plain::PlainPool;
+use self::plain::{PlainPool, Tcp};
+use self::pool::Outcome;
 use crate::config::{Timeouts, TlsSettings};
 use crate::vocab::client_cert::{pem_certificates, ClientCert};
 
 /// Builds the rustls client config shared by upstream requests and token endpoints (ALPN is
-/// left to each client: hyper-rustls offers h2 and http/1.1).
+/// left to each client: the pool's TLS transport offers h2 and http/1.1, upgrades http/1.1).
 pub fn tls_config(settings: &TlsSettings) -> Result<Arc<rustls::ClientConfig>, String> {
     install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
@@ -78,7 +82,7 @@ impl UpstreamClient {
     /// A client using `tls` for https upstreams.
     pub fn new(tls: Arc<rustls::ClientConfig>, timeouts: &Timeouts) -> Self {
         Self {
-            plain: PlainPool::new(timeouts.connect, timeouts.pool_idle),
+            plain: PlainPool::new(Tcp::new(timeouts.connect), timeouts.pool_idle),
             tls: TlsLegs::new(&tls, timeouts),
             identities: Arc::new(IdentityLegs::new(tls, timeouts)),
             replay_budget: Arc::default(),
@@ -138,12 +142,15 @@ impl UpstreamClient {
             return Ok(response.map(|body| body.map_err(BoxError::from).boxed()));
         }
         let exchange = async {
-            if request.uri().scheme() == Some(&Scheme::HTTP) {
-                return self.plain.send(request, pinned).await;
+            if request.uri().scheme() != Some(&Scheme::HTTP) {
+                return legs.send(request).await;
             }
-            match legs.pooled.request(request).await {
-                Ok(response) => Ok(response.map(|body| body.map_err(BoxError::from).boxed())),
-                Err(e) => Err(idle::exchange_error(&e)),
+            match self.plain.send(request, pinned).await? {
+                Outcome::Answered(response) => Ok(response),
+                // A TCP transport has no ALPN: it never reports HTTP/2.
+                Outcome::SpeaksHttp2(..) => Err(UpstreamError::Failed(
+                    "plain HTTP cannot switch to HTTP/2".into(),
+                )),
             }
         };
         tokio::time::timeout(timeout, exchange)
@@ -159,6 +166,12 @@ impl UpstreamClient {
     /// Idle plain-HTTP upstream connections held now, for tests and diagnostics.
     pub fn idle_plain_connections(&self) -> usize {
         self.plain.idle_connections()
+    }
+
+    /// Idle HTTP/1.1 https connections made without a client certificate, held now, for
+    /// tests and diagnostics.
+    pub fn idle_https_connections(&self) -> usize {
+        self.tls.http1.idle_connections()
     }
 }
 

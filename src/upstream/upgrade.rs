@@ -6,17 +6,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{header, HeaderValue, Request, Response, Uri, Version};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::error::{describe, UpstreamError};
 use super::pinned::PinnedAddrs;
+use super::plain::{open_tcp, Tcp};
+use super::pool::Transport;
+use super::tls::{server_name, Tls};
 
 /// Opens upgrade connections. Cheap to clone.
 #[derive(Clone)]
@@ -46,18 +48,11 @@ impl UpgradeConnector {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let (request, origin, scheme) = origin_form(request)?;
         let exchange = async {
-            let stream = self.tcp(&origin, &scheme, pinned).await?;
+            let port = default_port(&scheme);
+            let stream = open_tcp(&origin, port, pinned, self.connect_timeout).await?;
             if scheme == Scheme::HTTPS {
-                let name = rustls::pki_types::ServerName::try_from(
-                    origin
-                        .host()
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_string(),
-                )
-                .map_err(|_| UpstreamError::Failed("the upstream host is not a TLS name".into()))?;
                 let tls = tokio_rustls::TlsConnector::from(Arc::clone(&self.tls))
-                    .connect(name, stream)
+                    .connect(server_name(&origin)?, stream)
                     .await
                     .map_err(|e| UpstreamError::Failed(describe(&e)))?;
                 handshake(tls, request).await
@@ -68,35 +63,6 @@ impl UpgradeConnector {
         tokio::time::timeout(timeout, exchange)
             .await
             .unwrap_or(Err(UpstreamError::Timeout(timeout)))
-    }
-
-    /// A connection to `origin`, or to the addresses its host was checked at.
-    async fn tcp(
-        &self,
-        origin: &Authority,
-        scheme: &Scheme,
-        pinned: Option<&PinnedAddrs>,
-    ) -> Result<TcpStream, UpstreamError> {
-        let host = origin.host().trim_start_matches('[').trim_end_matches(']');
-        let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
-        let port = origin.port_u16().unwrap_or(default_port);
-        let connecting = async {
-            match pinned {
-                Some(pinned) => TcpStream::connect(&pinned.0[..]).await,
-                None => TcpStream::connect((host, port)).await,
-            }
-        };
-        let stream = tokio::time::timeout(self.connect_timeout, connecting)
-            .await
-            .map_err(|_| {
-                UpstreamError::Failed(format!(
-                    "tcp connect error: no connection within {:?}",
-                    self.connect_timeout
-                ))
-            })?
-            .map_err(|e| UpstreamError::Failed(format!("tcp connect error: {e}")))?;
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
     }
 }
 
@@ -123,25 +89,17 @@ where
 
 /// The request in origin form with `Host` set from its absolute URI, and where it goes.
 fn origin_form(
-    mut request: Request<ProxyBody>,
+    request: Request<ProxyBody>,
 ) -> Result<(Request<ProxyBody>, Authority, Scheme), UpstreamError> {
-    let parts = std::mem::take(request.uri_mut()).into_parts();
-    let origin = parts
-        .authority
-        .ok_or_else(|| UpstreamError::Failed("the upstream URI names no host".into()))?;
-    let scheme = parts.scheme.unwrap_or(Scheme::HTTP);
-    let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
-    let host = match origin.port_u16() {
-        Some(port) if port != default_port => origin.as_str(),
-        _ => origin.host(),
-    };
-    let host = HeaderValue::from_str(host)
-        .map_err(|_| UpstreamError::Failed("the upstream host is not a valid header".into()))?;
-    request.headers_mut().insert(header::HOST, host);
-    let target = parts
-        .path_and_query
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *request.uri_mut() = Uri::from(target);
-    *request.version_mut() = Version::HTTP_11;
+    let scheme = request.uri().scheme().cloned().unwrap_or(Scheme::HTTP);
+    let (request, origin) = super::pool::origin_form(request, default_port(&scheme))?;
     Ok((request, origin, scheme))
+}
+
+fn default_port(scheme: &Scheme) -> u16 {
+    if *scheme == Scheme::HTTPS {
+        Tls::DEFAULT_PORT
+    } else {
+        Tcp::DEFAULT_PORT
+    }
 }

@@ -1,17 +1,20 @@
-//! The plain-HTTP upstream pool: keep-alive reuse across bodies of every framing, upstreams
-//! that close idle connections or cut a response short, the idle sweep, and concurrency.
-//! The upstream here is a hand-written HTTP/1.1 server so that each test decides exactly
-//! when connections are closed, and counts them.
+//! The upstream pool: keep-alive reuse across bodies of every framing, upstreams that close
+//! idle connections or cut a response short, the idle sweep, and concurrency; over TCP and
+//! over TLS (HTTP/1.1 chosen by ALPN), which never share a connection, and HTTP/2 upstreams
+//! that still get HTTP/2. The upstream here is a hand-written HTTP/1.1 server so that each
+//! test decides exactly when connections are closed, and counts them.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::support;
+use crate::support::tls::{https_origin, TestCa};
 
 /// What the raw upstream does after writing an answer.
 #[derive(Clone, Copy)]
@@ -24,19 +27,88 @@ enum After {
     Close,
 }
 
-/// A hand-written upstream that counts the connections it accepted and closed.
+/// How the raw upstream takes its connections.
+#[derive(Clone)]
+enum Wire {
+    Plain,
+    Tls(TlsAcceptor),
+    /// TLS when the first byte opens a TLS handshake record, else plain: one port for both.
+    Either(TlsAcceptor),
+}
+
+/// A hand-written upstream that counts the connections it accepted and closed, and the
+/// requests it read over TLS and in clear.
 struct RawUpstream {
     addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    closed: Arc<AtomicUsize>,
+    counts: Arc<Counts>,
+    /// The folder of the CA file the proxy trusts it by, when it speaks TLS.
+    files: Option<tempfile::TempDir>,
+}
+
+/// Which leg of the pool a test goes through: TCP, or TLS (the upstream offering only
+/// `http/1.1`).
+#[derive(Clone, Copy, Debug)]
+enum Leg {
+    Clear,
+    Tls,
+}
+
+/// An upstream answering `answer` on `leg`, and a proxy in front with a route for it (and
+/// `extra` YAML on top).
+async fn upstream_and_proxy<F>(leg: Leg, extra: &str, answer: F) -> (RawUpstream, support::Proxy)
+where
+    F: Fn(&str, usize) -> (Vec<u8>, After) + Send + Sync + 'static,
+{
+    match leg {
+        Leg::Clear => {
+            let upstream = raw_upstream(answer).await;
+            let proxy = support::proxy(&routes(upstream.addr, extra)).await;
+            (upstream, proxy)
+        }
+        Leg::Tls => {
+            let ca = TestCa::new();
+            let mut upstream =
+                raw_upstream_on(Wire::Tls(acceptor(&ca, &["http/1.1"])), answer).await;
+            let files = tempfile::tempdir().unwrap();
+            let ca_file = ca.write(files.path(), "upstream-ca.pem");
+            let route = format!("    upstream: \"https://{}\"\n", upstream.addr);
+            let extra = format!("tls:\n  ca_file: {}\n{extra}", ca_file.display());
+            let proxy = support::proxy(&routes_via(upstream.addr, &route, &extra)).await;
+            upstream.files = Some(files);
+            (upstream, proxy)
+        }
+    }
+}
+
+/// Idle pooled connections of `leg` the proxy holds now.
+fn idle_connections(proxy: &support::Proxy, leg: Leg) -> usize {
+    match leg {
+        Leg::Clear => proxy.state().upstream.idle_plain_connections(),
+        Leg::Tls => proxy.state().upstream.idle_https_connections(),
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    accepted: AtomicUsize,
+    closed: AtomicUsize,
+    over_tls: AtomicUsize,
+    in_clear: AtomicUsize,
 }
 
 impl RawUpstream {
     fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
+        self.counts.accepted.load(Ordering::SeqCst)
     }
     fn closed(&self) -> usize {
-        self.closed.load(Ordering::SeqCst)
+        self.counts.closed.load(Ordering::SeqCst)
+    }
+    /// Requests read over TLS and in clear.
+    fn requests(&self) -> (usize, usize) {
+        (
+            self.counts.over_tls.load(Ordering::SeqCst),
+            self.counts.in_clear.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -47,34 +119,76 @@ async fn raw_upstream<F>(answer: F) -> RawUpstream
 where
     F: Fn(&str, usize) -> (Vec<u8>, After) + Send + Sync + 'static,
 {
+    raw_upstream_on(Wire::Plain, answer).await
+}
+
+/// [`raw_upstream`] taking its connections as `wire` says.
+async fn raw_upstream_on<F>(wire: Wire, answer: F) -> RawUpstream
+where
+    F: Fn(&str, usize) -> (Vec<u8>, After) + Send + Sync + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let closed = Arc::new(AtomicUsize::new(0));
-    let answer = Arc::new(answer);
-    let (acc, clo) = (Arc::clone(&accepted), Arc::clone(&closed));
+    let counts = Arc::new(Counts::default());
+    let answer: Arc<Answer> = Arc::new(answer);
+    let all = Arc::clone(&counts);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            acc.fetch_add(1, Ordering::SeqCst);
-            let answer = Arc::clone(&answer);
-            let clo = Arc::clone(&clo);
+            all.accepted.fetch_add(1, Ordering::SeqCst);
+            let (answer, counts, wire) = (Arc::clone(&answer), Arc::clone(&all), wire.clone());
             tokio::spawn(async move {
-                serve_raw(stream, &*answer).await;
-                clo.fetch_add(1, Ordering::SeqCst);
+                let mut first = [0u8; 1];
+                let acceptor = match wire {
+                    Wire::Plain => None,
+                    Wire::Tls(acceptor) => Some(acceptor),
+                    Wire::Either(acceptor) => {
+                        let handshake =
+                            matches!(stream.peek(&mut first).await, Ok(1) if first[0] == 0x16);
+                        handshake.then_some(acceptor)
+                    }
+                };
+                match acceptor {
+                    None => serve_raw(stream, &*answer, &counts.in_clear).await,
+                    Some(acceptor) => {
+                        if let Ok(tls) = acceptor.accept(stream).await {
+                            serve_raw(tls, &*answer, &counts.over_tls).await;
+                        }
+                    }
+                }
+                counts.closed.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
     RawUpstream {
         addr,
-        accepted,
-        closed,
+        counts,
+        files: None,
     }
+}
+
+/// A TLS acceptor for `127.0.0.1` with a leaf `ca` signed, offering `alpn`.
+fn acceptor(ca: &TestCa, alpn: &[&str]) -> TlsAcceptor {
+    let (chain, key) = ca.leaf(&["127.0.0.1"]);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    TlsAcceptor::from(Arc::new(config))
 }
 
 /// What the raw upstream answers: request head and index on its connection -> bytes, then.
 type Answer = dyn Fn(&str, usize) -> (Vec<u8>, After) + Send + Sync;
 
-async fn serve_raw(mut stream: TcpStream, answer: &Answer) {
+/// Serves one connection, counting its requests in `requests`. A close after an idle pause
+/// is a clean one (TLS: close_notify first); a close right after an answer is abrupt.
+async fn serve_raw<S>(mut stream: S, answer: &Answer, requests: &AtomicUsize)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut buf = Vec::new();
     for nth in 0.. {
         let head_end = loop {
@@ -104,6 +218,7 @@ async fn serve_raw(mut stream: TcpStream, answer: &Answer) {
             }
         }
         buf.drain(..head_end + body_len);
+        requests.fetch_add(1, Ordering::SeqCst);
         let (response, after) = answer(&head, nth);
         if response.is_empty() {
             return;
@@ -116,6 +231,7 @@ async fn serve_raw(mut stream: TcpStream, answer: &Answer) {
             After::Close => return,
             After::CloseIdle(delay) => {
                 tokio::time::sleep(delay).await;
+                let _ = stream.shutdown().await;
                 return;
             }
         }
@@ -123,6 +239,11 @@ async fn serve_raw(mut stream: TcpStream, answer: &Answer) {
 }
 
 fn routes(upstream: SocketAddr, extra: &str) -> String {
+    routes_via(upstream, "", extra)
+}
+
+/// [`routes`] with more lines for the route (4 spaces in), such as its `upstream`.
+fn routes_via(upstream: SocketAddr, route: &str, extra: &str) -> String {
     format!(
         r#"
 credentials:
@@ -133,7 +254,7 @@ routes:
   - name: api
     host: "{upstream}"
     credential: api
-{extra}"#
+{route}{extra}"#
     )
 }
 
@@ -210,28 +331,30 @@ async fn one_upstream_connection_serves_every_kind_of_body_in_turn() {
 
 #[tokio::test]
 async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
-    let upstream = raw_upstream(|_, _| {
-        (
-            OK_LENGTH.to_vec(),
-            After::CloseIdle(Duration::from_millis(50)),
-        )
-    })
-    .await;
-    let proxy = support::proxy(&routes(upstream.addr, "")).await;
-    let client = proxy.client();
-    let url = format!("http://{}/x", upstream.addr);
-    for _ in 0..3 {
-        let res = client.get(&url).send().await.unwrap();
-        assert_eq!(res.status(), 200);
-        assert_eq!(res.text().await.unwrap(), "hello");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    for leg in [Leg::Clear, Leg::Tls] {
+        // The close is a clean one: over TLS, close_notify first.
+        let (upstream, proxy) = upstream_and_proxy(leg, "", |_, _| {
+            (
+                OK_LENGTH.to_vec(),
+                After::CloseIdle(Duration::from_millis(50)),
+            )
+        })
+        .await;
+        let client = proxy.client();
+        let url = format!("http://{}/x", upstream.addr);
+        for _ in 0..3 {
+            let res = client.get(&url).send().await.unwrap();
+            assert_eq!(res.status(), 200, "{leg:?}");
+            assert_eq!(res.text().await.unwrap(), "hello");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert_eq!(
+            upstream.accepted(),
+            3,
+            "{leg:?}: a fresh connection after each close"
+        );
+        proxy.stop().await;
     }
-    assert_eq!(
-        upstream.accepted(),
-        3,
-        "a fresh connection after each close"
-    );
-    proxy.stop().await;
 }
 
 #[tokio::test]
@@ -265,28 +388,33 @@ async fn a_response_cut_short_fails_that_request_only() {
 
 #[tokio::test]
 async fn idle_connections_are_closed_after_the_pool_idle_timeout() {
-    let upstream = raw_upstream(|_, _| (OK_LENGTH.to_vec(), After::KeepAlive)).await;
-    let proxy = support::proxy(&routes(upstream.addr, "timeouts:\n  pool_idle: 200ms\n")).await;
-    let res = proxy
-        .client()
-        .get(format!("http://{}/x", upstream.addr))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.text().await.unwrap(), "hello");
-    assert_eq!(proxy.state().upstream.idle_plain_connections(), 1);
-    let mut waited = Duration::ZERO;
-    while upstream.closed() == 0 && waited < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        waited += Duration::from_millis(50);
+    for leg in [Leg::Clear, Leg::Tls] {
+        let (upstream, proxy) =
+            upstream_and_proxy(leg, "timeouts:\n  pool_idle: 200ms\n", |_, _| {
+                (OK_LENGTH.to_vec(), After::KeepAlive)
+            })
+            .await;
+        let res = proxy
+            .client()
+            .get(format!("http://{}/x", upstream.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.text().await.unwrap(), "hello");
+        assert_eq!(idle_connections(&proxy, leg), 1, "{leg:?}");
+        let mut waited = Duration::ZERO;
+        while upstream.closed() == 0 && waited < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += Duration::from_millis(50);
+        }
+        assert_eq!(
+            upstream.closed(),
+            1,
+            "{leg:?}: the idle connection was closed by the proxy"
+        );
+        assert_eq!(idle_connections(&proxy, leg), 0, "{leg:?}");
+        proxy.stop().await;
     }
-    assert_eq!(
-        upstream.closed(),
-        1,
-        "the idle connection was closed by the proxy"
-    );
-    assert_eq!(proxy.state().upstream.idle_plain_connections(), 0);
-    proxy.stop().await;
 }
 
 #[tokio::test]
@@ -327,9 +455,20 @@ async fn futures_join<T: Send + 'static>(
 
 #[tokio::test]
 async fn an_idle_connection_closed_as_a_bodiless_get_goes_out_is_retried_once() {
+    // Both legs at once (the test waits on idle time): over TLS the close is abrupt, a TCP
+    // close without close_notify.
+    let (clear, tls) = tokio::join!(
+        retried_once_after_a_close(Leg::Clear),
+        retried_once_after_a_close(Leg::Tls)
+    );
+    clear.stop().await;
+    tls.stop().await;
+}
+
+async fn retried_once_after_a_close(leg: Leg) -> support::Proxy {
     // Every connection answers its first request, then closes when the second arrives:
     // the upstream's keep-alive timeout firing just as the proxy reuses the connection.
-    let upstream = raw_upstream(|_, nth| {
+    let (upstream, proxy) = upstream_and_proxy(leg, "", |_, nth| {
         if nth == 0 {
             (OK_LENGTH.to_vec(), After::KeepAlive)
         } else {
@@ -337,7 +476,6 @@ async fn an_idle_connection_closed_as_a_bodiless_get_goes_out_is_retried_once() 
         }
     })
     .await;
-    let proxy = support::proxy(&routes(upstream.addr, "")).await;
     let client = proxy.client();
     let url = format!("http://{}/x", upstream.addr);
     assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
@@ -345,7 +483,7 @@ async fn an_idle_connection_closed_as_a_bodiless_get_goes_out_is_retried_once() 
     // Reused at once: the connection was not idle long enough to be at risk, no copy was
     // kept, so the close reaches the client as a 502.
     let res = client.get(&url).send().await.unwrap();
-    assert_eq!(res.status(), 502);
+    assert_eq!(res.status(), 502, "{leg:?}");
     assert_eq!(upstream.accepted(), 1);
 
     assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
@@ -353,14 +491,161 @@ async fn an_idle_connection_closed_as_a_bodiless_get_goes_out_is_retried_once() 
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // Idle over a second: the GET meets the close, goes out again on a new connection.
     let res = client.get(&url).send().await.unwrap();
-    assert_eq!(res.status(), 200);
+    assert_eq!(res.status(), 200, "{leg:?}");
     assert_eq!(res.text().await.unwrap(), "hello");
-    assert_eq!(upstream.accepted(), 3);
+    assert_eq!(upstream.accepted(), 3, "{leg:?}");
 
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // A POST with a body may have been acted on: it is not sent twice.
     let res = client.post(&url).body("once").send().await.unwrap();
-    assert_eq!(res.status(), 502);
+    assert_eq!(res.status(), 502, "{leg:?}");
     assert_eq!(upstream.accepted(), 3);
+    proxy
+}
+
+#[tokio::test]
+async fn an_https_upstream_that_chooses_http1_keeps_one_connection_alive() {
+    let slot = Arc::new(std::sync::OnceLock::<String>::new());
+    let host = Arc::clone(&slot);
+    let (upstream, proxy) = upstream_and_proxy(Leg::Tls, "", move |head, _| {
+        (
+            by_path(head, host.get().map_or("", String::as_str)),
+            After::KeepAlive,
+        )
+    })
+    .await;
+    slot.set(upstream.addr.to_string()).unwrap();
+    let client = proxy.client();
+    let base = format!("http://{}", upstream.addr);
+    for round in 0..3 {
+        for path in ["length", "chunked"] {
+            let res = client.get(format!("{base}/{path}")).send().await.unwrap();
+            assert_eq!(res.status(), 200, "{path} {round}");
+            assert_eq!(res.text().await.unwrap(), "hello");
+        }
+        let res = client.get(format!("{base}/empty")).send().await.unwrap();
+        assert_eq!(res.status(), 204);
+        let res = client
+            .post(format!("{base}/length"))
+            .body("a body")
+            .send()
+            .await;
+        assert_eq!(res.unwrap().text().await.unwrap(), "hello");
+    }
+    assert_eq!(upstream.requests(), (12, 0), "all over TLS");
+    assert_eq!(
+        upstream.accepted(),
+        1,
+        "every request reused the first connection"
+    );
+    assert_eq!(proxy.state().upstream.idle_https_connections(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_http_and_an_https_connection_to_one_authority_never_mix() {
+    let ca = TestCa::new();
+    let upstream = raw_upstream_on(Wire::Either(acceptor(&ca, &["http/1.1"])), |_, _| {
+        (OK_LENGTH.to_vec(), After::KeepAlive)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "tls:\n  ca_file: {ca}\nroutes:\n  - name: clear\n    host: clear.test\n    upstream: http://{up}\
+         \n  - name: secure\n    host: secure.test\n    upstream: https://{up}\n",
+        ca = ca.write(dir.path(), "ca.pem").display(),
+        up = upstream.addr,
+    );
+    let proxy = support::proxy(&yaml).await;
+    let client = proxy.client();
+    for _ in 0..3 {
+        for host in ["clear.test", "secure.test"] {
+            let res = client.get(format!("http://{host}/x")).send().await.unwrap();
+            assert_eq!(res.status(), 200, "{host}");
+        }
+    }
+    assert_eq!(
+        upstream.requests(),
+        (3, 3),
+        "https over TLS only, http in clear only"
+    );
+    assert_eq!(upstream.accepted(), 2, "one kept-alive connection each");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_https_upstream_that_chooses_h2_gets_every_request_over_http2() {
+    let ca = TestCa::new();
+    let origin = https_origin(&ca, &["127.0.0.1"], &["h2", "http/1.1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "tls:\n  ca_file: {ca}\nroutes:\n  - name: api\n    host: api.test\n    upstream: {url}\n",
+        ca = ca.write(dir.path(), "ca.pem").display(),
+        url = origin.url(),
+    );
+    let proxy = support::proxy(&yaml).await;
+    let client = proxy.client();
+    for i in 0..4 {
+        let res = client
+            .get(format!("http://api.test/n/{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.text().await.unwrap(), "secure ok");
+    }
+    let seen = origin.requests();
+    assert!(
+        seen.iter().all(|s| s.version == http::Version::HTTP_2),
+        "{seen:?}"
+    );
+    // The first request went on the connection that found out; the rest share one.
+    let later: std::collections::BTreeSet<usize> = seen[1..].iter().map(|s| s.connection).collect();
+    assert_eq!(later.len(), 1, "{later:?}");
+    assert_eq!(
+        proxy.state().upstream.idle_https_connections(),
+        0,
+        "none in the HTTP/1.1 pool"
+    );
+    proxy.stop().await;
+}
+
+/// An HTTP/2 client's request to an upstream that speaks HTTP/1.1 only goes out as
+/// HTTP/1.1 (hyper-util's client refuses an HTTP/2 request on an HTTP/1 connection).
+#[tokio::test]
+async fn an_http2_clients_request_reaches_an_http1_tls_upstream_as_http1() {
+    let (upstream, proxy) = upstream_and_proxy(Leg::Tls, "", |head, _| {
+        let http1 = head
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .ends_with(" HTTP/1.1");
+        let answer = if http1 {
+            OK_LENGTH.to_vec()
+        } else {
+            Vec::new()
+        };
+        (answer, After::KeepAlive)
+    })
+    .await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    for _ in 0..2 {
+        let request = http::Request::get(format!("http://{}/x", upstream.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = http_body_util::BodyExt::collect(response.into_body()).await;
+        assert_eq!(body.unwrap().to_bytes(), "hello");
+    }
+    assert_eq!(upstream.requests(), (2, 0));
+    assert_eq!(upstream.accepted(), 1);
     proxy.stop().await;
 }

@@ -1,0 +1,602 @@
+//! The keep-alive pool of upstream HTTP/1.1 connections that are driven by the request using
+//! them, inside the client connection's own task: one pool code for connections over TCP
+//! (`plain.rs`) and over TLS (`tls.rs`), each a [`Transport`].
+//!
+//! hyper-util's pooled client (kept for https upstreams that choose HTTP/2) runs each upstream
+//! connection as a task of its own and hands every request and response across channels,
+//! so each proxied request costs extra task switches and a pool keyed by a hashed
+//! scheme + authority. Here the request's future polls the upstream connection itself and
+//! the response body keeps polling it while the client reads, so a proxied request stays in
+//! one task from the client's bytes to the upstream's and back. A connection goes back to
+//! the pool only once its response has been read to the end and it is ready for another
+//! request; one that closed while idle is noticed (and dropped) when it is next taken out.
+//!
+//! A pool holds connections of one transport only, so one scheme only (an `http` and an
+//! `https` connection to the same authority live in different pools and cannot mix), and
+//! the TLS pools are one per client certificate (`identity.rs`): within a pool, the
+//! authority alone is the key.
+
+use std::collections::HashMap;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use foldhash::fast::RandomState;
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{header, HeaderValue, Method, Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, TrySendError};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::body::{BoxError, ProxyBody};
+use super::error::{describe, UpstreamError};
+use super::pinned::PinnedAddrs;
+
+/// Idle connections kept per upstream host and port; more are closed when they come back.
+const MAX_IDLE_PER_ORIGIN: usize = 1024;
+/// Origins with idle connections kept at once: clients name any origin they like through an
+/// `unmatched: pass` proxy, so the pool must not grow with every one of them. A connection to
+/// one more origin is closed instead of kept.
+pub(crate) const MAX_IDLE_ORIGINS: usize = 1024;
+/// A pooled connection idle at least this long may be closed by the upstream (its keep-alive
+/// timeout: 5 s in Node.js, 75 s in nginx) just as a request goes out on it. A request sent on
+/// one keeps a copy, when it can be sent again safely, for one retry on a new connection;
+/// under load connections idle for far less, so the hot path copies nothing.
+const STALE_RISK_AFTER: Duration = Duration::from_secs(1);
+/// A pooled connection idle at least this long is polled for a close before it is reused.
+const RECHECK_AFTER: Duration = Duration::from_millis(100);
+
+/// The byte stream a pooled connection runs on.
+pub(crate) trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> ByteStream for S {}
+
+/// How a pool opens connections: TCP, or TLS over TCP.
+pub(crate) trait Transport: Send + Sync + 'static {
+    /// The byte stream a connection runs on.
+    type Stream: ByteStream;
+    /// The scheme of every connection this transport opens.
+    const SCHEME: Scheme;
+    /// The port of an authority that names none.
+    const DEFAULT_PORT: u16;
+
+    /// A new connection to `origin` (`host[:port]`), or to the addresses its host was checked
+    /// at; [`Connected::Http2`] when the server speaks HTTP/2, which this pool does not.
+    fn connect(
+        &self,
+        origin: &Authority,
+        pinned: Option<&PinnedAddrs>,
+    ) -> impl Future<Output = Result<Connected<Self::Stream>, UpstreamError>> + Send;
+}
+
+/// What a [`Transport`] opened.
+pub(crate) enum Connected<S> {
+    /// A connection for HTTP/1.1.
+    Http1(S),
+    /// The server chose HTTP/2 (ALPN `h2`) on this new connection, or did so before (`None`:
+    /// nothing was opened). Its requests go to a client that multiplexes. Boxed: a TLS
+    /// stream is a kilobyte, and this type is part of every request's future.
+    Http2(Option<Box<S>>),
+}
+
+/// What [`Pool::send`] did with a request.
+pub(crate) enum Outcome<S> {
+    /// Sent; the response head is in.
+    Answered(Response<ProxyBody>),
+    /// Not sent: the origin speaks HTTP/2. The request is back in absolute form, with the new
+    /// connection that told so, if one was opened.
+    SpeaksHttp2(Request<ProxyBody>, Option<Box<S>>),
+}
+
+type Driver<S> = Pin<Box<http1::Connection<TokioIo<S>, ProxyBody>>>;
+
+/// One upstream connection: the handle requests are sent on and the future doing its I/O.
+struct Conn<S: ByteStream> {
+    sender: http1::SendRequest<ProxyBody>,
+    /// `None` once the connection has ended.
+    driver: Option<Driver<S>>,
+}
+
+impl<S: ByteStream> Conn<S> {
+    /// Moves the connection's I/O forward; false once it has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(driver) = &mut self.driver {
+            if driver.as_mut().poll(cx).is_ready() {
+                self.driver = None;
+            }
+        }
+        self.driver.is_some()
+    }
+
+    /// Whether it can take another request now. Polls the I/O once, so that a close by the
+    /// upstream that has already arrived is seen here rather than by the next request.
+    fn reusable(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
+    }
+}
+
+struct IdleConn<S: ByteStream> {
+    conn: Conn<S>,
+    since: Instant,
+}
+
+/// Idle connections by authority (randomly seeded: clients may choose the keys).
+type IdleMap<S> = HashMap<Box<str>, Vec<IdleConn<S>>, RandomState>;
+
+struct PoolInner<T: Transport> {
+    idle: Mutex<IdleMap<T::Stream>>,
+    transport: T,
+    idle_timeout: Duration,
+    max_origins: usize,
+    sweeper_started: AtomicBool,
+}
+
+/// A pool of upstream HTTP/1.1 connections opened by `T`. Cheap to clone.
+pub(crate) struct Pool<T: Transport> {
+    inner: Arc<PoolInner<T>>,
+}
+
+impl<T: Transport> Clone for Pool<T> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<T: Transport> Pool<T> {
+    /// A pool opening connections with `transport` and closing those idle longer than
+    /// `idle_timeout`.
+    pub(crate) fn new(transport: T, idle_timeout: Duration) -> Self {
+        Self::with_max_origins(transport, idle_timeout, MAX_IDLE_ORIGINS)
+    }
+
+    fn with_max_origins(transport: T, idle_timeout: Duration, max: usize) -> Self {
+        Self {
+            inner: Arc::new(PoolInner {
+                idle: Mutex::new(HashMap::default()),
+                transport,
+                idle_timeout,
+                max_origins: max,
+                sweeper_started: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sends `request` (absolute URI of `T`'s scheme) and returns the response once its head
+    /// has arrived; its body keeps the connection going and hands it back to the pool at its
+    /// end. A new connection on which the server chose HTTP/2 gives the request back.
+    ///
+    /// A request that a pooled connection could not even start sending (the upstream had
+    /// closed it) is sent again on another connection. One that went out on a connection
+    /// idle for [`STALE_RISK_AFTER`] and met a close before any answer is sent once more on a
+    /// new connection if it is idempotent and has no body (as nginx's `proxy_next_upstream
+    /// error`); any other request that may have reached the upstream is not.
+    pub(crate) async fn send(
+        &self,
+        request: Request<ProxyBody>,
+        pinned: Option<&PinnedAddrs>,
+    ) -> Result<Outcome<T::Stream>, UpstreamError> {
+        let (mut request, origin) = origin_form(request, T::DEFAULT_PORT)?;
+        let mut pooled_ok = true;
+        loop {
+            let pooled = if pooled_ok {
+                self.inner.checkout(origin.as_str())
+            } else {
+                None
+            };
+            let (mut conn, idle) = match pooled {
+                Some((conn, idle)) => (conn, Some(idle)),
+                // Boxed: a new connection is the exception under load, and its future would
+                // otherwise be part of (and moved with) every request's.
+                None => match Box::pin(self.inner.connect(&origin, pinned)).await? {
+                    Ok(conn) => (conn, None),
+                    Err(http2) => {
+                        let request = absolute_form(request, T::SCHEME, origin)?;
+                        return Ok(Outcome::SpeaksHttp2(request, http2));
+                    }
+                },
+            };
+            let copy = idle
+                .filter(|idle| *idle >= STALE_RISK_AFTER)
+                .and_then(|_| replayable_copy(&request));
+            match exchange(&mut conn, request).await {
+                Ok(response) => {
+                    let pool = Arc::downgrade(&self.inner);
+                    return Ok(Outcome::Answered(response.map(|body| {
+                        PooledBody {
+                            body,
+                            finished: false,
+                            conn: Some(conn),
+                            origin,
+                            pool,
+                        }
+                        .map_err(BoxError::from)
+                        .boxed()
+                    })));
+                }
+                Err(mut failed) => match (failed.take_message(), copy) {
+                    (Some(unsent), _) if idle.is_some() => request = unsent,
+                    (_, Some(copy)) if closed_before_answer(failed.error()) => {
+                        tracing::debug!(
+                            "the upstream closed an idle connection as the request went out; sending it on a new one"
+                        );
+                        request = copy;
+                        pooled_ok = false;
+                    }
+                    _ => return Err(super::idle::exchange_error(&failed.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Idle connections held now, for tests and diagnostics.
+    pub(crate) fn idle_connections(&self) -> usize {
+        self.inner.lock().values().map(Vec::len).sum()
+    }
+
+    /// Origins with an entry in the idle map, for tests.
+    #[cfg(test)]
+    fn idle_origins(&self) -> usize {
+        self.inner.lock().len()
+    }
+}
+
+impl<T: Transport> PoolInner<T> {
+    fn lock(&self) -> MutexGuard<'_, IdleMap<T::Stream>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The most recently used idle connection to `origin` that is still open and fresh, and
+    /// how long it was idle.
+    fn checkout(&self, origin: &str) -> Option<(Conn<T::Stream>, Duration)> {
+        loop {
+            let mut entry = {
+                let mut idle = self.lock();
+                let list = idle.get_mut(origin)?;
+                let entry = list.pop();
+                if list.is_empty() {
+                    idle.remove(origin);
+                }
+                entry?
+            };
+            let idle = entry.since.elapsed();
+            // Checked for a close only after a pause: it was checked when it came back, and a
+            // close that arrived since makes hyper hand the request back unsent, which `send`
+            // then sends on another connection. Under load, connections idle for microseconds
+            // and the check (a poll of the connection) was a fifth of the pool's cost.
+            if idle < self.idle_timeout && (idle < RECHECK_AFTER || entry.conn.reusable()) {
+                return Some((entry.conn, idle));
+            }
+        }
+    }
+
+    fn checkin(self: &Arc<Self>, origin: &Authority, conn: Conn<T::Stream>) {
+        let mut idle = self.lock();
+        let entry = IdleConn {
+            conn,
+            since: Instant::now(),
+        };
+        let full = idle.len() >= self.max_origins;
+        match idle.get_mut(origin.as_str()) {
+            Some(list) if list.len() >= MAX_IDLE_PER_ORIGIN => return,
+            Some(list) => list.push(entry),
+            None if full => return,
+            None => {
+                idle.insert(origin.as_str().into(), vec![entry]);
+            }
+        }
+        drop(idle);
+        self.start_sweeper();
+    }
+
+    /// Starts (once) the task that closes connections idle longer than the idle timeout, so
+    /// that sockets do not linger after traffic stops. It ends when the pool is dropped.
+    fn start_sweeper(self: &Arc<Self>) {
+        if self.sweeper_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.sweeper_started.store(false, Ordering::Release);
+            return;
+        };
+        let pool = Arc::downgrade(self);
+        let period = (self.idle_timeout / 2).max(Duration::from_millis(50));
+        runtime.spawn(sweep_every(pool, period));
+    }
+
+    fn sweep(&self) {
+        let mut idle = self.lock();
+        for list in idle.values_mut() {
+            list.retain_mut(|e| e.since.elapsed() < self.idle_timeout && e.conn.reusable());
+        }
+        idle.retain(|_, list| !list.is_empty());
+    }
+
+    /// A new HTTP/1.1 connection to `origin`, or to the addresses its host was checked at;
+    /// `Err` when the server speaks HTTP/2 (with the new connection that told so, if any).
+    async fn connect(
+        &self,
+        origin: &Authority,
+        pinned: Option<&PinnedAddrs>,
+    ) -> Result<Result<Conn<T::Stream>, Option<Box<T::Stream>>>, UpstreamError> {
+        let stream = match self.transport.connect(origin, pinned).await? {
+            Connected::Http1(stream) => stream,
+            Connected::Http2(stream) => return Ok(Err(stream)),
+        };
+        let (sender, driver) = http1::Builder::new()
+            .max_buf_size(super::budget::CONNECTION_BUFFER)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Failed(describe(&e)))?;
+        Ok(Ok(Conn {
+            sender,
+            driver: Some(Box::pin(driver)),
+        }))
+    }
+}
+
+async fn sweep_every<T: Transport>(pool: Weak<PoolInner<T>>, period: Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+        match pool.upgrade() {
+            Some(pool) => pool.sweep(),
+            None => return,
+        }
+    }
+}
+
+/// Rewrites an absolute-form request for an origin server: `Host` from the URI (without the
+/// scheme's `default_port`), origin-form request target, HTTP/1.1. Returns the origin it goes
+/// to.
+pub(crate) fn origin_form(
+    mut request: Request<ProxyBody>,
+    default_port: u16,
+) -> Result<(Request<ProxyBody>, Authority), UpstreamError> {
+    let parts = std::mem::take(request.uri_mut()).into_parts();
+    let origin = parts
+        .authority
+        .ok_or_else(|| UpstreamError::Failed("the upstream URI names no host".into()))?;
+    let host = match super::authority::host_and_port(origin.as_str()) {
+        (_, Some(port)) if port != default_port => origin.as_str(),
+        (host, _) => host,
+    };
+    let host = HeaderValue::from_str(host)
+        .map_err(|_| UpstreamError::Failed("the upstream host is not a valid header".into()))?;
+    request.headers_mut().insert(header::HOST, host);
+    let target = parts
+        .path_and_query
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *request.uri_mut() = Uri::from(target);
+    *request.version_mut() = Version::HTTP_11;
+    Ok((request, origin))
+}
+
+/// Undoes [`origin_form`] for a client that wants absolute form: the URI names `scheme` and
+/// `origin` again and `Host` goes (HTTP/2 names the host in `:authority`).
+fn absolute_form(
+    mut request: Request<ProxyBody>,
+    scheme: Scheme,
+    origin: Authority,
+) -> Result<Request<ProxyBody>, UpstreamError> {
+    request.headers_mut().remove(header::HOST);
+    let mut parts = std::mem::take(request.uri_mut()).into_parts();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(origin);
+    *request.uri_mut() = Uri::from_parts(parts)
+        .map_err(|_| UpstreamError::Failed("the upstream URI cannot be rebuilt".into()))?;
+    Ok(request)
+}
+
+/// A copy of `request` to send again, if that is safe: an idempotent method (RFC 9110
+/// §9.2.2) and no body.
+fn replayable_copy(request: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    let idempotent = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent || !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(Empty::new().map_err(|never| match never {}).boxed());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
+}
+
+/// Whether the connection ended before any of the response arrived: closed (with or without
+/// TLS's close_notify), or reset.
+fn closed_before_answer(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    // TLS: the peer closed the TCP connection without a close_notify.
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// Sends `request` on `conn`, driving the connection until the response head is in.
+async fn exchange<S: ByteStream>(
+    conn: &mut Conn<S>,
+    request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, TrySendError<Request<ProxyBody>>> {
+    let mut response = pin!(conn.sender.try_send_request(request));
+    poll_fn(|cx| {
+        conn.drive(cx);
+        response.as_mut().poll(cx)
+    })
+    .await
+}
+
+/// A response body from a pooled connection: reading it drives the connection, and the
+/// connection returns to the pool when the body was read to the end.
+struct PooledBody<T: Transport> {
+    body: Incoming,
+    finished: bool,
+    conn: Option<Conn<T::Stream>>,
+    origin: Authority,
+    pool: Weak<PoolInner<T>>,
+}
+
+impl<T: Transport> Body for PooledBody<T> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(conn) = &mut this.conn {
+            conn.drive(cx);
+        }
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None)) {
+            this.finished = true;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished || self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<T: Transport> Drop for PooledBody<T> {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if !self.is_end_stream() || !conn.reusable() {
+            return;
+        }
+        if let Some(pool) = self.pool.upgrade() {
+            pool.checkin(&self.origin, conn);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::plain::{PlainPool, Tcp};
+    use http_body_util::Full;
+    use tokio::net::TcpListener;
+
+    impl<S> Outcome<S> {
+        fn answered(self) -> Response<ProxyBody> {
+            match self {
+                Outcome::Answered(response) => response,
+                Outcome::SpeaksHttp2(..) => panic!("a plain connection switched to HTTP/2"),
+            }
+        }
+    }
+
+    /// An origin on 127.0.0.1 that answers every request `200 ok` on keep-alive connections.
+    async fn origin() -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                            "ok",
+                        ))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn get(pool: &PlainPool, addr: std::net::SocketAddr) {
+        let request = Request::get(format!("http://{addr}/"))
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap();
+        let response = pool.send(request, None).await.unwrap().answered();
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "ok"
+        );
+    }
+
+    /// A request carrying the addresses its host was checked at connects there, not to what
+    /// DNS says now: `pinned.invalid` resolves to nothing, yet the request reaches the origin.
+    #[tokio::test]
+    async fn a_pinned_request_connects_to_the_checked_address_not_a_new_dns_answer() {
+        let addr = origin().await;
+        let pool = PlainPool::new(Tcp::new(Duration::from_secs(5)), Duration::from_secs(60));
+        let request = || {
+            Request::get(format!("http://pinned.invalid:{}/", addr.port()))
+                .body(Empty::new().map_err(|never| match never {}).boxed())
+                .unwrap()
+        };
+        assert!(
+            pool.send(request(), None).await.is_err(),
+            "the name resolves to nothing"
+        );
+        let pinned = PinnedAddrs(vec![addr].into());
+        let response = pool
+            .send(request(), Some(&pinned))
+            .await
+            .unwrap()
+            .answered();
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "ok"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_idle_map_holds_only_origins_with_idle_connections_up_to_a_cap() {
+        let pool = PlainPool::with_max_origins(
+            Tcp::new(Duration::from_secs(5)),
+            Duration::from_secs(60),
+            2,
+        );
+        let origins = [origin().await, origin().await, origin().await];
+        for addr in origins {
+            get(&pool, addr).await;
+        }
+        assert_eq!(pool.idle_origins(), 2, "a third origin is not kept");
+        assert_eq!(pool.idle_connections(), 2);
+
+        // Taking the only idle connection of an origin removes its entry.
+        let request = Request::get(format!("http://{}/", origins[0]))
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap();
+        let response = pool.send(request, None).await.unwrap().answered();
+        assert_eq!(pool.idle_origins(), 1, "the emptied origin's entry is gone");
+        drop(response.into_body().collect().await.unwrap());
+        assert_eq!(pool.idle_origins(), 2);
+    }
+}
