@@ -117,7 +117,7 @@ pub(crate) struct IdentityLegs {
 /// One certificate's legs, and the certificate as a config holds it (while any does).
 struct HeldLegs {
     cert: Weak<ClientCert>,
-    legs: TlsLegs,
+    legs: Arc<TlsLegs>,
 }
 
 impl IdentityLegs {
@@ -131,21 +131,21 @@ impl IdentityLegs {
     }
 
     /// The legs that present `cert`.
-    pub(crate) fn for_cert(&self, cert: &Arc<ClientCert>) -> TlsLegs {
+    pub(crate) fn for_cert(&self, cert: &Arc<ClientCert>) -> Arc<TlsLegs> {
         let mut held = self.legs.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(found) = held.get_mut(&cert.id()) {
             if found.cert.strong_count() == 0 {
                 found.cert = Arc::downgrade(cert);
             }
-            return found.legs.clone();
+            return Arc::clone(&found.legs);
         }
         held.retain(|_, h| h.cert.strong_count() > 0);
-        let legs = TlsLegs::new(&presenting(&self.base, cert), &self.timeouts);
+        let legs = Arc::new(TlsLegs::new(&presenting(&self.base, cert), &self.timeouts));
         held.insert(
             cert.id(),
             HeldLegs {
                 cert: Arc::downgrade(cert),
-                legs: legs.clone(),
+                legs: Arc::clone(&legs),
             },
         );
         tracing::debug!(cert = %cert.short_id(), "upstream clients for a client certificate");

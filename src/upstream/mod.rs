@@ -72,7 +72,7 @@ pub fn install_crypto_provider() {
 pub struct UpstreamClient {
     plain: PlainPool,
     /// https without a client certificate.
-    tls: TlsLegs,
+    tls: Arc<TlsLegs>,
     /// https presenting a route's client certificate: clients of their own per certificate.
     identities: Arc<IdentityLegs>,
     replay_budget: Arc<ReplayBudget>,
@@ -83,14 +83,15 @@ impl UpstreamClient {
     pub fn new(tls: Arc<rustls::ClientConfig>, timeouts: &Timeouts) -> Self {
         Self {
             plain: PlainPool::new(Tcp::new(timeouts.connect), timeouts.pool_idle),
-            tls: TlsLegs::new(&tls, timeouts),
+            tls: Arc::new(TlsLegs::new(&tls, timeouts)),
             identities: Arc::new(IdentityLegs::new(tls, timeouts)),
             replay_budget: Arc::default(),
         }
     }
 
-    /// The https legs for a request presenting `identity` (or none).
-    fn tls_legs(&self, identity: Option<&Arc<ClientCert>>) -> Cow<'_, TlsLegs> {
+    /// The https legs for a request presenting `identity` (or none). Behind an `Arc`: the
+    /// legs are large, and a request's future holds what this returns.
+    fn tls_legs(&self, identity: Option<&Arc<ClientCert>>) -> Cow<'_, Arc<TlsLegs>> {
         match identity {
             Some(cert) => Cow::Owned(self.identities.for_cert(cert)),
             None => Cow::Borrowed(&self.tls),
