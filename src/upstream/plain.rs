@@ -32,6 +32,8 @@ impl Transport for Tcp {
     type Stream = TcpStream;
     const SCHEME: Scheme = Scheme::HTTP;
     const DEFAULT_PORT: u16 = 80;
+    /// Finishing abandoned exchanges: a new TCP connection is cheap: an abandoned exchange closes its connection.
+    const FINISH_ABANDONED: bool = false;
 
     async fn connect(
         &self,

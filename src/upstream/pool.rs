@@ -10,6 +10,9 @@
 //! one task from the client's bytes to the upstream's and back. A connection goes back to
 //! the pool only once its response has been read to the end and it is ready for another
 //! request; one that closed while idle is noticed (and dropped) when it is next taken out.
+//! When the client goes away mid-exchange, a TLS connection is kept if the rest of the
+//! answer comes soon and is small (it is read by a task of its own; a new connection would
+//! cost a handshake); a plain one is closed.
 //!
 //! A pool holds connections of one transport only, so one scheme only (an `http` and an
 //! `https` connection to the same authority live in different pools and cannot mix), and
@@ -52,6 +55,12 @@ pub(crate) const MAX_IDLE_ORIGINS: usize = 1024;
 const STALE_RISK_AFTER: Duration = Duration::from_secs(1);
 /// A pooled connection idle at least this long is polled for a close before it is reused.
 const RECHECK_AFTER: Duration = Duration::from_millis(100);
+/// An abandoned exchange is finished in the background (see [`Transport::FINISH_ABANDONED`])
+/// only while the rest of its answer comes within this time and within this many body
+/// bytes; otherwise the connection is closed, as it always is for plain TCP. Bounded so that
+/// clients walking away from large or slow answers cannot keep the proxy reading for them.
+const FINISH_ABANDONED_WITHIN: Duration = Duration::from_secs(2);
+const FINISH_ABANDONED_MAX_BYTES: usize = 64 * 1024;
 
 /// The byte stream a pooled connection runs on.
 pub(crate) trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {}
@@ -66,6 +75,10 @@ pub(crate) trait Transport: Send + Sync + 'static {
     const SCHEME: Scheme;
     /// The port of an authority that names none.
     const DEFAULT_PORT: u16;
+    /// Whether an exchange its requester gave up on (the client went away) is finished in
+    /// the background so that the connection can be kept: worth it where a new connection
+    /// costs a handshake (TLS), not for plain TCP.
+    const FINISH_ABANDONED: bool;
 
     /// A new connection to `origin` (`host[:port]`), or to the addresses its host was checked
     /// at; [`Connected::Http2`] when the server speaks HTTP/2, which this pool does not.
@@ -207,12 +220,19 @@ impl<T: Transport> Pool<T> {
             let copy = idle
                 .filter(|idle| *idle >= STALE_RISK_AFTER)
                 .and_then(|_| replayable_copy(&request));
-            match exchange(&mut conn, request).await {
+            let sent = if T::FINISH_ABANDONED {
+                let (back, sent) = exchange_or_finish(conn, request, &origin, &self.inner).await;
+                conn = back;
+                sent
+            } else {
+                exchange(&mut conn, request).await
+            };
+            match sent {
                 Ok(response) => {
                     let pool = Arc::downgrade(&self.inner);
                     return Ok(Outcome::Answered(response.map(|body| {
                         PooledBody {
-                            body,
+                            body: Some(body),
                             finished: false,
                             conn: Some(conn),
                             origin,
@@ -452,7 +472,8 @@ async fn exchange<S: ByteStream>(
 /// A response body from a pooled connection: reading it drives the connection, and the
 /// connection returns to the pool when the body was read to the end.
 struct PooledBody<T: Transport> {
-    body: Incoming,
+    /// `None` only once dropped (handed to the task that finishes it).
+    body: Option<Incoming>,
     finished: bool,
     conn: Option<Conn<T::Stream>>,
     origin: Authority,
@@ -471,7 +492,10 @@ impl<T: Transport> Body for PooledBody<T> {
         if let Some(conn) = &mut this.conn {
             conn.drive(cx);
         }
-        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        let Some(body) = &mut this.body else {
+            return Poll::Ready(None);
+        };
+        let frame = Pin::new(body).poll_frame(cx);
         if matches!(frame, Poll::Ready(None)) {
             this.finished = true;
         }
@@ -479,11 +503,13 @@ impl<T: Transport> Body for PooledBody<T> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.finished || self.body.is_end_stream()
+        self.finished || self.body.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 
@@ -492,11 +518,151 @@ impl<T: Transport> Drop for PooledBody<T> {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        if !self.is_end_stream() || !conn.reusable() {
+        if !self.is_end_stream() {
+            // The client stopped reading before the end.
+            if let (true, Some(body)) = (T::FINISH_ABANDONED, self.body.take()) {
+                let abandoned = Abandoned::Body(body);
+                finish_in_background(conn, abandoned, self.origin.clone(), self.pool.clone());
+            }
+            return;
+        }
+        if !conn.reusable() {
             return;
         }
         if let Some(pool) = self.pool.upgrade() {
             pool.checkin(&self.origin, conn);
+        }
+    }
+}
+
+/// The response future of an exchange, boxed so that it can outlive its requester.
+type ResponseFuture = Pin<
+    Box<dyn Future<Output = Result<Response<Incoming>, TrySendError<Request<ProxyBody>>>> + Send>,
+>;
+
+/// What is left of an exchange its requester gave up on.
+enum Abandoned {
+    /// The answer's head has not arrived.
+    Head(ResponseFuture),
+    /// The head arrived; the body was not read to the end.
+    Body(Incoming),
+}
+
+/// An exchange in flight on a connection of a transport that finishes abandoned exchanges:
+/// dropped before the answer's head arrived (the requester went away), it hands the
+/// connection and the exchange to [`finish_in_background`].
+struct InFlight<T: Transport> {
+    conn: Option<Conn<T::Stream>>,
+    response: Option<ResponseFuture>,
+    origin: Authority,
+    pool: Weak<PoolInner<T>>,
+}
+
+impl<T: Transport> Drop for InFlight<T> {
+    fn drop(&mut self) {
+        if let (Some(conn), Some(response)) = (self.conn.take(), self.response.take()) {
+            let abandoned = Abandoned::Head(response);
+            finish_in_background(conn, abandoned, self.origin.clone(), self.pool.clone());
+        }
+    }
+}
+
+/// [`exchange`] for transports that finish abandoned exchanges: the connection is handed
+/// back with the outcome, or, if this future is dropped first, finished in the background.
+async fn exchange_or_finish<T: Transport>(
+    conn: Conn<T::Stream>,
+    request: Request<ProxyBody>,
+    origin: &Authority,
+    pool: &Arc<PoolInner<T>>,
+) -> (
+    Conn<T::Stream>,
+    Result<Response<Incoming>, TrySendError<Request<ProxyBody>>>,
+) {
+    let mut conn = conn;
+    let response: ResponseFuture = Box::pin(conn.sender.try_send_request(request));
+    let mut in_flight = InFlight {
+        conn: Some(conn),
+        response: Some(response),
+        origin: origin.clone(),
+        pool: Arc::downgrade(pool),
+    };
+    let sent = poll_fn(|cx| match (&mut in_flight.conn, &mut in_flight.response) {
+        (Some(conn), Some(response)) => {
+            conn.drive(cx);
+            response.as_mut().poll(cx)
+        }
+        _ => unreachable!("both are taken only after the exchange ended"),
+    })
+    .await;
+    in_flight.response = None;
+    let conn = in_flight.conn.take();
+    match conn {
+        Some(conn) => (conn, sent),
+        None => unreachable!("the connection is taken only here or when dropped"),
+    }
+}
+
+/// Reads the rest of an abandoned exchange's answer in a task of its own, within
+/// [`FINISH_ABANDONED_WITHIN`] and [`FINISH_ABANDONED_MAX_BYTES`], and puts the connection
+/// back in the pool if it is then ready for another request; otherwise closes it.
+fn finish_in_background<T: Transport>(
+    mut conn: Conn<T::Stream>,
+    abandoned: Abandoned,
+    origin: Authority,
+    pool: Weak<PoolInner<T>>,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let finished = tokio::time::timeout(
+            FINISH_ABANDONED_WITHIN,
+            read_to_the_end(&mut conn, abandoned),
+        )
+        .await;
+        if finished != Ok(true) || !conn.reusable() {
+            return;
+        }
+        if let Some(pool) = pool.upgrade() {
+            tracing::debug!("an abandoned exchange was finished; its connection is kept");
+            pool.checkin(&origin, conn);
+        }
+    });
+}
+
+/// Drives `conn` until the abandoned answer has been read to its end: false on an error,
+/// or past [`FINISH_ABANDONED_MAX_BYTES`] of body.
+async fn read_to_the_end<S: ByteStream>(conn: &mut Conn<S>, abandoned: Abandoned) -> bool {
+    let mut body = match abandoned {
+        Abandoned::Body(body) => body,
+        Abandoned::Head(mut response) => {
+            let head = poll_fn(|cx| {
+                conn.drive(cx);
+                response.as_mut().poll(cx)
+            })
+            .await;
+            match head {
+                Ok(response) => response.into_body(),
+                Err(_) => return false,
+            }
+        }
+    };
+    let mut read = 0;
+    loop {
+        let frame = poll_fn(|cx| {
+            conn.drive(cx);
+            Pin::new(&mut body).poll_frame(cx)
+        })
+        .await;
+        match frame {
+            None => return true,
+            Some(Err(_)) => return false,
+            Some(Ok(frame)) => {
+                read += frame.data_ref().map_or(0, Bytes::len);
+                if read > FINISH_ABANDONED_MAX_BYTES {
+                    return false;
+                }
+            }
         }
     }
 }

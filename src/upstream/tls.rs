@@ -96,6 +96,8 @@ impl Transport for Tls {
     type Stream = TlsStream<TcpStream>;
     const SCHEME: Scheme = Scheme::HTTPS;
     const DEFAULT_PORT: u16 = 443;
+    /// Finishing abandoned exchanges: a new connection costs a TLS handshake.
+    const FINISH_ABANDONED: bool = true;
 
     async fn connect(
         &self,

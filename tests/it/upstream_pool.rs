@@ -220,11 +220,37 @@ where
         buf.drain(..head_end + body_len);
         requests.fetch_add(1, Ordering::SeqCst);
         let (response, after) = answer(&head, nth);
+        // A test may ask for a slow answer.
+        if let Some(ms) = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-answer-after-ms: "))
+        {
+            tokio::time::sleep(Duration::from_millis(ms.trim().parse().unwrap_or(0))).await;
+        }
         if response.is_empty() {
             return;
         }
-        if stream.write_all(&response).await.is_err() {
+        // A test may ask for a pause after the head and the first KiB of the body.
+        let pause = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-body-pause-ms: "))
+            .and_then(|ms| ms.trim().parse().ok())
+            .map(Duration::from_millis);
+        let split = match pause {
+            Some(_) => response
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(response.len(), |i| (i + 4 + 1024).min(response.len())),
+            None => response.len(),
+        };
+        if stream.write_all(&response[..split]).await.is_err() || stream.flush().await.is_err() {
             return;
+        }
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+            if stream.write_all(&response[split..]).await.is_err() {
+                return;
+            }
         }
         match after {
             After::KeepAlive => {}
@@ -648,4 +674,104 @@ async fn an_http2_clients_request_reaches_an_http1_tls_upstream_as_http1() {
     assert_eq!(upstream.requests(), (2, 0));
     assert_eq!(upstream.accepted(), 1);
     proxy.stop().await;
+}
+
+/// A client that goes away while its answer is on the way: over TLS the proxy finishes the
+/// exchange in the background and keeps the connection (a new one would cost a handshake);
+/// over plain TCP it closes it, as before. The plain case shows the client's going away was
+/// noticed before the answer came (else both would keep their connection).
+#[tokio::test]
+async fn an_exchange_the_client_abandons_keeps_its_tls_connection_but_not_a_plain_one() {
+    for (leg, connections) in [(Leg::Tls, 1), (Leg::Clear, 2)] {
+        let (upstream, proxy) =
+            upstream_and_proxy(leg, "", |_, _| (OK_LENGTH.to_vec(), After::KeepAlive)).await;
+        let target = format!("http://{}/slow", upstream.addr);
+        let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        client
+            .write_all(
+                format!(
+                    "GET {target} HTTP/1.1\r\nHost: {}\r\nx-answer-after-ms: 300\r\n\r\n",
+                    upstream.addr
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let answer = crate::raw::send(
+            proxy.addr,
+            &format!("GET {target} HTTP/1.1\r\nHost: {}\r\n\r\n", upstream.addr),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{leg:?}: {answer}");
+        assert_eq!(upstream.accepted(), connections, "{leg:?}");
+        proxy.stop().await;
+    }
+}
+
+/// A client that goes away in the middle of a body: over TLS the rest is read and the
+/// connection kept when the rest is small; past the cap (64 KiB) the connection is closed
+/// rather than read on the client's behalf; over plain TCP it is closed (the difference
+/// shows the body was abandoned mid-way, not finished before the client left).
+#[tokio::test]
+async fn a_body_the_client_abandons_is_finished_over_tls_only_up_to_a_cap() {
+    for (leg, size, connections) in [
+        (Leg::Tls, 48 * 1024, 1),
+        (Leg::Clear, 48 * 1024, 2),
+        (Leg::Tls, 4 * 1024 * 1024, 2),
+    ] {
+        let body = vec![b'x'; size];
+        let answer = move |head: &str, _| {
+            if head.starts_with("GET /big ") {
+                let mut bytes =
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n").into_bytes();
+                bytes.extend_from_slice(&body);
+                (bytes, After::KeepAlive)
+            } else {
+                (OK_LENGTH.to_vec(), After::KeepAlive)
+            }
+        };
+        let (upstream, proxy) = upstream_and_proxy(leg, "", answer).await;
+        let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        client
+            .write_all(
+                format!(
+                    "GET http://{0}/big HTTP/1.1\r\nHost: {0}\r\nx-body-pause-ms: 300\r\n\r\n",
+                    upstream.addr
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        // The head and the start of the body, then the client goes away (a reset, so that
+        // the proxy's next write fails).
+        let mut start = [0u8; 512];
+        let n = client.read(&mut start).await.unwrap();
+        assert!(start[..n].starts_with(b"HTTP/1.1 200"), "{leg:?} {size}");
+        socket2::SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let answer = crate::raw::send(
+            proxy.addr,
+            &format!(
+                "GET http://{0}/ HTTP/1.1\r\nHost: {0}\r\n\r\n",
+                upstream.addr
+            ),
+        )
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "{leg:?} {size}: {answer}"
+        );
+        assert_eq!(
+            upstream.accepted(),
+            connections,
+            "{leg:?}, body of {size} bytes"
+        );
+        proxy.stop().await;
+    }
 }
