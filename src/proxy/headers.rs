@@ -7,7 +7,7 @@ use http::{Response, Version};
 
 use crate::upstream::ProxyBody;
 
-pub use crate::vocab::hop_by_hop::{is_hop_by_hop, HOP_BY_HOP};
+pub use crate::vocab::hop_by_hop::is_hop_by_hop;
 
 /// Removes hop-by-hop headers and every header listed in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -21,14 +21,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .chain(headers.keys().filter(|name| is_hop_by_hop(name)).cloned())
         .collect();
     for name in named {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::TRANSFER_ENCODING);
 }
 
 /// A client's request head made ready for the upstream: hop-by-hop headers and `Host` gone
