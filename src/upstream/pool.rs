@@ -551,14 +551,14 @@ enum Abandoned {
 /// An exchange in flight on a connection of a transport that finishes abandoned exchanges:
 /// dropped before the answer's head arrived (the requester went away), it hands the
 /// connection and the exchange to [`finish_in_background`].
-struct InFlight<T: Transport> {
+struct PendingExchange<T: Transport> {
     conn: Option<Conn<T::Stream>>,
     response: Option<ResponseFuture>,
     origin: Authority,
     pool: Weak<PoolInner<T>>,
 }
 
-impl<T: Transport> Drop for InFlight<T> {
+impl<T: Transport> Drop for PendingExchange<T> {
     fn drop(&mut self) {
         if let (Some(conn), Some(response)) = (self.conn.take(), self.response.take()) {
             let abandoned = Abandoned::Head(response);
@@ -580,13 +580,13 @@ async fn exchange_or_finish<T: Transport>(
 ) {
     let mut conn = conn;
     let response: ResponseFuture = Box::pin(conn.sender.try_send_request(request));
-    let mut in_flight = InFlight {
+    let mut pending = PendingExchange {
         conn: Some(conn),
         response: Some(response),
         origin: origin.clone(),
         pool: Arc::downgrade(pool),
     };
-    let sent = poll_fn(|cx| match (&mut in_flight.conn, &mut in_flight.response) {
+    let sent = poll_fn(|cx| match (&mut pending.conn, &mut pending.response) {
         (Some(conn), Some(response)) => {
             conn.drive(cx);
             response.as_mut().poll(cx)
@@ -594,8 +594,8 @@ async fn exchange_or_finish<T: Transport>(
         _ => unreachable!("both are taken only after the exchange ended"),
     })
     .await;
-    in_flight.response = None;
-    let conn = in_flight.conn.take();
+    pending.response = None;
+    let conn = pending.conn.take();
     match conn {
         Some(conn) => (conn, sent),
         None => unreachable!("the connection is taken only here or when dropped"),
