@@ -456,6 +456,18 @@ mod tests {
         }
     }
 
+    /// An absurd command timeout is refused, and a command that runs during the same load
+    /// (a secret of the file) cannot overflow the clock with it.
+    #[test]
+    fn a_secret_command_timeout_beyond_ten_minutes_is_refused() {
+        let yaml = "secret_command_timeout: 300000000000y\ncredentials:\n  c:\n    type: static\n    value_command: [\"/bin/echo\", \"Bearer x\"]\n";
+        let e = parse_error(yaml);
+        assert!(
+            e.contains("secret_command_timeout") && e.contains("between 1ms and 10m"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn parse_errors_never_repeat_a_value() {
         let secret = "Outseta KEY1:SECRET1";

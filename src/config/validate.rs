@@ -719,10 +719,10 @@ pub fn validate(
 ) -> Result<Config, Vec<String>> {
     let mut ctx = ValidateCtx::new(env, base_dir);
     let command_timeout = dur(raw.secret_command_timeout, secret_command::DEFAULT_TIMEOUT);
-    if command_timeout.is_zero() {
-        ctx.problem("secret_command_timeout", "must be greater than 0");
+    if command_timeout.is_zero() || command_timeout > secret_command::MAX_TIMEOUT {
+        ctx.problem("secret_command_timeout", "must be between 1ms and 10m");
     }
-    ctx.set_command_timeout(command_timeout);
+    ctx.set_command_timeout(command_timeout.min(secret_command::MAX_TIMEOUT));
     let listen = socket_addr(
         &mut ctx,
         "listen",

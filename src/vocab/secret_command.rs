@@ -19,6 +19,9 @@ pub const MAX_OUTPUT: usize = 64 * 1024;
 
 /// How long a secret command may run when `secret_command_timeout` is not set.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `secret_command_timeout` accepted: a secret that takes longer to fetch is a
+/// hung helper, and a larger value would overflow the clock arithmetic of the wait.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How often a running command is checked for exit.
 const POLL: Duration = Duration::from_millis(10);
@@ -55,7 +58,7 @@ pub fn run(argv: &[String], dir: &Path, timeout: Duration) -> Result<Secret, Str
             let _ = sender.send(read.map(|_| buf));
         });
     }
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + timeout.min(MAX_TIMEOUT);
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
