@@ -818,7 +818,12 @@ impl TokenSource for Redacting {
     fn fetch<'a>(&'a self, previous: Option<&'a Token>) -> FetchFuture<'a> {
         Box::pin(async move {
             let result = self.inner.fetch(previous).await;
-            if result.as_ref().is_err_and(CredentialError::is_final) {
+            // A refused secret may have been rotated: the commands are run again. A grant
+            // that needs a person's consent is not cured by any command.
+            if result
+                .as_ref()
+                .is_err_and(|e| e.is_final() && !e.needs_consent())
+            {
                 self.secret_refused.notify_one();
             }
             result.map_err(|e| e.redacted(&self.redactor))
