@@ -278,17 +278,6 @@ pub enum CredentialChoice {
 }
 
 impl CredentialChoice {
-    /// The credential name `user`'s requests carry; `None` when the user may not use it.
-    pub fn name_for(&self, user: Option<&str>) -> Option<&str> {
-        match self {
-            CredentialChoice::Shared(name) => Some(name),
-            CredentialChoice::PerClient { by_client, default } => user
-                .and_then(|u| by_client.get(u))
-                .or(default.as_ref())
-                .map(String::as_str),
-        }
-    }
-
     /// Every credential name the choice may pick.
     pub fn names(&self) -> Vec<&str> {
         match self {

@@ -784,7 +784,7 @@ fn take_commands(fields: &mut serde_yaml::Mapping) -> Result<Vec<(String, Vec<St
                 "{key}: expected a list like [program, arg, …] (run without a shell)"
             ));
         };
-        let field = key.trim_end_matches("_command").to_string();
+        let field = key.strip_suffix("_command").unwrap_or(&key).to_string();
         commands.push((field, argv));
     }
     Ok(commands)
