@@ -457,6 +457,25 @@ mod tests {
         );
     }
 
+    /// A file store's key may come from a command, as a Redis store's may: it was offered
+    /// only on the Redis path, and the file store quietly became a memory one.
+    #[test]
+    fn a_file_token_cache_takes_its_key_from_a_command() {
+        let key = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+        let yaml = format!(
+            "token_cache:\n  type: file\n  path: /tmp/authrelay-tokens\n  encryption_key_command: [\"/bin/echo\", \"{key}\"]\n"
+        );
+        let env = std::collections::HashMap::<String, String>::new();
+        let config = Config::from_yaml(&yaml, Path::new("/etc/authrelay/routes.yaml"), &env)
+            .unwrap_or_else(|e| panic!("{e}"));
+        match config.token_cache {
+            TokenCacheSettings::File(file) => {
+                assert_eq!(file.encryption_key.0, *b"01234567890123456789012345678901")
+            }
+            _ => panic!("not a file store"),
+        }
+    }
+
     #[test]
     fn parse_errors_never_repeat_a_value() {
         let secret = "Outseta KEY1:SECRET1";

@@ -505,11 +505,6 @@ fn validate_token_cache(
         }
     });
     offer(ctx, "token_cache.password", &raw.password_command);
-    offer(
-        ctx,
-        "token_cache.encryption_key",
-        &raw.encryption_key_command,
-    );
     let password = ctx.optional_secret(
         "token_cache.password",
         raw.password.as_deref(),
@@ -571,6 +566,12 @@ fn encryption_key(
     kind: &str,
     ctx: &mut ValidateCtx<'_>,
 ) -> Option<EncryptionKey> {
+    // The key's command is offered here, for every kind of store that needs a key.
+    offer(
+        ctx,
+        "token_cache.encryption_key",
+        &raw.encryption_key_command,
+    );
     let key = ctx
         .optional_secret(
             "token_cache.encryption_key",
@@ -612,7 +613,7 @@ fn validate_file_cache(
         ("url", raw.url.is_some()),
         (
             "password",
-            raw.password.is_some() || raw.password_file.is_some(),
+            raw.password.is_some() || raw.password_file.is_some() || raw.password_command.is_some(),
         ),
         ("key_prefix", raw.key_prefix.is_some()),
         ("timeout", raw.timeout.is_some()),
