@@ -6,6 +6,7 @@
 //! may name a vault path or carry a token): only the program's name.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -41,7 +42,10 @@ pub fn run(argv: &[String], dir: &Path, timeout: Duration) -> Result<Secret, Str
     } else {
         program.into()
     };
+    // A group of its own, so that on a timeout the helpers it started (a `sh -c` wrapper's
+    // children) are killed with it rather than left holding its output open.
     let mut child = Command::new(path)
+        .process_group(0)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -64,6 +68,7 @@ pub fn run(argv: &[String], dir: &Path, timeout: Duration) -> Result<Secret, Str
             Ok(Some(status)) => break status,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL),
             Ok(None) => {
+                kill_group(&child);
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(fail(format!(
@@ -81,9 +86,10 @@ pub fn run(argv: &[String], dir: &Path, timeout: Duration) -> Result<Secret, Str
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) => return Err(fail(format!("output could not be read: {e}"))),
         Err(_) => {
+            kill_group(&child);
             return Err(fail(
                 "exited but its output stayed open (a process it started still holds it)".into(),
-            ))
+            ));
         }
     };
     if bytes.len() > MAX_OUTPUT {
@@ -101,6 +107,17 @@ pub fn run(argv: &[String], dir: &Path, timeout: Duration) -> Result<Secret, Str
         return Err(fail("printed nothing".into()));
     }
     Ok(Secret::new(value))
+}
+
+/// Kills what is left of the command's process group (its own and its children's), which
+/// also ends the thread reading its output.
+fn kill_group(child: &std::process::Child) {
+    let group = i32::try_from(child.id())
+        .ok()
+        .and_then(rustix::process::Pid::from_raw);
+    if let Some(group) = group {
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+    }
 }
 
 #[cfg(test)]
@@ -140,5 +157,35 @@ mod tests {
         let e = run(&["/nonexistent/helper".into()], &dir, DEFAULT_TIMEOUT).unwrap_err();
         assert!(e.contains("cannot be started"), "{e}");
         assert!(run(&[], &dir, DEFAULT_TIMEOUT).is_err());
+    }
+
+    /// What a command started and left running is killed with it: on a timeout (a wrapper
+    /// waiting on a hung helper) and when a helper keeps its output open after it exited.
+    #[test]
+    fn helpers_a_command_started_are_killed_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let alive = |pid_file: &Path| {
+            let pid = std::fs::read_to_string(pid_file).unwrap();
+            let pid = rustix::process::Pid::from_raw(pid.trim().parse().unwrap()).unwrap();
+            // Killed and reaped by init, or a zombie not yet reaped: either way not running.
+            rustix::process::test_kill_process(pid).is_ok()
+                && !std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero()))
+                    .unwrap_or_default()
+                    .contains(") Z ")
+        };
+        let hung = dir.path().join("hung.pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", hung.display());
+        let e = run(&sh(&script), dir.path(), Duration::from_millis(300)).unwrap_err();
+        assert!(e.contains("did not finish within 300ms"), "{e}");
+        let kept_open = dir.path().join("open.pid");
+        let script = format!("sleep 30 & echo $! > {}; echo s3cr3t", kept_open.display());
+        let e = run(&sh(&script), dir.path(), Duration::from_millis(300)).unwrap_err();
+        assert!(e.contains("output stayed open"), "{e}");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!alive(&hung), "the hung helper still runs");
+        assert!(
+            !alive(&kept_open),
+            "the helper holding the output still runs"
+        );
     }
 }
