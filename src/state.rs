@@ -388,11 +388,17 @@ fn rerun_secret_commands(state: std::sync::Weak<State>, refused: Arc<tokio::sync
             let Some(state) = state.upgrade() else {
                 return;
             };
-            let config = &state.snapshot().config;
-            if !config.secret_commands {
+            // Read and let go of: the snapshot must not outlive the reload and the pause.
+            let (commands, pause) = {
+                let snapshot = state.snapshot();
+                (
+                    snapshot.config.secret_commands,
+                    snapshot.config.tokens.backoff_max,
+                )
+            };
+            if !commands {
                 continue;
             }
-            let pause = config.tokens.backoff_max;
             tracing::info!("the vendor refused a secret; running the secret commands again");
             // Commands block (up to `secret_command_timeout` each).
             let _ = tokio::task::spawn_blocking(move || state.reload()).await;
