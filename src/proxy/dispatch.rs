@@ -225,10 +225,14 @@ async fn forward(
                 (e.into_response(route.map(|r| &*r.name)), false)
             }
         }
-    }
-    .instrument(span)
-    .await;
-    let (response, retried) = answer;
+    };
+    // At `warn` (and on the access log's fast path) there is no span: polled bare, the
+    // request skips the instrumentation's enter and exit on each of its polls.
+    let (response, retried) = if span.is_none() {
+        answer.await
+    } else {
+        answer.instrument(span).await
+    };
     line.finish(&ctx, route.map(|r| &**r), response, retried)
 }
 

@@ -28,7 +28,7 @@ use crate::credentials::RequestSigner;
 use crate::metrics::RetryOutcome;
 use crate::routes::Route;
 use crate::token_store::{CredentialSlot, IssuedToken};
-use crate::upstream::{BoxError, PinnedAddrs, ProxyBody, UpstreamClient};
+use crate::upstream::{BoxError, Deadline, PinnedAddrs, ProxyBody, UpstreamClient};
 use crate::vocab::redact::{form_urlencode, Redactor};
 
 /// What happened to a forwarded request, for the access log.
@@ -181,11 +181,12 @@ impl Exchange<'_> {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let started = Instant::now();
         let timeout = self.config.timeouts.upstream;
+        let deadline = Deadline::after(timeout, started);
         let identity = route.and_then(|r| r.config.tls_client_cert.as_ref());
         let response = match self.leg {
             Leg::Request => {
                 self.upstream
-                    .send(request, self.pinned, identity, timeout)
+                    .send(request, self.pinned, identity, deadline)
                     .await?
             }
             // The body type changes, the extensions (hyper's upgrade handle) stay.

@@ -5,30 +5,19 @@
 /// several hundred instructions per request for what is a short scan.
 pub fn host_and_port(authority: &str) -> (&str, Option<u16>) {
     let bytes = authority.as_bytes();
-    // One pass for the last `@` (user info ends there) and the last `:` (the port's).
-    let (mut at, mut last_colon) = (None, None);
-    for (i, &b) in bytes.iter().enumerate() {
-        match b {
-            b'@' => at = Some(i),
-            b':' => last_colon = Some(i),
-            _ => {}
-        }
-    }
-    let start = at.map_or(0, |at| at + 1);
+    // memchr's word-at-a-time searches: a byte-by-byte loop cost ~20 instructions a byte,
+    // and this runs twice for every request.
+    let start = memchr::memrchr(b'@', bytes).map_or(0, |at| at + 1);
     let host_port = &bytes[start..];
     let host_len = if host_port.first() == Some(&b'[') {
-        host_port
-            .iter()
-            .position(|&b| b == b']')
-            .map_or(host_port.len(), |i| i + 1)
+        memchr::memchr(b']', host_port).map_or(host_port.len(), |i| i + 1)
     } else {
-        host_port
-            .iter()
-            .position(|&b| b == b':')
-            .unwrap_or(host_port.len())
+        memchr::memchr(b':', host_port).unwrap_or(host_port.len())
     };
     let host = &authority[start..start + host_len];
-    let port = last_colon.and_then(|colon| parse_port(&bytes[colon + 1..]));
+    // The port is what follows the last `:` (inside `[…]` it does not parse as one).
+    let port =
+        memchr::memrchr(b':', host_port).and_then(|colon| parse_port(&host_port[colon + 1..]));
     (host, port)
 }
 

@@ -26,6 +26,7 @@ use super::error::UpstreamError;
 use super::pool::{Outcome, Pool};
 use super::tls::{send_on_new_http2, Tls};
 use super::upgrade::UpgradeConnector;
+use super::Deadline;
 use crate::config::Timeouts;
 use crate::vocab::client_cert::ClientCert;
 
@@ -73,15 +74,23 @@ impl TlsLegs {
     pub(crate) fn send(
         &self,
         request: Request<ProxyBody>,
+        deadline: Deadline,
     ) -> impl Future<Output = Result<Response<ProxyBody>, UpstreamError>> + Send + '_ {
-        self.http1.send(request, None).then(move |sent| async move {
-            match sent? {
-                Outcome::Answered(response) => Ok(response),
-                // Boxed: the HTTP/2 leg's future would otherwise be part of (and moved with)
-                // every HTTP/1.1 request's.
-                Outcome::SpeaksHttp2(request, new) => Box::pin(self.send_http2(request, new)).await,
-            }
-        })
+        self.http1
+            .send(request, None, deadline)
+            .then(move |sent| async move {
+                match sent? {
+                    Outcome::Answered(response) => Ok(response),
+                    // Boxed: the HTTP/2 leg's future would otherwise be part of (and moved with)
+                    // every HTTP/1.1 request's.
+                    Outcome::SpeaksHttp2(request, new) => {
+                        let http2 = Box::pin(self.send_http2(request, new));
+                        tokio::time::timeout_at(deadline.at, http2)
+                            .await
+                            .unwrap_or_else(|_| Err(deadline.passed()))
+                    }
+                }
+            })
     }
 
     /// Sends `request` to an origin that chose HTTP/2: on `new`, the connection that told so,

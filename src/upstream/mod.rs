@@ -67,6 +67,32 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// When the head of an upstream's answer must have arrived: `timeouts.upstream` after the
+/// request set out. Carried down to the connection, so that a pooled one keeps one timer
+/// entry for its life instead of one per request.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    at: tokio::time::Instant,
+    timeout: Duration,
+}
+
+impl Deadline {
+    /// `timeout` after `start`.
+    pub fn after(timeout: Duration, start: std::time::Instant) -> Self {
+        let start = tokio::time::Instant::from_std(start);
+        // As tokio's own `timeout` does: a limit past what the clock can hold is no limit.
+        let at = start
+            .checked_add(timeout)
+            .unwrap_or_else(|| start + Duration::from_secs(86_400 * 365 * 30));
+        Self { at, timeout }
+    }
+
+    /// The error of an exchange still unanswered at the deadline.
+    pub(crate) fn passed(&self) -> UpstreamError {
+        UpstreamError::Timeout(self.timeout)
+    }
+}
+
 /// The pooled upstream client. Cheap to clone.
 #[derive(Clone)]
 pub struct UpstreamClient {
@@ -119,7 +145,7 @@ impl UpstreamClient {
         &self.replay_budget
     }
 
-    /// Sends `request` (absolute URI) and waits for the response head at most `timeout`.
+    /// Sends `request` (absolute URI) and waits for the response head until `deadline`.
     /// `pinned`: the addresses an unmatched destination was checked at, the only ones it may
     /// be connected to. `identity`: the client certificate an https upstream is shown; the
     /// connection it goes on was made with that certificate (or, for `None`, with none).
@@ -128,7 +154,7 @@ impl UpstreamClient {
         request: Request<ProxyBody>,
         pinned: Option<&PinnedAddrs>,
         identity: Option<&Arc<ClientCert>>,
-        timeout: Duration,
+        deadline: Deadline,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         refuse_cleartext_identity(&request, identity)?;
         let legs = self.tls_legs(identity);
@@ -139,24 +165,22 @@ impl UpstreamClient {
             // name only as TLS server name. Rare: clients send CONNECT for https URLs.
             // Boxed: as large as a TLS handshake, it would otherwise be part of (and moved
             // with) every request's future.
-            let response = Box::pin(legs.upgrades.send(request, pinned, timeout)).await?;
+            let own = Box::pin(legs.upgrades.send(request, pinned, deadline.timeout));
+            let response = tokio::time::timeout_at(deadline.at, own)
+                .await
+                .unwrap_or_else(|_| Err(deadline.passed()))?;
             return Ok(response.map(|body| body.map_err(BoxError::from).boxed()));
         }
-        let exchange = async {
-            if request.uri().scheme() != Some(&Scheme::HTTP) {
-                return legs.send(request).await;
-            }
-            match self.plain.send(request, pinned).await? {
-                Outcome::Answered(response) => Ok(response),
-                // A TCP transport has no ALPN: it never reports HTTP/2.
-                Outcome::SpeaksHttp2(..) => Err(UpstreamError::Failed(
-                    "plain HTTP cannot switch to HTTP/2".into(),
-                )),
-            }
-        };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .unwrap_or(Err(UpstreamError::Timeout(timeout)))
+        if request.uri().scheme() != Some(&Scheme::HTTP) {
+            return legs.send(request, deadline).await;
+        }
+        match self.plain.send(request, pinned, deadline).await? {
+            Outcome::Answered(response) => Ok(response),
+            // A TCP transport has no ALPN: it never reports HTTP/2.
+            Outcome::SpeaksHttp2(..) => Err(UpstreamError::Failed(
+                "plain HTTP cannot switch to HTTP/2".into(),
+            )),
+        }
     }
 
     /// Client certificates with clients of their own now, for tests and diagnostics.

@@ -37,10 +37,12 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, TrySendError};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Sleep;
 
 use super::body::{BoxError, ProxyBody};
 use super::error::{describe, UpstreamError};
 use super::pinned::PinnedAddrs;
+use super::Deadline;
 
 /// Idle connections kept per upstream host and port; more are closed when they come back.
 const MAX_IDLE_PER_ORIGIN: usize = 1024;
@@ -110,11 +112,17 @@ pub(crate) enum Outcome<S> {
 
 type Driver<S> = Pin<Box<http1::Connection<TokioIo<S>, ProxyBody>>>;
 
-/// One upstream connection: the handle requests are sent on and the future doing its I/O.
+/// One upstream connection: the handle requests are sent on, the future doing its I/O, and
+/// the clock of the exchange in progress.
 struct Conn<S: ByteStream> {
     sender: http1::SendRequest<ProxyBody>,
     /// `None` once the connection has ended.
     driver: Option<Driver<S>>,
+    /// When the answer's head of the exchange in progress must have arrived. One timer entry
+    /// for the connection's life, moved on for each request: moving a registered entry later
+    /// is an atomic update, where a timer per request was a locked insertion into the
+    /// timer wheel and a removal (~500 instructions a request).
+    deadline: Pin<Box<Sleep>>,
 }
 
 impl<S: ByteStream> Conn<S> {
@@ -133,7 +141,40 @@ impl<S: ByteStream> Conn<S> {
     fn reusable(&mut self) -> bool {
         self.drive(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
     }
+
+    /// Hands `request` to the connection, whose answer's head is due by `deadline`; the
+    /// returned future is polled with [`Conn::poll_exchange`].
+    fn start(
+        &mut self,
+        request: Request<ProxyBody>,
+        deadline: Deadline,
+    ) -> impl Future<Output = Sent> + Send + 'static {
+        self.deadline.as_mut().reset(deadline.at);
+        self.sender.try_send_request(request)
+    }
+
+    /// Polls an exchange begun with [`Conn::start`]: drives the connection, then the
+    /// response future, then the deadline.
+    fn poll_exchange(
+        &mut self,
+        response: Pin<&mut (impl Future<Output = Sent> + ?Sized)>,
+        deadline: Deadline,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Sent, UpstreamError>> {
+        self.drive(cx);
+        if let Poll::Ready(sent) = response.poll(cx) {
+            return Poll::Ready(Ok(sent));
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(deadline.passed())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
+
+/// What hyper made of a request sent on a connection: the response head, or the failure
+/// (with the request, when it was not sent at all).
+type Sent = Result<Response<Incoming>, TrySendError<Request<ProxyBody>>>;
 
 struct IdleConn<S: ByteStream> {
     conn: Conn<S>,
@@ -192,10 +233,13 @@ impl<T: Transport> Pool<T> {
     /// idle for [`STALE_RISK_AFTER`] and met a close before any answer is sent once more on a
     /// new connection if it is idempotent and has no body (as nginx's `proxy_next_upstream
     /// error`); any other request that may have reached the upstream is not.
+    ///
+    /// Connecting and the answer's head, retries included, are due by `deadline`.
     pub(crate) async fn send(
         &self,
         request: Request<ProxyBody>,
         pinned: Option<&PinnedAddrs>,
+        deadline: Deadline,
     ) -> Result<Outcome<T::Stream>, UpstreamError> {
         let (mut request, origin) = origin_form(request, T::DEFAULT_PORT)?;
         let mut pooled_ok = true;
@@ -209,7 +253,7 @@ impl<T: Transport> Pool<T> {
                 Some((conn, idle)) => (conn, Some(idle)),
                 // Boxed: a new connection is the exception under load, and its future would
                 // otherwise be part of (and moved with) every request's.
-                None => match Box::pin(self.inner.connect(&origin, pinned)).await? {
+                None => match Box::pin(self.inner.connect_by(&origin, pinned, deadline)).await? {
                     Ok(conn) => (conn, None),
                     Err(http2) => {
                         let request = absolute_form(request, T::SCHEME, origin)?;
@@ -221,11 +265,12 @@ impl<T: Transport> Pool<T> {
                 .filter(|idle| *idle >= STALE_RISK_AFTER)
                 .and_then(|_| replayable_copy(&request));
             let sent = if T::FINISH_ABANDONED {
-                let (back, sent) = exchange_or_finish(conn, request, &origin, &self.inner).await;
+                let (back, sent) =
+                    exchange_or_finish(conn, request, deadline, &origin, &self.inner).await?;
                 conn = back;
                 sent
             } else {
-                exchange(&mut conn, request).await
+                exchange(&mut conn, request, deadline).await?
             };
             match sent {
                 Ok(response) => {
@@ -340,12 +385,25 @@ impl<T: Transport> PoolInner<T> {
         idle.retain(|_, list| !list.is_empty());
     }
 
+    /// [`PoolInner::connect`], given up when `deadline` passes.
+    async fn connect_by(
+        &self,
+        origin: &Authority,
+        pinned: Option<&PinnedAddrs>,
+        deadline: Deadline,
+    ) -> Result<Result<Conn<T::Stream>, Option<Box<T::Stream>>>, UpstreamError> {
+        tokio::time::timeout_at(deadline.at, self.connect(origin, pinned, deadline))
+            .await
+            .unwrap_or_else(|_| Err(deadline.passed()))
+    }
+
     /// A new HTTP/1.1 connection to `origin`, or to the addresses its host was checked at;
     /// `Err` when the server speaks HTTP/2 (with the new connection that told so, if any).
     async fn connect(
         &self,
         origin: &Authority,
         pinned: Option<&PinnedAddrs>,
+        deadline: Deadline,
     ) -> Result<Result<Conn<T::Stream>, Option<Box<T::Stream>>>, UpstreamError> {
         let stream = match self.transport.connect(origin, pinned).await? {
             Connected::Http1(stream) => stream,
@@ -359,6 +417,7 @@ impl<T: Transport> PoolInner<T> {
         Ok(Ok(Conn {
             sender,
             driver: Some(Box::pin(driver)),
+            deadline: Box::pin(tokio::time::sleep_until(deadline.at)),
         }))
     }
 }
@@ -456,17 +515,15 @@ fn closed_before_answer(error: &hyper::Error) -> bool {
     false
 }
 
-/// Sends `request` on `conn`, driving the connection until the response head is in.
+/// Sends `request` on `conn`, driving the connection until the response head is in or
+/// `deadline` passes.
 async fn exchange<S: ByteStream>(
     conn: &mut Conn<S>,
     request: Request<ProxyBody>,
-) -> Result<Response<Incoming>, TrySendError<Request<ProxyBody>>> {
-    let mut response = pin!(conn.sender.try_send_request(request));
-    poll_fn(|cx| {
-        conn.drive(cx);
-        response.as_mut().poll(cx)
-    })
-    .await
+    deadline: Deadline,
+) -> Result<Sent, UpstreamError> {
+    let mut response = pin!(conn.start(request, deadline));
+    poll_fn(|cx| conn.poll_exchange(response.as_mut(), deadline, cx)).await
 }
 
 /// A response body from a pooled connection: reading it drives the connection, and the
@@ -536,9 +593,7 @@ impl<T: Transport> Drop for PooledBody<T> {
 }
 
 /// The response future of an exchange, boxed so that it can outlive its requester.
-type ResponseFuture = Pin<
-    Box<dyn Future<Output = Result<Response<Incoming>, TrySendError<Request<ProxyBody>>>> + Send>,
->;
+type ResponseFuture = Pin<Box<dyn Future<Output = Sent> + Send>>;
 
 /// What is left of an exchange its requester gave up on.
 enum Abandoned {
@@ -552,15 +607,15 @@ enum Abandoned {
 /// dropped before the answer's head arrived (the requester went away), it hands the
 /// connection and the exchange to [`finish_in_background`].
 struct PendingExchange<T: Transport> {
-    conn: Option<Conn<T::Stream>>,
-    response: Option<ResponseFuture>,
+    /// `None` once the exchange has ended (or was given up).
+    in_flight: Option<(Conn<T::Stream>, ResponseFuture)>,
     origin: Authority,
     pool: Weak<PoolInner<T>>,
 }
 
 impl<T: Transport> Drop for PendingExchange<T> {
     fn drop(&mut self) {
-        if let (Some(conn), Some(response)) = (self.conn.take(), self.response.take()) {
+        if let Some((conn, response)) = self.in_flight.take() {
             let abandoned = Abandoned::Head(response);
             finish_in_background(conn, abandoned, self.origin.clone(), self.pool.clone());
         }
@@ -569,36 +624,34 @@ impl<T: Transport> Drop for PendingExchange<T> {
 
 /// [`exchange`] for transports that finish abandoned exchanges: the connection is handed
 /// back with the outcome, or, if this future is dropped first, finished in the background.
+/// Past `deadline` the connection is closed: the upstream is too slow to wait for.
 async fn exchange_or_finish<T: Transport>(
-    conn: Conn<T::Stream>,
+    mut conn: Conn<T::Stream>,
     request: Request<ProxyBody>,
+    deadline: Deadline,
     origin: &Authority,
     pool: &Arc<PoolInner<T>>,
-) -> (
-    Conn<T::Stream>,
-    Result<Response<Incoming>, TrySendError<Request<ProxyBody>>>,
-) {
-    let mut conn = conn;
-    let response: ResponseFuture = Box::pin(conn.sender.try_send_request(request));
+) -> Result<(Conn<T::Stream>, Sent), UpstreamError> {
+    let response: ResponseFuture = Box::pin(conn.start(request, deadline));
     let mut pending = PendingExchange {
-        conn: Some(conn),
-        response: Some(response),
+        in_flight: Some((conn, response)),
         origin: origin.clone(),
         pool: Arc::downgrade(pool),
     };
-    let sent = poll_fn(|cx| match (&mut pending.conn, &mut pending.response) {
-        (Some(conn), Some(response)) => {
-            conn.drive(cx);
-            response.as_mut().poll(cx)
-        }
-        _ => unreachable!("both are taken only after the exchange ended"),
+    let sent = poll_fn(|cx| match &mut pending.in_flight {
+        Some((conn, response)) => conn.poll_exchange(response.as_mut(), deadline, cx),
+        None => Poll::Ready(Err(UpstreamError::Failed(
+            "the upstream connection was given up".into(),
+        ))),
     })
     .await;
-    pending.response = None;
-    let conn = pending.conn.take();
-    match conn {
-        Some(conn) => (conn, sent),
-        None => unreachable!("the connection is taken only here or when dropped"),
+    let in_flight = pending.in_flight.take();
+    match (in_flight, sent) {
+        (Some((conn, _)), Ok(sent)) => Ok((conn, sent)),
+        (_, Err(e)) => Err(e),
+        (None, Ok(_)) => Err(UpstreamError::Failed(
+            "the upstream connection was given up".into(),
+        )),
     }
 }
 
@@ -672,6 +725,7 @@ mod tests {
     use super::*;
     use crate::upstream::plain::{PlainPool, Tcp};
     use http_body_util::Full;
+    use std::sync::atomic::AtomicUsize;
     use tokio::net::TcpListener;
 
     impl<S> Outcome<S> {
@@ -704,11 +758,102 @@ mod tests {
         addr
     }
 
+    /// A deadline no test here reaches.
+    fn soon() -> Deadline {
+        Deadline::after(Duration::from_secs(30), std::time::Instant::now())
+    }
+
+    /// An origin on 127.0.0.1 that answers `/hang` never and anything else `200 ok` at once,
+    /// on keep-alive connections; counts the connections it accepted.
+    async fn origin_that_hangs_on_request() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        if req.uri().path() == "/hang" {
+                            std::future::pending::<()>().await;
+                        }
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                            "ok",
+                        ))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// The deadline lives with the pooled connection and is moved on per request: a request
+    /// that outlives it fails with a timeout, and one sent after the clock went off while the
+    /// connection sat idle is not failed by the old deadline.
+    #[tokio::test]
+    async fn the_pooled_connections_deadline_is_per_request() {
+        let (addr, accepted) = origin_that_hangs_on_request().await;
+        let pool = PlainPool::new(Tcp::new(Duration::from_secs(5)), Duration::from_secs(60));
+        let request = |path: &str| {
+            Request::get(format!("http://{addr}{path}"))
+                .body(Empty::new().map_err(|never| match never {}).boxed())
+                .unwrap()
+        };
+        let short = || Deadline::after(Duration::from_millis(150), std::time::Instant::now());
+
+        // Answered well within its deadline; the connection goes back to the pool.
+        let response = pool
+            .send(request("/"), None, short())
+            .await
+            .unwrap()
+            .answered();
+        drop(response.into_body().collect().await.unwrap());
+        assert_eq!(pool.idle_connections(), 1);
+
+        // The first deadline passes while the connection is idle; the next request on the
+        // same connection gets a deadline of its own and is answered.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let response = pool
+            .send(request("/"), None, short())
+            .await
+            .unwrap()
+            .answered();
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "ok"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, reused");
+
+        // Never answered: a timeout naming the configured limit, and the connection is
+        // closed rather than pooled.
+        match pool.send(request("/hang"), None, short()).await {
+            Err(UpstreamError::Timeout(limit)) => assert_eq!(limit, Duration::from_millis(150)),
+            Err(other) => panic!("expected a timeout, got {other}"),
+            Ok(_) => panic!("expected a timeout, got an answer"),
+        }
+        assert_eq!(pool.idle_connections(), 0);
+        let response = pool
+            .send(request("/"), None, short())
+            .await
+            .unwrap()
+            .answered();
+        drop(response.into_body().collect().await.unwrap());
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the timed-out one was not reused"
+        );
+    }
+
     async fn get(pool: &PlainPool, addr: std::net::SocketAddr) {
         let request = Request::get(format!("http://{addr}/"))
             .body(Empty::new().map_err(|never| match never {}).boxed())
             .unwrap();
-        let response = pool.send(request, None).await.unwrap().answered();
+        let response = pool.send(request, None, soon()).await.unwrap().answered();
         assert_eq!(
             response.into_body().collect().await.unwrap().to_bytes(),
             "ok"
@@ -727,12 +872,12 @@ mod tests {
                 .unwrap()
         };
         assert!(
-            pool.send(request(), None).await.is_err(),
+            pool.send(request(), None, soon()).await.is_err(),
             "the name resolves to nothing"
         );
         let pinned = PinnedAddrs(vec![addr].into());
         let response = pool
-            .send(request(), Some(&pinned))
+            .send(request(), Some(&pinned), soon())
             .await
             .unwrap()
             .answered();
@@ -760,7 +905,7 @@ mod tests {
         let request = Request::get(format!("http://{}/", origins[0]))
             .body(Empty::new().map_err(|never| match never {}).boxed())
             .unwrap();
-        let response = pool.send(request, None).await.unwrap().answered();
+        let response = pool.send(request, None, soon()).await.unwrap().answered();
         assert_eq!(pool.idle_origins(), 1, "the emptied origin's entry is gone");
         drop(response.into_body().collect().await.unwrap());
         assert_eq!(pool.idle_origins(), 2);

@@ -514,7 +514,10 @@ async fn pinned_https_requests_connect_where_their_name_was_checked() {
             request,
             Some(&pinned),
             None,
-            std::time::Duration::from_secs(5),
+            authrelay::upstream::Deadline::after(
+                std::time::Duration::from_secs(5),
+                std::time::Instant::now(),
+            ),
         )
         .await
         .expect("the pinned origin answers");
