@@ -963,3 +963,54 @@ async fn three_replicas_on_redis_share_one_rotating_refresh_token() {
         proxy.stop().await;
     }
 }
+
+/// A reload that moves `token_cache` (file to Redis, back, then a new key) moves the consent
+/// credential's store with it. The grant is not carried over: the credential answers
+/// consent_required instead of going on from the old store unseen, consent given into the
+/// new store is taken up by the running proxy, back on the file its grant there is used
+/// again, and under a rotated key the file's grant no longer opens.
+#[tokio::test]
+async fn a_reload_that_moves_token_cache_moves_the_consent_store() {
+    let Some(world) = World::new(3600) else {
+        return;
+    };
+    world.authorize().await;
+    let proxy = world.proxy().await;
+    assert_eq!(get(&proxy, &world.api()).await.0, 200);
+    let reload = |world: &World| {
+        proxy.write_config(&support::with_test_listen(&world.yaml));
+        proxy.state().reload().unwrap();
+    };
+    let consent_required = |(status, body): (u16, Value)| {
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (502, Some("consent_required")),
+            "{body}"
+        );
+    };
+
+    let redis = support::redis::RedisServer::start();
+    let file_cache = format!(
+        "token_cache:\n  type: file\n  path: {}\n  encryption_key: {KEY}\n",
+        world.dir.path().join("tokens.json").display()
+    );
+    let redis_cache = format!(
+        "token_cache:\n  type: redis\n  url: {}\n  encryption_key: {KEY}\n",
+        redis.url()
+    );
+    let world = world.changed(&file_cache, &redis_cache);
+    reload(&world);
+    consent_required(get(&proxy, &world.api()).await);
+    world.authorize().await;
+    assert_eq!(until_served(&proxy, &world.api()).await, 200);
+
+    let world = world.changed(&redis_cache, &file_cache);
+    reload(&world);
+    assert_eq!(get(&proxy, &world.api()).await.0, 200, "the file's grant");
+
+    let rotated = file_cache.replace(KEY, "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=");
+    let world = world.changed(&file_cache, &rotated);
+    reload(&world);
+    consent_required(get(&proxy, &world.api()).await);
+    proxy.stop().await;
+}
