@@ -403,9 +403,11 @@ pub struct RawPerClient {
     pub default: Option<String>,
 }
 
-/// A user name in `by_client`. While a file is parsed its `clients.users` names are known
-/// (read first, see [`with_known_users`]), so that a name that is not one of them is reported
-/// at its own line and column.
+/// A user name in `by_client`. The one check that it is a user of `clients.users` is made
+/// while the file is parsed, so that a name that is not one is reported at its own line and
+/// column: a file whose first parse finds such a name (see
+/// [`RawConfig::by_client_names_unknown_users`]) is parsed again with the names known (see
+/// [`with_known_users`]). A valid file is parsed once.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ClientName(pub String);
 
@@ -447,8 +449,10 @@ impl<'de> Deserialize<'de> for ClientName {
                         .is_some_and(|users| !users.contains(name))
                 });
                 if unknown {
+                    // serde_yaml puts the key's path (`routes[0].credential.by_client`)
+                    // before the message, and its line and column after.
                     return Err(E::custom(format_args!(
-                        "credential.by_client: `{name}` is not defined under `clients.users`"
+                        "`{name}` is not defined under `clients.users`"
                     )));
                 }
                 Ok(ClientName(name.to_string()))
@@ -458,23 +462,19 @@ impl<'de> Deserialize<'de> for ClientName {
     }
 }
 
-/// Just the user names of a file, read before the whole file (unknown keys ignored).
-#[derive(Debug, Default, Deserialize)]
-pub struct UserNames {
-    #[serde(default)]
-    clients: UserNamesClients,
-}
+impl RawConfig {
+    /// Whether a route's `by_client` names a user that `clients.users` does not define.
+    pub fn by_client_names_unknown_users(&self) -> bool {
+        let users = &self.clients.users;
+        self.routes.iter().flatten().any(|route| {
+            matches!(&route.credential, Some(RawRouteCredential::PerClient(per_client))
+                if per_client.by_client.keys().any(|ClientName(name)| !users.contains_key(name)))
+        })
+    }
 
-#[derive(Debug, Default, Deserialize)]
-struct UserNamesClients {
-    #[serde(default)]
-    users: BTreeMap<String, serde::de::IgnoredAny>,
-}
-
-impl UserNames {
     /// The names under `clients.users`.
-    pub fn into_names(self) -> std::collections::BTreeSet<String> {
-        self.clients.users.into_keys().collect()
+    pub fn user_names(&self) -> std::collections::BTreeSet<String> {
+        self.clients.users.keys().cloned().collect()
     }
 }
 
