@@ -397,18 +397,42 @@ fn drop_removed_series(old: &Config, new: &Config, metrics: &Metrics) {
 }
 
 fn warn_about_restart_only_changes(old: &Config, new: &Config) {
+    for line in restart_only_changes(old, new) {
+        tracing::warn!("{line}");
+    }
+}
+
+/// What of a reload from `old` to `new` waits for the next restart, one line per setting.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut lines = Vec::new();
     if old.listen != new.listen || old.admin != new.admin {
-        tracing::warn!("`listen` and `admin` changes take effect at the next restart");
+        lines.push("`listen` and `admin` changes take effect at the next restart");
     }
     if old.max_connections != new.max_connections {
-        tracing::warn!("`max_connections` changes take effect at the next restart");
+        lines.push("`max_connections` changes take effect at the next restart");
     }
     if old.tls != new.tls
         || old.timeouts.connect != new.timeouts.connect
         || old.timeouts.pool_idle != new.timeouts.pool_idle
     {
-        tracing::warn!("`tls`, `timeouts.connect` and `timeouts.pool_idle` changes take effect at the next restart");
+        lines.push("`tls`, `timeouts.connect` and `timeouts.pool_idle` changes take effect at the next restart");
     }
+    if old.tokens.fetch_timeout < new.tokens.fetch_timeout {
+        lines.push(
+            "a longer `tokens.fetch_timeout` reaches token endpoint calls (their HTTP client \
+             stops at the old one) at the next restart",
+        );
+    }
+    if matches!(new.token_cache, TokenCacheSettings::Redis(_))
+        && old.token_cache == new.token_cache
+        && old.tokens.fetch_timeout != new.tokens.fetch_timeout
+    {
+        lines.push(
+            "`tokens.fetch_timeout` changes reach the consent credentials' refresh lease on \
+             Redis at the next restart (or when `token_cache` changes)",
+        );
+    }
+    lines
 }
 
 /// When the vendor refuses a configured secret (a token endpoint for good, or the upstream a
@@ -552,5 +576,40 @@ fn same_store(a: Option<&Arc<dyn DurableTokens>>, b: Option<&Arc<dyn DurableToke
         (None, None) => true,
         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        let env = HashMap::<String, String>::new();
+        Config::from_yaml(yaml, std::path::Path::new("/tmp/routes.yaml"), &env)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A reload names what of it waits for a restart: a longer `fetch_timeout` for the token
+    /// endpoint client, and on an unchanged Redis cache the consent refresh lease.
+    #[test]
+    fn restart_only_changes_name_the_fetch_timeout() {
+        let key = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+        let redis = format!(
+            "token_cache:\n  type: redis\n  url: redis://127.0.0.1:6379/0\n  encryption_key: {key}\nroutes: []\n"
+        );
+        let with = |timeout: &str| config(&format!("tokens:\n  fetch_timeout: {timeout}\n{redis}"));
+        let lines = restart_only_changes(&with("5s"), &with("20s"));
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].contains("token endpoint calls"), "{lines:?}");
+        assert!(lines[1].contains("refresh lease"), "{lines:?}");
+        let lines = restart_only_changes(&with("20s"), &with("5s"));
+        assert_eq!(lines.len(), 1, "a shorter one applies to calls: {lines:?}");
+        assert!(restart_only_changes(&with("5s"), &with("5s")).is_empty());
+        let memory = |timeout: &str| {
+            config(&format!(
+                "tokens:\n  fetch_timeout: {timeout}\nroutes: []\n"
+            ))
+        };
+        assert_eq!(restart_only_changes(&memory("5s"), &memory("20s")).len(), 1);
     }
 }
