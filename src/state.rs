@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::config::{Config, ConfigError, Environment, RouteConfig, TokenCacheSettings};
-use crate::credentials::{build_credential_source, is_consent_type, SourceDeps};
+use crate::credentials::{build_credential_source, is_consent_type, DurableTokens, SourceDeps};
 use crate::intercept::CertAuthority;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routes::RouteTable;
@@ -30,6 +30,9 @@ pub struct Snapshot {
     pub unmatched_metrics: RouteMetrics,
     /// The shared token cache (`token_cache: type: redis`), if configured.
     pub token_cache: Option<Arc<RedisCache>>,
+    /// Where consent credentials keep their grant (`token_cache: type: file`, or the Redis
+    /// cache's consent records); it follows `token_cache` across reloads.
+    pub durable: Option<Arc<dyn DurableTokens>>,
 }
 
 /// Why the proxy could not start.
@@ -101,20 +104,19 @@ impl State {
             None => None,
         };
         let metrics = Arc::new(Metrics::new());
-        let mut deps = SourceDeps::new(http);
-        if let TokenCacheSettings::File(settings) = &config.token_cache {
-            deps.durable = Some(Arc::new(FileStore::new(settings)));
-        }
+        let deps = SourceDeps::new(http);
         let token_cache = match &config.token_cache {
             TokenCacheSettings::Memory | TokenCacheSettings::File(_) => None,
             TokenCacheSettings::Redis(settings) => Some(
                 RedisCache::new(settings, Arc::clone(&metrics)).map_err(StartError::TokenCache)?,
             ),
         };
-        if let Some(cache) = &token_cache {
-            deps.durable = Some(Arc::new(cache.durable(config.tokens.fetch_timeout)));
-        }
-        let snapshot = build_snapshot(config, None, token_cache, &deps, &metrics, false);
+        let durable = new_durable(&config, token_cache.as_ref());
+        let shared = Shared {
+            token_cache,
+            durable,
+        };
+        let snapshot = build_snapshot(config, None, shared, &deps, &metrics, false);
         let auth_throttle = crate::access::AuthThrottle::new(metrics.proxy_auth_failures.clone());
         let secret_refused = Arc::clone(&deps.secret_refused);
         let state = Arc::new(Self {
@@ -184,14 +186,42 @@ impl State {
         }
     }
 
+    /// The consent store for a reloaded `config` whose token cache is `token_cache`: the
+    /// running one while it stays where it is (the same file and key, or the same Redis
+    /// cache), a new one when it moved. A Redis cache that could not be built leaves the
+    /// running store in force, as it leaves the running cache.
+    fn reload_durable(
+        previous: &Snapshot,
+        config: &Config,
+        token_cache: Option<&Arc<RedisCache>>,
+    ) -> Option<Arc<dyn DurableTokens>> {
+        let unmoved = match (&config.token_cache, token_cache) {
+            (TokenCacheSettings::Redis(_), Some(cache)) => previous
+                .token_cache
+                .as_ref()
+                .is_some_and(|running| Arc::ptr_eq(running, cache)),
+            (TokenCacheSettings::Redis(_), None) => true,
+            (settings, _) => *settings == previous.config.token_cache,
+        };
+        if unmoved {
+            previous.durable.clone()
+        } else {
+            new_durable(config, token_cache)
+        }
+    }
+
     /// The interception CA, if one is configured.
     pub fn intercept_ca(&self) -> Option<Arc<CertAuthority>> {
         self.intercept_ca.load_full()
     }
 
-    /// The source dependencies (token endpoint client), for commands that fetch tokens.
-    pub fn source_deps(&self) -> &SourceDeps {
-        &self.deps
+    /// The source dependencies (token endpoint client, the running consent store), for
+    /// commands that fetch tokens.
+    pub fn source_deps(&self) -> SourceDeps {
+        SourceDeps {
+            durable: self.snapshot().durable.clone(),
+            ..self.deps.clone()
+        }
     }
 
     /// Replaces the running config. Credentials whose definition did not change keep their
@@ -212,10 +242,15 @@ impl State {
             self.reload_intercept_ca(&config);
         }
         let token_cache = self.reload_token_cache(&previous, &config);
+        let durable = Self::reload_durable(&previous, &config, token_cache.as_ref());
+        let shared = Shared {
+            token_cache,
+            durable,
+        };
         let next = build_snapshot(
             config,
             Some(&previous),
-            token_cache,
+            shared,
             &self.deps,
             &self.metrics,
             self.serving(),
@@ -253,6 +288,7 @@ impl State {
             slots,
             unmatched_metrics: current.unmatched_metrics.clone(),
             token_cache: current.token_cache.clone(),
+            durable: current.durable.clone(),
         }));
         true
     }
@@ -361,18 +397,42 @@ fn drop_removed_series(old: &Config, new: &Config, metrics: &Metrics) {
 }
 
 fn warn_about_restart_only_changes(old: &Config, new: &Config) {
+    for line in restart_only_changes(old, new) {
+        tracing::warn!("{line}");
+    }
+}
+
+/// What of a reload from `old` to `new` waits for the next restart, one line per setting.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut lines = Vec::new();
     if old.listen != new.listen || old.admin != new.admin {
-        tracing::warn!("`listen` and `admin` changes take effect at the next restart");
+        lines.push("`listen` and `admin` changes take effect at the next restart");
     }
     if old.max_connections != new.max_connections {
-        tracing::warn!("`max_connections` changes take effect at the next restart");
+        lines.push("`max_connections` changes take effect at the next restart");
     }
     if old.tls != new.tls
         || old.timeouts.connect != new.timeouts.connect
         || old.timeouts.pool_idle != new.timeouts.pool_idle
     {
-        tracing::warn!("`tls`, `timeouts.connect` and `timeouts.pool_idle` changes take effect at the next restart");
+        lines.push("`tls`, `timeouts.connect` and `timeouts.pool_idle` changes take effect at the next restart");
     }
+    if old.tokens.fetch_timeout < new.tokens.fetch_timeout {
+        lines.push(
+            "a longer `tokens.fetch_timeout` reaches token endpoint calls (their HTTP client \
+             stops at the old one) at the next restart",
+        );
+    }
+    if matches!(new.token_cache, TokenCacheSettings::Redis(_))
+        && old.token_cache == new.token_cache
+        && old.tokens.fetch_timeout != new.tokens.fetch_timeout
+    {
+        lines.push(
+            "`tokens.fetch_timeout` changes reach the consent credentials' refresh lease on \
+             Redis at the next restart (or when `token_cache` changes)",
+        );
+    }
+    lines
 }
 
 /// When the vendor refuses a configured secret (a token endpoint for good, or the upstream a
@@ -407,17 +467,44 @@ fn rerun_secret_commands(state: std::sync::Weak<State>, refused: Arc<tokio::sync
     });
 }
 
+/// The consent store of `config`, on `token_cache` when that is Redis.
+fn new_durable(
+    config: &Config,
+    token_cache: Option<&Arc<RedisCache>>,
+) -> Option<Arc<dyn DurableTokens>> {
+    match (&config.token_cache, token_cache) {
+        (_, Some(cache)) => Some(Arc::new(cache.durable(config.tokens.fetch_timeout))),
+        (TokenCacheSettings::File(settings), None) => Some(Arc::new(FileStore::new(settings))),
+        _ => None,
+    }
+}
+
+/// Where a snapshot's slots keep what outlives one fetch: shared tokens and consent grants.
+struct Shared {
+    token_cache: Option<Arc<RedisCache>>,
+    durable: Option<Arc<dyn DurableTokens>>,
+}
+
 /// `serving`: the state is the running proxy's (not a command's), so credentials whose
 /// grant must be kept alive get their keeper: two processes refreshing one rotating refresh
 /// token would kill it.
 fn build_snapshot(
     config: Config,
     previous: Option<&Snapshot>,
-    token_cache: Option<Arc<RedisCache>>,
+    shared: Shared,
     deps: &SourceDeps,
     metrics: &Arc<Metrics>,
     serving: bool,
 ) -> Snapshot {
+    let Shared {
+        token_cache,
+        durable,
+    } = shared;
+    let store_moved = previous.is_some_and(|p| !same_store(p.durable.as_ref(), durable.as_ref()));
+    let deps = SourceDeps {
+        durable: durable.clone(),
+        ..deps.clone()
+    };
     if let Some(cache) = &token_cache {
         cache.start();
     }
@@ -428,13 +515,26 @@ fn build_snapshot(
     for (name, cred) in &config.credentials {
         // Only the credential's own definition decides: `tokens:` timing changes apply to
         // the kept slot's next fetch, and its cached token stays.
-        let kept = previous
-            .and_then(|p| p.slots.get(name))
+        let consent = is_consent_type(cred.kind.type_name());
+        let previous_slot = previous.and_then(|p| p.slots.get(name));
+        if consent && store_moved && previous_slot.is_some() {
+            tracing::warn!(
+                credential = %name,
+                "token_cache changed: this credential now reads its grant from the new store; \
+                 the grant in the old one is not moved (run `authrelay authorize {name}` unless \
+                 the new store already holds it)"
+            );
+        }
+        let kept = previous_slot
             .filter(|s| {
-                // A consent credential never uses the shared cache (below), whatever it is.
+                // A consent credential never uses the shared cache (below), whatever it is,
+                // but its grant lives in the consent store.
                 s.same_definition(cred)
-                    && (is_consent_type(cred.kind.type_name())
-                        || s.uses_cache(token_cache.as_ref()))
+                    && if consent {
+                        !store_moved
+                    } else {
+                        s.uses_cache(token_cache.as_ref())
+                    }
             })
             .cloned();
         if let Some(slot) = &kept {
@@ -450,7 +550,7 @@ fn build_snapshot(
                 // same Redis) and its refresh lease instead.
                 token_cache
                     .as_ref()
-                    .filter(|_| !is_consent_type(cred.kind.type_name()))
+                    .filter(|_| !consent)
                     .map(|c| c.slot(cred)),
             )
         });
@@ -466,5 +566,50 @@ fn build_snapshot(
         slots,
         unmatched_metrics: metrics.for_route("unmatched", &[]),
         token_cache,
+        durable,
+    }
+}
+
+/// Whether two consent stores are the same one (both absent included).
+fn same_store(a: Option<&Arc<dyn DurableTokens>>, b: Option<&Arc<dyn DurableTokens>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        let env = HashMap::<String, String>::new();
+        Config::from_yaml(yaml, std::path::Path::new("/tmp/routes.yaml"), &env)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A reload names what of it waits for a restart: a longer `fetch_timeout` for the token
+    /// endpoint client, and on an unchanged Redis cache the consent refresh lease.
+    #[test]
+    fn restart_only_changes_name_the_fetch_timeout() {
+        let key = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+        let redis = format!(
+            "token_cache:\n  type: redis\n  url: redis://127.0.0.1:6379/0\n  encryption_key: {key}\nroutes: []\n"
+        );
+        let with = |timeout: &str| config(&format!("tokens:\n  fetch_timeout: {timeout}\n{redis}"));
+        let lines = restart_only_changes(&with("5s"), &with("20s"));
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].contains("token endpoint calls"), "{lines:?}");
+        assert!(lines[1].contains("refresh lease"), "{lines:?}");
+        let lines = restart_only_changes(&with("20s"), &with("5s"));
+        assert_eq!(lines.len(), 1, "a shorter one applies to calls: {lines:?}");
+        assert!(restart_only_changes(&with("5s"), &with("5s")).is_empty());
+        let memory = |timeout: &str| {
+            config(&format!(
+                "tokens:\n  fetch_timeout: {timeout}\nroutes: []\n"
+            ))
+        };
+        assert_eq!(restart_only_changes(&memory("5s"), &memory("20s")).len(), 1);
     }
 }

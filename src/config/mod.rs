@@ -355,15 +355,17 @@ impl Config {
                     .into(),
             });
         }
-        // A file too broken to read its user names is reported by the full parse below.
-        let users = serde_yaml::from_str::<raw::UserNames>(text)
-            .map(raw::UserNames::into_names)
-            .unwrap_or_default();
-        let raw: raw::RawConfig = raw::with_known_users(users, || serde_yaml::from_str(text))
-            .map_err(|e| ConfigError::Parse {
-                path: path.to_path_buf(),
-                message: describe_yaml_error(&e),
-            })?;
+        let parse_error = |e: serde_yaml::Error| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: describe_yaml_error(&e),
+        };
+        let mut raw: raw::RawConfig = serde_yaml::from_str(text).map_err(parse_error)?;
+        if raw.by_client_names_unknown_users() {
+            // Parsed again with the user names known, so that the error points at the
+            // unknown name's line and column (see `raw::ClientName`).
+            raw = raw::with_known_users(raw.user_names(), || serde_yaml::from_str(text))
+                .map_err(parse_error)?;
+        }
         let base_dir = path
             .parent()
             .map(Path::to_path_buf)
@@ -443,6 +445,18 @@ mod tests {
             Err(e) => e.to_string(),
             Ok(_) => panic!("accepted: {yaml}"),
         }
+    }
+
+    /// A `by_client` key that is not a user is reported once, at its line and column, with
+    /// its path named once.
+    #[test]
+    fn an_unknown_by_client_user_is_reported_at_its_line_and_column() {
+        let yaml = "clients:\n  users:\n    app: {password: pw}\ncredentials:\n  a: {type: static, value: x}\nroutes:\n  - name: r\n    host: api.example.com\n    credential:\n      by_client: {app: a, nobody: a}\n";
+        let e = parse_error(yaml);
+        assert!(
+            e.ends_with("routes[0].credential.by_client: `nobody` is not defined under `clients.users` at line 10 column 27"),
+            "{e}"
+        );
     }
 
     /// An absurd command timeout is refused, and a command that runs during the same load

@@ -5,10 +5,12 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 use crate::credentials;
+use crate::vocab::secret_command::ArgvSummary;
 use crate::vocab::values::{ByteSize, ConfigDuration};
 
-/// The top level of `routes.yaml`.
-#[derive(Debug, Deserialize)]
+/// The top level of `routes.yaml`. `Debug` by hand: the admin token and its command are
+/// secrets.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// Address of the proxy listener.
@@ -66,6 +68,45 @@ pub struct RawConfig {
     pub token_cache: RawTokenCache,
 }
 
+impl std::fmt::Debug for RawConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawConfig")
+            .field("listen", &self.listen)
+            .field("admin", &self.admin)
+            .field("admin_token", &redacted(&self.admin_token))
+            .field("admin_token_file", &self.admin_token_file)
+            .field("admin_token_command", &argv(&self.admin_token_command))
+            .field("secret_command_timeout", &self.secret_command_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("unmatched", &self.unmatched)
+            .field("timeouts", &self.timeouts)
+            .field("retry", &self.retry)
+            .field("tokens", &self.tokens)
+            .field("connect", &self.connect)
+            .field("tls", &self.tls)
+            .field("intercept_ca", &self.intercept_ca)
+            .field("credentials", &self.credentials)
+            .field("routes", &self.routes)
+            .field("clients", &self.clients)
+            .field("unmatched_deny", &self.unmatched_deny)
+            .field("unmatched_allow", &self.unmatched_allow)
+            .field("unmatched_ports", &self.unmatched_ports)
+            .field("admin_hosts", &self.admin_hosts)
+            .field("token_cache", &self.token_cache)
+            .finish()
+    }
+}
+
+/// An inline secret as written (or its `${VAR}`) for `Debug`: whether it is set, never what.
+fn redacted(value: &Option<String>) -> Option<&'static str> {
+    value.as_ref().map(|_| "***")
+}
+
+/// A secret command for `Debug`: its program and argument count (see [`ArgvSummary`]).
+fn argv(value: &Option<Vec<String>>) -> Option<ArgvSummary<'_>> {
+    value.as_deref().map(ArgvSummary)
+}
+
 /// Which token cache to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -80,8 +121,9 @@ pub enum TokenCacheType {
     File,
 }
 
-/// The `token_cache:` section.
-#[derive(Debug, Default, Deserialize)]
+/// The `token_cache:` section. `Debug` by hand: passwords, keys and their commands are
+/// secrets, and the URL may carry a password.
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTokenCache {
     #[serde(rename = "type", default)]
@@ -103,6 +145,28 @@ pub struct RawTokenCache {
     pub ca_file: Option<String>,
     /// `type: file`: the file that holds the sealed tokens.
     pub path: Option<String>,
+}
+
+impl std::fmt::Debug for RawTokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawTokenCache")
+            .field("kind", &self.kind)
+            .field("url", &redacted(&self.url))
+            .field("password", &redacted(&self.password))
+            .field("password_file", &self.password_file)
+            .field("password_command", &argv(&self.password_command))
+            .field("key_prefix", &self.key_prefix)
+            .field("encryption_key", &redacted(&self.encryption_key))
+            .field("encryption_key_file", &self.encryption_key_file)
+            .field(
+                "encryption_key_command",
+                &argv(&self.encryption_key_command),
+            )
+            .field("timeout", &self.timeout)
+            .field("ca_file", &self.ca_file)
+            .field("path", &self.path)
+            .finish()
+    }
 }
 
 /// An address range (CIDR) or single address as written. Checked while the file is parsed,
@@ -144,12 +208,23 @@ pub struct RawClients {
 }
 
 /// One named client's password, inline (`${VAR}`), in a file or printed by a command.
-#[derive(Debug, Default, Deserialize)]
+/// `Debug` by hand: the password and its command are secrets.
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUser {
     pub password: Option<String>,
     pub password_file: Option<String>,
     pub password_command: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for RawUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawUser")
+            .field("password", &redacted(&self.password))
+            .field("password_file", &self.password_file)
+            .field("password_command", &argv(&self.password_command))
+            .finish()
+    }
 }
 
 /// Policy for requests that match no route.
@@ -328,9 +403,11 @@ pub struct RawPerClient {
     pub default: Option<String>,
 }
 
-/// A user name in `by_client`. While a file is parsed its `clients.users` names are known
-/// (read first, see [`with_known_users`]), so that a name that is not one of them is reported
-/// at its own line and column.
+/// A user name in `by_client`. The one check that it is a user of `clients.users` is made
+/// while the file is parsed, so that a name that is not one is reported at its own line and
+/// column: a file whose first parse finds such a name (see
+/// [`RawConfig::by_client_names_unknown_users`]) is parsed again with the names known (see
+/// [`with_known_users`]). A valid file is parsed once.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ClientName(pub String);
 
@@ -372,8 +449,10 @@ impl<'de> Deserialize<'de> for ClientName {
                         .is_some_and(|users| !users.contains(name))
                 });
                 if unknown {
+                    // serde_yaml puts the key's path (`routes[0].credential.by_client`)
+                    // before the message, and its line and column after.
                     return Err(E::custom(format_args!(
-                        "credential.by_client: `{name}` is not defined under `clients.users`"
+                        "`{name}` is not defined under `clients.users`"
                     )));
                 }
                 Ok(ClientName(name.to_string()))
@@ -383,22 +462,70 @@ impl<'de> Deserialize<'de> for ClientName {
     }
 }
 
-/// Just the user names of a file, read before the whole file (unknown keys ignored).
-#[derive(Debug, Default, Deserialize)]
-pub struct UserNames {
-    #[serde(default)]
-    clients: UserNamesClients,
-}
+impl RawConfig {
+    /// Whether a route's `by_client` names a user that `clients.users` does not define.
+    pub fn by_client_names_unknown_users(&self) -> bool {
+        let users = &self.clients.users;
+        self.routes.iter().flatten().any(|route| {
+            matches!(&route.credential, Some(RawRouteCredential::PerClient(per_client))
+                if per_client.by_client.keys().any(|ClientName(name)| !users.contains_key(name)))
+        })
+    }
 
-#[derive(Debug, Default, Deserialize)]
-struct UserNamesClients {
-    #[serde(default)]
-    users: BTreeMap<String, serde::de::IgnoredAny>,
-}
-
-impl UserNames {
     /// The names under `clients.users`.
-    pub fn into_names(self) -> std::collections::BTreeSet<String> {
-        self.clients.users.into_keys().collect()
+    pub fn user_names(&self) -> std::collections::BTreeSet<String> {
+        self.clients.users.keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Debug` of a file whose secrets are inline and in command arguments (a vault token in
+    /// `-token=…`) shows each command's program and argument count, never an argument or a
+    /// secret.
+    #[test]
+    fn debug_hides_command_arguments_and_secrets() {
+        let yaml = r#"
+admin_token_command: ["vault", "read", "-token=s.admin-secret"]
+clients:
+  users:
+    ci:
+      password_command: ["vault", "-token=s.user-secret"]
+    dev:
+      password: inline-user-secret
+token_cache:
+  type: redis
+  url: redis://:url-secret@127.0.0.1:6379/0
+  password_command: ["pass", "show", "s.redis-secret"]
+  encryption_key_command: ["vault", "read", "-token=s.key-secret"]
+credentials:
+  api:
+    type: static
+    value_command: ["vault", "read", "-token=s.cred-secret", "secret/api"]
+"#;
+        let raw: RawConfig = serde_yaml::from_str(yaml).unwrap();
+        let debug = format!("{raw:?}");
+        for secret in [
+            "admin-secret",
+            "user-secret",
+            "inline-user-secret",
+            "url-secret",
+            "redis-secret",
+            "key-secret",
+            "cred-secret",
+            "secret/api",
+        ] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        for shown in [
+            "\"vault\" (+2 arguments)",
+            "\"vault\" (+1 arguments)",
+            "\"pass\" (+2 arguments)",
+            "\"vault\" (+3 arguments)",
+        ] {
+            assert!(debug.contains(shown), "{shown} not in {debug}");
+        }
     }
 }

@@ -182,7 +182,7 @@ fn validate_route(
         }
     });
     if let Some(choice) = &credential {
-        ok &= check_credential_choice(choice, declared_credentials, declared_users, ctx);
+        ok &= check_credential_choice(choice, declared_credentials, ctx);
     }
     let refresh_on = match raw.refresh_on.as_deref() {
         None => RefreshOn::default(),
@@ -291,12 +291,12 @@ fn client_cert(ctx: &mut ValidateCtx<'_>, raw: &RawClientCert) -> Option<Arc<Cli
     }
 }
 
-/// Every credential a route's `credential` names must be defined, and every `by_client` key
-/// must be a user of `clients.users` (only an authenticated user can be told apart).
+/// Every credential a route's `credential` names must be defined. (That every `by_client`
+/// key is a user of `clients.users` is checked while the file is parsed, to report its line
+/// and column: `raw::ClientName`.)
 fn check_credential_choice(
     choice: &CredentialChoice,
     declared_credentials: &BTreeSet<String>,
-    declared_users: &BTreeSet<String>,
     ctx: &mut ValidateCtx<'_>,
 ) -> bool {
     let mut ok = true;
@@ -318,13 +318,6 @@ fn check_credential_choice(
             ctx.problem(
                 "credential.by_client",
                 "must name at least one client (or give a `default`)",
-            );
-            ok = false;
-        }
-        for user in by_client.keys().filter(|u| !declared_users.contains(*u)) {
-            ctx.problem(
-                "credential.by_client",
-                format!("`{user}` is not defined under `clients.users`"),
             );
             ok = false;
         }

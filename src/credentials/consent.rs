@@ -370,7 +370,7 @@ impl ConsentSource {
     async fn fetch_token(&self, previous: Option<&Token>) -> Result<Token, CredentialError> {
         let store = self.store.clone().ok_or_else(|| {
             CredentialError::Other(
-                "no token store is open (`token_cache: type: file` or `redis` takes effect at start)".into(),
+                "no token store is configured (`token_cache: type: file` or `redis`)".into(),
             )
         })?;
         // Read, spent and replaced under the refresh lock: another process sharing the store

@@ -16,6 +16,7 @@ use http::{HeaderMap, HeaderName, Method};
 
 use crate::vocab::redact::Redactor;
 use crate::vocab::secret::Secret;
+use crate::vocab::secret_command::ArgvSummary;
 use crate::vocab::validate_ctx::ValidateCtx;
 pub use fingerprint::Fingerprint;
 
@@ -355,8 +356,9 @@ impl TokenSource for NoToken {
     }
 }
 
-/// The fields every credential type shares, as written.
-#[derive(Debug, Default)]
+/// The fields every credential type shares, as written. `Debug` by hand: a command's
+/// arguments may carry a token.
+#[derive(Default)]
 pub struct CommonSpec {
     /// Header to set (default `Authorization`).
     pub header: Option<String>,
@@ -368,6 +370,23 @@ pub struct CommonSpec {
     pub query_param: Option<String>,
     /// `x_command` argv by secret field `x`: run to obtain that secret.
     pub commands: Vec<(String, Vec<String>)>,
+}
+
+impl std::fmt::Debug for CommonSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let commands: Vec<(&str, ArgvSummary<'_>)> = self
+            .commands
+            .iter()
+            .map(|(field, argv)| (field.as_str(), ArgvSummary(argv)))
+            .collect();
+        f.debug_struct("CommonSpec")
+            .field("header", &self.header)
+            .field("scheme", &self.scheme)
+            .field("prefetch", &self.prefetch)
+            .field("query_param", &self.query_param)
+            .field("commands", &commands)
+            .finish()
+    }
 }
 
 /// The validated settings of one credential, of whichever type. Compared on reload.

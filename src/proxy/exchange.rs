@@ -29,7 +29,6 @@ use crate::metrics::RetryOutcome;
 use crate::routes::Route;
 use crate::token_store::{CredentialSlot, IssuedToken};
 use crate::upstream::{BoxError, Deadline, PinnedAddrs, ProxyBody, UpstreamClient};
-use crate::vocab::redact::{form_urlencode, Redactor};
 
 /// What happened to a forwarded request, for the access log.
 pub(crate) struct Forwarded {
@@ -384,19 +383,22 @@ fn place<'a>(
     token: &'a Arc<IssuedToken>,
 ) -> (Uri, Injection<'a>) {
     match slot.query_param() {
-        Some(name) => (with_query_credential(uri, name, token.header_value()), None),
+        Some(name) => (
+            with_query_credential(uri, name, &token.query_form().encoded),
+            None,
+        ),
         None => (uri.clone(), Some((slot, token))),
     }
 }
 
 type Injection<'a> = Option<(&'a Arc<CredentialSlot>, &'a Arc<IssuedToken>)>;
 
-/// `uri` with `value` in query parameter `name`: every parameter the client sent under that
-/// name, however percent-encoded, is dropped (an upstream that reads the first or the last of
-/// duplicates must still see the configured one), and the value is percent-encoded.
-pub fn with_query_credential(uri: &Uri, name: &str, value: &HeaderValue) -> Uri {
-    let value = form_urlencode(&String::from_utf8_lossy(value.as_bytes())).replace('+', "%20");
-    let pair = format!("{name}={value}");
+/// `uri` with `encoded` (a percent-encoded value, [`QueryForm::encoded`](crate::token_store::QueryForm::encoded)) in query
+/// parameter `name`: every parameter the client sent under that name, however
+/// percent-encoded, is dropped (an upstream that reads the first or the last of duplicates
+/// must still see the configured one).
+pub fn with_query_credential(uri: &Uri, name: &str, encoded: &str) -> Uri {
+    let pair = format!("{name}={encoded}");
     let mut query: Vec<&str> = uri
         .query()
         .unwrap_or_default()
@@ -421,13 +423,9 @@ fn mask_echoed_query_credential(
     slot: &CredentialSlot,
     token: &IssuedToken,
 ) {
-    let Some(value) = slot
-        .query_param()
-        .and_then(|_| token.header_value().to_str().ok())
-    else {
+    let Some(redactor) = slot.query_param().and(token.query_form().redactor.as_ref()) else {
         return;
     };
-    let redactor = Redactor::new([value]);
     for header in response.headers_mut().values_mut() {
         let Ok(text) = header.to_str() else { continue };
         let masked = redactor.redact(text);
@@ -467,9 +465,9 @@ mod tests {
 
     #[test]
     fn the_query_credential_replaces_every_client_copy_and_is_encoded() {
-        let value = HeaderValue::from_static("k y&=+/%");
+        let value = "k%20y%26%3D%2B%2F%25";
         let at =
-            |uri: &str| with_query_credential(&uri.parse().unwrap(), "api_key", &value).to_string();
+            |uri: &str| with_query_credential(&uri.parse().unwrap(), "api_key", value).to_string();
         assert_eq!(
             at("http://h.test/p?api_key=mine&x=1&api%5Fkey=again&api_key"),
             "http://h.test/p?x=1&api_key=k%20y%26%3D%2B%2F%25"

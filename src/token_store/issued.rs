@@ -1,7 +1,7 @@
 //! A token ready to inject: its header value built once, and where it stands in time
 //! (usable, due for renewal), computed the same way on every replica for a shared token.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::HeaderValue;
@@ -9,6 +9,7 @@ use http::HeaderValue;
 use super::timing::refresh_timing;
 use crate::config::TokenSettings;
 use crate::credentials::{CredentialError, Token};
+use crate::vocab::redact::{form_urlencode, Redactor};
 
 /// Where a slot's token came from (shown by the admin endpoint).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +42,26 @@ pub struct IssuedToken {
     /// Fetched by this replica because the upstream refused the token before it: only such
     /// a token, refused in turn, shows that refreshing does not help a route.
     pub(super) for_refusal: bool,
+    /// The token as a `query_param` value, made by the first request that sends it so.
+    query_form: OnceLock<QueryForm>,
+}
+
+/// A token as a query credential (`query_param`): made once per token, never per request.
+pub struct QueryForm {
+    /// The value percent-encoded for a query string (a space as `%20`).
+    pub encoded: String,
+    /// Masks the value wherever an upstream echoes it in a response header (`None`: the
+    /// value is not visible ASCII, so no text header can show it).
+    pub redactor: Option<Redactor>,
+}
+
+impl QueryForm {
+    fn of(value: &HeaderValue) -> Self {
+        Self {
+            encoded: form_urlencode(&String::from_utf8_lossy(value.as_bytes())).replace('+', "%20"),
+            redactor: value.to_str().ok().map(|text| Redactor::new([text])),
+        }
+    }
 }
 
 impl std::fmt::Debug for IssuedToken {
@@ -107,7 +128,14 @@ impl IssuedToken {
             origin,
             sealed: sealed.map(Arc::from),
             for_refusal: false,
+            query_form: OnceLock::new(),
         })
+    }
+
+    /// The token as a query credential, made on first use and kept with the token.
+    pub fn query_form(&self) -> &QueryForm {
+        self.query_form
+            .get_or_init(|| QueryForm::of(&self.header_value))
     }
 
     /// The header value to inject (marked sensitive).
@@ -151,5 +179,25 @@ mod tests {
         let issued =
             IssuedToken::new(token, SystemTime::now(), Origin::Fetched, None, &settings()).unwrap();
         assert!(issued.usable_at(Instant::now()));
+    }
+
+    /// The query form is made once per token: every request gets the same one.
+    #[test]
+    fn the_query_form_is_made_once_per_token() {
+        let token = Token {
+            value: crate::vocab::secret::Secret::new("k y&=+/%"),
+            expires_at: None,
+            refresh: None,
+        };
+        let issued =
+            IssuedToken::new(token, SystemTime::now(), Origin::Fetched, None, &settings()).unwrap();
+        let first = issued.query_form();
+        assert_eq!(first.encoded, "k%20y%26%3D%2B%2F%25");
+        assert!(std::ptr::eq(first, issued.query_form()));
+        let redactor = first.redactor.as_ref().unwrap();
+        assert_eq!(
+            redactor.redact("next?key=k%20y%26%3D%2B%2F%25"),
+            "next?key=***"
+        );
     }
 }

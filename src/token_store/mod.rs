@@ -32,8 +32,8 @@ use crate::token_cache::{RedisCache, SharedSlot};
 use flight::{Failure, Phase, Trigger};
 use rejections::RouteRejections;
 
-pub use issued::IssuedToken;
 pub(crate) use issued::Origin;
+pub use issued::{IssuedToken, QueryForm};
 pub use views::SlotStatus;
 
 /// A credential could not supply a token; answered as 502 naming the credential.

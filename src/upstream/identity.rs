@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::BodyExt;
@@ -116,14 +117,18 @@ impl TlsLegs {
 
 /// The legs of every client certificate in use, by certificate. An entry lives while a
 /// config names its certificate (a reload that keeps the files keeps the pool); entries of
-/// certificates no config holds any more are dropped when another one is added.
+/// certificates no config holds any more are dropped when another one is added. Requests
+/// read the map without a lock; adding a certificate (or re-holding one a reload read
+/// again) replaces the map whole, one adder at a time.
 pub(crate) struct IdentityLegs {
     base: Arc<rustls::ClientConfig>,
     timeouts: Timeouts,
-    legs: Mutex<HashMap<[u8; 32], HeldLegs>>,
+    legs: ArcSwap<HashMap<[u8; 32], HeldLegs>>,
+    adding: Mutex<()>,
 }
 
 /// One certificate's legs, and the certificate as a config holds it (while any does).
+#[derive(Clone)]
 struct HeldLegs {
     cert: Weak<ClientCert>,
     legs: Arc<TlsLegs>,
@@ -135,21 +140,42 @@ impl IdentityLegs {
         Self {
             base,
             timeouts: timeouts.clone(),
-            legs: Mutex::default(),
+            legs: ArcSwap::default(),
+            adding: Mutex::default(),
         }
     }
 
-    /// The legs that present `cert`.
+    /// The legs that present `cert`: found without a lock while a config holds the
+    /// certificate, else added.
     pub(crate) fn for_cert(&self, cert: &Arc<ClientCert>) -> Arc<TlsLegs> {
-        let mut held = self.legs.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(found) = held.get_mut(&cert.id()) {
-            if found.cert.strong_count() == 0 {
-                found.cert = Arc::downgrade(cert);
-            }
-            return Arc::clone(&found.legs);
+        match self.held(cert) {
+            Some(legs) => legs,
+            None => self.add(cert),
         }
-        held.retain(|_, h| h.cert.strong_count() > 0);
-        let legs = Arc::new(TlsLegs::new(&presenting(&self.base, cert), &self.timeouts));
+    }
+
+    /// The legs of `cert` while the config that made them still holds it.
+    fn held(&self, cert: &ClientCert) -> Option<Arc<TlsLegs>> {
+        self.legs
+            .load()
+            .get(&cert.id())
+            .filter(|h| h.cert.strong_count() > 0)
+            .map(|h| Arc::clone(&h.legs))
+    }
+
+    /// Adds legs for `cert`, or points the existing ones at it (the config that made them is
+    /// gone, a new one read the same certificate).
+    fn add(&self, cert: &Arc<ClientCert>) -> Arc<TlsLegs> {
+        let _adding = self.adding.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut held = HashMap::clone(&self.legs.load());
+        let legs = match held.get(&cert.id()) {
+            Some(found) => Arc::clone(&found.legs),
+            None => {
+                held.retain(|_, h| h.cert.strong_count() > 0);
+                tracing::debug!(cert = %cert.short_id(), "upstream clients for a client certificate");
+                Arc::new(TlsLegs::new(&presenting(&self.base, cert), &self.timeouts))
+            }
+        };
         held.insert(
             cert.id(),
             HeldLegs {
@@ -157,16 +183,13 @@ impl IdentityLegs {
                 legs: Arc::clone(&legs),
             },
         );
-        tracing::debug!(cert = %cert.short_id(), "upstream clients for a client certificate");
+        self.legs.store(Arc::new(held));
         legs
     }
 
     /// Certificates with legs now, for tests and diagnostics.
     pub(crate) fn len(&self) -> usize {
-        self.legs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.legs.load().len()
     }
 }
 
@@ -178,4 +201,85 @@ fn presenting(base: &rustls::ClientConfig, cert: &ClientCert) -> rustls::ClientC
         Arc::new(rustls::sign::SingleCertAndKey::from(cert.certified_key()));
     config.resumption = rustls::client::Resumption::default();
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeouts() -> Timeouts {
+        let s = Duration::from_secs(5);
+        Timeouts {
+            connect: s,
+            upstream: s,
+            pool_idle: s,
+            client_idle: s,
+            drain: s,
+            client_body: s,
+            upstream_body_idle: s,
+        }
+    }
+
+    /// A self-signed certificate `name` and its key, written to `dir`.
+    fn write_cert(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![format!("{name}.test")])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let files = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&files.0, cert.pem()).unwrap();
+        std::fs::write(&files.1, key.serialize_pem()).unwrap();
+        files
+    }
+
+    fn load((cert, key): &(std::path::PathBuf, std::path::PathBuf)) -> Arc<ClientCert> {
+        Arc::new(ClientCert::load(cert, key).unwrap())
+    }
+
+    /// One set of legs per certificate, found again without the adding lock (held here by
+    /// the test) while a config holds the certificate; the same legs for the certificate
+    /// read again by a new config once the old one is gone; dropped once no config holds
+    /// it and another certificate is added.
+    #[tokio::test]
+    async fn legs_follow_the_certificates_configs_hold() {
+        crate::upstream::install_crypto_provider();
+        let base = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let identities = IdentityLegs::new(Arc::new(base), &timeouts());
+        let dir = tempfile::tempdir().unwrap();
+        let (a_files, b_files) = (write_cert(dir.path(), "a"), write_cert(dir.path(), "b"));
+
+        let a = load(&a_files);
+        let legs = identities.for_cert(&a);
+        {
+            let _adding = identities.adding.lock().unwrap();
+            let found = identities.held(&a).unwrap();
+            assert!(Arc::ptr_eq(&legs, &found), "read without the lock");
+        }
+        assert!(Arc::ptr_eq(&legs, &identities.for_cert(&a)));
+
+        drop(a);
+        let reread = load(&a_files);
+        assert!(identities.held(&reread).is_none(), "its config is gone");
+        assert!(
+            Arc::ptr_eq(&legs, &identities.for_cert(&reread)),
+            "the same certificate keeps its pool"
+        );
+        assert!(identities.held(&reread).is_some(), "held again");
+
+        drop(reread);
+        let b = load(&b_files);
+        let b_legs = identities.for_cert(&b);
+        assert!(!Arc::ptr_eq(&legs, &b_legs));
+        assert_eq!(
+            identities.len(),
+            1,
+            "the certificate no config holds is gone"
+        );
+    }
 }

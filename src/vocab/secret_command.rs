@@ -27,6 +27,19 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often a running command is checked for exit.
 const POLL: Duration = Duration::from_millis(10);
 
+/// A command's argv for `Debug` output: the program and how many arguments follow, never the
+/// arguments themselves (`["vault", "read", "-token=s.xyz"]` prints `vault (+2 arguments)`).
+pub struct ArgvSummary<'a>(pub &'a [String]);
+
+impl std::fmt::Debug for ArgvSummary<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.split_first() {
+            Some((program, args)) => write!(f, "{program:?} (+{} arguments)", args.len()),
+            None => f.write_str("[]"),
+        }
+    }
+}
+
 /// Runs `argv` (a relative program path is taken from `dir`) and returns its trimmed standard output, or why it cannot be used
 /// (it did not start, exited non-zero, ran past `timeout`, printed more than [`MAX_OUTPUT`],
 /// printed nothing, or printed something that is not UTF-8).

@@ -235,6 +235,19 @@ routes:
         self
     }
 
+    /// The world's `token_cache` section (its file), and one for `redis` instead.
+    fn token_caches(&self, redis: &support::redis::RedisServer) -> (String, String) {
+        let file = format!(
+            "token_cache:\n  type: file\n  path: {}\n  encryption_key: {KEY}\n",
+            self.dir.path().join("tokens.json").display()
+        );
+        let redis = format!(
+            "token_cache:\n  type: redis\n  url: {}\n  encryption_key: {KEY}\n",
+            redis.url()
+        );
+        (file, redis)
+    }
+
     /// `authrelay authorize NAME --json`, with the person's browser played in between.
     async fn authorize(&self) {
         let (success, last) = self.authorize_as(Person::Consents).await;
@@ -369,13 +382,17 @@ fn revoke(world: &World) -> (bool, String) {
 /// A fresh proxy answers the credential's requests 502 consent_required.
 async fn assert_consent_required(world: &World) {
     let proxy = world.proxy().await;
-    let (status, body) = get(&proxy, &world.api()).await;
+    assert_answers_consent_required(get(&proxy, &world.api()).await);
+    proxy.stop().await;
+}
+
+/// An answer (status, body) is 502 consent_required.
+fn assert_answers_consent_required((status, body): (u16, Value)) {
     assert_eq!(
         (status, body["error"].as_str()),
         (502, Some("consent_required")),
         "{body}"
     );
-    proxy.stop().await;
 }
 
 /// Sends requests until one is answered 200 (the running proxy took up new tokens).
@@ -938,14 +955,7 @@ async fn three_replicas_on_redis_share_one_rotating_refresh_token() {
         return;
     };
     let redis = support::redis::RedisServer::start();
-    let file_cache = format!(
-        "token_cache:\n  type: file\n  path: {}\n  encryption_key: {KEY}\n",
-        world.dir.path().join("tokens.json").display()
-    );
-    let redis_cache = format!(
-        "token_cache:\n  type: redis\n  url: {}\n  encryption_key: {KEY}\n",
-        redis.url()
-    );
+    let (file_cache, redis_cache) = world.token_caches(&redis);
     let world = world.changed(&file_cache, &redis_cache);
     world.authorize().await;
     assert!(
@@ -962,4 +972,41 @@ async fn three_replicas_on_redis_share_one_rotating_refresh_token() {
     for proxy in replicas {
         proxy.stop().await;
     }
+}
+
+/// A reload that moves `token_cache` (file to Redis, back, then a new key) moves the consent
+/// credential's store with it. The grant is not carried over: the credential answers
+/// consent_required instead of going on from the old store unseen, consent given into the
+/// new store is taken up by the running proxy, back on the file its grant there is used
+/// again, and under a rotated key the file's grant no longer opens.
+#[tokio::test]
+async fn a_reload_that_moves_token_cache_moves_the_consent_store() {
+    let Some(world) = World::new(3600) else {
+        return;
+    };
+    world.authorize().await;
+    let proxy = world.proxy().await;
+    assert_eq!(get(&proxy, &world.api()).await.0, 200);
+    let reload = |world: &World| {
+        proxy.write_config(&support::with_test_listen(&world.yaml));
+        proxy.state().reload().unwrap();
+    };
+
+    let redis = support::redis::RedisServer::start();
+    let (file_cache, redis_cache) = world.token_caches(&redis);
+    let world = world.changed(&file_cache, &redis_cache);
+    reload(&world);
+    assert_answers_consent_required(get(&proxy, &world.api()).await);
+    world.authorize().await;
+    assert_eq!(until_served(&proxy, &world.api()).await, 200);
+
+    let world = world.changed(&redis_cache, &file_cache);
+    reload(&world);
+    assert_eq!(get(&proxy, &world.api()).await.0, 200, "the file's grant");
+
+    let rotated = file_cache.replace(KEY, "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=");
+    let world = world.changed(&file_cache, &rotated);
+    reload(&world);
+    assert_answers_consent_required(get(&proxy, &world.api()).await);
+    proxy.stop().await;
 }
