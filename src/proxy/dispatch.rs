@@ -6,6 +6,7 @@
 //! body idle limit), then counted and written to the access log. A rule changed in one step
 //! changes for every way in.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use http::{Request, Response};
@@ -154,86 +155,92 @@ impl<'a> AccessLine<'a> {
 /// Forwards an admitted request (or answers why it failed), with a span and an access-log
 /// line naming client, route, the credential chosen for the client, method, the host the client asked for, the
 /// upstream it went to, status, latency and whether it was replayed.
-async fn forward(
+///
+/// Not an `async fn`: its arguments would be kept twice in its future (as arguments and as
+/// the body's locals), and the pipeline moves that future.
+fn forward(
     ctx: RequestContext,
     admitted: Admitted,
     request: Request<Incoming>,
-) -> Response<ProxyBody> {
+) -> impl Future<Output = Response<ProxyBody>> + Send {
     let Admitted {
         target,
         pinned,
         credential,
     } = admitted;
-    let snapshot = &ctx.snapshot;
-    let route = target.route.as_ref();
-    let origin = target.client_origin.as_ref().map(|(_, a)| a);
-    let line = AccessLine::start(
-        &ctx,
-        route.map(|r| &**r),
-        credential.as_deref(),
-        &target.uri,
-        origin,
-    );
-    let span = line.span.clone();
-    let answer = async {
-        let (mut parts, body) = request.into_parts();
-        let websocket = upgrade::is_websocket(parts.version, &parts.headers)
-            .then(|| parts.extensions.remove::<OnUpgrade>())
-            .flatten();
-        headers::for_upstream(&mut parts, websocket.is_some());
-        let exchange = Exchange {
-            upstream: &ctx.state().upstream,
-            config: &snapshot.config,
-            target: &target,
-            credential: credential.as_ref(),
-            pinned: pinned.as_ref(),
-            leg: if websocket.is_some() {
-                Leg::Upgrade
-            } else {
-                Leg::Request
-            },
-        };
-        match exchange.run(parts, body).await {
-            Ok(forwarded) => {
-                let mut response = match websocket {
-                    Some(client_side) => {
-                        upgrade::switch(forwarded.response, client_side, &ctx.conn)
+    async move {
+        let snapshot = &ctx.snapshot;
+        let route = target.route.as_ref();
+        let origin = target.client_origin.as_ref().map(|(_, a)| a);
+        let line = AccessLine::start(
+            &ctx,
+            route.map(|r| &**r),
+            credential.as_deref(),
+            &target.uri,
+            origin,
+        );
+        let span = line.span.clone();
+        let answer = async {
+            let (mut parts, body) = request.into_parts();
+            let websocket = upgrade::is_websocket(parts.version, &parts.headers)
+                .then(|| parts.extensions.remove::<OnUpgrade>())
+                .flatten();
+            headers::for_upstream(&mut parts, websocket.is_some());
+            let exchange = Exchange {
+                upstream: &ctx.state().upstream,
+                config: &snapshot.config,
+                target: &target,
+                credential: credential.as_ref(),
+                pinned: pinned.as_ref(),
+                leg: if websocket.is_some() {
+                    Leg::Upgrade
+                } else {
+                    Leg::Request
+                },
+            };
+            match exchange.run(parts, body).await {
+                Ok(forwarded) => {
+                    let mut response = match websocket {
+                        Some(client_side) => {
+                            upgrade::switch(forwarded.response, client_side, &ctx.conn)
+                        }
+                        None => headers::for_client(forwarded.response),
+                    };
+                    if let Some(rewrite) = location::Rewrite::for_target(&target) {
+                        rewrite.apply(response.headers_mut());
                     }
-                    None => headers::for_client(forwarded.response),
-                };
-                if let Some(rewrite) = location::Rewrite::for_target(&target) {
-                    rewrite.apply(response.headers_mut());
+                    let idle = snapshot.config.timeouts.upstream_body_idle;
+                    let response =
+                        response.map(|body| IdleTimeout::wrap(body, Side::Upstream, idle));
+                    (response, forwarded.retried)
                 }
-                let idle = snapshot.config.timeouts.upstream_body_idle;
-                let response = response.map(|body| IdleTimeout::wrap(body, Side::Upstream, idle));
-                (response, forwarded.retried)
-            }
-            Err(ProxyError::Upstream(detail)) if route.is_none() => {
-                tracing::debug!(error = %detail, "unmatched request: upstream unreachable");
-                (ProxyError::Unreachable.into_response(None), false)
-            }
-            Err(e) => {
-                if matches!(
-                    e,
-                    ProxyError::Credential(_)
-                        | ProxyError::Upstream(_)
-                        | ProxyError::UpstreamTimeout(_)
-                ) {
-                    line.warning_span()
-                        .in_scope(|| tracing::warn!(error = %e, "request failed"));
+                Err(ProxyError::Upstream(detail)) if route.is_none() => {
+                    tracing::debug!(error = %detail, "unmatched request: upstream unreachable");
+                    (ProxyError::Unreachable.into_response(None), false)
                 }
-                (e.into_response(route.map(|r| &*r.name)), false)
+                Err(e) => {
+                    if matches!(
+                        e,
+                        ProxyError::Credential(_)
+                            | ProxyError::Upstream(_)
+                            | ProxyError::UpstreamTimeout(_)
+                    ) {
+                        line.warning_span()
+                            .in_scope(|| tracing::warn!(error = %e, "request failed"));
+                    }
+                    (e.into_response(route.map(|r| &*r.name)), false)
+                }
             }
-        }
-    };
-    // At `warn` (and on the access log's fast path) there is no span: polled bare, the
-    // request skips the instrumentation's enter and exit on each of its polls.
-    let (response, retried) = if span.is_none() {
-        answer.await
-    } else {
-        answer.instrument(span).await
-    };
-    line.finish(&ctx, route.map(|r| &**r), response, retried)
+        };
+        // At `warn` (and on the access log's fast path) there is no span: polled bare, the
+        // request skips the instrumentation's enter and exit on each of its polls.
+        let (response, retried) = if span.is_none() {
+            answer.await
+        } else {
+            answer.instrument(span).await
+        };
+        line.finish(&ctx, route.map(|r| &**r), response, retried)
+    }
 }
 
 /// What the access line names about a request.

@@ -9,6 +9,7 @@
 //! status (401, and 403 where the route's `refresh_on` lists it). A route where even a fresh
 //! token is refused stops refreshing for a while (see `CredentialSlot::refresh_after_rejection`).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -73,64 +74,74 @@ pub enum TokenVerdict {
 impl Exchange<'_> {
     /// Sends the request (hop-by-hop headers already removed) to the target, injecting the
     /// route's credential; on a refusal of the token, refreshes and replays as the route allows.
-    pub(crate) async fn run(&self, parts: Parts, body: Incoming) -> Result<Forwarded, ProxyError> {
-        let mut parts = parts;
-        let uri = &self.target.uri;
-        let Some((route, slot)) = self.target.route.as_ref().zip(self.credential) else {
-            let headers = std::mem::take(&mut parts.headers);
-            let body = replay::streaming(body, self.config);
-            let request = build(&parts.method, uri, headers, None, body);
-            let response = self.send(self.target.route.as_deref(), request).await?;
-            return Ok(Forwarded {
+    ///
+    /// Not an `async fn`: its arguments would be kept twice in its future (as arguments and
+    /// as the body's locals), and every level above moves that future.
+    pub(crate) fn run(
+        &self,
+        mut parts: Parts,
+        body: Incoming,
+    ) -> impl Future<Output = Result<Forwarded, ProxyError>> + Send + '_ {
+        async move {
+            let uri = &self.target.uri;
+            let Some((route, slot)) = self.target.route.as_ref().zip(self.credential) else {
+                let headers = std::mem::take(&mut parts.headers);
+                let body = replay::streaming(body, self.config);
+                let request = build(&parts.method, uri, headers, None, body);
+                let response = self.send(self.target.route.as_deref(), request).await?;
+                return Ok(Forwarded {
+                    response,
+                    retried: false,
+                });
+            };
+
+            if let Some(signer) = slot.signer() {
+                // Boxed: its body buffering and signing would otherwise be part of every
+                // request's future.
+                return Box::pin(self.run_signed(route, slot, signer, parts, body)).await;
+            }
+            let token = slot.get().await?;
+            let mut body = if route.refreshes_on_unauthorized(slot) {
+                let budget = self.upstream.replay_budget();
+                replay::prepare(body, &parts.headers, self.config, budget).await?
+            } else {
+                PreparedBody::Streaming(replay::streaming(body, self.config))
+            };
+            // Headers are kept for a replay only when the body can be replayed too.
+            let headers = if body.replayable() {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            let (uri, injection) = place(uri, slot, &token);
+            let first = build(&parts.method, &uri, headers, injection, body.take());
+            let mut response = self.send(Some(route), first).await?;
+            mask_echoed_query_credential(&mut response, slot, &token);
+
+            match verdict(route, &response) {
+                TokenVerdict::Accepted => slot.upstream_accepted(&route.name),
+                TokenVerdict::Refused
+                    if body.replayable() && route.refreshes_on_unauthorized(slot) =>
+                {
+                    let replay = Replay {
+                        exchange: self,
+                        route,
+                        slot,
+                        parts,
+                        body,
+                    };
+                    // Boxed: rare, and as large as the first send; unboxed it would grow every
+                    // request's future (which is moved, not just polled) by its size.
+                    return Box::pin(replay.run(&token, response)).await;
+                }
+                TokenVerdict::Refused => slot.fixed_value_refused(),
+                TokenVerdict::NotTheToken => {}
+            }
+            Ok(Forwarded {
                 response,
                 retried: false,
-            });
-        };
-
-        if let Some(signer) = slot.signer() {
-            // Boxed: its body buffering and signing would otherwise be part of every
-            // request's future.
-            return Box::pin(self.run_signed(route, slot, signer, parts, body)).await;
+            })
         }
-        let token = slot.get().await?;
-        let mut body = if route.refreshes_on_unauthorized(slot) {
-            let budget = self.upstream.replay_budget();
-            replay::prepare(body, &parts.headers, self.config, budget).await?
-        } else {
-            PreparedBody::Streaming(replay::streaming(body, self.config))
-        };
-        // Headers are kept for a replay only when the body can be replayed too.
-        let headers = if body.replayable() {
-            parts.headers.clone()
-        } else {
-            std::mem::take(&mut parts.headers)
-        };
-        let (uri, injection) = place(uri, slot, &token);
-        let first = build(&parts.method, &uri, headers, injection, body.take());
-        let mut response = self.send(Some(route), first).await?;
-        mask_echoed_query_credential(&mut response, slot, &token);
-
-        match verdict(route, &response) {
-            TokenVerdict::Accepted => slot.upstream_accepted(&route.name),
-            TokenVerdict::Refused if body.replayable() && route.refreshes_on_unauthorized(slot) => {
-                let replay = Replay {
-                    exchange: self,
-                    route,
-                    slot,
-                    parts,
-                    body,
-                };
-                // Boxed: rare, and as large as the first send; unboxed it would grow every
-                // request's future (which is moved, not just polled) by its size.
-                return Box::pin(replay.run(&token, response)).await;
-            }
-            TokenVerdict::Refused => slot.fixed_value_refused(),
-            TokenVerdict::NotTheToken => {}
-        }
-        Ok(Forwarded {
-            response,
-            retried: false,
-        })
     }
 
     /// Sends a request whose credential signs it (`proxy/sign.rs`). Never replayed after a
@@ -173,38 +184,40 @@ impl Exchange<'_> {
     }
 
     /// Sends one attempt on this exchange's leg and records the time to its response head.
-    async fn send(
-        &self,
-        route: Option<&Route>,
+    fn send<'s>(
+        &'s self,
+        route: Option<&'s Route>,
         request: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let started = Instant::now();
-        let timeout = self.config.timeouts.upstream;
-        let deadline = Deadline::after(timeout, started);
-        let identity = route.and_then(|r| r.config.tls_client_cert.as_ref());
-        let response = match self.leg {
-            Leg::Request => {
-                self.upstream
-                    .send(request, self.pinned, identity, deadline)
-                    .await?
-            }
-            // The body type changes, the extensions (hyper's upgrade handle) stay.
-            // Boxed, like the signed path below: handshakes are rare next to requests, and
-            // their connect-and-handshake future would grow (and be moved with) every
-            // request's future.
-            Leg::Upgrade => {
-                Box::pin(
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 's {
+        async move {
+            let started = Instant::now();
+            let timeout = self.config.timeouts.upstream;
+            let deadline = Deadline::after(timeout, started);
+            let identity = route.and_then(|r| r.config.tls_client_cert.as_ref());
+            let response = match self.leg {
+                Leg::Request => {
                     self.upstream
-                        .send_upgrade(request, self.pinned, identity, timeout),
-                )
-                .await?
-                .map(|body| body.map_err(BoxError::from).boxed())
+                        .send(request, self.pinned, identity, deadline)
+                        .await?
+                }
+                // The body type changes, the extensions (hyper's upgrade handle) stay.
+                // Boxed, like the signed path below: handshakes are rare next to requests, and
+                // their connect-and-handshake future would grow (and be moved with) every
+                // request's future.
+                Leg::Upgrade => {
+                    Box::pin(
+                        self.upstream
+                            .send_upgrade(request, self.pinned, identity, timeout),
+                    )
+                    .await?
+                    .map(|body| body.map_err(BoxError::from).boxed())
+                }
+            };
+            if let Some(r) = route {
+                r.metrics.upstream_latency(started.elapsed());
             }
-        };
-        if let Some(r) = route {
-            r.metrics.upstream_latency(started.elapsed());
+            Ok(response)
         }
-        Ok(response)
     }
 }
 

@@ -16,6 +16,7 @@ mod tls;
 pub mod upgrade;
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -149,37 +150,42 @@ impl UpstreamClient {
     /// `pinned`: the addresses an unmatched destination was checked at, the only ones it may
     /// be connected to. `identity`: the client certificate an https upstream is shown; the
     /// connection it goes on was made with that certificate (or, for `None`, with none).
-    pub async fn send(
-        &self,
+    ///
+    /// Not an `async fn`: its arguments would be kept twice in its future (as arguments and
+    /// as the body's locals), and every level above moves that future.
+    pub fn send<'a>(
+        &'a self,
         request: Request<ProxyBody>,
-        pinned: Option<&PinnedAddrs>,
-        identity: Option<&Arc<ClientCert>>,
+        pinned: Option<&'a PinnedAddrs>,
+        identity: Option<&'a Arc<ClientCert>>,
         deadline: Deadline,
-    ) -> Result<Response<ProxyBody>, UpstreamError> {
-        refuse_cleartext_identity(&request, identity)?;
-        let legs = self.tls_legs(identity);
-        if request.uri().scheme() != Some(&Scheme::HTTP) && pinned.is_some() {
-            // An unmatched absolute-form `https://` request: the pooled TLS client would
-            // resolve the name again (a second DNS answer could point anywhere), so it goes
-            // on a connection of its own to the addresses its host was checked at, with the
-            // name only as TLS server name. Rare: clients send CONNECT for https URLs.
-            // Boxed: as large as a TLS handshake, it would otherwise be part of (and moved
-            // with) every request's future.
-            let own = Box::pin(legs.upgrades.send(request, pinned, deadline.timeout));
-            let response = tokio::time::timeout_at(deadline.at, own)
-                .await
-                .unwrap_or_else(|_| Err(deadline.passed()))?;
-            return Ok(response.map(|body| body.map_err(BoxError::from).boxed()));
-        }
-        if request.uri().scheme() != Some(&Scheme::HTTP) {
-            return legs.send(request, deadline).await;
-        }
-        match self.plain.send(request, pinned, deadline).await? {
-            Outcome::Answered(response) => Ok(response),
-            // A TCP transport has no ALPN: it never reports HTTP/2.
-            Outcome::SpeaksHttp2(..) => Err(UpstreamError::Failed(
-                "plain HTTP cannot switch to HTTP/2".into(),
-            )),
+    ) -> impl Future<Output = Result<Response<ProxyBody>, UpstreamError>> + Send + 'a {
+        async move {
+            refuse_cleartext_identity(&request, identity)?;
+            let legs = self.tls_legs(identity);
+            if request.uri().scheme() != Some(&Scheme::HTTP) && pinned.is_some() {
+                // An unmatched absolute-form `https://` request: the pooled TLS client would
+                // resolve the name again (a second DNS answer could point anywhere), so it goes
+                // on a connection of its own to the addresses its host was checked at, with the
+                // name only as TLS server name. Rare: clients send CONNECT for https URLs.
+                // Boxed: as large as a TLS handshake, it would otherwise be part of (and moved
+                // with) every request's future.
+                let own = Box::pin(legs.upgrades.send(request, pinned, deadline.timeout));
+                let response = tokio::time::timeout_at(deadline.at, own)
+                    .await
+                    .unwrap_or_else(|_| Err(deadline.passed()))?;
+                return Ok(response.map(|body| body.map_err(BoxError::from).boxed()));
+            }
+            if request.uri().scheme() != Some(&Scheme::HTTP) {
+                return legs.send(request, deadline).await;
+            }
+            match self.plain.send(request, pinned, deadline).await? {
+                Outcome::Answered(response) => Ok(response),
+                // A TCP transport has no ALPN: it never reports HTTP/2.
+                Outcome::SpeaksHttp2(..) => Err(UpstreamError::Failed(
+                    "plain HTTP cannot switch to HTTP/2".into(),
+                )),
+            }
         }
     }
 

@@ -235,69 +235,75 @@ impl<T: Transport> Pool<T> {
     /// error`); any other request that may have reached the upstream is not.
     ///
     /// Connecting and the answer's head, retries included, are due by `deadline`.
-    pub(crate) async fn send(
-        &self,
-        request: Request<ProxyBody>,
-        pinned: Option<&PinnedAddrs>,
+    ///
+    /// Not an `async fn`, and the request is rewritten in place: its future would otherwise
+    /// keep the request twice.
+    pub(crate) fn send<'a>(
+        &'a self,
+        mut request: Request<ProxyBody>,
+        pinned: Option<&'a PinnedAddrs>,
         deadline: Deadline,
-    ) -> Result<Outcome<T::Stream>, UpstreamError> {
-        let (mut request, origin) = origin_form(request, T::DEFAULT_PORT)?;
-        let mut pooled_ok = true;
-        loop {
-            let pooled = if pooled_ok {
-                self.inner.checkout(origin.as_str())
-            } else {
-                None
-            };
-            let (mut conn, idle) = match pooled {
-                Some((conn, idle)) => (conn, Some(idle)),
-                // Boxed: a new connection is the exception under load, and its future would
-                // otherwise be part of (and moved with) every request's.
-                None => match Box::pin(self.inner.connect_by(&origin, pinned, deadline)).await? {
-                    Ok(conn) => (conn, None),
-                    Err(http2) => {
-                        let request = absolute_form(request, T::SCHEME, origin)?;
-                        return Ok(Outcome::SpeaksHttp2(request, http2));
-                    }
-                },
-            };
-            let copy = idle
-                .filter(|idle| *idle >= STALE_RISK_AFTER)
-                .and_then(|_| replayable_copy(&request));
-            let sent = if T::FINISH_ABANDONED {
-                let (back, sent) =
-                    exchange_or_finish(conn, request, deadline, &origin, &self.inner).await?;
-                conn = back;
-                sent
-            } else {
-                exchange(&mut conn, request, deadline).await?
-            };
-            match sent {
-                Ok(response) => {
-                    let pool = Arc::downgrade(&self.inner);
-                    return Ok(Outcome::Answered(response.map(|body| {
-                        PooledBody {
-                            body: Some(body),
-                            finished: false,
-                            conn: Some(conn),
-                            origin,
-                            pool,
+    ) -> impl Future<Output = Result<Outcome<T::Stream>, UpstreamError>> + Send + 'a {
+        async move {
+            let origin = origin_form(&mut request, T::DEFAULT_PORT)?;
+            let mut pooled_ok = true;
+            loop {
+                let pooled = if pooled_ok {
+                    self.inner.checkout(origin.as_str())
+                } else {
+                    None
+                };
+                let (mut conn, idle) = match pooled {
+                    Some((conn, idle)) => (conn, Some(idle)),
+                    // Boxed: a new connection is the exception under load, and its future would
+                    // otherwise be part of (and moved with) every request's.
+                    None => match Box::pin(self.inner.connect_by(&origin, pinned, deadline)).await?
+                    {
+                        Ok(conn) => (conn, None),
+                        Err(http2) => {
+                            let request = absolute_form(request, T::SCHEME, origin)?;
+                            return Ok(Outcome::SpeaksHttp2(request, http2));
                         }
-                        .map_err(BoxError::from)
-                        .boxed()
-                    })));
-                }
-                Err(mut failed) => match (failed.take_message(), copy) {
-                    (Some(unsent), _) if idle.is_some() => request = unsent,
-                    (_, Some(copy)) if closed_before_answer(failed.error()) => {
-                        tracing::debug!(
+                    },
+                };
+                let copy = idle
+                    .filter(|idle| *idle >= STALE_RISK_AFTER)
+                    .and_then(|_| replayable_copy(&request));
+                let sent = if T::FINISH_ABANDONED {
+                    let (back, sent) =
+                        exchange_or_finish(conn, request, deadline, &origin, &self.inner).await?;
+                    conn = back;
+                    sent
+                } else {
+                    exchange(&mut conn, request, deadline).await?
+                };
+                match sent {
+                    Ok(response) => {
+                        let pool = Arc::downgrade(&self.inner);
+                        return Ok(Outcome::Answered(response.map(|body| {
+                            PooledBody {
+                                body: Some(body),
+                                finished: false,
+                                conn: Some(conn),
+                                origin,
+                                pool,
+                            }
+                            .map_err(BoxError::from)
+                            .boxed()
+                        })));
+                    }
+                    Err(mut failed) => match (failed.take_message(), copy) {
+                        (Some(unsent), _) if idle.is_some() => request = unsent,
+                        (_, Some(copy)) if closed_before_answer(failed.error()) => {
+                            tracing::debug!(
                             "the upstream closed an idle connection as the request went out; sending it on a new one"
                         );
-                        request = copy;
-                        pooled_ok = false;
-                    }
-                    _ => return Err(super::idle::exchange_error(&failed.into_error())),
-                },
+                            request = copy;
+                            pooled_ok = false;
+                        }
+                        _ => return Err(super::idle::exchange_error(&failed.into_error())),
+                    },
+                }
             }
         }
     }
@@ -436,9 +442,9 @@ async fn sweep_every<T: Transport>(pool: Weak<PoolInner<T>>, period: Duration) {
 /// scheme's `default_port`), origin-form request target, HTTP/1.1. Returns the origin it goes
 /// to.
 pub(crate) fn origin_form(
-    mut request: Request<ProxyBody>,
+    request: &mut Request<ProxyBody>,
     default_port: u16,
-) -> Result<(Request<ProxyBody>, Authority), UpstreamError> {
+) -> Result<Authority, UpstreamError> {
     let parts = std::mem::take(request.uri_mut()).into_parts();
     let origin = parts
         .authority
@@ -455,7 +461,7 @@ pub(crate) fn origin_form(
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     *request.uri_mut() = Uri::from(target);
     *request.version_mut() = Version::HTTP_11;
-    Ok((request, origin))
+    Ok(origin)
 }
 
 /// Undoes [`origin_form`] for a client that wants absolute form: the URI names `scheme` and

@@ -89,10 +89,10 @@ where
 
 /// The request in origin form with `Host` set from its absolute URI, and where it goes.
 fn origin_form(
-    request: Request<ProxyBody>,
+    mut request: Request<ProxyBody>,
 ) -> Result<(Request<ProxyBody>, Authority, Scheme), UpstreamError> {
     let scheme = request.uri().scheme().cloned().unwrap_or(Scheme::HTTP);
-    let (request, origin) = super::pool::origin_form(request, default_port(&scheme))?;
+    let origin = super::pool::origin_form(&mut request, default_port(&scheme))?;
     Ok((request, origin, scheme))
 }
 
