@@ -32,6 +32,18 @@ pub fn host_and_port(authority: &str) -> (&str, Option<u16>) {
     (host, port)
 }
 
+/// `authority` without its port when that is `default_port` (`example.com:80` →
+/// `example.com`, `[::1]:443` → `[::1]` for 443), else unchanged: the `Host` an origin server
+/// is sent. A suffix check, not a parse: it runs for every request.
+pub fn without_default_port(authority: &str, default_port: u16) -> &str {
+    // From the end: the port is a few bytes (`rsplit_once` goes through a generic searcher).
+    let bytes = authority.as_bytes();
+    match bytes.iter().rposition(|&b| b == b':') {
+        Some(colon) if parse_port(&bytes[colon + 1..]) == Some(default_port) => &authority[..colon],
+        _ => authority,
+    }
+}
+
 /// A port as `str::parse::<u16>` reads one (an optional `+`, then decimal digits, at most
 /// 65535), without its generic overflow checks.
 fn parse_port(text: &[u8]) -> Option<u16> {
@@ -55,7 +67,7 @@ fn parse_port(text: &[u8]) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
-    use super::{host_and_port, parse_port};
+    use super::{host_and_port, parse_port, without_default_port};
     use http::uri::Authority;
 
     #[test]
@@ -85,6 +97,23 @@ mod tests {
                 (authority.host(), authority.port_u16()),
                 "{text}"
             );
+        }
+    }
+
+    #[test]
+    fn the_default_port_goes_from_the_host_header_and_any_other_stays() {
+        for (text, default, host) in [
+            ("example.com", 80, "example.com"),
+            ("example.com:80", 80, "example.com"),
+            ("example.com:8080", 80, "example.com:8080"),
+            ("example.com:443", 80, "example.com:443"),
+            ("example.com:443", 443, "example.com"),
+            ("[::1]", 443, "[::1]"),
+            ("[::1]:443", 443, "[::1]"),
+            ("[::1]:8443", 443, "[::1]:8443"),
+            ("127.0.0.1:80", 80, "127.0.0.1"),
+        ] {
+            assert_eq!(without_default_port(text, default), host, "{text}");
         }
     }
 

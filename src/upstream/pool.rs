@@ -449,10 +449,8 @@ pub(crate) fn origin_form(
     let origin = parts
         .authority
         .ok_or_else(|| UpstreamError::Failed("the upstream URI names no host".into()))?;
-    let host = match super::authority::host_and_port(origin.as_str()) {
-        (_, Some(port)) if port != default_port => origin.as_str(),
-        (host, _) => host,
-    };
+    // No user info to strip: admission refuses it in requests, the config in upstream URLs.
+    let host = super::authority::without_default_port(origin.as_str(), default_port);
     let host = HeaderValue::from_str(host)
         .map_err(|_| UpstreamError::Failed("the upstream host is not a valid header".into()))?;
     request.headers_mut().insert(header::HOST, host);
