@@ -23,11 +23,11 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::body::{BoxError, ProxyBody};
+use super::deadline::Deadline;
 use super::error::UpstreamError;
 use super::pool::{Outcome, Pool};
 use super::tls::{send_on_new_http2, Tls};
 use super::upgrade::UpgradeConnector;
-use super::Deadline;
 use crate::config::Timeouts;
 use crate::vocab::client_cert::ClientCert;
 

@@ -6,6 +6,7 @@
 pub mod authority;
 pub mod body;
 pub mod budget;
+mod deadline;
 pub mod error;
 mod identity;
 pub mod idle;
@@ -27,6 +28,7 @@ use http_body_util::BodyExt;
 pub use self::body::{BoxError, ProxyBody};
 use self::budget::ReplayBudget;
 pub use self::budget::CONNECTION_BUFFER;
+pub use self::deadline::Deadline;
 pub use self::error::{ClientBodyError, UpstreamError};
 
 use self::identity::{IdentityLegs, TlsLegs};
@@ -66,32 +68,6 @@ pub fn tls_config(settings: &TlsSettings) -> Result<Arc<rustls::ClientConfig>, S
 /// rustls user in the process, such as a reqwest client, finds one.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// When the head of an upstream's answer must have arrived: `timeouts.upstream` after the
-/// request set out. Carried down to the connection, so that a pooled one keeps one timer
-/// entry for its life instead of one per request.
-#[derive(Debug, Clone, Copy)]
-pub struct Deadline {
-    at: tokio::time::Instant,
-    timeout: Duration,
-}
-
-impl Deadline {
-    /// `timeout` after `start`.
-    pub fn after(timeout: Duration, start: std::time::Instant) -> Self {
-        let start = tokio::time::Instant::from_std(start);
-        // As tokio's own `timeout` does: a limit past what the clock can hold is no limit.
-        let at = start
-            .checked_add(timeout)
-            .unwrap_or_else(|| start + Duration::from_secs(86_400 * 365 * 30));
-        Self { at, timeout }
-    }
-
-    /// The error of an exchange still unanswered at the deadline.
-    pub(crate) fn passed(&self) -> UpstreamError {
-        UpstreamError::Timeout(self.timeout)
-    }
 }
 
 /// The pooled upstream client. Cheap to clone.
@@ -153,6 +129,7 @@ impl UpstreamClient {
     ///
     /// Not an `async fn`: its arguments would be kept twice in its future (as arguments and
     /// as the body's locals), and every level above moves that future.
+    #[allow(clippy::manual_async_fn)] // see above: not an `async fn` on purpose
     pub fn send<'a>(
         &'a self,
         request: Request<ProxyBody>,

@@ -40,9 +40,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
 use super::body::{BoxError, ProxyBody};
+use super::deadline::Deadline;
 use super::error::{describe, UpstreamError};
 use super::pinned::PinnedAddrs;
-use super::Deadline;
 
 /// Idle connections kept per upstream host and port; more are closed when they come back.
 const MAX_IDLE_PER_ORIGIN: usize = 1024;
@@ -238,6 +238,7 @@ impl<T: Transport> Pool<T> {
     ///
     /// Not an `async fn`, and the request is rewritten in place: its future would otherwise
     /// keep the request twice.
+    #[allow(clippy::manual_async_fn)] // see above: not an `async fn` on purpose
     pub(crate) fn send<'a>(
         &'a self,
         mut request: Request<ProxyBody>,
