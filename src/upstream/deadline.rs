@@ -1,5 +1,6 @@
 //! The deadline of an upstream exchange, carried from the pipeline down to the connection.
 
+use std::future::Future;
 use std::time::Duration;
 
 use super::error::UpstreamError;
@@ -22,6 +23,16 @@ impl Deadline {
             .checked_add(timeout)
             .unwrap_or_else(|| start + Duration::from_secs(86_400 * 365 * 30));
         Self { at, timeout }
+    }
+
+    /// `work`, given up with [`Deadline::passed`] when the deadline comes first.
+    pub(crate) async fn bound<T>(
+        self,
+        work: impl Future<Output = Result<T, UpstreamError>>,
+    ) -> Result<T, UpstreamError> {
+        tokio::time::timeout_at(self.at, work)
+            .await
+            .unwrap_or_else(|_| Err(self.passed()))
     }
 
     /// The error of an exchange still unanswered at the deadline.

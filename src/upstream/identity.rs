@@ -85,10 +85,9 @@ impl TlsLegs {
                     // Boxed: the HTTP/2 leg's future would otherwise be part of (and moved with)
                     // every HTTP/1.1 request's.
                     Outcome::SpeaksHttp2(request, new) => {
-                        let http2 = Box::pin(self.send_http2(request, new));
-                        tokio::time::timeout_at(deadline.at, http2)
+                        deadline
+                            .bound(Box::pin(self.send_http2(request, new)))
                             .await
-                            .unwrap_or_else(|_| Err(deadline.passed()))
                     }
                 }
             })

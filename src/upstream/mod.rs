@@ -148,9 +148,7 @@ impl UpstreamClient {
                 // Boxed: as large as a TLS handshake, it would otherwise be part of (and moved
                 // with) every request's future.
                 let own = Box::pin(legs.upgrades.send(request, pinned, deadline.timeout));
-                let response = tokio::time::timeout_at(deadline.at, own)
-                    .await
-                    .unwrap_or_else(|_| Err(deadline.passed()))?;
+                let response = deadline.bound(own).await?;
                 return Ok(response.map(|body| body.map_err(BoxError::from).boxed()));
             }
             if request.uri().scheme() != Some(&Scheme::HTTP) {

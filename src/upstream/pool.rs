@@ -258,7 +258,10 @@ impl<T: Transport> Pool<T> {
                     Some((conn, idle)) => (conn, Some(idle)),
                     // Boxed: a new connection is the exception under load, and its future would
                     // otherwise be part of (and moved with) every request's.
-                    None => match Box::pin(self.inner.connect_by(&origin, pinned, deadline)).await?
+                    None => match Box::pin(
+                        deadline.bound(self.inner.connect(&origin, pinned, deadline)),
+                    )
+                    .await?
                     {
                         Ok(conn) => (conn, None),
                         Err(http2) => {
@@ -390,18 +393,6 @@ impl<T: Transport> PoolInner<T> {
             list.retain_mut(|e| e.since.elapsed() < self.idle_timeout && e.conn.reusable());
         }
         idle.retain(|_, list| !list.is_empty());
-    }
-
-    /// [`PoolInner::connect`], given up when `deadline` passes.
-    async fn connect_by(
-        &self,
-        origin: &Authority,
-        pinned: Option<&PinnedAddrs>,
-        deadline: Deadline,
-    ) -> Result<Result<Conn<T::Stream>, Option<Box<T::Stream>>>, UpstreamError> {
-        tokio::time::timeout_at(deadline.at, self.connect(origin, pinned, deadline))
-            .await
-            .unwrap_or_else(|_| Err(deadline.passed()))
     }
 
     /// A new HTTP/1.1 connection to `origin`, or to the addresses its host was checked at;
