@@ -794,50 +794,30 @@ mod tests {
     async fn the_pooled_connections_deadline_is_per_request() {
         let (addr, accepted) = origin_that_hangs_on_request().await;
         let pool = PlainPool::new(Tcp::new(Duration::from_secs(5)), Duration::from_secs(60));
-        let request = |path: &str| {
-            Request::get(format!("http://{addr}{path}"))
-                .body(Empty::new().map_err(|never| match never {}).boxed())
-                .unwrap()
-        };
+        let hang = Request::get(format!("http://{addr}/hang"))
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap();
         let short = || Deadline::after(Duration::from_millis(150), std::time::Instant::now());
 
         // Answered well within its deadline; the connection goes back to the pool.
-        let response = pool
-            .send(request("/"), None, short())
-            .await
-            .unwrap()
-            .answered();
-        drop(response.into_body().collect().await.unwrap());
+        get_within(&pool, addr, short()).await;
         assert_eq!(pool.idle_connections(), 1);
 
         // The first deadline passes while the connection is idle; the next request on the
         // same connection gets a deadline of its own and is answered.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let response = pool
-            .send(request("/"), None, short())
-            .await
-            .unwrap()
-            .answered();
-        assert_eq!(
-            response.into_body().collect().await.unwrap().to_bytes(),
-            "ok"
-        );
+        get_within(&pool, addr, short()).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, reused");
 
         // Never answered: a timeout naming the configured limit, and the connection is
         // closed rather than pooled.
-        match pool.send(request("/hang"), None, short()).await {
+        match pool.send(hang, None, short()).await {
             Err(UpstreamError::Timeout(limit)) => assert_eq!(limit, Duration::from_millis(150)),
             Err(other) => panic!("expected a timeout, got {other}"),
             Ok(_) => panic!("expected a timeout, got an answer"),
         }
         assert_eq!(pool.idle_connections(), 0);
-        let response = pool
-            .send(request("/"), None, short())
-            .await
-            .unwrap()
-            .answered();
-        drop(response.into_body().collect().await.unwrap());
+        get_within(&pool, addr, short()).await;
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             2,
@@ -846,10 +826,15 @@ mod tests {
     }
 
     async fn get(pool: &PlainPool, addr: std::net::SocketAddr) {
+        get_within(pool, addr, soon()).await;
+    }
+
+    /// `GET /` on `pool`, answered `ok` by `deadline`.
+    async fn get_within(pool: &PlainPool, addr: std::net::SocketAddr, deadline: Deadline) {
         let request = Request::get(format!("http://{addr}/"))
             .body(Empty::new().map_err(|never| match never {}).boxed())
             .unwrap();
-        let response = pool.send(request, None, soon()).await.unwrap().answered();
+        let response = pool.send(request, None, deadline).await.unwrap().answered();
         assert_eq!(
             response.into_body().collect().await.unwrap().to_bytes(),
             "ok"
