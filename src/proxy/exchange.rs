@@ -191,8 +191,7 @@ impl Exchange<'_> {
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 's {
         async move {
             let started = Instant::now();
-            let timeout = self.config.timeouts.upstream;
-            let deadline = Deadline::after(timeout, started);
+            let deadline = Deadline::after(self.config.timeouts.upstream, started);
             let identity = route.and_then(|r| r.config.tls_client_cert.as_ref());
             let response = match self.leg {
                 Leg::Request => {
@@ -207,7 +206,7 @@ impl Exchange<'_> {
                 Leg::Upgrade => {
                     Box::pin(
                         self.upstream
-                            .send_upgrade(request, self.pinned, identity, timeout),
+                            .send_upgrade(request, self.pinned, identity, deadline),
                     )
                     .await?
                     .map(|body| body.map_err(BoxError::from).boxed())

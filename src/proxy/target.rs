@@ -156,7 +156,7 @@ pub fn mount_target(snapshot: &Snapshot, method: &Method, uri: &Uri) -> Result<T
 /// credential on the network (the route has one, did not say `allow_cleartext`, and `host`
 /// is not this machine), or could not present the route's client certificate at all (that
 /// takes a TLS handshake, whatever the host).
-pub(crate) fn sends_in_clear(route: &Route, host: &str) -> bool {
+fn sends_in_clear(route: &Route, host: &str) -> bool {
     route.config.tls_client_cert.is_some()
         || (route.credential.is_some()
             && !route.config.allow_cleartext

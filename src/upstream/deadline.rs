@@ -11,7 +11,7 @@ use super::error::UpstreamError;
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline {
     pub(super) at: tokio::time::Instant,
-    pub(super) timeout: Duration,
+    timeout: Duration,
 }
 
 impl Deadline {

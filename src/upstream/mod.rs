@@ -19,7 +19,6 @@ pub mod upgrade;
 use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::uri::Scheme;
 use http::{Request, Response};
@@ -102,18 +101,18 @@ impl UpstreamClient {
     }
 
     /// Sends an upgrade handshake (WebSocket) on a connection of its own and waits for the
-    /// response head at most `timeout`; see [`upgrade`]. `identity`: the client certificate
+    /// response head until `deadline`; see [`upgrade`]. `identity`: the client certificate
     /// an https upstream is shown.
     pub async fn send_upgrade(
         &self,
         request: Request<ProxyBody>,
         pinned: Option<&PinnedAddrs>,
         identity: Option<&Arc<ClientCert>>,
-        timeout: Duration,
+        deadline: Deadline,
     ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
         refuse_cleartext_identity(&request, identity)?;
         let legs = self.tls_legs(identity);
-        legs.upgrades.send(request, pinned, timeout).await
+        legs.upgrades.send(request, pinned, deadline).await
     }
 
     /// The bytes held for replay by all requests together (`retry.max_buffered_total`). It
@@ -147,8 +146,7 @@ impl UpstreamClient {
                 // name only as TLS server name. Rare: clients send CONNECT for https URLs.
                 // Boxed: as large as a TLS handshake, it would otherwise be part of (and moved
                 // with) every request's future.
-                let own = Box::pin(legs.upgrades.send(request, pinned, deadline.timeout));
-                let response = deadline.bound(own).await?;
+                let response = Box::pin(legs.upgrades.send(request, pinned, deadline)).await?;
                 return Ok(response.map(|body| body.map_err(BoxError::from).boxed()));
             }
             if request.uri().scheme() != Some(&Scheme::HTTP) {

@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::ProxyBody;
+use super::deadline::Deadline;
 use super::error::{describe, UpstreamError};
 use super::pinned::PinnedAddrs;
 use super::plain::{open_tcp, Tcp};
@@ -39,12 +40,13 @@ impl UpgradeConnector {
     }
 
     /// Sends the handshake `request` (absolute URI) on a new connection and returns the
-    /// response head; after a 101, `hyper::upgrade::on(&mut response)` yields the stream.
+    /// response head by `deadline`; after a 101, `hyper::upgrade::on(&mut response)` yields
+    /// the stream.
     pub async fn send(
         &self,
         request: Request<ProxyBody>,
         pinned: Option<&PinnedAddrs>,
-        timeout: Duration,
+        deadline: Deadline,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let (request, origin, scheme) = origin_form(request)?;
         let exchange = async {
@@ -60,9 +62,7 @@ impl UpgradeConnector {
                 handshake(stream, request).await
             }
         };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .unwrap_or(Err(UpstreamError::Timeout(timeout)))
+        deadline.bound(exchange).await
     }
 }
 
