@@ -30,6 +30,7 @@ use crate::metrics::RetryOutcome;
 use crate::routes::Route;
 use crate::token_store::{CredentialSlot, IssuedToken};
 use crate::upstream::{BoxError, Deadline, PinnedAddrs, ProxyBody, UpstreamClient};
+use crate::vocab::redact::Redactor;
 
 /// What happened to a forwarded request, for the access log.
 pub(crate) struct Forwarded {
@@ -439,14 +440,25 @@ fn mask_echoed_query_credential(
         return;
     };
     for header in response.headers_mut().values_mut() {
-        let Ok(text) = header.to_str() else { continue };
-        let masked = redactor.redact(text);
-        if masked != text {
-            if let Ok(masked) = HeaderValue::from_str(&masked) {
-                *header = masked;
-            }
-        }
+        mask_header(header, redactor);
     }
+}
+
+/// `header` with the secrets `redactor` knows masked. A value that is not text (obs-text
+/// bytes) cannot be edited in place: if it shows a secret, it becomes `***` whole.
+fn mask_header(header: &mut HeaderValue, redactor: &Redactor) {
+    let masked = match header.to_str() {
+        Ok(text) => {
+            let masked = redactor.redact(text);
+            if masked == text {
+                return;
+            }
+            HeaderValue::from_str(&masked).ok()
+        }
+        Err(_) if redactor.reveals(header.as_bytes()) => None,
+        Err(_) => return,
+    };
+    *header = masked.unwrap_or_else(|| HeaderValue::from_static("***"));
 }
 
 /// Whether the query pair `pair` (`name=value`, percent-encoded) is for parameter `name`.
@@ -473,6 +485,25 @@ mod tests {
             headers.append(header::WWW_AUTHENTICATE, HeaderValue::from_str(v).unwrap());
         }
         challenge_error(&headers)
+    }
+
+    /// An upstream echoing the query credential in a header gets it masked, in a text value
+    /// in place and in a value with obs-text bytes (not editable as text) whole.
+    #[test]
+    fn an_echoed_query_credential_is_masked_in_text_and_byte_headers() {
+        let redactor = Redactor::new(["k y&"]);
+        let mut text = HeaderValue::from_static("</p?api_key=k%20y%26&page=2>; rel=next");
+        mask_header(&mut text, &redactor);
+        assert_eq!(text, "</p?api_key=***&page=2>; rel=next");
+
+        let mut bytes = HeaderValue::from_bytes(b"/p?api_key=k%20y%26&n=\xe9").unwrap();
+        assert!(bytes.to_str().is_err(), "obs-text, not text");
+        mask_header(&mut bytes, &redactor);
+        assert_eq!(bytes, "***");
+
+        let mut other = HeaderValue::from_bytes(b"caf\xe9").unwrap();
+        mask_header(&mut other, &redactor);
+        assert_eq!(other.as_bytes(), b"caf\xe9", "left alone without a secret");
     }
 
     #[test]

@@ -66,6 +66,13 @@ impl Redactor {
         self.with(found.iter().map(String::as_str))
     }
 
+    /// Whether `bytes` (text or not) show any form of a secret.
+    pub fn reveals(&self, bytes: &[u8]) -> bool {
+        self.needles
+            .iter()
+            .any(|needle| bytes.windows(needle.len()).any(|w| w == needle.as_bytes()))
+    }
+
     /// `text` with every secret replaced by `***`.
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_string();
