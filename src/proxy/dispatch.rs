@@ -94,7 +94,8 @@ impl<'a> AccessLine<'a> {
         uri: &'a http::Uri,
         origin: Option<&'a http::uri::Authority>,
     ) -> Self {
-        if !tracing::enabled!(tracing::Level::INFO) {
+        // `started` is read only when the line is on (one level check per request).
+        if ctx.started.is_none() {
             return Self {
                 fields: None,
                 span: tracing::Span::none(),
@@ -139,9 +140,9 @@ impl<'a> AccessLine<'a> {
         }
         let outcome = Outcome {
             status,
-            latency_ms: ctx
-                .started
-                .map_or(0.0, |started| started.elapsed().as_secs_f64() * 1000.0),
+            latency_nanos: ctx.started.map_or(0, |started| {
+                u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+            }),
             retried,
         };
         match &self.fast {
@@ -285,7 +286,7 @@ fn request_span(f: &AccessFields<'_>) -> tracing::Span {
 fn access_event(outcome: Outcome) {
     tracing::info!(
         status = outcome.status,
-        latency_ms = outcome.latency_ms,
+        latency_ms = outcome.latency_ms(),
         retried = outcome.retried,
         "request"
     );
