@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -181,14 +180,12 @@ pub struct InFlight(Arc<Activity>);
 
 impl InFlight {
     /// The response, with its request counted as in flight until its body has been sent or
-    /// dropped.
-    pub fn until_sent(self, response: Response<ProxyBody>) -> Response<ProxyBody> {
-        response.map(|body| {
-            InFlightBody {
-                body,
-                _in_flight: self,
-            }
-            .boxed()
+    /// dropped. Not boxed again: hyper takes the wrapper's own type (a box per response
+    /// less).
+    pub fn until_sent(self, response: Response<ProxyBody>) -> Response<InFlightBody> {
+        response.map(|body| InFlightBody {
+            body,
+            _in_flight: self,
         })
     }
 }
@@ -207,7 +204,7 @@ impl Drop for InFlight {
 }
 
 /// A response body that keeps its request counted as in flight until it is done with.
-struct InFlightBody {
+pub struct InFlightBody {
     body: ProxyBody,
     _in_flight: InFlight,
 }

@@ -3,6 +3,7 @@
 //! tunnel the origin it was opened to), the one config snapshot it is served from, and once
 //! admitted, where it goes. Nothing travels in request extensions.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -14,7 +15,7 @@ use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::sync::watch;
 
-use super::activity::Activity;
+use super::activity::{Activity, InFlightBody};
 use super::target::Target;
 use crate::access::Client;
 use crate::state::{Snapshot, State};
@@ -30,6 +31,19 @@ pub(crate) type Answer = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send
 /// The pipeline's entry, handed to the tunnels whose requests re-enter it (as a value, so
 /// that tunnels need not import the pipeline that opens them).
 pub(crate) type Handler = fn(Arc<Connection>, Request<Incoming>) -> Answer;
+
+/// Answers `request` through `pipeline`, counted as in flight on its connection until its
+/// answer's body has been sent: the service of every server that reads requests (the
+/// listener's, an intercepted tunnel's).
+pub(crate) fn serve_counted(
+    conn: &Arc<Connection>,
+    request: Request<Incoming>,
+    pipeline: Handler,
+) -> impl Future<Output = Result<Response<InFlightBody>, Infallible>> + Send + 'static {
+    let in_flight = conn.activity.begin();
+    let answer = pipeline(Arc::clone(conn), request);
+    async move { Ok(in_flight.until_sent(answer.await)) }
+}
 
 /// What every request on one client connection shares. Made once per connection accepted by
 /// the listener, and once per CONNECT tunnel whose requests are served one by one.

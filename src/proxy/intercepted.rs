@@ -6,7 +6,6 @@
 //! no request in flight for `timeouts.client_idle` is closed (HTTP/2: GOAWAY), as the listener
 //! closes idle keep-alive connections; on shutdown its requests in flight finish first.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,9 +50,7 @@ where
     let activity = Arc::clone(&conn.activity);
     let service_conn = Arc::clone(&conn);
     let service = service_fn(move |request: Request<Incoming>| {
-        let in_flight = service_conn.activity.begin();
-        let answer = pipeline(Arc::clone(&service_conn), request);
-        async move { Ok::<_, Infallible>(in_flight.until_sent(answer.await)) }
+        super::context::serve_counted(&service_conn, request, pipeline)
     });
     let server = super::limits::tunnel_server();
     let connection = server.serve_connection_with_upgrades(TokioIo::new(stream), service);

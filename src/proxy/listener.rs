@@ -3,7 +3,6 @@
 //! HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on each, and hands every request to the
 //! pipeline with its connection's context.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -166,9 +165,7 @@ async fn serve_connection(conn: Arc<Connection>, stream: TrackedStream) {
     let client_idle = conn.state.snapshot().config.timeouts.client_idle;
     let service_conn = Arc::clone(&conn);
     let service = service_fn(move |request: Request<Incoming>| {
-        let in_flight = service_conn.activity.begin();
-        let answer = super::dispatch::handle(Arc::clone(&service_conn), request);
-        async move { Ok::<_, Infallible>(in_flight.until_sent(answer.await)) }
+        super::context::serve_counted(&service_conn, request, super::dispatch::handle)
     });
     let activity = &conn.activity;
     let mut shutdown = conn.shutdown.clone();

@@ -5,30 +5,29 @@
 /// several hundred instructions per request for what is a short scan.
 pub fn host_and_port(authority: &str) -> (&str, Option<u16>) {
     let bytes = authority.as_bytes();
-    // Plain loops over a few bytes: `memchr`'s vector searches cost more than they save on
-    // strings this short (measured: ~420 instructions a call against ~340).
-    let start = bytes
-        .iter()
-        .rposition(|&b| b == b'@')
-        .map_or(0, |at| at + 1);
+    // One pass: where the host starts (after the last `@`), and the first and last `:`
+    // after that (three searches and `memchr` cost more on strings this short).
+    let (mut start, mut first_colon, mut last_colon) = (0, None, None);
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'@' {
+            (start, first_colon, last_colon) = (i + 1, None, None);
+        } else if b == b':' {
+            first_colon = first_colon.or(Some(i));
+            last_colon = Some(i);
+        }
+    }
     let host_port = &bytes[start..];
-    let host_len = if host_port.first() == Some(&b'[') {
+    let host_end = if host_port.first() == Some(&b'[') {
         host_port
             .iter()
             .position(|&b| b == b']')
-            .map_or(host_port.len(), |i| i + 1)
+            .map_or(bytes.len(), |i| start + i + 1)
     } else {
-        host_port
-            .iter()
-            .position(|&b| b == b':')
-            .unwrap_or(host_port.len())
+        first_colon.unwrap_or(bytes.len())
     };
-    let host = &authority[start..start + host_len];
+    let host = &authority[start..host_end];
     // The port is what follows the last `:` (inside `[…]` it does not parse as one).
-    let port = host_port
-        .iter()
-        .rposition(|&b| b == b':')
-        .and_then(|colon| parse_port(&host_port[colon + 1..]));
+    let port = last_colon.and_then(|colon| parse_port(&bytes[colon + 1..]));
     (host, port)
 }
 

@@ -123,6 +123,9 @@ struct Conn<S: ByteStream> {
     /// is an atomic update, where a timer per request was a locked insertion into the
     /// timer wheel and a removal (~500 instructions a request).
     deadline: Pin<Box<Sleep>>,
+    /// The `Host` every request on it is sent with: a connection goes to one origin, so it
+    /// is made once, not per request.
+    host: HeaderValue,
 }
 
 impl<S: ByteStream> Conn<S> {
@@ -146,9 +149,12 @@ impl<S: ByteStream> Conn<S> {
     /// returned future is polled with [`Conn::poll_exchange`].
     fn start(
         &mut self,
-        request: Request<ProxyBody>,
+        mut request: Request<ProxyBody>,
         deadline: Deadline,
     ) -> impl Future<Output = Sent> + Send + 'static {
+        request
+            .headers_mut()
+            .insert(header::HOST, self.host.clone());
         self.deadline.as_mut().reset(deadline.at);
         self.sender.try_send_request(request)
     }
@@ -246,7 +252,7 @@ impl<T: Transport> Pool<T> {
         deadline: Deadline,
     ) -> impl Future<Output = Result<Outcome<T::Stream>, UpstreamError>> + Send + 'a {
         async move {
-            let origin = origin_form(&mut request, T::DEFAULT_PORT)?;
+            let origin = origin_form(&mut request)?;
             let mut pooled_ok = true;
             loop {
                 let pooled = if pooled_ok {
@@ -403,6 +409,7 @@ impl<T: Transport> PoolInner<T> {
         pinned: Option<&PinnedAddrs>,
         deadline: Deadline,
     ) -> Result<Result<Conn<T::Stream>, Option<Box<T::Stream>>>, UpstreamError> {
+        let host = host_header(origin, T::DEFAULT_PORT)?;
         let stream = match self.transport.connect(origin, pinned).await? {
             Connected::Http1(stream) => stream,
             Connected::Http2(stream) => return Ok(Err(stream)),
@@ -416,6 +423,7 @@ impl<T: Transport> PoolInner<T> {
             sender,
             driver: Some(Box::pin(driver)),
             deadline: Box::pin(tokio::time::sleep_until(deadline.at)),
+            host,
         }))
     }
 }
@@ -430,28 +438,31 @@ async fn sweep_every<T: Transport>(pool: Weak<PoolInner<T>>, period: Duration) {
     }
 }
 
-/// Rewrites an absolute-form request for an origin server: `Host` from the URI (without the
-/// scheme's `default_port`), origin-form request target, HTTP/1.1. Returns the origin it goes
-/// to.
-pub(crate) fn origin_form(
-    request: &mut Request<ProxyBody>,
-    default_port: u16,
-) -> Result<Authority, UpstreamError> {
+/// Rewrites an absolute-form request for an origin server: origin-form request target,
+/// HTTP/1.1. Returns the origin it goes to; `Host` is the connection's to set
+/// ([`host_header`]).
+pub(crate) fn origin_form(request: &mut Request<ProxyBody>) -> Result<Authority, UpstreamError> {
     let parts = std::mem::take(request.uri_mut()).into_parts();
     let origin = parts
         .authority
         .ok_or_else(|| UpstreamError::Failed("the upstream URI names no host".into()))?;
-    // No user info to strip: admission refuses it in requests, the config in upstream URLs.
-    let host = super::authority::without_default_port(origin.as_str(), default_port);
-    let host = HeaderValue::from_str(host)
-        .map_err(|_| UpstreamError::Failed("the upstream host is not a valid header".into()))?;
-    request.headers_mut().insert(header::HOST, host);
     let target = parts
         .path_and_query
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     *request.uri_mut() = Uri::from(target);
     *request.version_mut() = Version::HTTP_11;
     Ok(origin)
+}
+
+/// The `Host` an origin server is sent: `origin` without the scheme's `default_port`.
+pub(crate) fn host_header(
+    origin: &Authority,
+    default_port: u16,
+) -> Result<HeaderValue, UpstreamError> {
+    // No user info to strip: admission refuses it in requests, the config in upstream URLs.
+    let host = super::authority::without_default_port(origin.as_str(), default_port);
+    HeaderValue::from_str(host)
+        .map_err(|_| UpstreamError::Failed("the upstream host is not a valid header".into()))
 }
 
 /// Undoes [`origin_form`] for a client that wants absolute form: the URI names `scheme` and

@@ -92,7 +92,9 @@ fn origin_form(
     mut request: Request<ProxyBody>,
 ) -> Result<(Request<ProxyBody>, Authority, Scheme), UpstreamError> {
     let scheme = request.uri().scheme().cloned().unwrap_or(Scheme::HTTP);
-    let origin = super::pool::origin_form(&mut request, default_port(&scheme))?;
+    let origin = super::pool::origin_form(&mut request)?;
+    let host = super::pool::host_header(&origin, default_port(&scheme))?;
+    request.headers_mut().insert(http::header::HOST, host);
     Ok((request, origin, scheme))
 }
 
