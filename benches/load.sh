@@ -392,6 +392,9 @@ for c in $CONNS; do
 done
 AR_LOG_LINES=$(grep -c ' request status=' "$WORK/authrelay-access.log" || true)
 NGX_LOG_LINES=$(wc -l <"$WORK/nginx/access.log" 2>/dev/null || echo 0)
+# Each run's CPU per request, kept for the ratios taken run by run (below).
+declare -A CPU_RUNS
+for key in "${!CPU[@]}"; do CPU_RUNS[$key]=${CPU[$key]}; done
 for key in "${!RPS[@]}"; do
     for table in RPS P50 P99 CPU; do
         declare -n samples=$table
@@ -503,17 +506,31 @@ for c in $CONNS; do
     done
 done
 echo
-printf '%-6s %-18s %-12s %10s %10s %10s %10s\n' conns authrelay 'vs' 'req/s x' 'CPU/req x' 'p99 ms' 'p99 (2nd)'
+# The CPU ratio taken within each run (the two targets ran back to back, so the VM's slower
+# and faster minutes hit both) and its spread over the runs: the median of the medians alone
+# hides how far one run is from the next.
+paired() { # "a1 a2 .." "b1 b2 .." -> "median (min-max)" of a_i / b_i
+    awk -v a="$1" -v b="$2" 'BEGIN {
+        n = split(a, x, " "); m = split(b, y, " "); k = 0
+        for (i = 1; i <= n && i <= m; i++) if (y[i] > 0) r[++k] = x[i] / y[i]
+        if (k == 0) { print "-"; exit }
+        for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (r[j] < r[i]) { t = r[i]; r[i] = r[j]; r[j] = t }
+        med = (k % 2) ? r[(k + 1) / 2] : (r[k / 2] + r[k / 2 + 1]) / 2
+        printf "%.2f (%.2f-%.2f)", med, r[1], r[k]
+    }'
+}
+printf '%-6s %-18s %-12s %10s %10s %10s %10s  %s\n' conns authrelay 'vs' 'req/s x' 'CPU/req x' 'p99 ms' 'p99 (2nd)' 'CPU/req x run by run'
 for c in $CONNS; do
     for pair in authrelay:nginx authrelay:floor authrelay-log:floor floor:nginx authrelay:authrelay-before authrelay-mount:nginx authrelay-log:nginx-log authrelay-https:nginx-https authrelay-connect:nginx-tls authrelay-mt:authrelay; do
         a=${pair%%:*} n=${pair##*:}
         [ -n "${RPS[$a/$c]:-}" ] && [ -n "${RPS[$n/$c]:-}" ] || continue
-        printf '%-6s %-18s %-12s %10s %10s %10s %10s\n' "$c" "$a" "$n" \
+        printf '%-6s %-18s %-12s %10s %10s %10s %10s  %s\n' "$c" "$a" "$n" \
             "$(ratio "${RPS[$a/$c]}" "${RPS[$n/$c]}")" "$(ratio "${CPU[$a/$c]}" "${CPU[$n/$c]}")" \
-            "${P99[$a/$c]}" "${P99[$n/$c]}"
+            "${P99[$a/$c]}" "${P99[$n/$c]}" "$(paired "${CPU_RUNS[$a/$c]:-}" "${CPU_RUNS[$n/$c]:-}")"
     done
 done
-echo "(req/s x, CPU/req x: the first target relative to the second doing the same; CPU/req below 1.00"
+echo "(req/s x, CPU/req x: the first target relative to the second doing the same, from the medians;"
+echo " run by run: the ratio within each run, median and range over the runs; CPU/req below 1.00"
 echo " means the first spends less CPU time per request; access lines written: authrelay $AR_LOG_LINES, nginx $NGX_LOG_LINES)"
 echo
 echo "memory (RSS, MB)            authrelay    nginx (master+worker)"

@@ -8,6 +8,7 @@
 #   LEVEL=info CONNS=256 benches/profile.sh
 #   MODE=https WARMUP=15 benches/profile.sh # the upstream over TLS (keep-alive; the warm-up
 #                                          # opens the pool: handshakes are slow under valgrind)
+#   MODE=mount benches/profile.sh           # origin-form requests to a mount (reverse proxy)
 #
 # Instruction counts are repeatable on a shared machine where timings are not; the kernel's
 # share (syscalls) is not counted.
@@ -69,8 +70,16 @@ routes:
     host: "127.0.0.1:$UP_PORT"
     $UPSTREAM
     credential: bench
+  - name: bench-mount
+    mount: /m
+    upstream: http://127.0.0.1:$UP_PORT
+    credential: bench
 YAML
-echo "wrk.path = \"http://127.0.0.1:$UP_PORT$PATH_QS\"" >"$OUT/forward.lua"
+if [ "$MODE" = mount ]; then
+    echo "wrk.path = \"/m$PATH_QS\"" >"$OUT/forward.lua"
+else
+    echo "wrk.path = \"http://127.0.0.1:$UP_PORT$PATH_QS\"" >"$OUT/forward.lua"
+fi
 RUST_LOG=$LEVEL taskset -c "$PROXY_CORE" valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
     "$AUTHRELAY" --config "$OUT/routes.yaml" run 2>"$OUT/authrelay.log" >/dev/null &
 CG_PID=$!; PIDS+=("$CG_PID")
