@@ -64,6 +64,11 @@ pub fn streaming(body: Incoming, config: &Config) -> ProxyBody {
 }
 
 fn guarded(body: Incoming, idle: Duration) -> ProxyBody {
+    // Most requests have no body: an empty one is a zero-sized box (no allocation) and
+    // needs no idle limit.
+    if body.is_end_stream() {
+        return crate::upstream::body::empty();
+    }
     let body = body.map_err(|e| BoxError::from(ClientBodyError(e)));
     IdleTimeout::wrap(body.boxed(), Side::Client, idle)
 }

@@ -340,13 +340,9 @@ impl<T: Transport> PoolInner<T> {
     fn checkout(&self, origin: &str) -> Option<(Conn<T::Stream>, Duration)> {
         loop {
             let mut entry = {
-                let mut idle = self.lock();
-                let list = idle.get_mut(origin)?;
-                let entry = list.pop();
-                if list.is_empty() {
-                    idle.remove(origin);
-                }
-                entry?
+                // An emptied list stays (the sweeper removes it): a request at a time to one
+                // origin would otherwise free and allocate its entry on every request.
+                self.lock().get_mut(origin)?.pop()?
             };
             let idle = entry.since.elapsed();
             // Checked for a close only after a pause: it was checked when it came back, and a
@@ -365,6 +361,10 @@ impl<T: Transport> PoolInner<T> {
             conn,
             since: Instant::now(),
         };
+        if idle.len() >= self.max_origins && !idle.contains_key(origin.as_str()) {
+            // Lists emptied by checkouts count until dropped here (or by the sweeper).
+            idle.retain(|_, list| !list.is_empty());
+        }
         let full = idle.len() >= self.max_origins;
         match idle.get_mut(origin.as_str()) {
             Some(list) if list.len() >= MAX_IDLE_PER_ORIGIN => return,
@@ -880,7 +880,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_idle_map_holds_only_origins_with_idle_connections_up_to_a_cap() {
+    async fn the_idle_map_holds_origins_up_to_a_cap_and_emptied_ones_give_way() {
         let pool = PlainPool::with_max_origins(
             Tcp::new(Duration::from_secs(5)),
             Duration::from_secs(60),
@@ -893,13 +893,24 @@ mod tests {
         assert_eq!(pool.idle_origins(), 2, "a third origin is not kept");
         assert_eq!(pool.idle_connections(), 2);
 
-        // Taking the only idle connection of an origin removes its entry.
+        // Taking the only idle connection of an origin leaves its entry, empty (a request at
+        // a time to one origin would otherwise free and allocate it each time); an empty
+        // entry does not hold a place against another origin's connection.
         let request = Request::get(format!("http://{}/", origins[0]))
             .body(Empty::new().map_err(|never| match never {}).boxed())
             .unwrap();
         let response = pool.send(request, None, soon()).await.unwrap().answered();
-        assert_eq!(pool.idle_origins(), 1, "the emptied origin's entry is gone");
+        assert_eq!(pool.idle_origins(), 2, "the emptied entry stays");
+        assert_eq!(pool.idle_connections(), 1);
+        get(&pool, origins[2]).await;
+        assert_eq!(pool.idle_origins(), 2, "the emptied entry made room");
+        assert_eq!(
+            pool.idle_connections(),
+            2,
+            "the third origin's connection is kept"
+        );
         drop(response.into_body().collect().await.unwrap());
-        assert_eq!(pool.idle_origins(), 2);
+        assert_eq!(pool.idle_origins(), 2, "no room for the first origin again");
+        assert_eq!(pool.idle_connections(), 2);
     }
 }

@@ -535,3 +535,19 @@ fn check_fetch_verifies_the_shared_token_cache() {
     assert_ne!(code, 0);
     assert!(out.contains("token_cache: FAILED"), "{out}");
 }
+
+/// The allocator settings of `.cargo/config.toml` are built into the binary (jemalloc prints
+/// its options when asked to at exit): without them the thread cache is the default one and
+/// every request pays ~1 500 instructions more (docs/performance.md).
+#[test]
+fn the_binary_carries_the_thread_cache_settings() {
+    let (code, _, stderr) = run(&["--version"], &[("_RJEM_MALLOC_CONF", "stats_print:true")]);
+    assert_eq!(code, 0, "{stderr}");
+    for option in [
+        "opt.tcache_nslots_small_min: 128",
+        "opt.tcache_nslots_small_max: 512",
+        "opt.tcache_gc_incr_bytes: 2097152",
+    ] {
+        assert!(stderr.contains(option), "{option} missing from:\n{stderr}");
+    }
+}
