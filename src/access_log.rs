@@ -86,6 +86,12 @@ impl Outcome {
 /// The target `tracing` prints for the access line.
 const TARGET: &str = "authrelay::proxy::dispatch";
 
+/// Whether the access line is on: `info` for its target, so that `RUST_LOG` can turn the
+/// line off by itself (`info,authrelay::proxy::dispatch=warn`), on every path that writes it.
+pub fn line_enabled() -> bool {
+    tracing::enabled!(target: TARGET, tracing::Level::INFO)
+}
+
 impl RequestFields<'_> {
     /// The span's part of the line, formatted once: `request{client=… upstream="…"}` for
     /// text, the span object for JSON.

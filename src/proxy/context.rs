@@ -79,8 +79,9 @@ pub(crate) struct RequestContext {
     /// Who sent it; the user is filled in by admission.
     pub(crate) client: Client,
     pub(crate) method: Method,
-    /// When it arrived, for the access line's latency; read only while that line is on
-    /// (`info`): a clock read per request is not free.
+    /// When it arrived, for the access line's latency; set only while that line is on
+    /// ([`crate::access_log::line_enabled`]), which is how the pipeline tells: a clock read
+    /// per request is not free.
     pub(crate) started: Option<Instant>,
 }
 
@@ -99,7 +100,7 @@ impl RequestContext {
             snapshot: conn.state.snapshot(),
             client,
             method: method.clone(),
-            started: tracing::enabled!(tracing::Level::INFO).then(Instant::now),
+            started: crate::access_log::line_enabled().then(Instant::now),
         }
     }
 

@@ -551,3 +551,35 @@ fn the_binary_carries_the_thread_cache_settings() {
         assert!(stderr.contains(option), "{option} missing from:\n{stderr}");
     }
 }
+
+/// The access line follows `RUST_LOG` for its own target: `info` writes one per request,
+/// and an operator who turns `authrelay::proxy::dispatch` down to `warn` gets none, also on
+/// the binary's fast path (stderr not a terminal) that writes the line without `tracing`.
+#[tokio::test]
+async fn the_access_line_follows_the_filter_of_its_target() {
+    let origin = server::serve(|_| async { server::respond(200, "ok") }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\ncredentials:\n  c:\n    type: static\n    value: \"Bearer t\"\nroutes:\n  - name: origin\n    mount: /origin\n    upstream: {}\n    credential: c\n",
+        origin.url()
+    );
+    let config = write(dir.path(), &yaml);
+    for (filter, lines) in [("info", 1), ("info,authrelay::proxy::dispatch=warn", 0)] {
+        let mut p = Process::spawn(&["--config", &config], &[("RUST_LOG", filter)]);
+        let proxy = addr_in(&p.wait_for("authrelay listening").await);
+        let res = support::direct_client()
+            .get(format!("http://{proxy}/origin/x"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        p.signal("TERM");
+        assert_eq!(p.exit_code().await, 0);
+        let log = p.output();
+        assert_eq!(
+            log.matches(" request status=200").count(),
+            lines,
+            "RUST_LOG={filter}:\n{log}"
+        );
+    }
+}
