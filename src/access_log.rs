@@ -239,12 +239,8 @@ fn push_millis(nanos: u64, out: &mut String) {
     out.push_str(itoa::Buffer::new().format(nanos / 1_000_000));
     out.push('.');
     // Below 10^6: fits. Six digits less the trailing zeros, at least one.
-    let mut fraction = (nanos % 1_000_000) as u32;
-    let mut width = 6;
-    if fraction == 0 {
-        (fraction, width) = (0, 1);
-    }
-    while fraction != 0 && fraction % 10 == 0 {
+    let (mut fraction, mut width) = ((nanos % 1_000_000) as u32, 6);
+    while width > 1 && fraction % 10 == 0 {
         fraction /= 10;
         width -= 1;
     }

@@ -306,8 +306,8 @@ impl<T: Transport> Pool<T> {
                         (Some(unsent), _) if idle.is_some() => request = unsent,
                         (_, Some(copy)) if closed_before_answer(failed.error()) => {
                             tracing::debug!(
-                            "the upstream closed an idle connection as the request went out; sending it on a new one"
-                        );
+                                "the upstream closed an idle connection as the request went out; sending it on a new one"
+                            );
                             request = copy;
                             pooled_ok = false;
                         }
