@@ -31,14 +31,20 @@ pub fn host_and_port(authority: &str) -> (&str, Option<u16>) {
     (host, port)
 }
 
-/// `authority` without its port when that is `default_port` (`example.com:80` →
+/// `authority` without its port when that is `default_port` or empty (`example.com:80` →
 /// `example.com`, `[::1]:443` → `[::1]` for 443), else unchanged: the `Host` an origin server
 /// is sent. A suffix check, not a parse: it runs for every request.
 pub fn without_default_port(authority: &str, default_port: u16) -> &str {
     // From the end: the port is a few bytes (`rsplit_once` goes through a generic searcher).
     let bytes = authority.as_bytes();
     match bytes.iter().rposition(|&b| b == b':') {
-        Some(colon) if parse_port(&bytes[colon + 1..]) == Some(default_port) => &authority[..colon],
+        // An empty port means the default one too (RFC 3986 §3.2.3: `example.com:`).
+        Some(colon)
+            if colon + 1 == bytes.len()
+                || parse_port(&bytes[colon + 1..]) == Some(default_port) =>
+        {
+            &authority[..colon]
+        }
         _ => authority,
     }
 }
@@ -111,6 +117,8 @@ mod tests {
             ("[::1]:443", 443, "[::1]"),
             ("[::1]:8443", 443, "[::1]:8443"),
             ("127.0.0.1:80", 80, "127.0.0.1"),
+            ("example.com:", 80, "example.com"),
+            ("[::1]:", 443, "[::1]"),
         ] {
             assert_eq!(without_default_port(text, default), host, "{text}");
         }
