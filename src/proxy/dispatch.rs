@@ -32,33 +32,42 @@ pub(crate) fn handle(conn: Arc<Connection>, request: Request<Incoming>) -> Answe
         let mut ctx = RequestContext::new(&conn, request.method());
         match admission::admit(&mut ctx, &request).await {
             Ok(Decision::Forward(admitted)) => forward(ctx, admitted, request).await,
-            // Boxed so that requests, the common case, do not carry its size.
-            Ok(Decision::Tunnel(plan)) => {
-                let (uri, authority) = (request.uri().clone(), plan.authority.clone());
-                let line = AccessLine::start(&ctx, None, None, &uri, Some(&authority));
-                let response = match Box::pin(connect::open(&ctx, plan, request, handle)).await {
-                    Ok(response) => response,
-                    Err(e) => refusal(&ctx, e),
-                };
-                line.finish(&ctx, None, response, false)
-            }
-            Err(e) => {
-                // A refusal that knows its route (client not allowed, cleartext) is counted
-                // and logged under it, not under `unmatched`.
-                let snapshot = Arc::clone(&ctx.snapshot);
-                let route = e.route_name().and_then(|name| {
-                    snapshot
-                        .routes
-                        .iter()
-                        .find(|r| *r.name == *name)
-                        .map(|r| &**r)
-                });
-                let line = AccessLine::start(&ctx, route, None, request.uri(), None);
-                let response = refusal(&ctx, e);
-                line.finish(&ctx, route, response, false)
-            }
+            Ok(Decision::Tunnel(plan)) => tunnel(ctx, plan, request).await,
+            Err(e) => refused(&ctx, e, request.uri()),
         }
     })
+}
+
+/// Opens the CONNECT tunnel admission planned (the opening is boxed: requests, the common
+/// case, do not carry its size).
+async fn tunnel(
+    ctx: RequestContext,
+    plan: admission::TunnelPlan,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let (uri, authority) = (request.uri().clone(), plan.authority.clone());
+    let line = AccessLine::start(&ctx, None, None, &uri, Some(&authority));
+    let response = match Box::pin(connect::open(&ctx, plan, request, handle)).await {
+        Ok(response) => response,
+        Err(e) => refusal(&ctx, e),
+    };
+    line.finish(&ctx, None, response, false)
+}
+
+/// Answers a request admission refused. A refusal that knows its route (client not
+/// allowed, cleartext) is counted and logged under it, not under `unmatched`.
+fn refused(ctx: &RequestContext, e: ProxyError, uri: &http::Uri) -> Response<ProxyBody> {
+    let snapshot = Arc::clone(&ctx.snapshot);
+    let route = e.route_name().and_then(|name| {
+        snapshot
+            .routes
+            .iter()
+            .find(|r| *r.name == *name)
+            .map(|r| &**r)
+    });
+    let line = AccessLine::start(ctx, route, None, uri, None);
+    let response = refusal(ctx, e);
+    line.finish(ctx, route, response, false)
 }
 
 /// The proxy's own answer to a request it did not let through.
@@ -169,6 +178,13 @@ fn forward(
         pinned,
         credential,
     } = admitted;
+    // The request is taken apart before the future is made, so that the future keeps its
+    // head once (the exchange borrows it) and not the request beside it.
+    let (mut parts, body) = request.into_parts();
+    let websocket = upgrade::is_websocket(parts.version, &parts.headers)
+        .then(|| parts.extensions.remove::<OnUpgrade>())
+        .flatten();
+    headers::for_upstream(&mut parts, websocket.is_some());
     async move {
         let snapshot = &ctx.snapshot;
         let route = target.route.as_ref();
@@ -180,65 +196,63 @@ fn forward(
             &target.uri,
             origin,
         );
-        let span = line.span.clone();
-        let answer = async {
-            let (mut parts, body) = request.into_parts();
-            let websocket = upgrade::is_websocket(parts.version, &parts.headers)
-                .then(|| parts.extensions.remove::<OnUpgrade>())
-                .flatten();
-            headers::for_upstream(&mut parts, websocket.is_some());
-            let exchange = Exchange {
-                upstream: &ctx.state().upstream,
-                config: &snapshot.config,
-                target: &target,
-                credential: credential.as_ref(),
-                pinned: pinned.as_ref(),
-                leg: if websocket.is_some() {
-                    Leg::Upgrade
-                } else {
-                    Leg::Request
-                },
-            };
-            match exchange.run(parts, body).await {
-                Ok(forwarded) => {
-                    let mut response = match websocket {
-                        Some(client_side) => {
-                            upgrade::switch(forwarded.response, client_side, &ctx.conn)
-                        }
-                        None => headers::for_client(forwarded.response),
-                    };
-                    if let Some(rewrite) = location::Rewrite::for_target(&target) {
-                        rewrite.apply(response.headers_mut());
-                    }
-                    let idle = snapshot.config.timeouts.upstream_body_idle;
-                    let response =
-                        response.map(|body| IdleTimeout::wrap(body, Side::Upstream, idle));
-                    (response, forwarded.retried)
-                }
-                Err(ProxyError::Upstream(detail)) if route.is_none() => {
-                    tracing::debug!(error = %detail, "unmatched request: upstream unreachable");
-                    (ProxyError::Unreachable.into_response(None), false)
-                }
-                Err(e) => {
-                    if matches!(
-                        e,
-                        ProxyError::Credential(_)
-                            | ProxyError::Upstream(_)
-                            | ProxyError::UpstreamTimeout(_)
-                    ) {
-                        line.warning_span()
-                            .in_scope(|| tracing::warn!(error = %e, "request failed"));
-                    }
-                    (e.into_response(route.map(|r| &*r.name)), false)
-                }
-            }
+        let exchange = Exchange {
+            upstream: &ctx.state().upstream,
+            config: &snapshot.config,
+            target: &target,
+            credential: credential.as_ref(),
+            pinned: pinned.as_ref(),
+            leg: if websocket.is_some() {
+                Leg::Upgrade
+            } else {
+                Leg::Request
+            },
         };
         // At `warn` (and on the access log's fast path) there is no span: polled bare, the
-        // request skips the instrumentation's enter and exit on each of its polls.
-        let (response, retried) = if span.is_none() {
-            answer.await
+        // exchange skips the instrumentation's enter and exit on each of its polls. Awaited
+        // here, not in a block of its own: such a block would keep another copy of the
+        // request in the future.
+        let result = if line.span.is_none() {
+            exchange.run(&mut parts, body).await
         } else {
-            answer.instrument(span).await
+            exchange
+                .run(&mut parts, body)
+                .instrument(line.span.clone())
+                .await
+        };
+        let (response, retried) = match result {
+            Ok(forwarded) => {
+                let mut response = match websocket {
+                    Some(client_side) => {
+                        upgrade::switch(forwarded.response, client_side, &ctx.conn)
+                    }
+                    None => headers::for_client(forwarded.response),
+                };
+                if let Some(rewrite) = location::Rewrite::for_target(&target) {
+                    rewrite.apply(response.headers_mut());
+                }
+                let idle = snapshot.config.timeouts.upstream_body_idle;
+                let response = response.map(|body| IdleTimeout::wrap(body, Side::Upstream, idle));
+                (response, forwarded.retried)
+            }
+            Err(ProxyError::Upstream(detail)) if route.is_none() => {
+                line.span.in_scope(|| {
+                    tracing::debug!(error = %detail, "unmatched request: upstream unreachable");
+                });
+                (ProxyError::Unreachable.into_response(None), false)
+            }
+            Err(e) => {
+                if matches!(
+                    e,
+                    ProxyError::Credential(_)
+                        | ProxyError::Upstream(_)
+                        | ProxyError::UpstreamTimeout(_)
+                ) {
+                    line.warning_span()
+                        .in_scope(|| tracing::warn!(error = %e, "request failed"));
+                }
+                (e.into_response(route.map(|r| &*r.name)), false)
+            }
         };
         line.finish(&ctx, route.map(|r| &**r), response, retried)
     }

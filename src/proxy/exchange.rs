@@ -13,6 +13,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::future::Either;
+use futures_util::{FutureExt, TryFutureExt};
 use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http::uri::PathAndQuery;
@@ -75,20 +77,21 @@ pub enum TokenVerdict {
 impl Exchange<'_> {
     /// Sends the request (hop-by-hop headers already removed) to the target, injecting the
     /// route's credential; on a refusal of the token, refreshes and replays as the route allows.
+    /// The head is borrowed (its headers are taken): the caller's future holds it already.
     ///
     /// Not an `async fn`: its arguments would be kept twice in its future (as arguments and
     /// as the body's locals), and every level above moves that future.
-    pub(crate) fn run(
-        &self,
-        mut parts: Parts,
+    pub(crate) fn run<'p>(
+        &'p self,
+        parts: &'p mut Parts,
         body: Incoming,
-    ) -> impl Future<Output = Result<Forwarded, ProxyError>> + Send + '_ {
+    ) -> impl Future<Output = Result<Forwarded, ProxyError>> + Send + 'p {
         async move {
             let uri = &self.target.uri;
             let Some((route, slot)) = self.target.route.as_ref().zip(self.credential) else {
                 let headers = std::mem::take(&mut parts.headers);
                 let body = replay::streaming(body, self.config);
-                let request = build(&parts.method, uri, headers, None, body);
+                let request = build(&parts.method, uri.clone(), headers, None, body);
                 let response = self.send(self.target.route.as_deref(), request).await?;
                 return Ok(Forwarded {
                     response,
@@ -115,7 +118,7 @@ impl Exchange<'_> {
                 std::mem::take(&mut parts.headers)
             };
             let (uri, injection) = place(uri, slot, &token);
-            let first = build(&parts.method, &uri, headers, injection, body.take());
+            let first = build(&parts.method, uri, headers, injection, body.take());
             let mut response = self.send(Some(route), first).await?;
             mask_echoed_query_credential(&mut response, slot, &token);
 
@@ -152,7 +155,7 @@ impl Exchange<'_> {
         route: &Route,
         slot: &CredentialSlot,
         signer: &dyn RequestSigner,
-        parts: Parts,
+        parts: &mut Parts,
         body: Incoming,
     ) -> Result<Forwarded, ProxyError> {
         let budget = self.upstream.replay_budget();
@@ -171,7 +174,7 @@ impl Exchange<'_> {
             slot.name(),
             &parts.method,
             &self.target.uri,
-            parts.headers,
+            std::mem::take(&mut parts.headers),
             body,
         )?;
         let response = self.send(Some(route), request).await?;
@@ -185,39 +188,40 @@ impl Exchange<'_> {
     }
 
     /// Sends one attempt on this exchange's leg and records the time to its response head.
+    ///
+    /// Combinators, not an `async` block: a block would keep the request as an argument
+    /// beside the upstream's future that holds it too, and every level above moves this
+    /// future.
     fn send<'s>(
         &'s self,
         route: Option<&'s Route>,
         request: Request<ProxyBody>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 's {
-        async move {
-            let started = Instant::now();
-            let deadline = Deadline::after(self.config.timeouts.upstream, started);
-            let identity = route.and_then(|r| r.config.tls_client_cert.as_ref());
-            let response = match self.leg {
-                Leg::Request => {
+        let started = Instant::now();
+        let deadline = Deadline::after(self.config.timeouts.upstream, started);
+        let identity = route.and_then(|r| r.config.tls_client_cert.as_ref());
+        let response = match self.leg {
+            Leg::Request => {
+                Either::Left(self.upstream.send(request, self.pinned, identity, deadline))
+            }
+            // The body type changes, the extensions (hyper's upgrade handle) stay. Boxed,
+            // like the signed path: handshakes are rare next to requests, and their
+            // connect-and-handshake future would grow (and be moved with) every request's.
+            Leg::Upgrade => Either::Right(
+                Box::pin(
                     self.upstream
-                        .send(request, self.pinned, identity, deadline)
-                        .await?
-                }
-                // The body type changes, the extensions (hyper's upgrade handle) stay.
-                // Boxed, like the signed path below: handshakes are rare next to requests, and
-                // their connect-and-handshake future would grow (and be moved with) every
-                // request's future.
-                Leg::Upgrade => {
-                    Box::pin(
-                        self.upstream
-                            .send_upgrade(request, self.pinned, identity, deadline),
-                    )
-                    .await?
-                    .map(|body| body.map_err(BoxError::from).boxed())
-                }
-            };
+                        .send_upgrade(request, self.pinned, identity, deadline),
+                )
+                .map_ok(|response| response.map(|body| body.map_err(BoxError::from).boxed())),
+            ),
+        };
+        response.map(move |response| {
+            let response = response?;
             if let Some(r) = route {
                 r.metrics.upstream_latency(started.elapsed());
             }
             Ok(response)
-        }
+        })
     }
 }
 
@@ -226,7 +230,7 @@ struct Replay<'a> {
     exchange: &'a Exchange<'a>,
     route: &'a Arc<Route>,
     slot: &'a Arc<CredentialSlot>,
-    parts: Parts,
+    parts: &'a mut Parts,
     body: PreparedBody,
 }
 
@@ -274,7 +278,7 @@ impl Replay<'_> {
             let (uri, injection) = place(&self.exchange.target.uri, self.slot, &fresh);
             let again = build(
                 &self.parts.method,
-                &uri,
+                uri,
                 headers,
                 injection,
                 self.body.take(),
@@ -373,7 +377,7 @@ fn auth_params(text: &str) -> Vec<(String, String)> {
 
 fn build(
     method: &Method,
-    uri: &Uri,
+    uri: Uri,
     mut headers: HeaderMap,
     injection: Option<(&Arc<CredentialSlot>, &Arc<IssuedToken>)>,
     body: ProxyBody,
@@ -383,7 +387,7 @@ fn build(
     }
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();
-    *request.uri_mut() = uri.clone();
+    *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     request
 }

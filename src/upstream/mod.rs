@@ -18,8 +18,11 @@ pub mod upgrade;
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::future::Either;
+use futures_util::FutureExt;
 use http::uri::Scheme;
 use http::{Request, Response};
 use http_body_util::BodyExt;
@@ -126,9 +129,9 @@ impl UpstreamClient {
     /// be connected to. `identity`: the client certificate an https upstream is shown; the
     /// connection it goes on was made with that certificate (or, for `None`, with none).
     ///
-    /// Not an `async fn`: its arguments would be kept twice in its future (as arguments and
-    /// as the body's locals), and every level above moves that future.
-    #[allow(clippy::manual_async_fn)] // see above: not an `async fn` on purpose
+    /// The leg is chosen here and its future returned as it is (combinators, no `async`
+    /// block): a block would keep the request as an argument beside the leg's future that
+    /// holds it too, and every level above moves this future.
     pub fn send<'a>(
         &'a self,
         request: Request<ProxyBody>,
@@ -136,28 +139,45 @@ impl UpstreamClient {
         identity: Option<&'a Arc<ClientCert>>,
         deadline: Deadline,
     ) -> impl Future<Output = Result<Response<ProxyBody>, UpstreamError>> + Send + 'a {
-        async move {
-            refuse_cleartext_identity(&request, identity)?;
-            let legs = self.tls_legs(identity);
-            if request.uri().scheme() != Some(&Scheme::HTTP) && pinned.is_some() {
-                // An unmatched absolute-form `https://` request: the pooled TLS client would
-                // resolve the name again (a second DNS answer could point anywhere), so it goes
-                // on a connection of its own to the addresses its host was checked at, with the
-                // name only as TLS server name. Rare: clients send CONNECT for https URLs.
-                // Boxed: as large as a TLS handshake, it would otherwise be part of (and moved
-                // with) every request's future.
-                let response = Box::pin(legs.upgrades.send(request, pinned, deadline)).await?;
-                return Ok(response.map(|body| body.map_err(BoxError::from).boxed()));
-            }
-            if request.uri().scheme() != Some(&Scheme::HTTP) {
-                return legs.send(request, deadline).await;
-            }
-            match self.plain.send(request, pinned, deadline).await? {
-                Outcome::Answered(response) => Ok(response),
-                // A TCP transport has no ALPN: it never reports HTTP/2.
-                Outcome::SpeaksHttp2(..) => Err(UpstreamError::Failed(
-                    "plain HTTP cannot switch to HTTP/2".into(),
-                )),
+        type Boxed<'a> =
+            Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, UpstreamError>> + Send + 'a>>;
+        if let Err(e) = refuse_cleartext_identity(&request, identity) {
+            let refused: Boxed<'a> = Box::pin(std::future::ready(Err(e)));
+            return Either::Right(Either::Right(refused));
+        }
+        if request.uri().scheme() == Some(&Scheme::HTTP) {
+            return Either::Left(self.plain.send(request, pinned, deadline).map(|sent| {
+                match sent? {
+                    Outcome::Answered(response) => Ok(response),
+                    // A TCP transport has no ALPN: it never reports HTTP/2.
+                    Outcome::SpeaksHttp2(..) => Err(UpstreamError::Failed(
+                        "plain HTTP cannot switch to HTTP/2".into(),
+                    )),
+                }
+            }));
+        }
+        if pinned.is_some() {
+            // An unmatched absolute-form `https://` request: the pooled TLS client would
+            // resolve the name again (a second DNS answer could point anywhere), so it goes
+            // on a connection of its own to the addresses its host was checked at, with the
+            // name only as TLS server name. Rare: clients send CONNECT for https URLs.
+            // Boxed: as large as a TLS handshake.
+            let own: Boxed<'a> = Box::pin(async move {
+                let legs = self.tls_legs(identity);
+                let response = legs.upgrades.send(request, pinned, deadline).await?;
+                Ok(response.map(|body| body.map_err(BoxError::from).boxed()))
+            });
+            return Either::Right(Either::Right(own));
+        }
+        match identity {
+            None => Either::Right(Either::Left(self.tls.send(request, deadline))),
+            // The legs of a client certificate are held by this request while it runs.
+            Some(cert) => {
+                let with_cert: Boxed<'a> = Box::pin(async move {
+                    let legs = self.identities.for_cert(cert);
+                    legs.send(request, deadline).await
+                });
+                Either::Right(Either::Right(with_cert))
             }
         }
     }

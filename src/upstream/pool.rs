@@ -279,13 +279,17 @@ impl<T: Transport> Pool<T> {
                 let copy = idle
                     .filter(|idle| *idle >= STALE_RISK_AFTER)
                     .and_then(|_| replayable_copy(&request));
+                // Started here, not inside the futures below: they would keep the request
+                // too, beside the hyper future that holds it.
                 let sent = if T::FINISH_ABANDONED {
+                    let response = Box::pin(conn.start(request, deadline));
                     let (back, sent) =
-                        exchange_or_finish(conn, request, deadline, &origin, &self.inner).await?;
+                        exchange_or_finish(conn, response, deadline, &origin, &self.inner).await?;
                     conn = back;
                     sent
                 } else {
-                    exchange(&mut conn, request, deadline).await?
+                    let mut response = pin!(conn.start(request, deadline));
+                    poll_fn(|cx| conn.poll_exchange(response.as_mut(), deadline, cx)).await?
                 };
                 match sent {
                     Ok(response) => {
@@ -308,7 +312,7 @@ impl<T: Transport> Pool<T> {
                             tracing::debug!(
                                 "the upstream closed an idle connection as the request went out; sending it on a new one"
                             );
-                            request = copy;
+                            request = *copy;
                             pooled_ok = false;
                         }
                         _ => return Err(super::idle::exchange_error(&failed.into_error())),
@@ -483,7 +487,9 @@ fn absolute_form(
 
 /// A copy of `request` to send again, if that is safe: an idempotent method (RFC 9110
 /// §9.2.2) and no body.
-fn replayable_copy(request: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+/// Boxed: made only for a connection idle long enough to risk a close (rare under load),
+/// and every request's future would otherwise keep room for a whole request.
+fn replayable_copy(request: &Request<ProxyBody>) -> Option<Box<Request<ProxyBody>>> {
     let idempotent = matches!(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -496,7 +502,7 @@ fn replayable_copy(request: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
     *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();
     *copy.headers_mut() = request.headers().clone();
-    Some(copy)
+    Some(Box::new(copy))
 }
 
 /// Whether the connection ended before any of the response arrived: closed (with or without
@@ -520,17 +526,6 @@ fn closed_before_answer(error: &hyper::Error) -> bool {
         source = e.source();
     }
     false
-}
-
-/// Sends `request` on `conn`, driving the connection until the response head is in or
-/// `deadline` passes.
-async fn exchange<S: ByteStream>(
-    conn: &mut Conn<S>,
-    request: Request<ProxyBody>,
-    deadline: Deadline,
-) -> Result<Sent, UpstreamError> {
-    let mut response = pin!(conn.start(request, deadline));
-    poll_fn(|cx| conn.poll_exchange(response.as_mut(), deadline, cx)).await
 }
 
 /// A response body from a pooled connection: reading it drives the connection, and the
@@ -629,17 +624,17 @@ impl<T: Transport> Drop for PendingExchange<T> {
     }
 }
 
-/// [`exchange`] for transports that finish abandoned exchanges: the connection is handed
-/// back with the outcome, or, if this future is dropped first, finished in the background.
-/// Past `deadline` the connection is closed: the upstream is too slow to wait for.
+/// Drives the exchange `conn` started (`response`) until its answer's head is in, for
+/// transports that finish abandoned exchanges: the connection is handed back with the
+/// outcome, or, if this future is dropped first, finished in the background. Past
+/// `deadline` the connection is closed: the upstream is too slow to wait for.
 async fn exchange_or_finish<T: Transport>(
-    mut conn: Conn<T::Stream>,
-    request: Request<ProxyBody>,
+    conn: Conn<T::Stream>,
+    response: ResponseFuture,
     deadline: Deadline,
     origin: &Authority,
     pool: &Arc<PoolInner<T>>,
 ) -> Result<(Conn<T::Stream>, Sent), UpstreamError> {
-    let response: ResponseFuture = Box::pin(conn.start(request, deadline));
     let mut pending = PendingExchange {
         in_flight: Some((conn, response)),
         origin: origin.clone(),
