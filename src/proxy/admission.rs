@@ -9,8 +9,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http::request::Parts;
 use http::uri::{Authority, Scheme};
-use http::{HeaderMap, Method, Request, Uri, Version};
+use http::{HeaderMap, Method, Uri, Version};
 
 use super::context::{Admitted, RequestContext};
 use super::respond::ProxyError;
@@ -50,28 +51,29 @@ pub(crate) enum TunnelKind {
     HttpOnly,
 }
 
-/// Admits `request` or says why not. Fills in the context's authenticated user.
-pub(crate) async fn admit<B>(
+/// Admits the request whose head is `request`, or says why not. Fills in the context's
+/// authenticated user.
+pub(crate) async fn admit(
     ctx: &mut RequestContext,
-    request: &Request<B>,
+    request: &Parts,
 ) -> Result<Decision, ProxyError> {
-    authenticate(ctx, request.headers())?;
-    let method = request.method();
+    authenticate(ctx, &request.headers)?;
+    let method = &request.method;
     if method == Method::CONNECT {
         if ctx.conn.tunnel.is_some() {
             return Err(ProxyError::BadRequest(
                 "CONNECT inside a tunnel is not supported".into(),
             ));
         }
-        return tunnel(ctx, request.uri()).await.map(Decision::Tunnel);
+        return tunnel(ctx, &request.uri).await.map(Decision::Tunnel);
     }
-    let uri = request.uri();
+    let uri = &request.uri;
     check_path(uri.path())?;
     let target = route(ctx, request)?;
     let (pinned, credential) = match &target.route {
         Some(route) => {
             let user = ctx.client.user.as_deref();
-            check_routed(route, user, method, uri, request.headers())?;
+            check_routed(route, user, method, uri, &request.headers)?;
             if target.in_clear {
                 return Err(ProxyError::CleartextRefused(route.name.to_string()));
             }
@@ -110,8 +112,8 @@ fn authenticate(ctx: &mut RequestContext, headers: &HeaderMap) -> Result<(), Pro
 /// forward-proxy request and origin-form a mount request. HTTP/2 has no absolute form: its
 /// `:authority` always names a host, and a request whose `:authority` is on the proxy's own
 /// port is a mount request, any other a forward-proxy request.
-fn route<B>(ctx: &RequestContext, request: &Request<B>) -> Result<Target, ProxyError> {
-    let (snapshot, method, uri) = (&*ctx.snapshot, request.method(), request.uri());
+fn route(ctx: &RequestContext, request: &Parts) -> Result<Target, ProxyError> {
+    let (snapshot, method, uri) = (&*ctx.snapshot, &request.method, &request.uri);
     if let Some(tunnel) = &ctx.conn.tunnel {
         return target::tunnel_target(
             snapshot,
@@ -121,7 +123,7 @@ fn route<B>(ctx: &RequestContext, request: &Request<B>) -> Result<Target, ProxyE
             tunnel.scheme.clone(),
         );
     }
-    if request.version() == Version::HTTP_2 {
+    if request.version == Version::HTTP_2 {
         let default_port = if uri.scheme() == Some(&Scheme::HTTPS) {
             443
         } else {

@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use http::request::Parts;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -27,13 +28,18 @@ use crate::upstream::ProxyBody;
 
 /// Answers one request that arrived on `conn`. Every answer — forwarded, refused, a tunnel
 /// opened — ends in the same step: the route's (or `unmatched`) metrics and one access line.
+///
+/// The request's head and its decision live here, in this future, and the steps below
+/// borrow them: passed down by value, each step's future would keep its own copy (hundreds of
+/// bytes each, moved with the future).
 pub(crate) fn handle(conn: Arc<Connection>, request: Request<Incoming>) -> Answer {
+    let (mut head, body) = request.into_parts();
     Box::pin(async move {
-        let mut ctx = RequestContext::new(&conn, request.method());
-        match admission::admit(&mut ctx, &request).await {
-            Ok(Decision::Forward(admitted)) => forward(ctx, admitted, request).await,
-            Ok(Decision::Tunnel(plan)) => tunnel(ctx, plan, request).await,
-            Err(e) => refused(&ctx, e, request.uri()),
+        let mut ctx = RequestContext::new(&conn, &head.method);
+        match admission::admit(&mut ctx, &head).await {
+            Ok(Decision::Forward(ref admitted)) => forward(&ctx, admitted, &mut head, body).await,
+            Ok(Decision::Tunnel(plan)) => tunnel(ctx, plan, Request::from_parts(head, body)).await,
+            Err(e) => refused(&ctx, e, &head.uri),
         }
     })
 }
@@ -168,29 +174,27 @@ impl<'a> AccessLine<'a> {
 ///
 /// Not an `async fn`: its arguments would be kept twice in its future (as arguments and as
 /// the body's locals), and the pipeline moves that future.
-fn forward(
-    ctx: RequestContext,
-    admitted: Admitted,
-    request: Request<Incoming>,
-) -> impl Future<Output = Response<ProxyBody>> + Send {
+fn forward<'a>(
+    ctx: &'a RequestContext,
+    admitted: &'a Admitted,
+    parts: &'a mut Parts,
+    body: Incoming,
+) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
     let Admitted {
         target,
         pinned,
         credential,
     } = admitted;
-    // The request is taken apart before the future is made, so that the future keeps its
-    // head once (the exchange borrows it) and not the request beside it.
-    let (mut parts, body) = request.into_parts();
     let websocket = upgrade::is_websocket(parts.version, &parts.headers)
         .then(|| parts.extensions.remove::<OnUpgrade>())
         .flatten();
-    headers::for_upstream(&mut parts, websocket.is_some());
+    headers::for_upstream(parts, websocket.is_some());
     async move {
         let snapshot = &ctx.snapshot;
         let route = target.route.as_ref();
         let origin = target.client_origin.as_ref().map(|(_, a)| a);
         let line = AccessLine::start(
-            &ctx,
+            ctx,
             route.map(|r| &**r),
             credential.as_deref(),
             &target.uri,
@@ -199,7 +203,7 @@ fn forward(
         let exchange = Exchange {
             upstream: &ctx.state().upstream,
             config: &snapshot.config,
-            target: &target,
+            target,
             credential: credential.as_ref(),
             pinned: pinned.as_ref(),
             leg: if websocket.is_some() {
@@ -213,10 +217,10 @@ fn forward(
         // here, not in a block of its own: such a block would keep another copy of the
         // request in the future.
         let result = if line.span.is_none() {
-            exchange.run(&mut parts, body).await
+            exchange.run(parts, body).await
         } else {
             exchange
-                .run(&mut parts, body)
+                .run(parts, body)
                 .instrument(line.span.clone())
                 .await
         };
@@ -228,7 +232,7 @@ fn forward(
                     }
                     None => headers::for_client(forwarded.response),
                 };
-                if let Some(rewrite) = location::Rewrite::for_target(&target) {
+                if let Some(rewrite) = location::Rewrite::for_target(target) {
                     rewrite.apply(response.headers_mut());
                 }
                 let idle = snapshot.config.timeouts.upstream_body_idle;
@@ -254,7 +258,7 @@ fn forward(
                 (e.into_response(route.map(|r| &*r.name)), false)
             }
         };
-        line.finish(&ctx, route.map(|r| &**r), response, retried)
+        line.finish(ctx, route.map(|r| &**r), response, retried)
     }
 }
 
