@@ -169,17 +169,17 @@ impl UpstreamClient {
             });
             return Either::Right(Either::Right(own));
         }
-        match identity {
-            None => Either::Right(Either::Left(self.tls.send(request, deadline))),
-            // The legs of a client certificate are held by this request while it runs.
-            Some(cert) => {
-                let with_cert: Boxed<'a> = Box::pin(async move {
-                    let legs = self.identities.for_cert(cert);
-                    legs.send(request, deadline).await
-                });
-                Either::Right(Either::Right(with_cert))
-            }
+        if identity.is_none() {
+            // The common https leg, unboxed: the legs without a certificate are the client's
+            // own (what `tls_legs` returns for `None`).
+            return Either::Right(Either::Left(self.tls.send(request, deadline)));
         }
+        // A client certificate's legs are held by this request while it runs.
+        let with_cert: Boxed<'a> = Box::pin(async move {
+            let legs = self.tls_legs(identity);
+            legs.send(request, deadline).await
+        });
+        Either::Right(Either::Right(with_cert))
     }
 
     /// Client certificates with clients of their own now, for tests and diagnostics.
