@@ -52,7 +52,7 @@ async fn tunnel(
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let (uri, authority) = (request.uri().clone(), plan.authority.clone());
-    let line = AccessLine::start(&ctx, None, None, &uri, Some(&authority));
+    let line = AccessLine::start(&ctx, None, None, &uri, Some(&authority), None);
     let response = match Box::pin(connect::open(&ctx, plan, request, handle)).await {
         Ok(response) => response,
         Err(e) => refusal(&ctx, e),
@@ -71,7 +71,7 @@ fn refused(ctx: &RequestContext, e: ProxyError, uri: &http::Uri) -> Response<Pro
             .find(|r| *r.name == *name)
             .map(|r| &**r)
     });
-    let line = AccessLine::start(ctx, route, None, uri, None);
+    let line = AccessLine::start(ctx, route, None, uri, None, None);
     let response = refusal(ctx, e);
     line.finish(ctx, route, response, false)
 }
@@ -97,8 +97,8 @@ struct AccessLine<'a> {
     fields: Option<AccessFields<'a>>,
     /// The `request` span (none on the fast path or at `warn`).
     span: tracing::Span,
-    /// The fast path: the access log and the line's formatted fields.
-    fast: Option<(&'static access_log::AccessLog, String)>,
+    /// The fast path: the access log the line is formatted into when the answer is known.
+    fast: Option<&'static access_log::AccessLog>,
 }
 
 impl<'a> AccessLine<'a> {
@@ -108,6 +108,7 @@ impl<'a> AccessLine<'a> {
         credential: Option<&'a crate::token_store::CredentialSlot>,
         uri: &'a http::Uri,
         origin: Option<&'a http::uri::Authority>,
+        host: Option<&'a str>,
     ) -> Self {
         // `started` is read only when the line is on (one level check per request).
         if ctx.started.is_none() {
@@ -117,10 +118,18 @@ impl<'a> AccessLine<'a> {
                 fast: None,
             };
         }
-        let fields = access_fields(&ctx.client, route, credential, &ctx.method, uri, origin);
+        let fields = access_fields(
+            &ctx.client,
+            route,
+            credential,
+            &ctx.method,
+            uri,
+            origin,
+            host,
+        );
         match access_log::installed().filter(|_| !tracing::enabled!(tracing::Level::DEBUG)) {
             Some(log) => Self {
-                fast: Some((log, fields.span(log.format()))),
+                fast: Some(log),
                 span: tracing::Span::none(),
                 fields: Some(fields),
             },
@@ -160,9 +169,9 @@ impl<'a> AccessLine<'a> {
             }),
             retried,
         };
-        match &self.fast {
-            Some((log, line_span)) => log.log(line_span, outcome),
-            None => self.span.in_scope(|| access_event(outcome)),
+        match (self.fast, &self.fields) {
+            (Some(log), Some(fields)) => log.log(fields, outcome),
+            _ => self.span.in_scope(|| access_event(outcome)),
         }
         response
     }
@@ -199,6 +208,7 @@ fn forward<'a>(
             credential.as_deref(),
             &target.uri,
             origin,
+            target.named_host(),
         );
         let exchange = Exchange {
             upstream: &ctx.state().upstream,
@@ -270,6 +280,7 @@ fn access_fields<'a>(
     method: &'a http::Method,
     uri: &'a http::Uri,
     origin: Option<&'a http::uri::Authority>,
+    host: Option<&'a str>,
 ) -> AccessFields<'a> {
     AccessFields {
         client: client.addr,
@@ -277,11 +288,15 @@ fn access_fields<'a>(
         route: route.map_or("-", |r| &*r.name),
         credential: credential.map_or("-", |c| &**c.name()),
         method: method.as_str(),
-        // The request path's one authority parser (the `http` crate's `host()` searches
-        // with `str` patterns, and this runs for every request at the default level).
-        host: origin
-            .or_else(|| uri.authority())
-            .map_or("-", |a| host_and_port(a.as_str()).0),
+        // As routing read it, when it did; else by the request path's one authority parser
+        // (the `http` crate's `host()` searches with `str` patterns).
+        host: host
+            .or_else(|| {
+                origin
+                    .or_else(|| uri.authority())
+                    .map(|a| host_and_port(a.as_str()).0)
+            })
+            .unwrap_or("-"),
         upstream: uri.authority().map_or("-", |a| a.as_str()),
     }
 }

@@ -21,10 +21,25 @@ pub struct Target {
     /// The scheme and authority the client addressed (forward and tunnel mode; `None` for
     /// mount requests), for the access log and redirect rewriting.
     pub client_origin: Option<(Scheme, http::uri::Authority)>,
+    /// How long the host is at the start of the authority the client named (`client_origin`'s,
+    /// or `uri`'s when the request goes where it named), as routing read it; `None` for mount
+    /// requests. The access line names that host without reading the authority again.
+    pub named_host_len: Option<usize>,
     /// Whether the request would carry its route's credential (or need its client
     /// certificate) over plain HTTP beyond this machine: read here, where the host is
     /// parsed anyway; admission refuses it (`cleartext_refused`).
     pub in_clear: bool,
+}
+
+impl Target {
+    /// The host the client named, as routing read it (`None` for mount requests).
+    pub fn named_host(&self) -> Option<&str> {
+        let authority = match &self.client_origin {
+            Some((_, authority)) => authority,
+            None => self.uri.authority()?,
+        };
+        authority.as_str().get(..self.named_host_len?)
+    }
 }
 
 /// Routes a request by its URI: absolute-form is a forward-proxy request, origin-form a
@@ -98,6 +113,7 @@ fn forward_target(
             route: None,
             uri: uri.clone(),
             client_origin: None,
+            named_host_len: Some(host.len()),
             in_clear: false,
         });
     };
@@ -129,6 +145,7 @@ fn forward_target(
         route: Some(route),
         uri: upstream_uri,
         client_origin,
+        named_host_len: Some(host.len()),
     })
 }
 
@@ -148,6 +165,7 @@ pub fn mount_target(snapshot: &Snapshot, method: &Method, uri: &Uri) -> Result<T
         route: Some(Arc::clone(route)),
         uri: target,
         client_origin: None,
+        named_host_len: None,
         in_clear: false,
     })
 }
