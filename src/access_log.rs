@@ -137,8 +137,7 @@ impl RequestFields<'_> {
 }
 
 /// Appends the whole line (with its newline) as `format` prints it at `now`. The fields are
-/// formatted straight into `out`, once (the JSON line names the span twice: copied within
-/// `out`).
+/// formatted straight into `out` (the JSON line names the span twice: formatted once, beside).
 pub fn line(
     format: LineFormat,
     now: SystemTime,
@@ -174,12 +173,18 @@ pub fn line(
             out.push_str(if outcome.retried { "true" } else { "false" });
             out.push_str(",\"target\":\"");
             out.push_str(TARGET);
-            out.push_str("\",\"span\":");
-            let span_start = out.len();
-            fields.json_span(out);
-            let span = span_start..out.len();
-            out.push_str(",\"spans\":[");
-            out.extend_from_within(span);
+            // Formatted once into the thread's scratch string, then appended twice.
+            thread_local! {
+                static SPAN: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+            }
+            SPAN.with_borrow_mut(|span| {
+                span.clear();
+                fields.json_span(span);
+                out.push_str("\",\"span\":");
+                out.push_str(span);
+                out.push_str(",\"spans\":[");
+                out.push_str(span);
+            });
             out.push_str("]}\n");
         }
     }
