@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -118,7 +118,11 @@ impl Drop for ConnectionGuard {
 /// been sent or dropped), and since when there has been none.
 pub struct Activity {
     in_flight: AtomicUsize,
-    pub(super) idle_since: Mutex<Instant>,
+    /// When the last request ended or tunnel bytes last moved, in nanoseconds after
+    /// `created`. An atomic, not a lock: it is written at the end of every request. Signed,
+    /// so that a test can move it before `created`.
+    pub(super) idle_since: AtomicI64,
+    created: Instant,
     pub(super) evict: Notify,
 }
 
@@ -127,7 +131,8 @@ impl Activity {
     pub fn new() -> Self {
         Self {
             in_flight: AtomicUsize::new(0),
-            idle_since: Mutex::new(Instant::now()),
+            idle_since: AtomicI64::new(0),
+            created: Instant::now(),
             evict: Notify::new(),
         }
     }
@@ -145,10 +150,7 @@ impl Activity {
 
     /// Bytes moved on a tunnel or upgraded connection: it is not idle now.
     pub fn touch(&self) {
-        *self
-            .idle_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        self.idle_since.store(self.now(), Ordering::Release);
     }
 
     /// Resolves when the listener picks this connection to make room (it was the idlest).
@@ -162,10 +164,15 @@ impl Activity {
         if self.busy() {
             return Duration::ZERO;
         }
-        self.idle_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .elapsed()
+        let idle = self
+            .now()
+            .saturating_sub(self.idle_since.load(Ordering::Acquire));
+        Duration::from_nanos(u64::try_from(idle).unwrap_or(0))
+    }
+
+    /// Nanoseconds since `created`.
+    fn now(&self) -> i64 {
+        i64::try_from(self.created.elapsed().as_nanos()).unwrap_or(i64::MAX)
     }
 }
 
@@ -192,14 +199,11 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut idle_since = self
-            .0
-            .idle_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *idle_since = Instant::now();
-        }
+        // Written before the count drops: whoever sees no request in flight sees this time.
+        // Written at the end of each request, also while others are in flight (HTTP/2):
+        // `idle_for` reads it only when none is.
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

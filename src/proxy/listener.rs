@@ -327,7 +327,8 @@ mod tests {
             "a connection with a request in flight stays"
         );
         let (_old_guard, old) = tracker.track();
-        *old.idle_since.lock().unwrap() -= Duration::from_secs(5);
+        old.idle_since
+            .fetch_sub(5_000_000_000, std::sync::atomic::Ordering::AcqRel);
         let (_new_guard, new) = tracker.track();
         assert_eq!(tracker.open(), 3);
         assert!(tracker.evict_idle());
