@@ -3,7 +3,7 @@
 //! same order with one context — admission (`admission.rs`), then a CONNECT is opened
 //! (`connect.rs`) and anything else is sent with its credential and replayed when the token
 //! is refused (`exchange.rs`), its answer mapped for the client (redirects, protocol switch,
-//! body idle limit), then counted and written to the access log. A rule changed in one step
+//! its body's idle limit kept from the upstream client), then counted and written to the access log. A rule changed in one step
 //! changes for every way in.
 
 use std::future::Future;
@@ -23,7 +23,6 @@ use super::{connect, headers, location, upgrade};
 use crate::access::Client;
 use crate::access_log::{self, Outcome, RequestFields as AccessFields};
 use crate::upstream::authority::host_and_port;
-use crate::upstream::idle::{IdleTimeout, Side};
 use crate::upstream::ProxyBody;
 
 /// Answers one request that arrived on `conn`. Every answer — forwarded, refused, a tunnel
@@ -245,8 +244,7 @@ fn forward<'a>(
                 if let Some(rewrite) = location::Rewrite::for_target(target) {
                     rewrite.apply(response.headers_mut());
                 }
-                let idle = snapshot.config.timeouts.upstream_body_idle;
-                let response = response.map(|body| IdleTimeout::wrap(body, Side::Upstream, idle));
+                // The body keeps `timeouts.upstream_body_idle` from the upstream client.
                 (response, forwarded.retried)
             }
             Err(ProxyError::Upstream(detail)) if route.is_none() => {

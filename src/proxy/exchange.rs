@@ -14,12 +14,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::future::Either;
-use futures_util::{FutureExt, TryFutureExt};
+use futures_util::FutureExt;
 use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::replay::{self, PreparedBody};
@@ -31,7 +30,7 @@ use crate::credentials::RequestSigner;
 use crate::metrics::RetryOutcome;
 use crate::routes::Route;
 use crate::token_store::{CredentialSlot, IssuedToken};
-use crate::upstream::{BoxError, Deadline, PinnedAddrs, ProxyBody, UpstreamClient};
+use crate::upstream::{Deadline, PinnedAddrs, ProxyBody, UpstreamClient};
 use crate::vocab::redact::Redactor;
 
 /// What happened to a forwarded request, for the access log.
@@ -198,22 +197,21 @@ impl Exchange<'_> {
         request: Request<ProxyBody>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 's {
         let started = Instant::now();
-        let deadline = Deadline::after(self.config.timeouts.upstream, started);
+        let timeouts = &self.config.timeouts;
+        let deadline = Deadline::after(timeouts.upstream, timeouts.upstream_body_idle, started);
         let identity = route.and_then(|r| r.config.tls_client_cert.as_ref());
         let response = match self.leg {
             Leg::Request => {
                 Either::Left(self.upstream.send(request, self.pinned, identity, deadline))
             }
-            // The body type changes, the extensions (hyper's upgrade handle) stay. Boxed,
-            // like the signed path: handshakes are rare next to requests, and their
+            // Boxed, like the signed path: handshakes are rare next to requests, and their
             // connect-and-handshake future would grow (and be moved with) every request's.
-            Leg::Upgrade => Either::Right(
-                Box::pin(
-                    self.upstream
-                        .send_upgrade(request, self.pinned, identity, deadline),
-                )
-                .map_ok(|response| response.map(|body| body.map_err(BoxError::from).boxed())),
-            ),
+            Leg::Upgrade => Either::Right(Box::pin(self.upstream.send_upgrade(
+                request,
+                self.pinned,
+                identity,
+                deadline,
+            ))),
         };
         response.map(move |response| {
             let response = response?;

@@ -25,6 +25,7 @@ use tokio_rustls::client::TlsStream;
 use super::body::{BoxError, ProxyBody};
 use super::deadline::Deadline;
 use super::error::UpstreamError;
+use super::idle::{IdleTimeout, Side};
 use super::pool::{Outcome, Pool};
 use super::tls::{send_on_new_http2, Tls};
 use super::upgrade::UpgradeConnector;
@@ -85,9 +86,12 @@ impl TlsLegs {
                     // Boxed: the HTTP/2 leg's future would otherwise be part of (and moved with)
                     // every HTTP/1.1 request's.
                     Outcome::SpeaksHttp2(request, new) => {
-                        deadline
+                        let response = deadline
                             .bound(Box::pin(self.send_http2(request, new)))
-                            .await
+                            .await?;
+                        Ok(response.map(|body| {
+                            IdleTimeout::wrap(body, Side::Upstream, deadline.body_idle)
+                        }))
                     }
                 }
             })

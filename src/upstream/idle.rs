@@ -4,6 +4,10 @@
 //!
 //! The clock runs only while the body is being waited for: a reader that is itself slow
 //! (back-pressure from the other side) does not count against the sender.
+//!
+//! A response from a pooled HTTP/1.1 connection keeps this limit itself, on the connection's
+//! timer (`pool.rs`); the other legs (HTTP/2, a connection of the request's own) are wrapped
+//! here.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,6 +19,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use super::body::{BoxError, ProxyBody};
+use super::deadline::instant_after;
 use super::error::{describe, find, ClientBodyError, UpstreamError};
 
 /// Which side stopped sending; decides the answer (408 for the client, a cut connection for
@@ -96,7 +101,7 @@ impl Body for IdleTimeout {
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                 if !this.waiting {
                     this.waiting = true;
-                    deadline.as_mut().reset(Instant::now() + idle);
+                    deadline.as_mut().reset(instant_after(Instant::now(), idle));
                 }
                 this.poll_deadline(cx)
             }
@@ -124,17 +129,27 @@ impl IdleTimeout {
         match deadline.as_mut().poll(cx) {
             Poll::Ready(()) => {
                 self.failed = true;
-                if self.stalled.side == Side::Upstream {
-                    tracing::warn!(idle = ?self.stalled.idle, "the upstream stopped sending its response body; closing the client connection");
-                }
-                Poll::Ready(Some(Err(Box::new(Stalled {
-                    side: self.stalled.side,
-                    idle: self.stalled.idle,
-                }))))
+                Poll::Ready(Some(Err(match self.stalled.side {
+                    Side::Upstream => upstream_stalled(self.stalled.idle),
+                    Side::Client => Box::new(Stalled {
+                        side: Side::Client,
+                        idle: self.stalled.idle,
+                    }),
+                })))
             }
             Poll::Pending => Poll::Pending,
         }
     }
+}
+
+/// The error an upstream response body ends with when it sent nothing for `idle`; says so
+/// in the log (the client only sees its connection cut).
+pub(crate) fn upstream_stalled(idle: Duration) -> BoxError {
+    tracing::warn!(idle = ?idle, "the upstream stopped sending its response body; closing the client connection");
+    Box::new(Stalled {
+        side: Side::Upstream,
+        idle,
+    })
 }
 
 /// The error for a failed exchange: a stalled client body is the client's fault (408),

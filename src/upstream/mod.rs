@@ -34,6 +34,7 @@ pub use self::deadline::Deadline;
 pub use self::error::{ClientBodyError, UpstreamError};
 
 use self::identity::{IdentityLegs, TlsLegs};
+use self::idle::{IdleTimeout, Side};
 pub use self::pinned::PinnedAddrs;
 use self::plain::{PlainPool, Tcp};
 use self::pool::Outcome;
@@ -105,17 +106,19 @@ impl UpstreamClient {
 
     /// Sends an upgrade handshake (WebSocket) on a connection of its own and waits for the
     /// response head until `deadline`; see [`upgrade`]. `identity`: the client certificate
-    /// an https upstream is shown.
+    /// an https upstream is shown. The answer keeps hyper's upgrade handle in its extensions;
+    /// its body (an upstream that refused the switch may send one) keeps the idle limit.
     pub async fn send_upgrade(
         &self,
         request: Request<ProxyBody>,
         pinned: Option<&PinnedAddrs>,
         identity: Option<&Arc<ClientCert>>,
         deadline: Deadline,
-    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
         refuse_cleartext_identity(&request, identity)?;
         let legs = self.tls_legs(identity);
-        legs.upgrades.send(request, pinned, deadline).await
+        let response = legs.upgrades.send(request, pinned, deadline).await?;
+        Ok(response.map(|body| upstream_body(body, deadline)))
     }
 
     /// The bytes held for replay by all requests together (`retry.max_buffered_total`). It
@@ -165,7 +168,7 @@ impl UpstreamClient {
             let own: Boxed<'a> = Box::pin(async move {
                 let legs = self.tls_legs(identity);
                 let response = legs.upgrades.send(request, pinned, deadline).await?;
-                Ok(response.map(|body| body.map_err(BoxError::from).boxed()))
+                Ok(response.map(|body| upstream_body(body, deadline)))
             });
             return Either::Right(Either::Right(own));
         }
@@ -197,6 +200,16 @@ impl UpstreamClient {
     pub fn idle_https_connections(&self) -> usize {
         self.tls.http1.idle_connections()
     }
+}
+
+/// A response body from a connection outside the pools, with the idle limit the pooled
+/// connections keep themselves.
+fn upstream_body(body: hyper::body::Incoming, deadline: Deadline) -> ProxyBody {
+    IdleTimeout::wrap(
+        body.map_err(BoxError::from).boxed(),
+        Side::Upstream,
+        deadline.body_idle,
+    )
 }
 
 /// A client certificate can only be presented in a TLS handshake: a request that should

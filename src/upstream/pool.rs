@@ -118,10 +118,11 @@ struct Conn<S: ByteStream> {
     sender: http1::SendRequest<ProxyBody>,
     /// `None` once the connection has ended.
     driver: Option<Driver<S>>,
-    /// When the answer's head of the exchange in progress must have arrived. One timer entry
-    /// for the connection's life, moved on for each request: moving a registered entry later
-    /// is an atomic update, where a timer per request was a locked insertion into the
-    /// timer wheel and a removal (~500 instructions a request).
+    /// The connection's one timer entry, for its life (a timer per request was a locked
+    /// insertion into the timer wheel and a removal, ~500 instructions a request). It is set
+    /// no later than the answer's head of the exchange in progress must have arrived, and
+    /// moved only when it fires before that or would fire too late: requests in a row have
+    /// ever later deadlines, and each move costs ~120 instructions ([`Conn::start`]).
     deadline: Pin<Box<Sleep>>,
     /// The `Host` every request on it is sent with: a connection goes to one origin, so it
     /// is made once, not per request.
@@ -155,7 +156,11 @@ impl<S: ByteStream> Conn<S> {
         request
             .headers_mut()
             .insert(header::HOST, self.host.clone());
-        self.deadline.as_mut().reset(deadline.at);
+        // Set for an earlier exchange, the timer fires early, and `poll_exchange` moves it on
+        // then; one that would fire late (a reload shortened the limit) is moved now.
+        if deadline.at < self.deadline.deadline() {
+            self.deadline.as_mut().reset(deadline.at);
+        }
         self.sender.try_send_request(request)
     }
 
@@ -171,9 +176,15 @@ impl<S: ByteStream> Conn<S> {
         if let Poll::Ready(sent) = response.poll(cx) {
             return Poll::Ready(Ok(sent));
         }
-        match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(deadline.passed())),
-            Poll::Pending => Poll::Pending,
+        loop {
+            match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) if tokio::time::Instant::now() >= deadline.at => {
+                    return Poll::Ready(Err(deadline.passed()));
+                }
+                // Set for an earlier exchange: moved on to this one's deadline.
+                Poll::Ready(()) => self.deadline.as_mut().reset(deadline.at),
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }
@@ -298,11 +309,12 @@ impl<T: Transport> Pool<T> {
                             PooledBody {
                                 body: Some(body),
                                 finished: false,
+                                waiting: false,
+                                idle: deadline.body_idle,
                                 conn: Some(conn),
                                 origin,
                                 pool,
                             }
-                            .map_err(BoxError::from)
                             .boxed()
                         })));
                     }
@@ -529,11 +541,19 @@ fn closed_before_answer(error: &hyper::Error) -> bool {
 }
 
 /// A response body from a pooled connection: reading it drives the connection, and the
-/// connection returns to the pool when the body was read to the end.
+/// connection returns to the pool when the body was read to the end. It fails with
+/// [`super::idle::Stalled`] when the upstream sends nothing for `idle` while it is waited
+/// for, timed by the connection's own timer (free once the head is in): no wrapper, box or
+/// timer entry per response.
 struct PooledBody<T: Transport> {
-    /// `None` only once dropped (handed to the task that finishes it).
+    /// `None` once dropped (handed to the task that finishes it) or stalled.
     body: Option<Incoming>,
     finished: bool,
+    /// Whether the body is being waited for: the idle clock runs.
+    waiting: bool,
+    /// `timeouts.upstream_body_idle`.
+    idle: Duration,
+    /// `None` once dropped or stalled (then closed).
     conn: Option<Conn<T::Stream>>,
     origin: Authority,
     pool: Weak<PoolInner<T>>,
@@ -541,12 +561,12 @@ struct PooledBody<T: Transport> {
 
 impl<T: Transport> Body for PooledBody<T> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if let Some(conn) = &mut this.conn {
             conn.drive(cx);
@@ -554,11 +574,16 @@ impl<T: Transport> Body for PooledBody<T> {
         let Some(body) = &mut this.body else {
             return Poll::Ready(None);
         };
-        let frame = Pin::new(body).poll_frame(cx);
-        if matches!(frame, Poll::Ready(None)) {
-            this.finished = true;
+        match Pin::new(body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.waiting = false;
+                if frame.is_none() {
+                    this.finished = true;
+                }
+                Poll::Ready(frame.map(|frame| frame.map_err(BoxError::from)))
+            }
+            Poll::Pending => this.poll_idle(cx),
         }
-        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -569,6 +594,29 @@ impl<T: Transport> Body for PooledBody<T> {
         self.body
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl<T: Transport> PooledBody<T> {
+    /// Pending while the upstream may still send, else the stall's error (the connection is
+    /// then closed: the rest of its answer may still come).
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(conn) = &mut self.conn else {
+            return Poll::Pending;
+        };
+        if !self.waiting {
+            self.waiting = true;
+            let due = super::deadline::instant_after(tokio::time::Instant::now(), self.idle);
+            conn.deadline.as_mut().reset(due);
+        }
+        match conn.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.body = None;
+                self.conn = None;
+                Poll::Ready(Some(Err(super::idle::upstream_stalled(self.idle))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -762,10 +810,15 @@ mod tests {
 
     /// A deadline no test here reaches.
     fn soon() -> Deadline {
-        Deadline::after(Duration::from_secs(30), std::time::Instant::now())
+        Deadline::after(
+            Duration::from_secs(30),
+            Duration::from_secs(30),
+            std::time::Instant::now(),
+        )
     }
 
-    /// An origin on 127.0.0.1 that answers `/hang` never and anything else `200 ok` at once,
+    /// An origin on 127.0.0.1 that answers `/hang` never, `/slow` `200 ok` after 300 ms and
+    /// anything else `200 ok` at once,
     /// on keep-alive connections; counts the connections it accepted.
     async fn origin_that_hangs_on_request() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -777,8 +830,10 @@ mod tests {
                 counter.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                        if req.uri().path() == "/hang" {
-                            std::future::pending::<()>().await;
+                        match req.uri().path() {
+                            "/hang" => std::future::pending::<()>().await,
+                            "/slow" => tokio::time::sleep(Duration::from_millis(300)).await,
+                            _ => {}
                         }
                         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
                             "ok",
@@ -803,7 +858,13 @@ mod tests {
         let hang = Request::get(format!("http://{addr}/hang"))
             .body(Empty::new().map_err(|never| match never {}).boxed())
             .unwrap();
-        let short = || Deadline::after(Duration::from_millis(150), std::time::Instant::now());
+        let short = || {
+            Deadline::after(
+                Duration::from_millis(150),
+                Duration::from_secs(30),
+                std::time::Instant::now(),
+            )
+        };
 
         // Answered well within its deadline; the connection goes back to the pool.
         get_within(&pool, addr, short()).await;
@@ -828,6 +889,59 @@ mod tests {
             accepted.load(Ordering::SeqCst),
             2,
             "the timed-out one was not reused"
+        );
+    }
+
+    /// The connection's timer is moved only when it must be: one set by an earlier request
+    /// with a short limit fires early and is moved on (the later request is answered, though
+    /// slower than that limit), and one set far ahead is pulled in for a shorter limit (a
+    /// reload that shortened `timeouts.upstream` applies at once).
+    #[tokio::test]
+    async fn the_connections_timer_is_moved_when_it_would_fire_early_or_late() {
+        let (addr, accepted) = origin_that_hangs_on_request().await;
+        let pool = PlainPool::new(Tcp::new(Duration::from_secs(5)), Duration::from_secs(60));
+        let slow = Request::get(format!("http://{addr}/slow"))
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap();
+        let after = |ms| {
+            Deadline::after(
+                Duration::from_millis(ms),
+                Duration::from_secs(30),
+                std::time::Instant::now(),
+            )
+        };
+
+        // The timer is set 100 ms ahead; the next request may take 5 s, and its answer
+        // comes after 300 ms: the timer fired for the earlier deadline and was moved on.
+        get_within(&pool, addr, after(100)).await;
+        let response = pool.send(slow, None, after(5_000)).await;
+        let response = response.unwrap().answered();
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "ok"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, reused");
+
+        // Now set 60 s ahead; a request with a 150 ms limit that is never answered times
+        // out on its own limit.
+        get_within(&pool, addr, after(60_000)).await;
+        let hang = Request::get(format!("http://{addr}/hang"))
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap();
+        let started = std::time::Instant::now();
+        match pool.send(hang, None, after(150)).await {
+            Err(UpstreamError::Timeout(limit)) => assert_eq!(limit, Duration::from_millis(150)),
+            Err(other) => panic!("expected a timeout, got {other}"),
+            Ok(_) => panic!("expected a timeout, got an answer"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the shorter limit applied, not the timer's old setting"
+        );
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "still the one connection"
         );
     }
 

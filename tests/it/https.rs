@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use http::Version;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::tls::{https_origin, TestCa};
 use crate::support::{self, Proxy};
@@ -66,6 +66,47 @@ async fn https_upstream_trusted_by_ca_file_gets_h2_when_offered_else_h1() {
         assert_eq!(seen.version, expected, "ALPN {alpn:?}");
         assert_eq!(seen.target, "/v1/me?x=1");
         assert_eq!(seen.headers["authorization"], "Bearer s3cret-token");
+        proxy.stop().await;
+    }
+}
+
+/// An https upstream whose body stops mid-way is cut after `timeouts.upstream_body_idle`,
+/// on HTTP/2 (the multiplexing client's leg) and on a pooled HTTP/1.1 connection (which
+/// keeps the limit on its own timer) alike: the client gets the head and the first bytes,
+/// then its connection is closed rather than left waiting.
+#[tokio::test]
+async fn a_stalled_https_response_body_is_cut_after_the_idle_limit_on_h2_and_h1() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path(), "upstream-ca.pem");
+    for (alpn, expected) in [(H2_AND_H1, Version::HTTP_2), (H1_ONLY, Version::HTTP_11)] {
+        let origin = https_origin(&ca, &["api.test", "127.0.0.1"], alpn).await;
+        let top = format!(
+            "tls:\n  ca_file: {}\ntimeouts:\n  upstream_body_idle: 300ms",
+            ca_file.display()
+        );
+        let proxy = start(&routes(&top, &origin.url(), false)).await;
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        client
+            .write_all(b"GET http://api.test/stall-body HTTP/1.1\r\nHost: api.test\r\n\r\n")
+            .await
+            .unwrap();
+        // Read until the proxy closes the connection; the limit is 300 ms, the origin would
+        // stall forever, and this bound only keeps a regression from hanging the suite.
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            client.read_to_end(&mut answer),
+        )
+        .await;
+        assert!(read.is_ok(), "the connection was cut ({alpn:?})");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.contains("partial "),
+            "the first bytes arrived: {answer}"
+        );
+        assert_eq!(origin.last().version, expected, "ALPN {alpn:?}");
         proxy.stop().await;
     }
 }
@@ -515,6 +556,7 @@ async fn pinned_https_requests_connect_where_their_name_was_checked() {
             Some(&pinned),
             None,
             authrelay::upstream::Deadline::after(
+                std::time::Duration::from_secs(5),
                 std::time::Duration::from_secs(5),
                 std::time::Instant::now(),
             ),

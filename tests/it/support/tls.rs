@@ -241,6 +241,19 @@ async fn serve(mut config: rustls::ServerConfig, alpn: &[&str]) -> TlsOrigin {
                             Some(s) => format!("client {s}"),
                             None => "secure ok".to_string(),
                         };
+                        // A body that sends its first bytes and then nothing, never ending.
+                        let body = if parts.uri.path() == "/stall-body" {
+                            let first = futures_util::stream::iter([Ok::<_, Infallible>(
+                                hyper::body::Frame::data(Bytes::from("partial ")),
+                            )]);
+                            let stalled = futures_util::StreamExt::chain(
+                                first,
+                                futures_util::stream::pending(),
+                            );
+                            http_body_util::StreamBody::new(stalled).boxed()
+                        } else {
+                            Full::new(Bytes::from(answer)).boxed()
+                        };
                         record.lock().unwrap().push(TlsSeen {
                             version: parts.version,
                             target: parts
@@ -252,7 +265,7 @@ async fn serve(mut config: rustls::ServerConfig, alpn: &[&str]) -> TlsOrigin {
                             client_subject,
                             connection,
                         });
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer))))
+                        Ok::<_, Infallible>(Response::new(body))
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
