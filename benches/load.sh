@@ -372,9 +372,23 @@ for c in $CONNS; do
     if wanted authrelay-https; then taskset -c "$LOAD_CORE" wrk -t1 -c"$c" -d1s -s "$WORK/forward-https.lua" "http://127.0.0.1:$AR_PORT/" >/dev/null; fi
     if wanted nginx-https; then taskset -c "$LOAD_CORE" wrk -t1 -c"$c" -d1s -s "$WORK/forward-https.lua" "http://127.0.0.1:$NGX_HTTPS_PORT/" >/dev/null; fi
 done
+# Each round of runs starts with empty access logs: a file grown by the earlier runs (hundreds
+# of MB) made every later run's writes dearer, so the later runs measured the file, not the
+# proxy (2026-12-05, run 10: authrelay-log 46.7k, 42.9k, 38.3k req/s in its three runs at 256
+# connections, nginx-log 52.5k, 49.3k, 47.7k). Both logs are opened for appending, so they
+# can be emptied under the running proxies; their lines are counted first.
+AR_LOG_LINES=0
+NGX_LOG_LINES=0
+empty_access_logs() {
+    AR_LOG_LINES=$(( AR_LOG_LINES + $(grep -c ' request status=' "$WORK/authrelay-access.log" || true) ))
+    NGX_LOG_LINES=$(( NGX_LOG_LINES + $(wc -l <"$WORK/nginx/access.log" 2>/dev/null || echo 0) ))
+    : >"$WORK/authrelay-access.log"
+    if [ -f "$WORK/nginx/access.log" ]; then : >"$WORK/nginx/access.log"; fi
+}
 log "load: ${RUNS} x ${DURATION}s per target and connection count"
 for c in $CONNS; do
     for run in $(seq "$RUNS"); do
+        empty_access_logs
         if wanted direct; then run_once direct "$c" "$run" "http://127.0.0.1:$UP_PORT$PATH_QS" "" "Authorization: $TOKEN"; fi
         if wanted authrelay; then run_once authrelay "$c" "$run" "http://127.0.0.1:$AR_PORT/" "$WORK/forward.lua" "" "$AR_PID"; fi
         if wanted authrelay-before; then run_once authrelay-before "$c" "$run" "http://127.0.0.1:$AR_BEFORE_PORT/" "$WORK/forward.lua" "" "$AR_BEFORE_PID"; fi
@@ -390,8 +404,7 @@ for c in $CONNS; do
         if wanted nginx-tls; then run_tls_once nginx-tls "$c" "$run" "$NGX_TLS_PORT" "$NGX_WORKER"; fi
     done
 done
-AR_LOG_LINES=$(grep -c ' request status=' "$WORK/authrelay-access.log" || true)
-NGX_LOG_LINES=$(wc -l <"$WORK/nginx/access.log" 2>/dev/null || echo 0)
+empty_access_logs
 # Each run's CPU per request, kept for the ratios taken run by run (below).
 declare -A CPU_RUNS
 for key in "${!CPU[@]}"; do CPU_RUNS[$key]=${CPU[$key]}; done
