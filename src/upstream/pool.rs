@@ -119,10 +119,9 @@ struct Conn<S: ByteStream> {
     /// `None` once the connection has ended.
     driver: Option<Driver<S>>,
     /// The connection's one timer entry, for its life (a timer per request was a locked
-    /// insertion into the timer wheel and a removal, ~500 instructions a request). It is set
-    /// no later than the answer's head of the exchange in progress must have arrived, and
-    /// moved only when it fires before that or would fire too late: requests in a row have
-    /// ever later deadlines, and each move costs ~120 instructions ([`Conn::start`]).
+    /// insertion into the timer wheel and a removal, ~500 instructions a request): for the
+    /// answer's head of the exchange in progress, then for pauses in its body. See
+    /// [`Conn::poll_timer`].
     deadline: Pin<Box<Sleep>>,
     /// The `Host` every request on it is sent with: a connection goes to one origin, so it
     /// is made once, not per request.
@@ -146,22 +145,33 @@ impl<S: ByteStream> Conn<S> {
         self.drive(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
     }
 
-    /// Hands `request` to the connection, whose answer's head is due by `deadline`; the
-    /// returned future is polled with [`Conn::poll_exchange`].
+    /// Hands `request` to the connection; the returned future is polled with
+    /// [`Conn::poll_exchange`], which keeps the answer's deadline.
     fn start(
         &mut self,
         mut request: Request<ProxyBody>,
-        deadline: Deadline,
     ) -> impl Future<Output = Sent> + Send + 'static {
         request
             .headers_mut()
             .insert(header::HOST, self.host.clone());
-        // Set for an earlier exchange, the timer fires early, and `poll_exchange` moves it on
-        // then; one that would fire late (a reload shortened the limit) is moved now.
-        if deadline.at < self.deadline.deadline() {
-            self.deadline.as_mut().reset(deadline.at);
-        }
         self.sender.try_send_request(request)
+    }
+
+    /// Ready once `due` has passed. The timer is moved only when it would fire after `due`
+    /// (pulled in: a reload shortened a limit) or fires before it (moved on: it was set for
+    /// an earlier exchange or body): deadlines in a row are ever later, and each move costs
+    /// ~120 instructions, so most exchanges move it not at all.
+    fn poll_timer(&mut self, due: tokio::time::Instant, cx: &mut Context<'_>) -> Poll<()> {
+        if self.deadline.deadline() > due {
+            self.deadline.as_mut().reset(due);
+        }
+        loop {
+            match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) if tokio::time::Instant::now() >= due => return Poll::Ready(()),
+                Poll::Ready(()) => self.deadline.as_mut().reset(due),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 
     /// Polls an exchange begun with [`Conn::start`]: drives the connection, then the
@@ -176,15 +186,9 @@ impl<S: ByteStream> Conn<S> {
         if let Poll::Ready(sent) = response.poll(cx) {
             return Poll::Ready(Ok(sent));
         }
-        loop {
-            match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) if tokio::time::Instant::now() >= deadline.at => {
-                    return Poll::Ready(Err(deadline.passed()));
-                }
-                // Set for an earlier exchange: moved on to this one's deadline.
-                Poll::Ready(()) => self.deadline.as_mut().reset(deadline.at),
-                Poll::Pending => return Poll::Pending,
-            }
+        match self.poll_timer(deadline.at, cx) {
+            Poll::Ready(()) => Poll::Ready(Err(deadline.passed())),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -293,13 +297,13 @@ impl<T: Transport> Pool<T> {
                 // Started here, not inside the futures below: they would keep the request
                 // too, beside the hyper future that holds it.
                 let sent = if T::FINISH_ABANDONED {
-                    let response = Box::pin(conn.start(request, deadline));
+                    let response = Box::pin(conn.start(request));
                     let (back, sent) =
                         exchange_or_finish(conn, response, deadline, &origin, &self.inner).await?;
                     conn = back;
                     sent
                 } else {
-                    let mut response = pin!(conn.start(request, deadline));
+                    let mut response = pin!(conn.start(request));
                     poll_fn(|cx| conn.poll_exchange(response.as_mut(), deadline, cx)).await?
                 };
                 match sent {
@@ -309,7 +313,7 @@ impl<T: Transport> Pool<T> {
                             PooledBody {
                                 body: Some(body),
                                 finished: false,
-                                waiting: false,
+                                stalls_at: None,
                                 idle: deadline.body_idle,
                                 conn: Some(conn),
                                 origin,
@@ -549,8 +553,8 @@ struct PooledBody<T: Transport> {
     /// `None` once dropped (handed to the task that finishes it) or stalled.
     body: Option<Incoming>,
     finished: bool,
-    /// Whether the body is being waited for: the idle clock runs.
-    waiting: bool,
+    /// While the body is being waited for: when the wait fails.
+    stalls_at: Option<tokio::time::Instant>,
     /// `timeouts.upstream_body_idle`.
     idle: Duration,
     /// `None` once dropped or stalled (then closed).
@@ -576,7 +580,7 @@ impl<T: Transport> Body for PooledBody<T> {
         };
         match Pin::new(body).poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.waiting = false;
+                this.stalls_at = None;
                 if frame.is_none() {
                     this.finished = true;
                 }
@@ -604,12 +608,11 @@ impl<T: Transport> PooledBody<T> {
         let Some(conn) = &mut self.conn else {
             return Poll::Pending;
         };
-        if !self.waiting {
-            self.waiting = true;
-            let due = super::deadline::instant_after(tokio::time::Instant::now(), self.idle);
-            conn.deadline.as_mut().reset(due);
-        }
-        match conn.deadline.as_mut().poll(cx) {
+        let idle = self.idle;
+        let due = *self.stalls_at.get_or_insert_with(|| {
+            super::deadline::instant_after(tokio::time::Instant::now(), idle)
+        });
+        match conn.poll_timer(due, cx) {
             Poll::Ready(()) => {
                 self.body = None;
                 self.conn = None;
