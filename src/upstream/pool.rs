@@ -811,6 +811,13 @@ mod tests {
         addr
     }
 
+    /// `GET http://{addr}{path}` with no body.
+    fn get_request(addr: std::net::SocketAddr, path: &str) -> Request<ProxyBody> {
+        Request::get(format!("http://{addr}{path}"))
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap()
+    }
+
     /// A deadline no test here reaches.
     fn soon() -> Deadline {
         Deadline::after(
@@ -858,9 +865,7 @@ mod tests {
     async fn the_pooled_connections_deadline_is_per_request() {
         let (addr, accepted) = origin_that_hangs_on_request().await;
         let pool = PlainPool::new(Tcp::new(Duration::from_secs(5)), Duration::from_secs(60));
-        let hang = Request::get(format!("http://{addr}/hang"))
-            .body(Empty::new().map_err(|never| match never {}).boxed())
-            .unwrap();
+        let hang = get_request(addr, "/hang");
         let short = || {
             Deadline::after(
                 Duration::from_millis(150),
@@ -903,9 +908,7 @@ mod tests {
     async fn the_connections_timer_is_moved_when_it_would_fire_early_or_late() {
         let (addr, accepted) = origin_that_hangs_on_request().await;
         let pool = PlainPool::new(Tcp::new(Duration::from_secs(5)), Duration::from_secs(60));
-        let slow = Request::get(format!("http://{addr}/slow"))
-            .body(Empty::new().map_err(|never| match never {}).boxed())
-            .unwrap();
+        let slow = get_request(addr, "/slow");
         let after = |ms| {
             Deadline::after(
                 Duration::from_millis(ms),
@@ -928,9 +931,7 @@ mod tests {
         // Now set 60 s ahead; a request with a 150 ms limit that is never answered times
         // out on its own limit.
         get_within(&pool, addr, after(60_000)).await;
-        let hang = Request::get(format!("http://{addr}/hang"))
-            .body(Empty::new().map_err(|never| match never {}).boxed())
-            .unwrap();
+        let hang = get_request(addr, "/hang");
         let started = std::time::Instant::now();
         match pool.send(hang, None, after(150)).await {
             Err(UpstreamError::Timeout(limit)) => assert_eq!(limit, Duration::from_millis(150)),
@@ -954,9 +955,7 @@ mod tests {
 
     /// `GET /` on `pool`, answered `ok` by `deadline`.
     async fn get_within(pool: &PlainPool, addr: std::net::SocketAddr, deadline: Deadline) {
-        let request = Request::get(format!("http://{addr}/"))
-            .body(Empty::new().map_err(|never| match never {}).boxed())
-            .unwrap();
+        let request = get_request(addr, "/");
         let response = pool.send(request, None, deadline).await.unwrap().answered();
         assert_eq!(
             response.into_body().collect().await.unwrap().to_bytes(),
