@@ -2,9 +2,9 @@
 //! CONNECT tunnel, decrypted or plain, a WebSocket handshake), takes the same steps in the
 //! same order with one context — admission (`admission.rs`), then a CONNECT is opened
 //! (`connect.rs`) and anything else is sent with its credential and replayed when the token
-//! is refused (`exchange.rs`), its answer mapped for the client (redirects, protocol switch,
-//! its body's idle limit kept from the upstream client), then counted and written to the access log. A rule changed in one step
-//! changes for every way in.
+//! is refused (`exchange.rs`), its answer mapped for the client (redirects, protocol
+//! switch; the body's idle limit comes with it from the upstream client), then counted and
+//! written to the access log. A rule changed in one step changes for every way in.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -51,7 +51,8 @@ async fn tunnel(
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let (uri, authority) = (request.uri().clone(), plan.authority.clone());
-    let line = AccessLine::start(&ctx, None, None, &uri, Some(&authority), None);
+    let host = host_and_port(authority.as_str()).0;
+    let line = AccessLine::start(&ctx, None, None, &uri, Some(host));
     let response = match Box::pin(connect::open(&ctx, plan, request, handle)).await {
         Ok(response) => response,
         Err(e) => refusal(&ctx, e),
@@ -70,7 +71,7 @@ fn refused(ctx: &RequestContext, e: ProxyError, uri: &http::Uri) -> Response<Pro
             .find(|r| *r.name == *name)
             .map(|r| &**r)
     });
-    let line = AccessLine::start(ctx, route, None, uri, None, None);
+    let line = AccessLine::start(ctx, route, None, uri, None);
     let response = refusal(ctx, e);
     line.finish(ctx, route, response, false)
 }
@@ -106,7 +107,6 @@ impl<'a> AccessLine<'a> {
         route: Option<&'a crate::routes::Route>,
         credential: Option<&'a crate::token_store::CredentialSlot>,
         uri: &'a http::Uri,
-        origin: Option<&'a http::uri::Authority>,
         host: Option<&'a str>,
     ) -> Self {
         // `started` is read only when the line is on (one level check per request).
@@ -117,15 +117,7 @@ impl<'a> AccessLine<'a> {
                 fast: None,
             };
         }
-        let fields = access_fields(
-            &ctx.client,
-            route,
-            credential,
-            &ctx.method,
-            uri,
-            origin,
-            host,
-        );
+        let fields = access_fields(&ctx.client, route, credential, &ctx.method, uri, host);
         match access_log::installed().filter(|_| !tracing::enabled!(tracing::Level::DEBUG)) {
             Some(log) => Self {
                 fast: Some(log),
@@ -200,13 +192,11 @@ fn forward<'a>(
     async move {
         let snapshot = &ctx.snapshot;
         let route = target.route.as_ref();
-        let origin = target.client_origin.as_ref().map(|(_, a)| a);
         let line = AccessLine::start(
             ctx,
             route.map(|r| &**r),
             credential.as_deref(),
             &target.uri,
-            origin,
             target.named_host(),
         );
         let exchange = Exchange {
@@ -277,7 +267,6 @@ fn access_fields<'a>(
     credential: Option<&'a crate::token_store::CredentialSlot>,
     method: &'a http::Method,
     uri: &'a http::Uri,
-    origin: Option<&'a http::uri::Authority>,
     host: Option<&'a str>,
 ) -> AccessFields<'a> {
     AccessFields {
@@ -286,14 +275,11 @@ fn access_fields<'a>(
         route: route.map_or("-", |r| &*r.name),
         credential: credential.map_or("-", |c| &**c.name()),
         method: method.as_str(),
-        // As routing read it, when it did; else by the request path's one authority parser
-        // (the `http` crate's `host()` searches with `str` patterns).
+        // The host the client named, as routing (or the tunnel) read it; else the upstream's
+        // (mount requests, refusals), by the request path's one authority parser (the `http`
+        // crate's `host()` searches with `str` patterns).
         host: host
-            .or_else(|| {
-                origin
-                    .or_else(|| uri.authority())
-                    .map(|a| host_and_port(a.as_str()).0)
-            })
+            .or_else(|| uri.authority().map(|a| host_and_port(a.as_str()).0))
             .unwrap_or("-"),
         upstream: uri.authority().map_or("-", |a| a.as_str()),
     }
