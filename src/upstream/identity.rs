@@ -14,7 +14,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -22,10 +21,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use super::body::{BoxError, ProxyBody};
+use super::body::ProxyBody;
 use super::deadline::Deadline;
 use super::error::UpstreamError;
-use super::idle::{IdleTimeout, Side};
 use super::pool::{Outcome, Pool};
 use super::tls::{send_on_new_http2, Tls};
 use super::upgrade::UpgradeConnector;
@@ -89,9 +87,7 @@ impl TlsLegs {
                         let response = deadline
                             .bound(Box::pin(self.send_http2(request, new)))
                             .await?;
-                        Ok(response.map(|body| {
-                            IdleTimeout::wrap(body, Side::Upstream, deadline.body_idle)
-                        }))
+                        Ok(response.map(|body| super::idle::upstream_body(body, deadline)))
                     }
                 }
             })
@@ -103,8 +99,8 @@ impl TlsLegs {
         &self,
         request: Request<ProxyBody>,
         new: Option<Box<TlsStream<TcpStream>>>,
-    ) -> Result<Response<ProxyBody>, UpstreamError> {
-        let response = match new {
+    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
+        Ok(match new {
             Some(new) => send_on_new_http2(new, request)
                 .await
                 .map_err(|e| super::idle::exchange_error(&e))?,
@@ -113,8 +109,7 @@ impl TlsLegs {
                 .request(request)
                 .await
                 .map_err(|e| super::idle::exchange_error(&e))?,
-        };
-        Ok(response.map(|body| body.map_err(BoxError::from).boxed()))
+        })
     }
 }
 

@@ -16,10 +16,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use tokio::time::{Instant, Sleep};
 
 use super::body::{BoxError, ProxyBody};
-use super::deadline::instant_after;
+use super::deadline::{instant_after, Deadline};
 use super::error::{describe, find, ClientBodyError, UpstreamError};
 
 /// Which side stopped sending; decides the answer (408 for the client, a cut connection for
@@ -62,7 +63,6 @@ pub struct IdleTimeout {
 impl IdleTimeout {
     /// Wraps `inner`; boxed, as every body the proxy sends.
     pub fn wrap(inner: ProxyBody, side: Side, idle: Duration) -> ProxyBody {
-        use http_body_util::BodyExt;
         if inner.is_end_stream() {
             return inner;
         }
@@ -150,6 +150,17 @@ pub(crate) fn upstream_stalled(idle: Duration) -> BoxError {
         side: Side::Upstream,
         idle,
     })
+}
+
+/// A response body from a connection outside the HTTP/1.1 pools (HTTP/2, upgrades, a
+/// pinned request's own connection), with the idle limit the pooled connections keep
+/// themselves: the one place those legs get it.
+pub(crate) fn upstream_body(body: hyper::body::Incoming, deadline: Deadline) -> ProxyBody {
+    IdleTimeout::wrap(
+        body.map_err(BoxError::from).boxed(),
+        Side::Upstream,
+        deadline.body_idle,
+    )
 }
 
 /// The error for a failed exchange: a stalled client body is the client's fault (408),

@@ -25,7 +25,6 @@ use futures_util::future::Either;
 use futures_util::FutureExt;
 use http::uri::Scheme;
 use http::{Request, Response};
-use http_body_util::BodyExt;
 
 pub use self::body::{BoxError, ProxyBody};
 use self::budget::ReplayBudget;
@@ -34,7 +33,7 @@ pub use self::deadline::Deadline;
 pub use self::error::{ClientBodyError, UpstreamError};
 
 use self::identity::{IdentityLegs, TlsLegs};
-use self::idle::{IdleTimeout, Side};
+use self::idle::upstream_body;
 pub use self::pinned::PinnedAddrs;
 use self::plain::{PlainPool, Tcp};
 use self::pool::Outcome;
@@ -200,16 +199,6 @@ impl UpstreamClient {
     pub fn idle_https_connections(&self) -> usize {
         self.tls.http1.idle_connections()
     }
-}
-
-/// A response body from a connection outside the pools, with the idle limit the pooled
-/// connections keep themselves.
-fn upstream_body(body: hyper::body::Incoming, deadline: Deadline) -> ProxyBody {
-    IdleTimeout::wrap(
-        body.map_err(BoxError::from).boxed(),
-        Side::Upstream,
-        deadline.body_idle,
-    )
 }
 
 /// A client certificate can only be presented in a TLS handshake: a request that should
