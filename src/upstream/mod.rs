@@ -6,6 +6,7 @@
 pub mod authority;
 pub mod body;
 pub mod budget;
+mod conn_waker;
 mod deadline;
 pub mod error;
 mod identity;

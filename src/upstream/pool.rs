@@ -10,6 +10,8 @@
 //! one task from the client's bytes to the upstream's and back. A connection goes back to
 //! the pool only once its response has been read to the end and it is ready for another
 //! request; one that closed while idle is noticed (and dropped) when it is next taken out.
+//! The request polls the connection with a waker of the connection's own (`conn_waker.rs`),
+//! so that what the request's own steps wake inside hyper does not schedule its task again.
 //! When the client goes away mid-exchange, a TLS connection is kept if the rest of the
 //! answer comes soon and is small (it is read by a task of its own; a new connection would
 //! cost a handshake); a plain one is closed.
@@ -40,6 +42,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
 use super::body::{BoxError, ProxyBody};
+use super::conn_waker::ConnWaker;
 use super::deadline::Deadline;
 use super::error::{describe, UpstreamError};
 use super::pinned::PinnedAddrs;
@@ -121,22 +124,19 @@ struct Conn<S: ByteStream> {
     /// The connection's one timer entry, for its life (a timer per request was a locked
     /// insertion into the timer wheel and a removal, ~500 instructions a request): for the
     /// answer's head of the exchange in progress, then for pauses in its body. See
-    /// [`Conn::poll_timer`].
+    /// [`poll_timer`].
     deadline: Pin<Box<Sleep>>,
     /// The `Host` every request on it is sent with: a connection goes to one origin, so it
     /// is made once, not per request.
     host: HeaderValue,
+    /// What the request using it polls it with (`conn_waker.rs`).
+    waker: ConnWaker,
 }
 
 impl<S: ByteStream> Conn<S> {
     /// Moves the connection's I/O forward; false once it has ended.
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(driver) = &mut self.driver {
-            if driver.as_mut().poll(cx).is_ready() {
-                self.driver = None;
-            }
-        }
-        self.driver.is_some()
+        drive(&mut self.driver, cx)
     }
 
     /// Whether it can take another request now. Polls the I/O once, so that a close by the
@@ -157,38 +157,58 @@ impl<S: ByteStream> Conn<S> {
         self.sender.try_send_request(request)
     }
 
-    /// Ready once `due` has passed. The timer is moved only when it would fire after `due`
-    /// (pulled in: a reload shortened a limit) or fires before it (moved on: it was set for
-    /// an earlier exchange or body): deadlines in a row are ever later, and each move costs
-    /// ~120 instructions, so most exchanges move it not at all.
-    fn poll_timer(&mut self, due: tokio::time::Instant, cx: &mut Context<'_>) -> Poll<()> {
-        if self.deadline.deadline() > due {
-            self.deadline.as_mut().reset(due);
-        }
-        loop {
-            match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) if tokio::time::Instant::now() >= due => return Poll::Ready(()),
-                Poll::Ready(()) => self.deadline.as_mut().reset(due),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-
     /// Polls an exchange begun with [`Conn::start`]: drives the connection, then the
-    /// response future, then the deadline.
+    /// response future, then the deadline, all with the connection's own waker (a wake the
+    /// poll causes itself is answered in it, not by polling the task again).
     fn poll_exchange(
         &mut self,
-        response: Pin<&mut (impl Future<Output = Sent> + ?Sized)>,
+        mut response: Pin<&mut (impl Future<Output = Sent> + ?Sized)>,
         deadline: Deadline,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Sent, UpstreamError>> {
-        self.drive(cx);
-        if let Poll::Ready(sent) = response.poll(cx) {
-            return Poll::Ready(Ok(sent));
+        let Self {
+            driver,
+            deadline: timer,
+            waker,
+            ..
+        } = self;
+        waker.poll(cx, |own| {
+            drive(driver, own);
+            if let Poll::Ready(sent) = response.as_mut().poll(own) {
+                return Poll::Ready(Ok(sent));
+            }
+            poll_timer(timer, deadline.at, own).map(|()| Err(deadline.passed()))
+        })
+    }
+}
+
+/// Moves a connection's I/O forward; false once it has ended (`driver` is then `None`).
+fn drive<S: ByteStream>(driver: &mut Option<Driver<S>>, cx: &mut Context<'_>) -> bool {
+    if let Some(running) = driver {
+        if running.as_mut().poll(cx).is_ready() {
+            *driver = None;
         }
-        match self.poll_timer(deadline.at, cx) {
-            Poll::Ready(()) => Poll::Ready(Err(deadline.passed())),
-            Poll::Pending => Poll::Pending,
+    }
+    driver.is_some()
+}
+
+/// Ready once `due` has passed. The timer is moved only when it would fire after `due`
+/// (pulled in: a reload shortened a limit) or fires before it (moved on: it was set for
+/// an earlier exchange or body): deadlines in a row are ever later, and each move costs
+/// ~120 instructions, so most exchanges move it not at all.
+fn poll_timer(
+    timer: &mut Pin<Box<Sleep>>,
+    due: tokio::time::Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    if timer.deadline() > due {
+        timer.as_mut().reset(due);
+    }
+    loop {
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) if tokio::time::Instant::now() >= due => return Poll::Ready(()),
+            Poll::Ready(()) => timer.as_mut().reset(due),
+            Poll::Pending => return Poll::Pending,
         }
     }
 }
@@ -376,6 +396,7 @@ impl<T: Transport> PoolInner<T> {
     }
 
     fn checkin(self: &Arc<Self>, origin: &Authority, conn: Conn<T::Stream>) {
+        conn.waker.forget_task();
         let mut idle = self.lock();
         let entry = IdleConn {
             conn,
@@ -444,6 +465,7 @@ impl<T: Transport> PoolInner<T> {
             driver: Some(Box::pin(driver)),
             deadline: Box::pin(tokio::time::sleep_until(deadline.at)),
             host,
+            waker: ConnWaker::new(),
         }))
     }
 }
@@ -572,21 +594,44 @@ impl<T: Transport> Body for PooledBody<T> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(conn) = &mut this.conn {
-            conn.drive(cx);
-        }
-        let Some(body) = &mut this.body else {
+        let (Some(conn), Some(body)) = (&mut this.conn, &mut this.body) else {
             return Poll::Ready(None);
         };
-        match Pin::new(body).poll_frame(cx) {
-            Poll::Ready(frame) => {
+        let Conn {
+            driver,
+            deadline: timer,
+            waker,
+            ..
+        } = conn;
+        let (stalls_at, idle) = (&mut this.stalls_at, this.idle);
+        let polled = waker.poll(cx, |own| {
+            drive(driver, own);
+            match Pin::new(&mut *body).poll_frame(own) {
+                Poll::Ready(frame) => Poll::Ready(Some(frame)),
+                // Pending while the upstream may still send; past `idle` without a byte, the
+                // connection is closed (the rest of its answer may still come).
+                Poll::Pending => {
+                    let due = *stalls_at.get_or_insert_with(|| {
+                        super::deadline::instant_after(tokio::time::Instant::now(), idle)
+                    });
+                    poll_timer(timer, due, own).map(|()| None)
+                }
+            }
+        });
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(frame)) => {
                 this.stalls_at = None;
                 if frame.is_none() {
                     this.finished = true;
                 }
                 Poll::Ready(frame.map(|frame| frame.map_err(BoxError::from)))
             }
-            Poll::Pending => this.poll_idle(cx),
+            Poll::Ready(None) => {
+                this.body = None;
+                this.conn = None;
+                Poll::Ready(Some(Err(super::idle::upstream_stalled(this.idle))))
+            }
         }
     }
 
@@ -598,28 +643,6 @@ impl<T: Transport> Body for PooledBody<T> {
         self.body
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
-    }
-}
-
-impl<T: Transport> PooledBody<T> {
-    /// Pending while the upstream may still send, else the stall's error (the connection is
-    /// then closed: the rest of its answer may still come).
-    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let Some(conn) = &mut self.conn else {
-            return Poll::Pending;
-        };
-        let idle = self.idle;
-        let due = *self.stalls_at.get_or_insert_with(|| {
-            super::deadline::instant_after(tokio::time::Instant::now(), idle)
-        });
-        match conn.poll_timer(due, cx) {
-            Poll::Ready(()) => {
-                self.body = None;
-                self.conn = None;
-                Poll::Ready(Some(Err(super::idle::upstream_stalled(self.idle))))
-            }
-            Poll::Pending => Poll::Pending,
-        }
     }
 }
 

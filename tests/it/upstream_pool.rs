@@ -230,26 +230,42 @@ where
         if response.is_empty() {
             return;
         }
-        // A test may ask for a pause after the head and the first KiB of the body.
+        // A test may ask for a pause after the head and the first KiB of the body, and
+        // after each KiB up to `x-body-pieces` pieces (two when not said).
         let pause = head
             .lines()
             .find_map(|l| l.strip_prefix("x-body-pause-ms: "))
             .and_then(|ms| ms.trim().parse().ok())
             .map(Duration::from_millis);
-        let split = match pause {
-            Some(_) => response
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
-                .map_or(response.len(), |i| (i + 4 + 1024).min(response.len())),
-            None => response.len(),
-        };
-        if stream.write_all(&response[..split]).await.is_err() || stream.flush().await.is_err() {
-            return;
-        }
-        if let Some(pause) = pause {
-            tokio::time::sleep(pause).await;
-            if stream.write_all(&response[split..]).await.is_err() {
+        let pieces: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-body-pieces: "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(2);
+        let mut written = 0;
+        for piece in 1..=pieces {
+            let end = match pause {
+                Some(_) if piece < pieces => response
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map_or(response.len(), |i| {
+                        (i + 4 + 1024 * piece).min(response.len())
+                    }),
+                _ => response.len(),
+            };
+            if written > 0 {
+                if let Some(pause) = pause {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            if stream.write_all(&response[written..end]).await.is_err()
+                || stream.flush().await.is_err()
+            {
                 return;
+            }
+            written = end;
+            if written == response.len() {
+                break;
             }
         }
         match after {
@@ -353,6 +369,72 @@ async fn one_upstream_connection_serves_every_kind_of_body_in_turn() {
     );
     assert_eq!(proxy.state().upstream.idle_plain_connections(), 1);
     proxy.stop().await;
+}
+
+/// The pooled connection is polled with a waker of its own (`upstream/conn_waker.rs`): a
+/// wake it gets while the request polls it is answered in that poll, any other wakes the
+/// request's task. An answer whose head and body pieces each come after a pause needs every
+/// one of those outside wakes: one lost, and the request hangs.
+#[tokio::test]
+async fn an_answer_that_arrives_in_pieces_is_read_whole_and_its_connection_kept() {
+    let body: String = (0..5 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes();
+    for leg in [Leg::Clear, Leg::Tls] {
+        let answer = answer.clone();
+        let (upstream, proxy) =
+            upstream_and_proxy(leg, "", move |_, _| (answer.clone(), After::KeepAlive)).await;
+        let client = proxy.client();
+        let url = format!("http://{}/pieces", upstream.addr);
+        let fetch = |client: reqwest::Client, url: String| async move {
+            let res = client
+                .get(url)
+                .header("x-answer-after-ms", "20")
+                .header("x-body-pause-ms", "20")
+                .header("x-body-pieces", "5")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            res.text().await.unwrap()
+        };
+        for round in 0..3 {
+            let read =
+                tokio::time::timeout(Duration::from_secs(20), fetch(client.clone(), url.clone()))
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("{leg:?} round {round}: the answer never completed")
+                    });
+            assert_eq!(read, body, "{leg:?} round {round}");
+        }
+        // Four at once, on one runtime thread of the proxy's: each wake must reach its own
+        // request.
+        let together = (0..4).map(|_| tokio::spawn(fetch(client.clone(), url.clone())));
+        let read = tokio::time::timeout(
+            Duration::from_secs(20),
+            futures_util::future::join_all(together),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{leg:?}: concurrent answers never completed"));
+        for text in read {
+            assert_eq!(text.unwrap(), body, "{leg:?}");
+        }
+        assert!(
+            upstream.accepted() <= 4,
+            "{leg:?}: {} connections for at most 4 at once",
+            upstream.accepted()
+        );
+        assert!(
+            idle_connections(&proxy, leg) >= 1,
+            "{leg:?}: kept for reuse"
+        );
+        proxy.stop().await;
+    }
 }
 
 #[tokio::test]
