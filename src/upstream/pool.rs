@@ -605,6 +605,12 @@ impl<T: Transport> Body for PooledBody<T> {
         } = conn;
         let (stalls_at, idle) = (&mut this.stalls_at, this.idle);
         let polled = waker.poll(cx, |own| {
+            // A frame an earlier poll of the connection read is taken without polling it
+            // again: it stops reading while the body holds a frame, so that poll would find
+            // nothing to do. One fewer poll of the connection a response.
+            if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(own) {
+                return Poll::Ready(Some(frame));
+            }
             drive(driver, own);
             match Pin::new(&mut *body).poll_frame(own) {
                 Poll::Ready(frame) => Poll::Ready(Some(frame)),
