@@ -141,6 +141,18 @@ mod tests {
         assert_eq!(count.0.load(Ordering::SeqCst), 0);
     }
 
+    /// A pending poll on `task`'s behalf that keeps the waker the connection was polled
+    /// with, as a socket registration would.
+    fn pending_poll_keeping_the_waker(conn: &ConnWaker, task: &Waker) -> Waker {
+        let mut kept = None;
+        let polled: Poll<()> = conn.poll(&Context::from_waker(task), |own| {
+            kept = Some(own.waker().clone());
+            Poll::Pending
+        });
+        assert!(polled.is_pending());
+        kept.unwrap_or_else(|| Waker::noop().clone())
+    }
+
     #[test]
     fn a_wake_with_a_ready_result_is_dropped() {
         let (count, task) = task();
@@ -157,14 +169,8 @@ mod tests {
     fn a_wake_after_the_poll_wakes_the_task_once() {
         let (count, task) = task();
         let conn = ConnWaker::new();
-        let mut kept = None;
-        let polled: Poll<()> = conn.poll(&Context::from_waker(&task), |own| {
-            kept = Some(own.waker().clone());
-            Poll::Pending
-        });
-        assert!(polled.is_pending());
+        let kept = pending_poll_keeping_the_waker(&conn, &task);
         assert_eq!(count.0.load(Ordering::SeqCst), 0);
-        let kept = kept.unwrap_or_else(|| Waker::noop().clone());
         kept.wake_by_ref();
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
         // The task's waker was handed over; a second wake before the next poll is the same
@@ -192,15 +198,9 @@ mod tests {
     fn a_forgotten_task_is_not_woken() {
         let (count, task) = task();
         let conn = ConnWaker::new();
-        let mut kept = None;
-        let _: Poll<()> = conn.poll(&Context::from_waker(&task), |own| {
-            kept = Some(own.waker().clone());
-            Poll::Pending
-        });
+        let kept = pending_poll_keeping_the_waker(&conn, &task);
         conn.forget_task();
-        if let Some(kept) = kept {
-            kept.wake();
-        }
+        kept.wake();
         assert_eq!(count.0.load(Ordering::SeqCst), 0);
         assert_eq!(Arc::strong_count(&count), 2, "the task's waker was let go");
     }
