@@ -16,7 +16,7 @@
 #   4. runs wrk (and, for TLS from the client, examples/bench_tls_client) against each target
 #      at each connection count, RUNS times (interleaved), and prints the
 #      medians of req/s, p50 and p99, the proxy's CPU time per request (user + system, from
-#      /proc/PID/stat), the proxies' peak RSS and the ratios;
+#      /proc/PID/stat, and the user part alone), the proxies' peak RSS and the ratios;
 #   5. measures authrelay's (and nginx's) RSS idle and with IDLE_CONNS idle keep-alive clients;
 #   6. counts the user-space instructions each proxy executes per request under callgrind
 #      (valgrind, installed when missing; CALLGRIND=0 skips it): repeatable where timings are not.
@@ -318,19 +318,25 @@ median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 cpu_ticks() { # pid -> user + system clock ticks so far
     awk '{ print $14 + $15 }' "/proc/$1/stat"
 }
+user_ticks() { # pid -> user clock ticks so far: the proxy's own code, without the kernel's TCP work
+    awk '{ print $14 }' "/proc/$1/stat"
+}
+per_request() { # ticks wrk-output -> microseconds a request
+    awk -v t="$1" -v hz="$CLK_TCK" '/ requests in / { printf "%.2f", t / hz * 1e6 / $1 }' "$2"
+}
 CLK_TCK=$(getconf CLK_TCK)
 
 # Samples of each target/conns, space-separated; medians are taken at the end.
-declare -A RPS P50 P99 BAD CPU
+declare -A RPS P50 P99 BAD CPU USER
 run_once() { # name conns run url lua header [proxy-pid] [wrk-cores]
     local name=$1 conns=$2 run=$3 url=$4 lua=${5:-} header=${6:-} pid=${7:-} cores=${8:-$LOAD_CORE}
-    local key=$name/$conns out="$WORK/wrk-$name-$conns-$run.txt" ticks=0 rps p50 p99
-    [ -n "$pid" ] && ticks=$(cpu_ticks "$pid")
+    local key=$name/$conns out="$WORK/wrk-$name-$conns-$run.txt" ticks=0 uticks=0 rps p50 p99
+    [ -n "$pid" ] && ticks=$(cpu_ticks "$pid") && uticks=$(user_ticks "$pid")
     taskset -c "$cores" timeout $((DURATION + 30)) wrk -t1 -c"$conns" -d"${DURATION}s" \
         --timeout 5s --latency ${lua:+-s "$lua"} ${header:+-H "$header"} "$url" >"$out"
     if [ -n "$pid" ]; then # CPU time the proxy spent per request, in microseconds
-        CPU[$key]+=" $(awk -v t=$(( $(cpu_ticks "$pid") - ticks )) -v hz="$CLK_TCK" \
-            '/ requests in / { printf "%.2f", t / hz * 1e6 / $1 }' "$out")"
+        CPU[$key]+=" $(per_request $(( $(cpu_ticks "$pid") - ticks )) "$out")"
+        USER[$key]+=" $(per_request $(( $(user_ticks "$pid") - uticks )) "$out")"
     fi
     rps=$(awk '/^Requests\/sec/ { print $2 }' "$out")
     p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")
@@ -341,7 +347,7 @@ run_once() { # name conns run url lua header [proxy-pid] [wrk-cores]
 }
 run_tls_once() { # name conns run port proxy-pid [connect-authority]
     local name=$1 conns=$2 run=$3 port=$4 pid=$5 connect=${6:-}
-    local key=$name/$conns out="$WORK/wrk-$name-$conns-$run.txt" ready="$WORK/ready-$name-$conns-$run" ticks rps p50 p99
+    local key=$name/$conns out="$WORK/wrk-$name-$conns-$run.txt" ready="$WORK/ready-$name-$conns-$run" ticks uticks rps p50 p99
     taskset -c "$LOAD_CORE" timeout $((DURATION + 60)) "$TLS_CLIENT" --addr "127.0.0.1:$port" \
         ${connect:+--connect "$connect"} --host "$TLS_HOST" --ca "$WORK/ca/ca.pem" --path "$PATH_QS" \
         -c "$conns" -d "$DURATION" --ready "$ready" >"$out" &
@@ -349,9 +355,10 @@ run_tls_once() { # name conns run port proxy-pid [connect-authority]
     for _ in $(seq 600); do [ -s "$ready" ] && break; sleep 0.05; done
     # Counted from here: every connection is open and through CONNECT and TLS.
     ticks=$(cpu_ticks "$pid")
+    uticks=$(user_ticks "$pid")
     wait "$client"
-    CPU[$key]+=" $(awk -v t=$(( $(cpu_ticks "$pid") - ticks )) -v hz="$CLK_TCK" \
-        '/ requests in / { printf "%.2f", t / hz * 1e6 / $1 }' "$out")"
+    CPU[$key]+=" $(per_request $(( $(cpu_ticks "$pid") - ticks )) "$out")"
+    USER[$key]+=" $(per_request $(( $(user_ticks "$pid") - uticks )) "$out")"
     rps=$(awk '/^Requests\/sec/ { print $2 }' "$out")
     p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")
     p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")
@@ -406,10 +413,10 @@ for c in $CONNS; do
 done
 empty_access_logs
 # Each run's CPU per request, kept for the ratios taken run by run (below).
-declare -A CPU_RUNS
-for key in "${!CPU[@]}"; do CPU_RUNS[$key]=${CPU[$key]}; done
+declare -A CPU_RUNS USER_RUNS
+for key in "${!CPU[@]}"; do CPU_RUNS[$key]=${CPU[$key]}; USER_RUNS[$key]=${USER[$key]}; done
 for key in "${!RPS[@]}"; do
-    for table in RPS P50 P99 CPU; do
+    for table in RPS P50 P99 CPU USER; do
         declare -n samples=$table
         samples[$key]=$(median_of "${samples[$key]:-}")
         unset -n samples
@@ -511,11 +518,11 @@ echo " in, TLS kept alive to the upstream; authrelay-connect: CONNECT + TLS to t
 echo " nginx-tls: TLS to nginx; both TLS out; bench_tls_client instead of wrk, handshakes before the clock;"
 echo " authrelay-mt: authrelay and wrk unpinned, the multi-threaded runtime on $(nproc) cores)"
 echo
-printf '%-18s %6s %12s %10s %10s %8s %14s\n' target conns 'req/s' 'p50 ms' 'p99 ms' errors 'proxy CPU us/req'
+printf '%-18s %6s %12s %10s %10s %8s %14s %10s\n' target conns 'req/s' 'p50 ms' 'p99 ms' errors 'proxy CPU us/req' 'of it user'
 for c in $CONNS; do
     for t in $TARGETS; do
         [ -n "${RPS[$t/$c]:-}" ] || continue
-        printf '%-18s %6s %12s %10s %10s %8s %14s\n' "$t" "$c" "${RPS[$t/$c]}" "${P50[$t/$c]}" "${P99[$t/$c]}" "${BAD[$t/$c]}" "${CPU[$t/$c]:--}"
+        printf '%-18s %6s %12s %10s %10s %8s %14s %10s\n' "$t" "$c" "${RPS[$t/$c]}" "${P50[$t/$c]}" "${P99[$t/$c]}" "${BAD[$t/$c]}" "${CPU[$t/$c]:--}" "${USER[$t/$c]:--}"
     done
 done
 echo
@@ -532,19 +539,22 @@ paired() { # "a1 a2 .." "b1 b2 .." -> "median (min-max)" of a_i / b_i
         printf "%.2f (%.2f-%.2f)", med, r[1], r[k]
     }'
 }
-printf '%-6s %-18s %-12s %10s %10s %10s %10s  %s\n' conns authrelay 'vs' 'req/s x' 'CPU/req x' 'p99 ms' 'p99 (2nd)' 'CPU/req x run by run'
+printf '%-6s %-18s %-12s %10s %10s %10s %10s  %-20s %s\n' conns authrelay 'vs' 'req/s x' 'CPU/req x' 'p99 ms' 'p99 (2nd)' 'CPU/req x run by run' 'user CPU/req x run by run'
 for c in $CONNS; do
     for pair in authrelay:nginx authrelay:floor authrelay-log:floor floor:nginx authrelay:authrelay-before authrelay-mount:nginx authrelay-log:nginx-log authrelay-https:nginx-https authrelay-connect:nginx-tls authrelay-mt:authrelay; do
         a=${pair%%:*} n=${pair##*:}
         [ -n "${RPS[$a/$c]:-}" ] && [ -n "${RPS[$n/$c]:-}" ] || continue
-        printf '%-6s %-18s %-12s %10s %10s %10s %10s  %s\n' "$c" "$a" "$n" \
+        printf '%-6s %-18s %-12s %10s %10s %10s %10s  %-20s %s\n' "$c" "$a" "$n" \
             "$(ratio "${RPS[$a/$c]}" "${RPS[$n/$c]}")" "$(ratio "${CPU[$a/$c]}" "${CPU[$n/$c]}")" \
-            "${P99[$a/$c]}" "${P99[$n/$c]}" "$(paired "${CPU_RUNS[$a/$c]:-}" "${CPU_RUNS[$n/$c]:-}")"
+            "${P99[$a/$c]}" "${P99[$n/$c]}" "$(paired "${CPU_RUNS[$a/$c]:-}" "${CPU_RUNS[$n/$c]:-}")" \
+            "$(paired "${USER_RUNS[$a/$c]:-}" "${USER_RUNS[$n/$c]:-}")"
     done
 done
 echo "(req/s x, CPU/req x: the first target relative to the second doing the same, from the medians;"
 echo " run by run: the ratio within each run, median and range over the runs; CPU/req below 1.00"
-echo " means the first spends less CPU time per request; access lines written: authrelay $AR_LOG_LINES, nginx $NGX_LOG_LINES)"
+echo " means the first spends less CPU time per request; user: the proxy's time in user space alone,"
+echo " its own code without the kernel's TCP work, which is most of either's CPU per request here;"
+echo " access lines written: authrelay $AR_LOG_LINES, nginx $NGX_LOG_LINES)"
 echo
 echo "memory (RSS, MB)            authrelay    nginx (master+worker)"
 printf 'idle, before load           %9s    %9s\n' "$(mb "$AR_IDLE_RSS")" "$(mb "$NGX_IDLE_RSS")"
