@@ -290,12 +290,13 @@ impl<T: Transport> Pool<T> {
             let origin = origin_form(&mut request)?;
             let mut pooled_ok = true;
             loop {
-                let pooled = if pooled_ok {
+                // A temporary, not a local: a local would be kept in every later state of this
+                // future (120 bytes moved with each request's) after its connection moved out.
+                let (mut conn, idle) = match if pooled_ok {
                     self.inner.checkout(origin.as_str())
                 } else {
                     None
-                };
-                let (mut conn, idle) = match pooled {
+                } {
                     Some((conn, idle)) => (conn, Some(idle)),
                     // Boxed: a new connection is the exception under load, and its future would
                     // otherwise be part of (and moved with) every request's.
