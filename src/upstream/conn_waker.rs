@@ -73,7 +73,7 @@ impl ConnWaker {
     /// Polls `poll` with the connection's waker on behalf of `cx`'s task, and again (a few
     /// times at most) while it is pending and woke the connection while it ran. A wake that
     /// comes with a ready result is dropped: the caller polls again for what it wants next,
-    /// and every poll polls the connection first.
+    /// and no poll returns pending without having polled the connection.
     pub(super) fn poll<R>(
         &self,
         cx: &Context<'_>,
