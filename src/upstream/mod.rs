@@ -116,6 +116,20 @@ impl UpstreamClient {
         deadline: Deadline,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         refuse_cleartext_identity(&request, identity)?;
+        self.send_on_own_connection(request, pinned, identity, deadline)
+            .await
+    }
+
+    /// Sends `request` on a connection of its own (an upgrade, or an https request pinned to
+    /// its checked addresses) and waits for the response head until `deadline`; its body
+    /// keeps the idle limit.
+    async fn send_on_own_connection(
+        &self,
+        request: Request<ProxyBody>,
+        pinned: Option<&PinnedAddrs>,
+        identity: Option<&Arc<ClientCert>>,
+        deadline: Deadline,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
         let legs = self.tls_legs(identity);
         let response = legs.upgrades.send(request, pinned, deadline).await?;
         Ok(response.map(|body| upstream_body(body, deadline)))
@@ -165,11 +179,8 @@ impl UpstreamClient {
             // on a connection of its own to the addresses its host was checked at, with the
             // name only as TLS server name. Rare: clients send CONNECT for https URLs.
             // Boxed: as large as a TLS handshake.
-            let own: Boxed<'a> = Box::pin(async move {
-                let legs = self.tls_legs(identity);
-                let response = legs.upgrades.send(request, pinned, deadline).await?;
-                Ok(response.map(|body| upstream_body(body, deadline)))
-            });
+            let own: Boxed<'a> =
+                Box::pin(self.send_on_own_connection(request, pinned, identity, deadline));
             return Either::Right(Either::Right(own));
         }
         if identity.is_none() {
