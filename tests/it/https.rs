@@ -106,6 +106,10 @@ async fn a_stalled_https_response_body_is_cut_after_the_idle_limit_on_h2_and_h1(
             answer.contains("partial "),
             "the first bytes arrived: {answer}"
         );
+        assert!(
+            !answer.ends_with("0\r\n\r\n"),
+            "the body was cut, not ended as if complete: {answer}"
+        );
         assert_eq!(origin.last().version, expected, "ALPN {alpn:?}");
         proxy.stop().await;
     }
