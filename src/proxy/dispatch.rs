@@ -185,10 +185,11 @@ fn forward<'a>(
         pinned,
         credential,
     } = admitted;
-    let websocket = upgrade::is_websocket(parts.version, &parts.headers)
+    let hop_by_hop = headers::any_hop_by_hop(&parts.headers);
+    let websocket = (hop_by_hop && upgrade::is_websocket(parts.version, &parts.headers))
         .then(|| parts.extensions.remove::<OnUpgrade>())
         .flatten();
-    headers::for_upstream(parts, websocket.is_some());
+    headers::for_upstream(parts, hop_by_hop, websocket.is_some());
     async move {
         let snapshot = &ctx.snapshot;
         let route = target.route.as_ref();

@@ -9,10 +9,16 @@ use crate::upstream::ProxyBody;
 
 pub use crate::vocab::hop_by_hop::is_hop_by_hop;
 
+/// Whether any hop-by-hop header is present. Most messages carry none: one pass over the
+/// names is cheaper than nine removals, or than looking up `Upgrade` for a WebSocket
+/// handshake (`Upgrade` and `Connection` are hop-by-hop).
+pub fn any_hop_by_hop(headers: &HeaderMap) -> bool {
+    headers.keys().any(is_hop_by_hop)
+}
+
 /// Removes hop-by-hop headers and every header listed in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names is cheaper than nine removals.
-    if !headers.keys().any(is_hop_by_hop) {
+    if !any_hop_by_hop(headers) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -28,18 +34,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// A client's request head made ready for the upstream: hop-by-hop headers and `Host` gone
-/// (the upstream URI names the host), a WebSocket handshake asking for the switch again, and
-/// an HTTP/2 client's `te: trailers` kept (gRPC needs it, and it is the one `TE` value
-/// HTTP/2 allows).
-pub(crate) fn for_upstream(parts: &mut Parts, websocket: bool) {
+/// A client's request head made ready for the upstream: hop-by-hop headers gone (when
+/// `hop_by_hop`, [`any_hop_by_hop`] of its headers, says there are any), a WebSocket
+/// handshake asking for the switch again, and an HTTP/2 client's `te: trailers` kept (gRPC
+/// needs it, and it is the one `TE` value HTTP/2 allows).
+///
+/// The client's `Host` stays here and never reaches an upstream: every leg puts the
+/// connection's own in its place (the pool when it sends, the upgrade leg when it connects)
+/// or removes it (HTTP/2 names the host in `:authority`), and the signing path removes it
+/// before it signs. Removing it here too was ~200 instructions a request.
+pub(crate) fn for_upstream(parts: &mut Parts, hop_by_hop: bool, websocket: bool) {
     let trailers = parts.version == Version::HTTP_2
         && parts
             .headers
             .get(header::TE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::HOST);
+    if hop_by_hop {
+        strip_hop_by_hop(&mut parts.headers);
+    }
     if websocket {
         ask_for_websocket(&mut parts.headers);
     }

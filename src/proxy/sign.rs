@@ -86,6 +86,10 @@ pub(crate) fn build(
     mut headers: HeaderMap,
     body: SignedBody,
 ) -> Result<Request<ProxyBody>, ProxyError> {
+    // The client's `Host` is not what the upstream receives (its leg sets the connection's):
+    // a template's `{header:host}` must not sign it. Signing is the rare path; the pipeline
+    // leaves `Host` to the legs.
+    headers.remove(header::HOST);
     let authority = uri.authority().map_or("", |a| a.as_str());
     let default_port = if uri.scheme() == Some(&Scheme::HTTPS) {
         443

@@ -57,6 +57,7 @@ async fn https_upstream_trusted_by_ca_file_gets_h2_when_offered_else_h1() {
         let res = proxy
             .client()
             .get("http://api.test/v1/me?x=1")
+            .header("host", "other-tenant.test")
             .send()
             .await
             .unwrap();
@@ -66,6 +67,14 @@ async fn https_upstream_trusted_by_ca_file_gets_h2_when_offered_else_h1() {
         assert_eq!(seen.version, expected, "ALPN {alpn:?}");
         assert_eq!(seen.target, "/v1/me?x=1");
         assert_eq!(seen.headers["authorization"], "Bearer s3cret-token");
+        // The client's Host never reaches the upstream: HTTP/1.1 gets the upstream's own,
+        // HTTP/2 names the host in `:authority` and gets no `host` header.
+        let hosts: Vec<_> = seen.headers.get_all("host").iter().collect();
+        if expected == Version::HTTP_11 {
+            assert_eq!(hosts, [&origin.addr.to_string()], "ALPN {alpn:?}");
+        } else {
+            assert!(hosts.is_empty(), "ALPN {alpn:?}: {hosts:?}");
+        }
         proxy.stop().await;
     }
 }

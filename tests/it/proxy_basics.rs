@@ -37,6 +37,8 @@ async fn absolute_form_request_gets_the_static_header() {
         .client()
         .get(format!("{}/api/v1/profile?x=1", origin.url()))
         .header("Authorization", "Bearer client-supplied")
+        // A virtual host the route does not name, on the route's own address.
+        .header("Host", "other-tenant.test")
         .send()
         .await
         .unwrap();
@@ -46,6 +48,11 @@ async fn absolute_form_request_gets_the_static_header() {
     assert_eq!(seen.target, "/api/v1/profile?x=1");
     assert_eq!(seen.header("authorization"), "Outseta k1:s1");
     assert_eq!(seen.headers.get_all("authorization").iter().count(), 1);
+    assert_eq!(
+        seen.headers.get_all("host").iter().collect::<Vec<_>>(),
+        [&origin.addr.to_string()],
+        "the upstream gets the Host of the URI routed, never the client's"
+    );
     proxy.stop().await;
 }
 
@@ -110,11 +117,13 @@ async fn unmatched_traffic_passes_without_credential() {
     );
     let res = client
         .delete(format!("{}/api/v1/profile", origin.url()))
+        .header("Host", "other-tenant.test")
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(origin.last().header("authorization"), "");
+    assert_eq!(origin.last().header("host"), origin.addr.to_string());
     proxy.stop().await;
 }
 

@@ -19,8 +19,9 @@ use crate::support::vendors::oauth2::{self, OAuth2Vendor};
 use crate::support::{self, Proxy};
 
 /// An echo WebSocket server that accepts a handshake only with `Authorization: Bearer <t>`
-/// for a token the vendor's book holds valid (401 otherwise). Returns its address and the
-/// handshakes it refused.
+/// for a token the vendor's book holds valid (401 otherwise), and only with its own address
+/// as `Host` (421 otherwise). Returns its address and the handshakes it refused for their
+/// token.
 async fn echo_server(book: Arc<TokenBook>) -> (std::net::SocketAddr, Arc<Mutex<usize>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -34,6 +35,14 @@ async fn echo_server(book: Arc<TokenBook>) -> (std::net::SocketAddr, Arc<Mutex<u
                 // The callback's error type is tungstenite's, sized as it is.
                 #[allow(clippy::result_large_err)]
                 let check = |request: &Request, response: Response| {
+                    // The client's Host (the route's name, or the proxy's) never comes
+                    // through: the handshake must name this server.
+                    let host = request.headers().get("host").and_then(|v| v.to_str().ok());
+                    if host != Some(addr.to_string().as_str()) {
+                        let mut refusal = ErrorResponse::new(Some("not this host".into()));
+                        *refusal.status_mut() = http::StatusCode::MISDIRECTED_REQUEST;
+                        return Err(refusal);
+                    }
                     let token = request
                         .headers()
                         .get("authorization")
