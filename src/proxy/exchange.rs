@@ -86,11 +86,11 @@ impl Exchange<'_> {
         body: Incoming,
     ) -> impl Future<Output = Result<Forwarded, ProxyError>> + Send + 'p {
         async move {
-            let uri = &self.target.uri;
             let Some((route, slot)) = self.target.route.as_ref().zip(self.credential) else {
                 let headers = std::mem::take(&mut parts.headers);
                 let body = replay::streaming(body, self.config);
-                let request = build(&parts.method, uri.clone(), headers, None, body);
+                let uri = self.first_uri(parts);
+                let request = build(&parts.method, uri, headers, None, body);
                 let response = self.send(self.target.route.as_deref(), request).await?;
                 return Ok(Forwarded {
                     response,
@@ -116,7 +116,7 @@ impl Exchange<'_> {
             } else {
                 std::mem::take(&mut parts.headers)
             };
-            let (uri, injection) = place(uri, slot, &token);
+            let (uri, injection) = place(self.first_uri(parts), slot, &token);
             let first = build(&parts.method, uri, headers, injection, body.take());
             let mut response = self.send(Some(route), first).await?;
             mask_echoed_query_credential(&mut response, slot, &token);
@@ -184,6 +184,17 @@ impl Exchange<'_> {
             response,
             retried: false,
         })
+    }
+
+    /// The URI of the first attempt: the request's own, moved out of its head when routing
+    /// kept it unchanged (a replay, the access line and redirect rewriting read the
+    /// target's), else a copy of the target's.
+    fn first_uri(&self, parts: &mut Parts) -> Uri {
+        if self.target.uri_is_the_requests {
+            std::mem::take(&mut parts.uri)
+        } else {
+            self.target.uri.clone()
+        }
     }
 
     /// Sends one attempt on this exchange's leg and records the time to its response head.
@@ -273,7 +284,7 @@ impl Replay<'_> {
             } else {
                 self.parts.headers.clone()
             };
-            let (uri, injection) = place(&self.exchange.target.uri, self.slot, &fresh);
+            let (uri, injection) = place(self.exchange.target.uri.clone(), self.slot, &fresh);
             let again = build(
                 &self.parts.method,
                 uri,
@@ -393,16 +404,16 @@ fn build(
 /// Where a token goes: into the slot's `query_param` of the URI (then no header is
 /// injected), or into the slot's header.
 fn place<'a>(
-    uri: &Uri,
+    uri: Uri,
     slot: &'a Arc<CredentialSlot>,
     token: &'a Arc<IssuedToken>,
 ) -> (Uri, Injection<'a>) {
     match slot.query_param() {
         Some(name) => (
-            with_query_credential(uri, name, &token.query_form().encoded),
+            with_query_credential(&uri, name, &token.query_form().encoded),
             None,
         ),
-        None => (uri.clone(), Some((slot, token))),
+        None => (uri, Some((slot, token))),
     }
 }
 

@@ -29,6 +29,10 @@ pub struct Target {
     /// certificate) over plain HTTP beyond this machine: read here, where the host is
     /// parsed anyway; admission refuses it (`cleartext_refused`).
     pub in_clear: bool,
+    /// Whether `uri` is the request's own URI, unchanged (forward-proxy traffic to the host
+    /// it named): the first attempt then takes the request's instead of a copy of this one
+    /// (`Exchange::first_uri`; a copy and its drop are four reference counts).
+    pub uri_is_the_requests: bool,
 }
 
 impl Target {
@@ -70,7 +74,10 @@ pub fn tunnel_target(
         .path_and_query(path_and_query)
         .build()
         .map_err(|e| ProxyError::BadRequest(format!("invalid request target: {e}")))?;
-    forward_target(snapshot, method, &absolute, scheme)
+    let mut target = forward_target(snapshot, method, &absolute, scheme)?;
+    // Routed by the absolute URI made here; the request's own is in origin form.
+    target.uri_is_the_requests = false;
+    Ok(target)
 }
 
 fn forward_target(
@@ -115,10 +122,12 @@ fn forward_target(
             client_origin: None,
             named_host_len: Some(host.len()),
             in_clear: false,
+            uri_is_the_requests: true,
         });
     };
     let in_clear =
         scheme == Scheme::HTTP && route.upstream.is_none() && sends_in_clear(&route, host);
+    let mut uri_is_the_requests = false;
     let upstream_uri = match &route.upstream {
         // The request's own path and query, unchanged: shared rather than copied and parsed.
         Some(up) if up.base_path.is_empty() => {
@@ -137,7 +146,10 @@ fn forward_target(
         // On the scheme's own port, plain http to a credential host is taken to its https
         // origin; on another port it stays, and admission refuses it (`cleartext_refused`).
         None if in_clear && port == default_port => to_https(uri)?,
-        None => uri.clone(),
+        None => {
+            uri_is_the_requests = true;
+            uri.clone()
+        }
     };
     let client_origin = Some((scheme, authority.clone()));
     Ok(Target {
@@ -146,6 +158,7 @@ fn forward_target(
         uri: upstream_uri,
         client_origin,
         named_host_len: Some(host.len()),
+        uri_is_the_requests,
     })
 }
 
@@ -167,6 +180,7 @@ pub fn mount_target(snapshot: &Snapshot, method: &Method, uri: &Uri) -> Result<T
         client_origin: None,
         named_host_len: None,
         in_clear: false,
+        uri_is_the_requests: false,
     })
 }
 
