@@ -98,12 +98,13 @@ fn forward_target(
     let authority = uri
         .authority()
         .ok_or_else(|| ProxyError::BadRequest("no host".into()))?;
-    if authority.as_str().contains('@') {
+    let (host, port, user_info) =
+        crate::upstream::authority::host_port_and_user_info(authority.as_str());
+    if user_info {
         return Err(ProxyError::BadRequest(
             "user info in the request URL is not allowed".into(),
         ));
     }
-    let (host, port) = crate::upstream::authority::host_and_port(authority.as_str());
     if host.is_empty() {
         return Err(ProxyError::BadRequest("empty host".into()));
     }
