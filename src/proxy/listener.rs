@@ -207,7 +207,14 @@ async fn serve_connection(conn: Arc<Connection>, stream: TrackedStream) {
             let connection = limits::http1()
                 .serve_connection(io, service)
                 .with_upgrades();
-            drive(connection, |c| c.graceful_shutdown(), control, &conn).await;
+            // Outside tokio's cooperative budget: counting every socket and channel poll
+            // against it was ~150 instructions a request, and this connection yields on its
+            // own — hyper's dispatcher after 16 turns of its loop (a client pipelining a flood
+            // of requests cannot hold the thread), the pooled upstream after 3 repolls
+            // (`conn_waker.rs`). Tunnels and upgraded connections run in tasks of their own,
+            // inside the budget; so does HTTP/2, whose frame loop has no such cap.
+            let serving = drive(connection, |c| c.graceful_shutdown(), control, &conn);
+            tokio::task::unconstrained(serving).await;
         }
         Ok(Some(Protocol::Http2)) => {
             // Boxed: an HTTP/2 connection's state is several KB, and unboxed every
