@@ -17,7 +17,7 @@ use crate::support;
 use crate::support::tls::{https_origin, TestCa};
 
 /// What the raw upstream does after writing an answer.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum After {
     /// Waits for the next request on the same connection.
     KeepAlive,
@@ -460,6 +460,45 @@ async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
             upstream.accepted(),
             3,
             "{leg:?}: a fresh connection after each close"
+        );
+        proxy.stop().await;
+    }
+}
+
+/// The pool takes a connection back as soon as its answer was read to the end, without
+/// polling it once more for a close: an upstream that closes right after a whole answer, or
+/// a moment later (over TLS without `close_notify`), has its close found at the latest when
+/// the next request goes out, which is then sent on a new connection — a POST as much as a
+/// GET, since nothing of it went out on the closed one.
+#[tokio::test]
+async fn a_connection_closed_right_after_its_answer_is_not_used_again() {
+    for (leg, close) in [
+        (Leg::Clear, After::Close),
+        (Leg::Tls, After::Close),
+        (Leg::Clear, After::CloseIdle(Duration::from_millis(5))),
+        (Leg::Tls, After::CloseIdle(Duration::from_millis(5))),
+    ] {
+        let (upstream, proxy) =
+            upstream_and_proxy(leg, "", move |_, _| (OK_LENGTH.to_vec(), close)).await;
+        let client = proxy.client();
+        let url = format!("http://{}/x", upstream.addr);
+        for round in 0..4 {
+            let request = if round % 2 == 0 {
+                client.get(&url)
+            } else {
+                client.post(&url).body("a body")
+            };
+            let res = request.send().await.unwrap();
+            assert_eq!(res.status(), 200, "{leg:?}, {close:?}, request {round}");
+            assert_eq!(res.text().await.unwrap(), "hello");
+            // Long enough for the close to have arrived before the next request, and short
+            // enough that taking the connection out does not poll it (`RECHECK_AFTER`).
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            upstream.accepted(),
+            4,
+            "{leg:?}, {close:?}: a new connection each time"
         );
         proxy.stop().await;
     }
