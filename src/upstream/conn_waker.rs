@@ -178,6 +178,13 @@ mod tests {
     #[derive(Default)]
     struct CountingWaker(AtomicUsize);
 
+    impl CountingWaker {
+        /// How many times the task was woken.
+        fn woken(&self) -> usize {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
     impl Wake for CountingWaker {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
@@ -205,7 +212,7 @@ mod tests {
             }
         });
         assert_eq!(polled, Poll::Ready(2));
-        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        assert_eq!(count.woken(), 0);
     }
 
     /// A pending poll on `task`'s behalf that keeps the waker the connection was polled
@@ -229,7 +236,7 @@ mod tests {
             Poll::Ready(())
         });
         assert_eq!(polled, Poll::Ready(()));
-        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        assert_eq!(count.woken(), 0);
     }
 
     #[test]
@@ -237,13 +244,13 @@ mod tests {
         let (count, task) = task();
         let mut conn = ConnWaker::new();
         let kept = pending_poll_keeping_the_waker(&mut conn, &task);
-        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        assert_eq!(count.woken(), 0);
         kept.wake_by_ref();
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(count.woken(), 1);
         // The task's waker was handed over; a second wake before the next poll is the same
         // wake, already delivered.
         kept.wake();
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(count.woken(), 1);
     }
 
     #[test]
@@ -258,7 +265,7 @@ mod tests {
         });
         assert!(polled.is_pending());
         assert_eq!(polls, super::MAX_REPOLLS);
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(count.woken(), 1);
     }
 
     #[test]
@@ -267,14 +274,14 @@ mod tests {
         let mut conn = ConnWaker::new();
         let kept = pending_poll_keeping_the_waker(&mut conn, &task);
         kept.wake_by_ref();
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(count.woken(), 1);
         // The same task polls again: its waker must be registered anew, or this wake is lost.
         let kept = pending_poll_keeping_the_waker(&mut conn, &task);
         kept.wake_by_ref();
-        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert_eq!(count.woken(), 2);
         // A wake with nothing registered (the waker went with the last one) reaches no one.
         kept.wake_by_ref();
-        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert_eq!(count.woken(), 2);
     }
 
     #[test]
@@ -285,8 +292,8 @@ mod tests {
         let _ = pending_poll_keeping_the_waker(&mut conn, &first_task);
         let kept = pending_poll_keeping_the_waker(&mut conn, &second_task);
         kept.wake();
-        assert_eq!(first.0.load(Ordering::SeqCst), 0);
-        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert_eq!(first.woken(), 0);
+        assert_eq!(second.woken(), 1);
     }
 
     #[test]
@@ -304,7 +311,7 @@ mod tests {
         });
         assert!(polled.is_pending());
         assert_eq!(polls, 1, "only the polling thread's own wakes are repolled");
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(count.woken(), 1);
     }
 
     #[test]
@@ -320,7 +327,7 @@ mod tests {
         }));
         assert!(panicked.is_err());
         kept.expect("the poll kept the waker").wake();
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(count.woken(), 1);
     }
 
     #[test]
@@ -330,7 +337,7 @@ mod tests {
         let kept = pending_poll_keeping_the_waker(&mut conn, &task);
         conn.forget_task();
         kept.wake();
-        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        assert_eq!(count.woken(), 0);
         assert_eq!(Arc::strong_count(&count), 2, "the task's waker was let go");
     }
 }
