@@ -14,13 +14,14 @@
 //! (when the poll was pending); one that comes at any other time (the socket is readable, a
 //! timer fired) or from another thread wakes the request's task as before.
 //!
-//! Both are kept off atomic read-modify-writes, which cost ~20 cycles each on every poll: the
-//! connection being polled is noted in a thread-local (only the polling thread can wake it
-//! in the middle of its own poll), and the task is registered again only when it is another
-//! task or its waker was handed a wake since.
+//! Telling the two apart takes no atomic read-modify-write (~20 cycles each, on every poll):
+//! the connection being polled is noted in a thread-local, since only the polling thread can
+//! wake it in the middle of its own poll. The task is registered on every poll, as
+//! `AtomicWaker` requires: skipping a registration it already held lost wakes in a race
+//! where a wake from another thread lands while the task registers (`AtomicWaker` then wakes
+//! and empties itself, and a flag set beside it by the waking thread can come too late).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -39,7 +40,8 @@ const WOKEN: usize = 1;
 thread_local! {
     /// The connection this thread is polling now (its [`Shared`]'s address, 0 for none),
     /// with [`WOKEN`] set once it woke itself in that poll. Only ever compared, never
-    /// followed: a stale value could only make one wake go to the task.
+    /// followed; it names a connection only while that connection's poll runs (a guard
+    /// puts back what it held, also when the poll panics).
     static POLLING: Cell<usize> = const { Cell::new(0) };
 }
 
@@ -47,17 +49,10 @@ thread_local! {
 pub(super) struct ConnWaker {
     shared: Arc<Shared>,
     waker: Waker,
-    /// The task registered last, by the identity `Waker::will_wake` compares (data and
-    /// vtable addresses), or `None` after [`ConnWaker::forget_task`]. The registered waker
-    /// keeps its task alive, so no other task can take the same identity meanwhile.
-    registered: Option<(usize, usize)>,
 }
 
 struct Shared {
     task: AtomicWaker,
-    /// Set when a wake took the registered waker out to wake the task: the next poll
-    /// registers its task again.
-    handed_over: AtomicBool,
 }
 
 impl Shared {
@@ -84,7 +79,6 @@ impl Wake for Shared {
             })
             .unwrap_or(false);
         if !noted {
-            self.handed_over.store(true, Ordering::Release);
             self.task.wake();
         }
     }
@@ -104,14 +98,9 @@ impl ConnWaker {
     pub(super) fn new() -> Self {
         let shared = Arc::new(Shared {
             task: AtomicWaker::new(),
-            handed_over: AtomicBool::new(false),
         });
         let waker = Waker::from(Arc::clone(&shared));
-        Self {
-            shared,
-            waker,
-            registered: None,
-        }
+        Self { shared, waker }
     }
 
     /// Polls `poll` with the connection's waker on behalf of `cx`'s task, and again (a few
@@ -119,11 +108,11 @@ impl ConnWaker {
     /// comes with a ready result is dropped: the caller polls again for what it wants next,
     /// and no poll returns pending without having polled the connection.
     pub(super) fn poll<R>(
-        &mut self,
+        &self,
         cx: &Context<'_>,
         mut poll: impl FnMut(&mut Context<'_>) -> Poll<R>,
     ) -> Poll<R> {
-        self.register(cx.waker());
+        self.shared.task.register(cx.waker());
         let me = self.shared.address();
         let Ok(outer) = POLLING.try_with(Cell::get) else {
             // The thread is going away: no repolls, every wake goes to the task.
@@ -144,26 +133,9 @@ impl ConnWaker {
         Poll::Pending
     }
 
-    /// Registers `task` to be woken, unless it is registered already and its waker was not
-    /// taken out by a wake since. A wake racing with the check finds the waker of this same
-    /// task registered, so the task is woken either way.
-    fn register(&mut self, task: &Waker) {
-        let identity = (
-            task.data() as usize,
-            std::ptr::from_ref(task.vtable()) as usize,
-        );
-        if self.registered == Some(identity) && !self.shared.handed_over.load(Ordering::Acquire) {
-            return;
-        }
-        self.shared.handed_over.store(false, Ordering::Release);
-        self.shared.task.register(task);
-        self.registered = Some(identity);
-    }
-
     /// Lets go of the task last registered: a connection put back in the pool must not
     /// keep a finished request's task alive.
-    pub(super) fn forget_task(&mut self) {
-        self.registered = None;
+    pub(super) fn forget_task(&self) {
         drop(self.shared.task.take());
     }
 }
@@ -200,7 +172,7 @@ mod tests {
     #[test]
     fn a_wake_during_the_poll_is_answered_by_polling_again_not_by_the_task() {
         let (count, task) = task();
-        let mut conn = ConnWaker::new();
+        let conn = ConnWaker::new();
         let mut polls = 0;
         let polled = conn.poll(&Context::from_waker(&task), |own| {
             polls += 1;
@@ -217,7 +189,7 @@ mod tests {
 
     /// A pending poll on `task`'s behalf that keeps the waker the connection was polled
     /// with, as a socket registration would.
-    fn pending_poll_keeping_the_waker(conn: &mut ConnWaker, task: &Waker) -> Waker {
+    fn pending_poll_keeping_the_waker(conn: &ConnWaker, task: &Waker) -> Waker {
         let mut kept = None;
         let polled: Poll<()> = conn.poll(&Context::from_waker(task), |own| {
             kept = Some(own.waker().clone());
@@ -230,7 +202,7 @@ mod tests {
     #[test]
     fn a_wake_with_a_ready_result_is_dropped() {
         let (count, task) = task();
-        let mut conn = ConnWaker::new();
+        let conn = ConnWaker::new();
         let polled = conn.poll(&Context::from_waker(&task), |own| {
             own.waker().wake_by_ref();
             Poll::Ready(())
@@ -242,8 +214,8 @@ mod tests {
     #[test]
     fn a_wake_after_the_poll_wakes_the_task_once() {
         let (count, task) = task();
-        let mut conn = ConnWaker::new();
-        let kept = pending_poll_keeping_the_waker(&mut conn, &task);
+        let conn = ConnWaker::new();
+        let kept = pending_poll_keeping_the_waker(&conn, &task);
         assert_eq!(count.woken(), 0);
         kept.wake_by_ref();
         assert_eq!(count.woken(), 1);
@@ -256,7 +228,7 @@ mod tests {
     #[test]
     fn a_poll_that_always_wakes_itself_goes_back_to_the_scheduler() {
         let (count, task) = task();
-        let mut conn = ConnWaker::new();
+        let conn = ConnWaker::new();
         let mut polls = 0;
         let polled: Poll<()> = conn.poll(&Context::from_waker(&task), |own| {
             polls += 1;
@@ -271,12 +243,12 @@ mod tests {
     #[test]
     fn a_task_is_woken_again_after_its_waker_was_handed_a_wake() {
         let (count, task) = task();
-        let mut conn = ConnWaker::new();
-        let kept = pending_poll_keeping_the_waker(&mut conn, &task);
+        let conn = ConnWaker::new();
+        let kept = pending_poll_keeping_the_waker(&conn, &task);
         kept.wake_by_ref();
         assert_eq!(count.woken(), 1);
         // The same task polls again: its waker must be registered anew, or this wake is lost.
-        let kept = pending_poll_keeping_the_waker(&mut conn, &task);
+        let kept = pending_poll_keeping_the_waker(&conn, &task);
         kept.wake_by_ref();
         assert_eq!(count.woken(), 2);
         // A wake with nothing registered (the waker went with the last one) reaches no one.
@@ -288,9 +260,9 @@ mod tests {
     fn another_task_polling_is_registered_in_place_of_the_first() {
         let (first, first_task) = task();
         let (second, second_task) = task();
-        let mut conn = ConnWaker::new();
-        let _ = pending_poll_keeping_the_waker(&mut conn, &first_task);
-        let kept = pending_poll_keeping_the_waker(&mut conn, &second_task);
+        let conn = ConnWaker::new();
+        let _ = pending_poll_keeping_the_waker(&conn, &first_task);
+        let kept = pending_poll_keeping_the_waker(&conn, &second_task);
         kept.wake();
         assert_eq!(first.woken(), 0);
         assert_eq!(second.woken(), 1);
@@ -299,7 +271,7 @@ mod tests {
     #[test]
     fn a_wake_from_another_thread_during_the_poll_goes_to_the_task() {
         let (count, task) = task();
-        let mut conn = ConnWaker::new();
+        let conn = ConnWaker::new();
         let mut polls = 0;
         let polled: Poll<()> = conn.poll(&Context::from_waker(&task), |own| {
             polls += 1;
@@ -317,7 +289,7 @@ mod tests {
     #[test]
     fn a_wake_after_a_panicking_poll_still_reaches_the_task() {
         let (count, task) = task();
-        let mut conn = ConnWaker::new();
+        let conn = ConnWaker::new();
         let mut kept = None;
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _: Poll<()> = conn.poll(&Context::from_waker(&task), |own| {
@@ -333,8 +305,8 @@ mod tests {
     #[test]
     fn a_forgotten_task_is_not_woken() {
         let (count, task) = task();
-        let mut conn = ConnWaker::new();
-        let kept = pending_poll_keeping_the_waker(&mut conn, &task);
+        let conn = ConnWaker::new();
+        let kept = pending_poll_keeping_the_waker(&conn, &task);
         conn.forget_task();
         kept.wake();
         assert_eq!(count.woken(), 0);

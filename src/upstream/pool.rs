@@ -405,7 +405,7 @@ impl<T: Transport> PoolInner<T> {
         }
     }
 
-    fn checkin(self: &Arc<Self>, origin: &Authority, mut conn: Conn<T::Stream>) {
+    fn checkin(self: &Arc<Self>, origin: &Authority, conn: Conn<T::Stream>) {
         conn.waker.forget_task();
         let mut idle = self.lock();
         let entry = IdleConn {
