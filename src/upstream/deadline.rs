@@ -12,6 +12,9 @@ use super::error::UpstreamError;
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline {
     pub(super) at: tokio::time::Instant,
+    /// When the exchange set out: the pool measures how long a connection sat idle against
+    /// it instead of reading the clock once more.
+    pub(super) start: std::time::Instant,
     timeout: Duration,
     /// The longest pause in the answer's body.
     pub(super) body_idle: Duration,
@@ -22,6 +25,7 @@ impl Deadline {
     pub fn after(timeout: Duration, body_idle: Duration, start: std::time::Instant) -> Self {
         Self {
             at: instant_after(tokio::time::Instant::from_std(start), timeout),
+            start,
             timeout,
             body_idle,
         }

@@ -298,11 +298,15 @@ impl<T: Transport> Pool<T> {
         async move {
             let origin = origin_form(&mut request)?;
             let mut pooled_ok = true;
+            // The first checkout measures idle time from when the exchange set out (read
+            // microseconds ago); a retry reads the clock.
+            let mut now = Some(deadline.start);
             loop {
                 // A temporary, not a local: a local would be kept in every later state of this
                 // future (120 bytes moved with each request's) after its connection moved out.
                 let (mut conn, idle) = match if pooled_ok {
-                    self.inner.checkout(origin.as_str())
+                    let now = now.take().unwrap_or_else(Instant::now);
+                    self.inner.checkout(origin.as_str(), now)
                 } else {
                     None
                 } {
@@ -386,15 +390,15 @@ impl<T: Transport> PoolInner<T> {
     }
 
     /// The most recently used idle connection to `origin` that is still open and fresh, and
-    /// how long it was idle.
-    fn checkout(&self, origin: &str) -> Option<(Conn<T::Stream>, Duration)> {
+    /// how long it was idle at `now`.
+    fn checkout(&self, origin: &str, now: Instant) -> Option<(Conn<T::Stream>, Duration)> {
         loop {
             let mut entry = {
                 // An emptied list stays (the sweeper removes it): a request at a time to one
                 // origin would otherwise free and allocate its entry on every request.
                 self.lock().get_mut(origin)?.pop()?
             };
-            let idle = entry.since.elapsed();
+            let idle = now.saturating_duration_since(entry.since);
             // Checked for a close only after a pause: it was checked when it came back, and a
             // close that arrived since makes hyper hand the request back unsent, which `send`
             // then sends on another connection. Under load, connections idle for microseconds
