@@ -155,6 +155,12 @@ impl IssuedToken {
         self.expires_at_wall
     }
 
+    /// Whether the token is good for as long as it is held: no expiry, nothing to refresh
+    /// (static values, vendors that state no lifetime). Requests then read no clock for it.
+    pub(super) fn timeless(&self) -> bool {
+        self.usable_until.is_none() && self.refresh_at.is_none()
+    }
+
     pub(super) fn usable_at(&self, now: Instant) -> bool {
         self.usable_until.is_none_or(|u| now < u)
     }
@@ -179,6 +185,25 @@ mod tests {
         let issued =
             IssuedToken::new(token, SystemTime::now(), Origin::Fetched, None, &settings()).unwrap();
         assert!(issued.usable_at(Instant::now()));
+    }
+
+    /// Only a token with neither an expiry nor a refresh time skips the clock on the hot
+    /// path; one that expires in an hour is judged against the clock as before.
+    #[test]
+    fn only_a_token_without_lifetime_is_timeless() {
+        let issue = |expires_at| {
+            let token = Token {
+                value: crate::vocab::secret::Secret::new("Bearer x"),
+                expires_at,
+                refresh: None,
+            };
+            IssuedToken::new(token, SystemTime::now(), Origin::Fetched, None, &settings()).unwrap()
+        };
+        assert!(issue(None).timeless());
+        let hourly = issue(Some(SystemTime::now() + Duration::from_secs(3600)));
+        assert!(!hourly.timeless());
+        assert!(hourly.usable_at(Instant::now()));
+        assert!(!hourly.usable_at(Instant::now() + Duration::from_secs(3600)));
     }
 
     /// The query form is made once per token: every request gets the same one.

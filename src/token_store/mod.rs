@@ -217,8 +217,11 @@ impl CredentialSlot {
     /// The token to inject now. Lock-free when a usable token is cached; starts a background
     /// refresh when the token is due; waits (single flight) only when there is no usable token.
     pub async fn get(self: &Arc<Self>) -> Result<Arc<IssuedToken>, Unavailable> {
-        let now = Instant::now();
         if let Some(token) = self.current.load_full() {
+            if token.timeless() {
+                return Ok(token);
+            }
+            let now = Instant::now();
             if token.usable_at(now) {
                 if token.due_at(now) && !self.fetch_running.load(Ordering::Acquire) {
                     // Starts the fetch unless one runs or the slot backs off; nobody waits.
