@@ -14,7 +14,8 @@
 #      runs) and nginx (one worker, same header injection, keep-alive upstream pools, no
 #      access log except on the access-log port);
 #   4. runs wrk (and, for TLS from the client, examples/bench_tls_client) against each target
-#      at each connection count, RUNS times (interleaved), and prints the
+#      at each connection count, RUNS times (interleaved: targets compared with each other
+#      run next to each other, and every other run in reverse order), and prints the
 #      medians of req/s, p50 and p99, the proxy's CPU time per request (user + system, from
 #      /proc/PID/stat, and the user part alone), the proxies' peak RSS and the ratios;
 #   5. measures authrelay's (and nginx's) RSS idle and with IDLE_CONNS idle keep-alive clients;
@@ -393,22 +394,39 @@ empty_access_logs() {
     if [ -f "$WORK/nginx/access.log" ]; then : >"$WORK/nginx/access.log"; fi
 }
 log "load: ${RUNS} x ${DURATION}s per target and connection count"
+# One target's slot in a run.
+run_target() { # name conns run
+    local c=$2 run=$3
+    case $1 in
+        direct) run_once direct "$c" "$run" "http://127.0.0.1:$UP_PORT$PATH_QS" "" "Authorization: $TOKEN" ;;
+        authrelay) run_once authrelay "$c" "$run" "http://127.0.0.1:$AR_PORT/" "$WORK/forward.lua" "" "$AR_PID" ;;
+        authrelay-before) run_once authrelay-before "$c" "$run" "http://127.0.0.1:$AR_BEFORE_PORT/" "$WORK/forward.lua" "" "$AR_BEFORE_PID" ;;
+        authrelay-mt) run_once authrelay-mt "$c" "$run" "http://127.0.0.1:$AR_MT_PORT/" "$WORK/forward.lua" "" "$AR_MT_PID" "$PROXY_CORE,$LOAD_CORE" ;;
+        authrelay-mount) run_once authrelay-mount "$c" "$run" "http://127.0.0.1:$AR_PORT/m$PATH_QS" "" "" "$AR_PID" ;;
+        floor) run_once floor "$c" "$run" "http://127.0.0.1:$FLOOR_PORT/" "$WORK/forward.lua" "" "$FLOOR_PID" ;;
+        nginx) run_once nginx "$c" "$run" "http://127.0.0.1:$NGX_PORT/" "$WORK/forward.lua" "" "$NGX_WORKER" ;;
+        authrelay-log) run_once authrelay-log "$c" "$run" "http://127.0.0.1:$AR_LOG_PORT/" "$WORK/forward.lua" "" "$AR_LOG_PID" ;;
+        nginx-log) run_once nginx-log "$c" "$run" "http://127.0.0.1:$NGX_LOG_PORT/" "$WORK/forward.lua" "" "$NGX_WORKER" ;;
+        authrelay-https) run_once authrelay-https "$c" "$run" "http://127.0.0.1:$AR_PORT/" "$WORK/forward-https.lua" "" "$AR_PID" ;;
+        nginx-https) run_once nginx-https "$c" "$run" "http://127.0.0.1:$NGX_HTTPS_PORT/" "$WORK/forward-https.lua" "" "$NGX_WORKER" ;;
+        authrelay-connect) run_tls_once authrelay-connect "$c" "$run" "$AR_PORT" "$AR_PID" "$TLS_HOST:443" ;;
+        nginx-tls) run_tls_once nginx-tls "$c" "$run" "$NGX_TLS_PORT" "$NGX_WORKER" ;;
+    esac
+}
+# Targets compared with each other run next to each other (this VM's speed drifts by 10-20%
+# within minutes: the floor and authrelay measured 25 s apart disagreed by as much), and every
+# other run goes through them in reverse order, so that a drift across a run weighs on both
+# sides of each ratio alike.
+ORDER="direct nginx floor authrelay authrelay-mt authrelay-log nginx-log authrelay-mount authrelay-before authrelay-https nginx-https authrelay-connect nginx-tls"
+REVERSED=$(tr ' ' '\n' <<<"$ORDER" | tac | tr '\n' ' ')
 for c in $CONNS; do
     for run in $(seq "$RUNS"); do
         empty_access_logs
-        if wanted direct; then run_once direct "$c" "$run" "http://127.0.0.1:$UP_PORT$PATH_QS" "" "Authorization: $TOKEN"; fi
-        if wanted authrelay; then run_once authrelay "$c" "$run" "http://127.0.0.1:$AR_PORT/" "$WORK/forward.lua" "" "$AR_PID"; fi
-        if wanted authrelay-before; then run_once authrelay-before "$c" "$run" "http://127.0.0.1:$AR_BEFORE_PORT/" "$WORK/forward.lua" "" "$AR_BEFORE_PID"; fi
-        if wanted authrelay-mt; then run_once authrelay-mt "$c" "$run" "http://127.0.0.1:$AR_MT_PORT/" "$WORK/forward.lua" "" "$AR_MT_PID" "$PROXY_CORE,$LOAD_CORE"; fi
-        if wanted authrelay-mount; then run_once authrelay-mount "$c" "$run" "http://127.0.0.1:$AR_PORT/m$PATH_QS" "" "" "$AR_PID"; fi
-        if wanted floor; then run_once floor "$c" "$run" "http://127.0.0.1:$FLOOR_PORT/" "$WORK/forward.lua" "" "$FLOOR_PID"; fi
-        if wanted nginx; then run_once nginx "$c" "$run" "http://127.0.0.1:$NGX_PORT/" "$WORK/forward.lua" "" "$NGX_WORKER"; fi
-        if wanted authrelay-log; then run_once authrelay-log "$c" "$run" "http://127.0.0.1:$AR_LOG_PORT/" "$WORK/forward.lua" "" "$AR_LOG_PID"; fi
-        if wanted nginx-log; then run_once nginx-log "$c" "$run" "http://127.0.0.1:$NGX_LOG_PORT/" "$WORK/forward.lua" "" "$NGX_WORKER"; fi
-        if wanted authrelay-https; then run_once authrelay-https "$c" "$run" "http://127.0.0.1:$AR_PORT/" "$WORK/forward-https.lua" "" "$AR_PID"; fi
-        if wanted nginx-https; then run_once nginx-https "$c" "$run" "http://127.0.0.1:$NGX_HTTPS_PORT/" "$WORK/forward-https.lua" "" "$NGX_WORKER"; fi
-        if wanted authrelay-connect; then run_tls_once authrelay-connect "$c" "$run" "$AR_PORT" "$AR_PID" "$TLS_HOST:443"; fi
-        if wanted nginx-tls; then run_tls_once nginx-tls "$c" "$run" "$NGX_TLS_PORT" "$NGX_WORKER"; fi
+        order=$ORDER
+        if (( run % 2 == 0 )); then order=$REVERSED; fi
+        for t in $order; do
+            if wanted "$t"; then run_target "$t" "$c" "$run"; fi
+        done
     done
 done
 empty_access_logs
