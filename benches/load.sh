@@ -58,16 +58,9 @@ AR_BEFORE_PORT=${AR_BEFORE_PORT:-18190}
 if [ -n "$BEFORE" ] && [[ " $TARGETS " != *" authrelay-before "* ]]; then TARGETS+=" authrelay-before"; fi
 HTTPS_HOST=api.bench.test
 TLS_HOST=secure.bench.test
-TOKEN="Bearer bench-token"
-PATH_QS="/v1/items/42?fields=id"
 
 WORK=$(mktemp -d /tmp/authrelay-load.XXXXXX)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
+. benches/common.sh
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 log() { printf '%s\n' "$*" >&2; }
@@ -108,13 +101,6 @@ leaf() { # name san
 leaf upstream "IP:127.0.0.1,DNS:localhost"
 leaf nginx "DNS:$TLS_HOST"
 
-wait_port() { # port: waits at most 10 s
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    log "nothing listens on 127.0.0.1:$1"; exit 1
-}
 
 status_of() { # pid field -> kB
     awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"
@@ -130,22 +116,12 @@ PIDS+=($!)
 wait_port "$UPS_PORT"
 
 # --- authrelay ----------------------------------------------------------------------------
-cat >"$WORK/routes.yaml" <<EOF
-listen: 127.0.0.1:$AR_PORT
-unmatched: pass
-tls:
+bench_config "$AR_PORT" "$UP_PORT" "tls:
   ca_file: $WORK/ca/ca.pem
 intercept_ca:
   cert_file: $WORK/ca/ca.pem
-  key_file: $WORK/ca/ca-key.pem
-credentials:
-  bench:
-    type: static
-    value: "$TOKEN"
-routes:
-  - name: bench-forward
-    host: "127.0.0.1:$UP_PORT"
-    credential: bench
+  key_file: $WORK/ca/ca-key.pem" >"$WORK/routes.yaml"
+cat >>"$WORK/routes.yaml" <<EOF
   - name: bench-mount
     mount: /m
     upstream: http://127.0.0.1:$UP_PORT

@@ -24,32 +24,16 @@ UP_PORT=${UP_PORT:-18291}
 PROXY_PORT=${PROXY_PORT:-18294}
 PROXY_CORE=${PROXY_CORE:-0}
 LOAD_CORE=${LOAD_CORE:-1}
-TOKEN="Bearer bench-token"
 WORK=$(mktemp -d /tmp/authrelay-pair.XXXXXX)
-
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-wait_port() { for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on $1" >&2; exit 1; }
+. benches/common.sh
 command -v wrk >/dev/null || { echo "wrk is needed (benches/load.sh installs it)" >&2; exit 1; }
 
 cargo build --release --quiet --bin authrelay --example bench_upstream --example hyper_floor
 if [ $# -eq 0 ]; then set -- target/release/examples/hyper_floor target/release/authrelay; fi
 [ $# -eq 2 ] || { echo "usage: benches/pair.sh [FIRST SECOND]" >&2; exit 2; }
 
-cat >"$WORK/routes.yaml" <<YAML
-listen: 127.0.0.1:$PROXY_PORT
-unmatched: pass
-credentials:
-  bench:
-    type: static
-    value: "$TOKEN"
-routes:
-  - name: bench-forward
-    host: "127.0.0.1:$UP_PORT"
-    credential: bench
-YAML
-echo "wrk.path = \"http://127.0.0.1:$UP_PORT/v1/items/42?fields=id\"" >"$WORK/forward.lua"
+bench_config "$PROXY_PORT" "$UP_PORT" >"$WORK/routes.yaml"
+echo "wrk.path = \"http://127.0.0.1:$UP_PORT$PATH_QS\"" >"$WORK/forward.lua"
 
 BENCH_EXPECT="$TOKEN" taskset -c "$LOAD_CORE" target/release/examples/bench_upstream "127.0.0.1:$UP_PORT" 2>/dev/null &
 PIDS+=($!); wait_port "$UP_PORT"

@@ -24,13 +24,7 @@ CG_PORT=${CG_PORT:-18284}
 PROXY_CORE=${PROXY_CORE:-0}
 LOAD_CORE=${LOAD_CORE:-1}
 OUT=${OUT:-$(mktemp -d /tmp/authrelay-profile.XXXXXX)}
-TOKEN="Bearer bench-token"
-PATH_QS="/v1/items/42?fields=id"
-
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-wait_port() { for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing on $1" >&2; exit 1; }
+. benches/common.sh
 
 # AUTHRELAY=path profiles another build (e.g. a copy of the previous commit's binary).
 if [ -z "${AUTHRELAY:-}" ]; then
@@ -57,19 +51,8 @@ else
     UPSTREAM="" # as benches/load.sh: the route names the host only
     TLS_CONF=""
 fi
-cat >"$OUT/routes.yaml" <<YAML
-listen: 127.0.0.1:$CG_PORT
-unmatched: pass
-$TLS_CONF
-credentials:
-  bench:
-    type: static
-    value: "$TOKEN"
-routes:
-  - name: bench-forward
-    host: "127.0.0.1:$UP_PORT"
-    $UPSTREAM
-    credential: bench
+bench_config "$CG_PORT" "$UP_PORT" "$TLS_CONF" "$UPSTREAM" >"$OUT/routes.yaml"
+cat >>"$OUT/routes.yaml" <<YAML
   - name: bench-mount
     mount: /m
     upstream: http://127.0.0.1:$UP_PORT
