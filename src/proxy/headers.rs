@@ -18,9 +18,14 @@ pub fn any_hop_by_hop(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers and every header listed in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !any_hop_by_hop(headers) {
-        return;
+    if any_hop_by_hop(headers) {
+        remove_hop_by_hop(headers);
     }
+}
+
+/// [`strip_hop_by_hop`] for headers already known to hold one (many HTTP/1.1 clients send
+/// `Connection: keep-alive` on every request): without looking for one again.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -50,7 +55,7 @@ pub(crate) fn for_upstream(parts: &mut Parts, hop_by_hop: bool, websocket: bool)
             .get(header::TE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     if hop_by_hop {
-        strip_hop_by_hop(&mut parts.headers);
+        remove_hop_by_hop(&mut parts.headers);
     }
     if websocket {
         ask_for_websocket(&mut parts.headers);
