@@ -300,12 +300,12 @@ impl<T: Transport> Pool<T> {
             let mut pooled_ok = true;
             // The first checkout measures idle time from when the exchange set out (read
             // microseconds ago); a retry reads the clock.
-            let mut now = Some(deadline.start);
+            let mut set_out = Some(deadline.start);
             loop {
                 // A temporary, not a local: a local would be kept in every later state of this
                 // future (120 bytes moved with each request's) after its connection moved out.
                 let (mut conn, idle) = match if pooled_ok {
-                    let now = now.take().unwrap_or_else(Instant::now);
+                    let now = set_out.take().unwrap_or_else(Instant::now);
                     self.inner.checkout(origin.as_str(), now)
                 } else {
                     None
