@@ -12,6 +12,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
+log() { printf '%s\n' "$*" >&2; }
+
+install_if_missing() { # command package...: the first package the OS installs that brings it
+    local cmd=$1; shift
+    command -v "$cmd" >/dev/null && return 0
+    log "installing $* (apt-get)"
+    for pkg in "$@"; do
+        DEBIAN_FRONTEND=noninteractive apt-get install -y "$pkg" >/dev/null 2>&1 && return 0
+    done
+    apt-get update >/dev/null 2>&1 || true
+    for pkg in "$@"; do
+        DEBIAN_FRONTEND=noninteractive apt-get install -y "$pkg" >/dev/null 2>&1 && return 0
+    done
+    log "cannot install $cmd"; exit 1
+}
+
 wait_port() { # port: waits at most 30 s (a proxy under valgrind starts slowly)
     for _ in $(seq 300); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0

@@ -63,21 +63,6 @@ WORK=$(mktemp -d /tmp/authrelay-load.XXXXXX)
 . benches/common.sh
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-log() { printf '%s\n' "$*" >&2; }
-
-install_if_missing() { # command package...
-    local cmd=$1; shift
-    command -v "$cmd" >/dev/null && return 0
-    log "installing $* (apt-get)"
-    for pkg in "$@"; do
-        DEBIAN_FRONTEND=noninteractive apt-get install -y "$pkg" >/dev/null 2>&1 && return 0
-    done
-    apt-get update >/dev/null 2>&1 || true
-    for pkg in "$@"; do
-        DEBIAN_FRONTEND=noninteractive apt-get install -y "$pkg" >/dev/null 2>&1 && return 0
-    done
-    log "cannot install $cmd"; exit 1
-}
 install_if_missing wrk wrk
 install_if_missing nginx nginx-light nginx
 [ "$CALLGRIND" = 1 ] && install_if_missing valgrind valgrind
@@ -85,7 +70,10 @@ NGINX=$(command -v nginx)
 
 log "building (release)"
 cargo build --release --quiet --bin authrelay --example bench_upstream --example bench_tls_client --example hyper_floor
-AUTHRELAY=target/release/authrelay
+# AUTHRELAY and FLOOR_BIN choose other builds of the two (benches/pgo.sh measures and trains
+# its profile-guided builds through them).
+AUTHRELAY=${AUTHRELAY:-target/release/authrelay}
+FLOOR_BIN=${FLOOR_BIN:-target/release/examples/hyper_floor}
 UPSTREAM=target/release/examples/bench_upstream
 TLS_CLIENT=target/release/examples/bench_tls_client
 
@@ -167,7 +155,7 @@ fi
 # --- the hyper floor -----------------------------------------------------------------------
 # The same header injection on hyper + tokio alone: what authrelay spends above it is its own.
 if [[ " $TARGETS " == *" floor "* ]]; then
-    taskset -c "$PROXY_CORE" target/release/examples/hyper_floor "127.0.0.1:$FLOOR_PORT" \
+    taskset -c "$PROXY_CORE" "$FLOOR_BIN" "127.0.0.1:$FLOOR_PORT" \
         "127.0.0.1:$UP_PORT" "$TOKEN" 2>>"$WORK/floor.log" &
     FLOOR_PID=$!; PIDS+=("$FLOOR_PID")
     wait_port "$FLOOR_PORT"
@@ -491,7 +479,7 @@ if [ "$CALLGRIND" = 1 ]; then
     if [[ " $TARGETS " == *" floor "* ]]; then
         kill "$FLOOR_PID" 2>/dev/null || true
         taskset -c "$PROXY_CORE" valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.floor" \
-            target/release/examples/hyper_floor "127.0.0.1:$CG_PORT" "127.0.0.1:$UP_PORT" "$TOKEN" 2>/dev/null &
+            "$FLOOR_BIN" "127.0.0.1:$CG_PORT" "127.0.0.1:$UP_PORT" "$TOKEN" 2>/dev/null &
         CG_PID=$!; PIDS+=("$CG_PID")
         wait_port "$CG_PORT"
         FLOOR_INSTR=$(instructions_per_request floor "$CG_PID")

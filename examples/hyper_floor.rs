@@ -28,7 +28,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(serve(listen, upstream, auth))
+        .block_on(async {
+            tokio::select! {
+                served = serve(listen, upstream, auth) => served,
+                () = stopped() => Ok(()),
+            }
+        })
+}
+
+/// SIGTERM or Ctrl-C. The floor returns from `main` on either rather than dying of it, so that
+/// a build instrumented for profile-guided optimisation (`benches/pgo.sh`) writes its profile.
+async fn stopped() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn serve(
