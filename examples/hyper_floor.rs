@@ -7,6 +7,12 @@
 //! system allocator).
 //!
 //! Usage: `hyper_floor 127.0.0.1:LISTEN 127.0.0.1:UPSTREAM "Bearer TOKEN"`.
+//!
+//! `FLOOR_IDLE_THREAD=1` starts one more thread that only parks. A process with a second
+//! thread pays glibc's cancellation bookkeeping (a locked compare-and-swap before and after
+//! every `writev` and `recvfrom`) that a single-threaded one skips, and authrelay always has
+//! more than one thread; this measures what that costs the floor (docs/performance.md, issue
+//! 24, ninth round).
 
 use std::sync::Arc;
 
@@ -25,6 +31,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: hyper_floor LISTEN_ADDR UPSTREAM_ADDR AUTHORIZATION".into());
     };
     let auth = HeaderValue::from_str(&auth)?;
+    if std::env::var_os("FLOOR_IDLE_THREAD").is_some() {
+        std::thread::spawn(|| loop {
+            std::thread::park();
+        });
+    }
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
