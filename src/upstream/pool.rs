@@ -436,7 +436,10 @@ impl<T: Transport> PoolInner<T> {
     /// Starts (once) the task that closes connections idle longer than the idle timeout, so
     /// that sockets do not linger after traffic stops. It ends when the pool is dropped.
     fn start_sweeper(self: &Arc<Self>) {
-        if self.sweeper_started.swap(true, Ordering::AcqRel) {
+        // Every checkin asks; a load answers it without the locked exchange a swap costs.
+        if self.sweeper_started.load(Ordering::Acquire)
+            || self.sweeper_started.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -701,19 +704,26 @@ enum Abandoned {
 
 /// An exchange in flight on a connection of a transport that finishes abandoned exchanges:
 /// dropped before the answer's head arrived (the requester went away), it hands the
-/// connection and the exchange to [`finish_in_background`].
-struct PendingExchange<T: Transport> {
+/// connection and the exchange to [`finish_in_background`]. It borrows the origin and the
+/// pool, and copies them only then: an exchange that ends normally (nearly all) pays no
+/// reference count for them.
+struct PendingExchange<'a, T: Transport> {
     /// `None` once the exchange has ended (or was given up).
     in_flight: Option<(Conn<T::Stream>, ResponseFuture)>,
-    origin: Authority,
-    pool: Weak<PoolInner<T>>,
+    origin: &'a Authority,
+    pool: &'a Arc<PoolInner<T>>,
 }
 
-impl<T: Transport> Drop for PendingExchange<T> {
+impl<T: Transport> Drop for PendingExchange<'_, T> {
     fn drop(&mut self) {
         if let Some((conn, response)) = self.in_flight.take() {
             let abandoned = Abandoned::Head(response);
-            finish_in_background(conn, abandoned, self.origin.clone(), self.pool.clone());
+            finish_in_background(
+                conn,
+                abandoned,
+                self.origin.clone(),
+                Arc::downgrade(self.pool),
+            );
         }
     }
 }
@@ -731,8 +741,8 @@ async fn exchange_or_finish<T: Transport>(
 ) -> Result<(Conn<T::Stream>, Sent), UpstreamError> {
     let mut pending = PendingExchange {
         in_flight: Some((conn, response)),
-        origin: origin.clone(),
-        pool: Arc::downgrade(pool),
+        origin,
+        pool,
     };
     let sent = poll_fn(|cx| match &mut pending.in_flight {
         Some((conn, response)) => conn.poll_exchange(response.as_mut(), deadline, cx),
