@@ -18,8 +18,10 @@ pub struct Target {
     pub route: Option<Arc<Route>>,
     /// The absolute URI to send upstream.
     pub uri: Uri,
-    /// The scheme and authority the client addressed (forward and tunnel mode; `None` for
-    /// mount requests), for the access log and redirect rewriting.
+    /// The scheme and authority the client addressed, for the access log and redirect
+    /// rewriting, where `uri` does not carry them: `None` for mount requests, and where `uri`
+    /// goes where the client named (its own copy, a reference count up and down, would be all
+    /// this kept).
     pub client_origin: Option<(Scheme, http::uri::Authority)>,
     /// How long the host is at the start of the authority the client named (`client_origin`'s,
     /// or `uri`'s when the request goes where it named), as routing read it; `None` for mount
@@ -152,7 +154,7 @@ fn forward_target(
             uri.clone()
         }
     };
-    let client_origin = Some((scheme, authority.clone()));
+    let client_origin = (!uri_is_the_requests).then(|| (scheme, authority.clone()));
     Ok(Target {
         in_clear: in_clear && port != default_port,
         route: Some(route),
