@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The profile-guided release build: authrelay compiled with a profile of its own request path,
 # so that LLVM lays the hot code out together and inlines by what runs. Measured on this
-# 2-core VM (docs/performance.md, issue 24, ninth round): ~10% less CPU time a request on the
-# plain forward path, a quarter less time in user space.
+# 2-core VM (docs/performance.md, issue 24, ninth round): 6-11% less CPU time a request on
+# the plain forward path, 13-23% less time in user space.
 #
 #   benches/pgo.sh      # -> target/pgo/release/authrelay (and the floor built alike)
 #
